@@ -1,0 +1,14 @@
+//! lmq's offline tools (the `lite` pipeline): turning other formats into the
+//! checkpoint format the engine reads, and (next) AWQ quantization.
+//!
+//! Invariants:
+//! - Tensor names and checkpoint layout come from `lmq_turbomind`; this
+//!   crate writes them, it never defines its own.
+//! - Outputs are written into a temporary folder beside the target and
+//!   renamed into place, so a failure never leaves a half-written model.
+
+pub mod error;
+pub mod gguf;
+pub mod output;
+
+pub use error::{Error, Result};

@@ -1,0 +1,86 @@
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use lmq_turbomind::ppl::{perplexity, PplConfig};
+
+#[derive(Subcommand)]
+pub enum EvalCommand {
+    /// Perplexity on a text file (protocol in docs/QUALITY.md).
+    Ppl(PplArgs),
+}
+
+#[derive(Args)]
+pub struct PplArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Plain text file to evaluate on.
+    #[arg(long)]
+    text: PathBuf,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Evaluate only the first N windows.
+    #[arg(long)]
+    max_windows: Option<usize>,
+    /// Print one JSON line on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cmd: EvalCommand) -> Result<()> {
+    match cmd {
+        EvalCommand::Ppl(args) => ppl(args),
+    }
+}
+
+fn ppl(args: PplArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.text).with_context(|| format!("cannot read {}", args.text.display()))?;
+    if text.trim().is_empty() {
+        bail!("{}: the text file is empty", args.text.display());
+    }
+    let (model, tokenizer) = super::load_cpu(&args.model)?;
+    let ids = tokenizer.encode(&text)?;
+    let t0 = std::time::Instant::now();
+    let result = perplexity(
+        &model,
+        &ids,
+        PplConfig {
+            ctx: args.ctx,
+            max_windows: args.max_windows,
+        },
+        |done, total| {
+            if !args.json {
+                eprint!("\rwindow {done}/{total}");
+            }
+        },
+    )?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "ppl": result.ppl,
+                "nll": result.nll,
+                "nll_stderr": result.nll_stderr,
+                "ppl_stderr": result.ppl_stderr,
+                "tokens": result.tokens,
+                "windows": result.windows,
+                "ctx": args.ctx,
+            })
+        );
+    } else {
+        eprintln!();
+        println!(
+            "ppl {:.4} ± {:.4} (nll {:.5} ± {:.5}) over {} windows of {} tokens ({} predictions) in {:.1}s",
+            result.ppl,
+            result.ppl_stderr,
+            result.nll,
+            result.nll_stderr,
+            result.windows,
+            args.ctx,
+            result.tokens,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,38 @@
+//! `lmq`: the command-line front end. Each subcommand parses its flags and
+//! hands off to the library crates; errors print as one `error:` line with
+//! the cause chain and exit with status 1.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "lmq", version, about = "Compress large language models and serve them fast")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert a GGUF file into a Hugging Face-style model folder (fp16).
+    ImportGguf(commands::import::ImportArgs),
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(commands::generate::GenerateArgs),
+    /// Evaluate a model.
+    #[command(subcommand)]
+    Eval(commands::eval::EvalCommand),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::ImportGguf(args) => commands::import::run(args),
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Eval(cmd) => commands::eval::run(cmd),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

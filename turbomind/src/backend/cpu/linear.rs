@@ -1,0 +1,120 @@
+//! Dense fp32 linear layers on the CPU.
+
+use rayon::prelude::*;
+
+use super::simd::DotFn;
+use super::{shape_error, Matrix};
+use crate::backend::HostLinear;
+use crate::error::Result;
+
+/// Batches up to this many rows use the dot-product kernel, which streams
+/// each weight row once for all of them; wider ones use blocked GEMM.
+const SKINNY_ROWS: usize = 8;
+
+/// A dense linear layer, `[out, in]` row-major.
+pub struct CpuLinear {
+    pub(super) weight: Vec<f32>,
+    pub(super) bias: Option<Vec<f32>>,
+    pub out_features: usize,
+    pub in_features: usize,
+}
+
+impl CpuLinear {
+    pub fn new(w: HostLinear) -> Result<Self> {
+        if w.weight.len() != w.out_features * w.in_features {
+            return Err(shape_error(format!(
+                "linear weight has {} values, expected {}x{}",
+                w.weight.len(),
+                w.out_features,
+                w.in_features
+            )));
+        }
+        if let Some(b) = &w.bias {
+            if b.len() != w.out_features {
+                return Err(shape_error(format!("bias has {} values, expected {}", b.len(), w.out_features)));
+            }
+        }
+        Ok(CpuLinear {
+            weight: w.weight,
+            bias: w.bias,
+            out_features: w.out_features,
+            in_features: w.in_features,
+        })
+    }
+
+    pub fn forward(&self, x: &Matrix, dot: DotFn) -> Result<Matrix> {
+        let (k, n) = (self.in_features, self.out_features);
+        if x.cols != k {
+            return Err(shape_error(format!("linear: input has {} columns, weight expects {k}", x.cols)));
+        }
+        let m = x.rows;
+        let mut out = Matrix::zeros(m, n);
+        if m == 0 {
+            return Ok(out);
+        }
+        if m <= SKINNY_ROWS {
+            self.skinny(x, &mut out, dot);
+        } else {
+            // SAFETY: `out` is m×n with row stride n, `x` is m×k with row
+            // stride k, and the weight is n×k row-major, read as the k×n
+            // right-hand side with row stride 1 and column stride k; all
+            // three buffers are exactly that large (checked above).
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    out.data.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    x.data.as_ptr(),
+                    1,
+                    k as isize,
+                    self.weight.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(0),
+                );
+            }
+        }
+        if let Some(bias) = &self.bias {
+            for row in out.data.chunks_exact_mut(n) {
+                for (o, &b) in row.iter_mut().zip(bias) {
+                    *o += b;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Output columns are split across threads; each thread streams its
+    /// weight rows once and multiplies them with every input row.
+    fn skinny(&self, x: &Matrix, out: &mut Matrix, dot: DotFn) {
+        let (k, n, m) = (self.in_features, self.out_features, x.rows);
+        const CHUNK: usize = 64;
+        let mut transposed = vec![0f32; n * m];
+        transposed
+            .par_chunks_mut(CHUNK * m)
+            .enumerate()
+            .for_each(|(c, dst)| {
+                let first = c * CHUNK;
+                for (j, cell) in dst.chunks_exact_mut(m).enumerate() {
+                    let w = &self.weight[(first + j) * k..(first + j + 1) * k];
+                    for (r, o) in cell.iter_mut().enumerate() {
+                        *o = dot(x.row(r), w);
+                    }
+                }
+            });
+        for (j, cell) in transposed.chunks_exact(m).enumerate() {
+            for (r, &v) in cell.iter().enumerate() {
+                out.data[r * n + j] = v;
+            }
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! `config.json` and `generation_config.json`: the model's shape and its
+//! defaults, validated once so that the decoder can trust them.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::arch::{self, Architecture};
+use crate::error::{read_json, Error, Result};
+
+/// Llama-3 style frequency-dependent RoPE scaling.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// `rope_type: "linear"`: positions divided by `factor`.
+    Linear { factor: f64 },
+    /// `rope_type: "llama3"`.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// The validated shape of a decoder model.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub arch: &'static Architecture,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub qkv_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    /// The raw `quantization_config`, if the checkpoint has one.
+    pub quantization: Option<Value>,
+}
+
+fn usize_field(v: &Value, key: &str, path: &Path) -> Result<usize> {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .filter(|&n| n > 0)
+        .map(|n| n as usize)
+        .ok_or_else(|| Error::config(path, format!("field {key:?} is missing or not a positive integer")))
+}
+
+/// Reads token ids given either as one integer or as a list.
+pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|n| n as u32).collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl ModelConfig {
+    /// Parses and validates `config.json` in a model folder.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let v = read_json(&path)?;
+        Self::from_json(&v, &path)
+    }
+
+    pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
+        let classes: Vec<String> = v
+            .get("architectures")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+            .unwrap_or_default();
+        let model_type = v.get("model_type").and_then(Value::as_str);
+        let arch = arch::lookup(&classes, model_type).ok_or_else(|| Error::UnsupportedArchitecture {
+            path: path.to_path_buf(),
+            name: classes
+                .first()
+                .cloned()
+                .or(model_type.map(String::from))
+                .unwrap_or_else(|| "<none>".into()),
+            supported: arch::supported_list(),
+        })?;
+        let hidden_size = usize_field(v, "hidden_size", path)?;
+        let num_heads = usize_field(v, "num_attention_heads", path)?;
+        let num_kv_heads = match v.get("num_key_value_heads") {
+            None | Some(Value::Null) => num_heads,
+            Some(_) => usize_field(v, "num_key_value_heads", path)?,
+        };
+        if num_heads % num_kv_heads != 0 {
+            return Err(Error::config(
+                path,
+                format!("num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"),
+            ));
+        }
+        let head_dim = match v.get("head_dim") {
+            None | Some(Value::Null) => {
+                if hidden_size % num_heads != 0 {
+                    return Err(Error::config(
+                        path,
+                        format!("hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_heads})"),
+                    ));
+                }
+                hidden_size / num_heads
+            }
+            Some(_) => usize_field(v, "head_dim", path)?,
+        };
+        if head_dim % 2 != 0 {
+            return Err(Error::config(path, format!("head_dim ({head_dim}) must be even for rotary embeddings")));
+        }
+        let rope_scaling = parse_rope_scaling(v.get("rope_scaling"), path)?;
+        let f = |key: &str, default: f64| v.get(key).and_then(Value::as_f64).unwrap_or(default);
+        Ok(ModelConfig {
+            arch,
+            hidden_size,
+            intermediate_size: usize_field(v, "intermediate_size", path)?,
+            num_layers: usize_field(v, "num_hidden_layers", path)?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size: usize_field(v, "vocab_size", path)?,
+            rms_norm_eps: f("rms_norm_eps", 1e-6) as f32,
+            rope_theta: f("rope_theta", 10000.0),
+            rope_scaling,
+            max_position_embeddings: v
+                .get("max_position_embeddings")
+                .and_then(Value::as_u64)
+                .unwrap_or(2048) as usize,
+            tie_word_embeddings: v
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            qkv_bias: v
+                .get("attention_bias")
+                .and_then(Value::as_bool)
+                .unwrap_or(arch.default_qkv_bias),
+            bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
+            eos_token_ids: token_ids(v.get("eos_token_id")),
+            quantization: v.get("quantization_config").cloned(),
+        })
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+}
+
+fn parse_rope_scaling(v: Option<&Value>, path: &Path) -> Result<RopeScaling> {
+    let Some(obj) = v.filter(|v| !v.is_null()) else {
+        return Ok(RopeScaling::None);
+    };
+    let kind = obj
+        .get("rope_type")
+        .or_else(|| obj.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let num = |key: &str| {
+        obj.get(key)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| Error::config(path, format!("rope_scaling.{key} is missing")))
+    };
+    match kind {
+        "default" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        }),
+        other => Err(Error::config(
+            path,
+            format!("rope_scaling type {other:?} is not supported (supported: default, linear, llama3)"),
+        )),
+    }
+}
+
+/// Sampling defaults and stop tokens from `generation_config.json`.
+#[derive(Debug, Clone, Default)]
+pub struct GenerationConfig {
+    pub eos_token_ids: Vec<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f32>,
+}
+
+impl GenerationConfig {
+    /// Reads `generation_config.json` if the folder has one.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("generation_config.json");
+        if !path.exists() {
+            return Ok(Self::default());
+        }
+        let v = read_json(&path)?;
+        let f = |key: &str| v.get(key).and_then(Value::as_f64).map(|x| x as f32);
+        Ok(GenerationConfig {
+            eos_token_ids: token_ids(v.get("eos_token_id")),
+            temperature: f("temperature"),
+            top_p: f("top_p"),
+            top_k: v.get("top_k").and_then(Value::as_u64).map(|k| k as usize),
+            repetition_penalty: f("repetition_penalty"),
+        })
+    }
+}
