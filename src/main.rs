@@ -7,7 +7,11 @@ mod commands;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "lmq", version, about = "Compress large language models and serve them fast")]
+#[command(
+    name = "lmq",
+    version,
+    about = "Compress large language models and serve them fast"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -49,7 +49,11 @@ fn tokenizer_ids_match_transformers() {
         // Decoding is the inverse of encoding for these strings.
         assert_eq!(tokenizer.decode(&got, false).unwrap(), text);
     }
-    assert!(failures.is_empty(), "tokenizer mismatches:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "tokenizer mismatches:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -83,7 +87,11 @@ fn logits_match_transformers() {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         eprintln!("{}: last-position max abs logit diff {max_diff}", p["text"]);
-        assert!(max_diff < LOGIT_TOLERANCE, "{}: last-position max |Δlogit| = {max_diff}", p["text"]);
+        assert!(
+            max_diff < LOGIT_TOLERANCE,
+            "{}: last-position max |Δlogit| = {max_diff}",
+            p["text"]
+        );
         for pos in p["positions"].as_array().unwrap() {
             let at = pos["pos"].as_u64().unwrap() as usize;
             let row = &logits[at * vocab..(at + 1) * vocab];
@@ -103,7 +111,10 @@ fn logits_match_transformers() {
             for (rank, (&mine, &theirs)) in ours.iter().zip(&top_ids).enumerate() {
                 if mine != theirs {
                     let gap = (row[mine as usize] - row[theirs as usize]).abs();
-                    assert!(gap < 2.0 * LOGIT_TOLERANCE, "position {at}, rank {rank}: {mine} vs {theirs}");
+                    assert!(
+                        gap < 2.0 * LOGIT_TOLERANCE,
+                        "position {at}, rank {rank}: {mine} vs {theirs}"
+                    );
                 }
             }
         }
@@ -133,7 +144,11 @@ fn greedy_tokens_match_transformers() {
 fn perplexity_matches_transformers() {
     let (model, tokenizer) = smollm2();
     let golden = fixture("golden_ppl.json");
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ppl_text.txt")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/ppl_text.txt"
+    ))
+    .unwrap();
     let ids = tokenizer.encode(&text).unwrap();
     for run in golden["runs"].as_array().unwrap() {
         let config = PplConfig {
@@ -144,6 +159,12 @@ fn perplexity_matches_transformers() {
         let want = run["ppl"].as_f64().unwrap();
         assert_eq!(result.tokens as u64, run["tokens"].as_u64().unwrap());
         let rel = (result.ppl - want).abs() / want;
-        assert!(rel < 0.005, "ctx {}: ppl {} vs {want} ({:.3}%)", config.ctx, result.ppl, rel * 100.0);
+        assert!(
+            rel < 0.005,
+            "ctx {}: ppl {} vs {want} ({:.3}%)",
+            config.ctx,
+            result.ppl,
+            rel * 100.0
+        );
     }
 }

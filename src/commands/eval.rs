@@ -35,7 +35,8 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
 }
 
 fn ppl(args: PplArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&args.text).with_context(|| format!("cannot read {}", args.text.display()))?;
+    let text = std::fs::read_to_string(&args.text)
+        .with_context(|| format!("cannot read {}", args.text.display()))?;
     if text.trim().is_empty() {
         bail!("{}: the text file is empty", args.text.display());
     }

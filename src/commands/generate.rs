@@ -73,7 +73,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if !args.chat {
         // Plain prompts start with BOS where the model expects one; chat
         // templates write their own.
-        if let Some(bos) = model.config.bos_token_id.filter(|_| tokenizer_adds_bos(&args.model)) {
+        if let Some(bos) = model
+            .config
+            .bos_token_id
+            .filter(|_| tokenizer_adds_bos(&args.model))
+        {
             prompt_ids.insert(0, bos);
         }
     }

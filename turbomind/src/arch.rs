@@ -27,7 +27,10 @@ pub struct WeightNames {
 impl WeightNames {
     /// The full name of a per-layer module, without the `.weight` suffix.
     pub fn layer(&self, layer: usize, module: &str) -> String {
-        format!("{}{module}", self.layer_prefix.replace("{i}", &layer.to_string()))
+        format!(
+            "{}{module}",
+            self.layer_prefix.replace("{i}", &layer.to_string())
+        )
     }
 }
 

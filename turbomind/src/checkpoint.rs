@@ -39,7 +39,9 @@ impl Checkpoint {
     /// `model.safetensors.index.json`.
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::NotFound { path: dir.to_path_buf() });
+            return Err(Error::NotFound {
+                path: dir.to_path_buf(),
+            });
         }
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
@@ -51,7 +53,10 @@ impl Checkpoint {
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| Error::config(&index_path, "field \"weight_map\" is missing"))?;
-            let mut names: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+            let mut names: Vec<String> = map
+                .values()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect();
             names.sort();
             names.dedup();
             names.into_iter().map(|n| dir.join(n)).collect()
@@ -81,7 +86,10 @@ impl Checkpoint {
     /// The path of the file that holds `name` (or of the first shard).
     pub fn path_of(&self, name: &str) -> &Path {
         let shard = self.index.get(name).copied().unwrap_or(0);
-        self.shards.get(shard).map(|s| s.path.as_path()).unwrap_or(Path::new("model.safetensors"))
+        self.shards
+            .get(shard)
+            .map(|s| s.path.as_path())
+            .unwrap_or(Path::new("model.safetensors"))
     }
 
     pub fn meta(&self, name: &str) -> Option<TensorMeta> {
@@ -100,10 +108,13 @@ impl Checkpoint {
             name: name.to_string(),
         })?;
         let shard = &self.shards[shard_idx];
-        let info = shard.metadata.info(name).ok_or_else(|| Error::MissingTensor {
-            path: shard.path.clone(),
-            name: name.to_string(),
-        })?;
+        let info = shard
+            .metadata
+            .info(name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: shard.path.clone(),
+                name: name.to_string(),
+            })?;
         let (begin, end) = info.data_offsets;
         let bytes = &shard.mmap[shard.data_start + begin..shard.data_start + end];
         Ok((
@@ -160,10 +171,11 @@ fn open_shard(path: &Path) -> Result<Shard> {
     // A checkpoint that another process truncates while we run is outside
     // what any mmap-based loader (safetensors, llama.cpp) can defend against.
     let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
-        path: path.to_path_buf(),
-        message: describe_safetensors_error(&e, mmap.len()),
-    })?;
+    let (header_len, metadata) =
+        SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
+            path: path.to_path_buf(),
+            message: describe_safetensors_error(&e, mmap.len()),
+        })?;
     Ok(Shard {
         path: path.to_path_buf(),
         data_start: 8 + header_len,
@@ -176,9 +188,12 @@ fn describe_safetensors_error(e: &safetensors::SafeTensorError, len: usize) -> S
     use safetensors::SafeTensorError as E;
     match e {
         E::HeaderTooSmall => format!("file is {len} bytes, too short for a safetensors header"),
-        E::InvalidHeaderLength => "the header length points past the end of the file (truncated?)".into(),
+        E::InvalidHeaderLength => {
+            "the header length points past the end of the file (truncated?)".into()
+        }
         E::MetadataIncompleteBuffer => {
-            "the tensor data is shorter or longer than the header declares (truncated or corrupt)".into()
+            "the tensor data is shorter or longer than the header declares (truncated or corrupt)"
+                .into()
         }
         other => format!("{other}"),
     }

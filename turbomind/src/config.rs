@@ -13,7 +13,9 @@ use crate::error::{read_json, Error, Result};
 pub enum RopeScaling {
     None,
     /// `rope_type: "linear"`: positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// `rope_type: "llama3"`.
     Llama3 {
         factor: f64,
@@ -51,14 +53,23 @@ fn usize_field(v: &Value, key: &str, path: &Path) -> Result<usize> {
         .and_then(Value::as_u64)
         .filter(|&n| n > 0)
         .map(|n| n as usize)
-        .ok_or_else(|| Error::config(path, format!("field {key:?} is missing or not a positive integer")))
+        .ok_or_else(|| {
+            Error::config(
+                path,
+                format!("field {key:?} is missing or not a positive integer"),
+            )
+        })
 }
 
 /// Reads token ids given either as one integer or as a list.
 pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|n| n as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|n| n as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -75,18 +86,23 @@ impl ModelConfig {
         let classes: Vec<String> = v
             .get("architectures")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         let model_type = v.get("model_type").and_then(Value::as_str);
-        let arch = arch::lookup(&classes, model_type).ok_or_else(|| Error::UnsupportedArchitecture {
-            path: path.to_path_buf(),
-            name: classes
-                .first()
-                .cloned()
-                .or(model_type.map(String::from))
-                .unwrap_or_else(|| "<none>".into()),
-            supported: arch::supported_list(),
-        })?;
+        let arch =
+            arch::lookup(&classes, model_type).ok_or_else(|| Error::UnsupportedArchitecture {
+                path: path.to_path_buf(),
+                name: classes
+                    .first()
+                    .cloned()
+                    .or(model_type.map(String::from))
+                    .unwrap_or_else(|| "<none>".into()),
+                supported: arch::supported_list(),
+            })?;
         let hidden_size = usize_field(v, "hidden_size", path)?;
         let num_heads = usize_field(v, "num_attention_heads", path)?;
         let num_kv_heads = match v.get("num_key_value_heads") {
@@ -112,7 +128,10 @@ impl ModelConfig {
             Some(_) => usize_field(v, "head_dim", path)?,
         };
         if head_dim % 2 != 0 {
-            return Err(Error::config(path, format!("head_dim ({head_dim}) must be even for rotary embeddings")));
+            return Err(Error::config(
+                path,
+                format!("head_dim ({head_dim}) must be even for rotary embeddings"),
+            ));
         }
         let rope_scaling = parse_rope_scaling(v.get("rope_scaling"), path)?;
         let f = |key: &str, default: f64| v.get(key).and_then(Value::as_f64).unwrap_or(default);
@@ -171,7 +190,9 @@ fn parse_rope_scaling(v: Option<&Value>, path: &Path) -> Result<RopeScaling> {
     };
     match kind {
         "default" => Ok(RopeScaling::None),
-        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
         "llama3" => Ok(RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
@@ -180,7 +201,9 @@ fn parse_rope_scaling(v: Option<&Value>, path: &Path) -> Result<RopeScaling> {
         }),
         other => Err(Error::config(
             path,
-            format!("rope_scaling type {other:?} is not supported (supported: default, linear, llama3)"),
+            format!(
+                "rope_scaling type {other:?} is not supported (supported: default, linear, llama3)"
+            ),
         )),
     }
 }

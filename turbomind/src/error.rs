@@ -49,7 +49,9 @@ pub enum Error {
     ChatTemplate(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
-    #[error("the prompt has {prompt_tokens} tokens, but the model's context is {max_context} tokens")]
+    #[error(
+        "the prompt has {prompt_tokens} tokens, but the model's context is {max_context} tokens"
+    )]
     PromptTooLong {
         prompt_tokens: usize,
         max_context: usize,

@@ -78,7 +78,11 @@ impl StopStrings {
         let hit = self
             .stops
             .iter()
-            .filter_map(|s| self.text[search_from..].find(s.as_str()).map(|p| p + search_from))
+            .filter_map(|s| {
+                self.text[search_from..]
+                    .find(s.as_str())
+                    .map(|p| p + search_from)
+            })
             .min();
         if let Some(end) = hit {
             self.text.truncate(end);
@@ -148,7 +152,9 @@ pub fn generate<B: Backend>(
     let mut stops = StopStrings::new(request.stop_strings.clone());
     let mut decoder = StreamDecoder::new();
     let mut generated = Vec::new();
-    let budget = request.max_tokens.min(max_context - request.prompt_ids.len());
+    let budget = request
+        .max_tokens
+        .min(max_context - request.prompt_ids.len());
 
     let t0 = Instant::now();
     let mut next_input = request.prompt_ids.clone();

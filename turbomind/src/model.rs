@@ -66,12 +66,21 @@ impl WeightReader<'_> {
         self.checkpoint.f32(&format!("{module}.weight"), &[len])
     }
 
-    fn linear(&self, module: &str, out_features: usize, in_features: usize, bias: bool) -> Result<HostLinear> {
+    fn linear(
+        &self,
+        module: &str,
+        out_features: usize,
+        in_features: usize,
+        bias: bool,
+    ) -> Result<HostLinear> {
         let weight = self
             .checkpoint
             .f32(&format!("{module}.weight"), &[out_features, in_features])?;
         let bias = if bias {
-            Some(self.checkpoint.f32(&format!("{module}.bias"), &[out_features])?)
+            Some(
+                self.checkpoint
+                    .f32(&format!("{module}.bias"), &[out_features])?,
+            )
         } else {
             None
         };
@@ -103,19 +112,33 @@ impl<B: Backend> Model<B> {
         Self::from_checkpoint(config, &checkpoint, backend)
     }
 
-    pub fn from_checkpoint(config: ModelConfig, checkpoint: &Checkpoint, backend: B) -> Result<Self> {
+    pub fn from_checkpoint(
+        config: ModelConfig,
+        checkpoint: &Checkpoint,
+        backend: B,
+    ) -> Result<Self> {
         let reader = WeightReader {
             checkpoint,
             config: &config,
         };
         let names = &config.arch.names;
         let (hidden, q_dim, kv_dim, inter) = reader.dims();
-        let embed = backend.upload_linear(reader.linear(names.embed_tokens, config.vocab_size, hidden, false)?)?;
+        let embed = backend.upload_linear(reader.linear(
+            names.embed_tokens,
+            config.vocab_size,
+            hidden,
+            false,
+        )?)?;
         let lm_head_name = format!("{}.weight", names.lm_head);
         let lm_head = if config.tie_word_embeddings && !checkpoint.contains(&lm_head_name) {
             None
         } else {
-            Some(backend.upload_linear(reader.linear(names.lm_head, config.vocab_size, hidden, false)?)?)
+            Some(backend.upload_linear(reader.linear(
+                names.lm_head,
+                config.vocab_size,
+                hidden,
+                false,
+            )?)?)
         };
         let final_norm = backend.upload_vector(reader.vector(names.final_norm, hidden)?)?;
         let mut layers = Vec::with_capacity(config.num_layers);
@@ -124,14 +147,50 @@ impl<B: Backend> Model<B> {
             let bias = config.qkv_bias;
             layers.push(Layer {
                 input_norm: backend.upload_vector(reader.vector(&m(names.input_norm), hidden)?)?,
-                post_attention_norm: backend.upload_vector(reader.vector(&m(names.post_attention_norm), hidden)?)?,
-                q: backend.upload_linear(reader.linear(&m(names.q_proj), q_dim, hidden, bias)?)?,
-                k: backend.upload_linear(reader.linear(&m(names.k_proj), kv_dim, hidden, bias)?)?,
-                v: backend.upload_linear(reader.linear(&m(names.v_proj), kv_dim, hidden, bias)?)?,
-                o: backend.upload_linear(reader.linear(&m(names.o_proj), hidden, q_dim, false)?)?,
-                gate: backend.upload_linear(reader.linear(&m(names.gate_proj), inter, hidden, false)?)?,
-                up: backend.upload_linear(reader.linear(&m(names.up_proj), inter, hidden, false)?)?,
-                down: backend.upload_linear(reader.linear(&m(names.down_proj), hidden, inter, false)?)?,
+                post_attention_norm: backend
+                    .upload_vector(reader.vector(&m(names.post_attention_norm), hidden)?)?,
+                q: backend.upload_linear(reader.linear(
+                    &m(names.q_proj),
+                    q_dim,
+                    hidden,
+                    bias,
+                )?)?,
+                k: backend.upload_linear(reader.linear(
+                    &m(names.k_proj),
+                    kv_dim,
+                    hidden,
+                    bias,
+                )?)?,
+                v: backend.upload_linear(reader.linear(
+                    &m(names.v_proj),
+                    kv_dim,
+                    hidden,
+                    bias,
+                )?)?,
+                o: backend.upload_linear(reader.linear(
+                    &m(names.o_proj),
+                    hidden,
+                    q_dim,
+                    false,
+                )?)?,
+                gate: backend.upload_linear(reader.linear(
+                    &m(names.gate_proj),
+                    inter,
+                    hidden,
+                    false,
+                )?)?,
+                up: backend.upload_linear(reader.linear(
+                    &m(names.up_proj),
+                    inter,
+                    hidden,
+                    false,
+                )?)?,
+                down: backend.upload_linear(reader.linear(
+                    &m(names.down_proj),
+                    hidden,
+                    inter,
+                    false,
+                )?)?,
             });
         }
         let rope = Rope::new(config.head_dim, config.rope_theta, &config.rope_scaling);
@@ -176,7 +235,9 @@ impl<B: Backend> Model<B> {
         let mut spans = Vec::with_capacity(batch.len());
         for seq in batch.iter() {
             if seq.tokens.is_empty() {
-                return Err(Error::InvalidRequest("a forward step got a sequence with no tokens".into()));
+                return Err(Error::InvalidRequest(
+                    "a forward step got a sequence with no tokens".into(),
+                ));
             }
             let start_pos = b.kv_len(seq.kv);
             let end = start_pos + seq.tokens.len();
@@ -208,7 +269,12 @@ impl<B: Backend> Model<B> {
             b.write_kv(i, &k, &v, &mut kvs, &spans)?;
             let attn = b.attention(i, &q, &kvs, &spans, &self.shape)?;
             let o = b.linear(&attn, &layer.o)?;
-            h = b.add_rms_norm(&mut residual, &o, &layer.post_attention_norm, c.rms_norm_eps)?;
+            h = b.add_rms_norm(
+                &mut residual,
+                &o,
+                &layer.post_attention_norm,
+                c.rms_norm_eps,
+            )?;
             let gate = b.linear(&h, &layer.gate)?;
             let up = b.linear(&h, &layer.up)?;
             let down = b.linear(&b.silu_mul(&gate, &up)?, &layer.down)?;

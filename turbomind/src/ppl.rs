@@ -50,7 +50,10 @@ pub fn perplexity<B: Backend>(
     mut on_window: impl FnMut(usize, usize),
 ) -> Result<PplResult> {
     if config.ctx < 2 {
-        return Err(Error::InvalidRequest(format!("--ctx must be at least 2; got {}", config.ctx)));
+        return Err(Error::InvalidRequest(format!(
+            "--ctx must be at least 2; got {}",
+            config.ctx
+        )));
     }
     if config.ctx > model.config.max_position_embeddings {
         return Err(Error::PromptTooLong {

@@ -37,7 +37,8 @@ impl Rope {
                     if wavelen > low_freq_wavelen {
                         *f /= factor;
                     } else if wavelen >= high_freq_wavelen {
-                        let smooth = (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old_ctx / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         *f = (1.0 - smooth) * *f / factor + smooth * *f;
                     }
                 }

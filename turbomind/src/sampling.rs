@@ -39,7 +39,9 @@ impl SamplingParams {
     /// Rejects values that have no meaning, naming the parameter.
     pub fn validate(&self) -> Result<()> {
         let bad = |name: &str, rule: &str, value: f32| {
-            Err(Error::InvalidRequest(format!("{name} must be {rule}; got {value}")))
+            Err(Error::InvalidRequest(format!(
+                "{name} must be {rule}; got {value}"
+            )))
         };
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return bad("temperature", ">= 0", self.temperature);
@@ -195,7 +197,9 @@ mod tests {
         let logits = [0.0f32, (2.0f32).ln(), (5.0f32).ln()];
         let draw = |params: SamplingParams| {
             let mut s = Sampler::new(params).unwrap();
-            (0..8000).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+            (0..8000)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
         };
         let a = draw(params.clone());
         assert_eq!(a, draw(params));

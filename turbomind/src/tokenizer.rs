@@ -88,7 +88,9 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| self.err(e))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| self.err(e))
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
@@ -109,11 +111,14 @@ impl Tokenizer {
     }
 
     /// Renders messages with the checkpoint's chat template.
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let template = self
-            .chat_template
-            .as_deref()
-            .ok_or_else(|| Error::ChatTemplate(format!("{} has no chat_template", self.path.display())))?;
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self.chat_template.as_deref().ok_or_else(|| {
+            Error::ChatTemplate(format!("{} has no chat_template", self.path.display()))
+        })?;
         render_chat_template(
             template,
             messages,
@@ -154,12 +159,20 @@ pub fn render_chat_template(
         .build()
         .map_err(|e| Error::ChatTemplate(e.to_string()))?;
     env.set_syntax(syntax);
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
     env.add_template("chat", template)
         .map_err(|e| Error::ChatTemplate(e.to_string()))?;
-    let tmpl = env.get_template("chat").map_err(|e| Error::ChatTemplate(e.to_string()))?;
+    let tmpl = env
+        .get_template("chat")
+        .map_err(|e| Error::ChatTemplate(e.to_string()))?;
     tmpl.render(minijinja::context! {
         messages => messages_value(messages),
         add_generation_prompt => add_generation_prompt,
@@ -188,7 +201,10 @@ impl StreamDecoder {
         self.ids.push(id);
         let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
         let full = tokenizer.decode(&self.ids[self.prefix_offset..], true)?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
             Ok(full[prefix.len()..].to_string())

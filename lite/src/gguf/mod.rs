@@ -99,7 +99,11 @@ impl Gguf {
                 .to_vec()
                 .map_err(|e| self.err(format!("{key}: {e}")))?
                 .iter()
-                .map(|x| x.to_string().cloned().map_err(|e| self.err(format!("{key}: {e}"))))
+                .map(|x| {
+                    x.to_string()
+                        .cloned()
+                        .map_err(|e| self.err(format!("{key}: {e}")))
+                })
                 .collect(),
         }
     }
@@ -122,7 +126,9 @@ impl Gguf {
             .content
             .tensor(&mut self.reader, name, &Device::Cpu)
             .map_err(|e| gguf_error(&self.path, e))?;
-        let t = q.dequantize(&Device::Cpu).map_err(|e| gguf_error(&self.path, e))?;
+        let t = q
+            .dequantize(&Device::Cpu)
+            .map_err(|e| gguf_error(&self.path, e))?;
         let shape = t.dims().to_vec();
         let data = t
             .flatten_all()
@@ -133,7 +139,10 @@ impl Gguf {
 }
 
 fn gguf_error(path: &Path, e: candle_core::Error) -> Error {
-    let text = e.to_string();
+    // candle appends a captured backtrace to some messages; the first line
+    // is the message.
+    let full = e.to_string();
+    let text = full.lines().next().unwrap_or_default();
     let message = if let Some(id) = text.strip_prefix("unknown dtype for tensor ") {
         format!(
             "unsupported GGUF tensor type (ggml type id {id}); supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q8_K"
@@ -179,7 +188,9 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, overwrite: bool) -> Result<
     let key = |k: &str| format!("{arch_name}.{k}");
     let hidden = g.req_u64(&key("embedding_length"))? as usize;
     let heads = g.req_u64(&key("attention.head_count"))? as usize;
-    let kv_heads = g.u64(&key("attention.head_count_kv")).unwrap_or(heads as u64) as usize;
+    let kv_heads = g
+        .u64(&key("attention.head_count_kv"))
+        .unwrap_or(heads as u64) as usize;
     let layers = g.req_u64(&key("block_count"))? as usize;
     let head_dim = g
         .u64(&key("attention.key_length"))
@@ -187,7 +198,9 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, overwrite: bool) -> Result<
         .unwrap_or((hidden / heads.max(1)) as u64) as usize;
 
     let vocab = tokenizer::GgufVocab {
-        model: g.string("tokenizer.ggml.model").unwrap_or_else(|| "gpt2".into()),
+        model: g
+            .string("tokenizer.ggml.model")
+            .unwrap_or_else(|| "gpt2".into()),
         pre: g.string("tokenizer.ggml.pre"),
         tokens: g.strings("tokenizer.ggml.tokens")?,
         token_types: g.ints("tokenizer.ggml.token_type")?,
@@ -266,7 +279,9 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, overwrite: bool) -> Result<
     for (hf, gguf_name) in pending {
         let (mut data, shape) = g.tensor_f32(&gguf_name)?;
         if let Some(bad) = data.iter().position(|x| !x.is_finite()) {
-            return Err(g.err(format!("tensor {gguf_name} holds a non-finite value at index {bad}")));
+            return Err(g.err(format!(
+                "tensor {gguf_name} holds a non-finite value at index {bad}"
+            )));
         }
         if unpermute && shape.len() == 2 {
             let heads_for = if hf.ends_with(&q_name("weight")) {
@@ -281,11 +296,18 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, overwrite: bool) -> Result<
             }
         }
         parameters += data.len();
-        let bytes: Vec<u8> = data.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect();
+        let bytes: Vec<u8> = data
+            .iter()
+            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+            .collect();
         shard_bytes += bytes.len();
         shard.push((hf, bytes, shape));
         if shard_bytes >= SHARD_BYTES {
-            shard_files.push(write_shard(&staged, shard_files.len(), std::mem::take(&mut shard))?);
+            shard_files.push(write_shard(
+                &staged,
+                shard_files.len(),
+                std::mem::take(&mut shard),
+            )?);
             shard_bytes = 0;
         }
     }
@@ -306,7 +328,11 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, overwrite: bool) -> Result<
 
 type ShardTensors = Vec<(String, Vec<u8>, Vec<usize>)>;
 
-fn write_shard(staged: &StagedDir, index: usize, tensors: ShardTensors) -> Result<(String, Vec<String>)> {
+fn write_shard(
+    staged: &StagedDir,
+    index: usize,
+    tensors: ShardTensors,
+) -> Result<(String, Vec<String>)> {
     let file = format!("shard-{index:05}.safetensors");
     let path = staged.path(&file);
     let names: Vec<String> = tensors.iter().map(|t| t.0.clone()).collect();
@@ -334,7 +360,8 @@ fn write_shard(staged: &StagedDir, index: usize, tensors: ShardTensors) -> Resul
 /// there is more than one.
 fn finish_shards(staged: &StagedDir, shards: &[(String, Vec<String>)]) -> Result<()> {
     let rename = |from: &str, to: &str| {
-        std::fs::rename(staged.path(from), staged.path(to)).map_err(|e| Error::io(staged.path(to), e))
+        std::fs::rename(staged.path(from), staged.path(to))
+            .map_err(|e| Error::io(staged.path(to), e))
     };
     if let [(only, _)] = shards {
         return rename(only, "model.safetensors");

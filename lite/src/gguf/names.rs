@@ -52,7 +52,8 @@ pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> V
             for s in 0..2 {
                 let src = h * head_dim + 2 * j + s;
                 let dst = h * head_dim + s * half + j;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -73,7 +74,8 @@ mod tests {
                 for j in 0..half {
                     let src = (h * 2 + s) * half + j; // [h, s, j]
                     let dst = (h * half + j) * 2 + s; // [h, j, s]
-                    out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                    out[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&data[src * cols..(src + 1) * cols]);
                 }
             }
         }
@@ -93,12 +95,18 @@ mod tests {
     #[test]
     fn names_map_to_hf() {
         let n = &lmq_turbomind::arch::ARCHITECTURES[0].names;
-        assert_eq!(hf_name("token_embd.weight", n).unwrap(), "model.embed_tokens.weight");
+        assert_eq!(
+            hf_name("token_embd.weight", n).unwrap(),
+            "model.embed_tokens.weight"
+        );
         assert_eq!(
             hf_name("blk.12.attn_q.bias", n).unwrap(),
             "model.layers.12.self_attn.q_proj.bias"
         );
-        assert_eq!(hf_name("blk.0.ffn_down.weight", n).unwrap(), "model.layers.0.mlp.down_proj.weight");
+        assert_eq!(
+            hf_name("blk.0.ffn_down.weight", n).unwrap(),
+            "model.layers.0.mlp.down_proj.weight"
+        );
         assert_eq!(hf_name("rope_freqs.weight", n), None);
     }
 }

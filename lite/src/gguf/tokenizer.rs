@@ -101,7 +101,9 @@ pub fn tokenizer_json(v: &GgufVocab) -> Result<Value, String> {
                 "special_tokens": {bos_tok.clone(): {"id": bos_tok, "ids": [bos], "tokens": [v.tokens[bos as usize]]}},
             })
         }
-        _ => json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}),
+        _ => {
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
+        }
     };
     Ok(json!({
         "version": "1.0",

@@ -18,7 +18,10 @@ pub(super) fn causal(
     let hd = shape.head_dim;
     let q_cols = shape.num_heads * hd;
     if q.cols != q_cols {
-        return Err(shape_error(format!("attention: q has {} columns, expected {q_cols}", q.cols)));
+        return Err(shape_error(format!(
+            "attention: q has {} columns, expected {q_cols}",
+            q.cols
+        )));
     }
     let group = shape.num_heads / shape.num_kv_heads;
     let kv_dim = shape.kv_dim();
@@ -35,35 +38,38 @@ pub(super) fn causal(
             )));
         }
         let out_rows = &mut out.data[span.rows.start * q_cols..span.rows.end * q_cols];
-        out_rows.par_chunks_mut(q_cols).enumerate().for_each(|(i, out_row)| {
-            let pos = span.start_pos + i;
-            let q_row = q.row(span.rows.start + i);
-            let mut scores = vec![0f32; pos + 1];
-            for h in 0..shape.num_heads {
-                let kvh = h / group;
-                let qh = &q_row[h * hd..(h + 1) * hd];
-                let mut max = f32::NEG_INFINITY;
-                for (t, s) in scores.iter_mut().enumerate() {
-                    let kt = &keys[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
-                    *s = dot(qh, kt) * scale;
-                    max = max.max(*s);
-                }
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                let oh = &mut out_row[h * hd..(h + 1) * hd];
-                for (t, &p) in scores.iter().enumerate() {
-                    let vt = &values[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
-                    let w = p * inv;
-                    for (o, &v) in oh.iter_mut().zip(vt) {
-                        *o += w * v;
+        out_rows
+            .par_chunks_mut(q_cols)
+            .enumerate()
+            .for_each(|(i, out_row)| {
+                let pos = span.start_pos + i;
+                let q_row = q.row(span.rows.start + i);
+                let mut scores = vec![0f32; pos + 1];
+                for h in 0..shape.num_heads {
+                    let kvh = h / group;
+                    let qh = &q_row[h * hd..(h + 1) * hd];
+                    let mut max = f32::NEG_INFINITY;
+                    for (t, s) in scores.iter_mut().enumerate() {
+                        let kt = &keys[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
+                        *s = dot(qh, kt) * scale;
+                        max = max.max(*s);
+                    }
+                    let mut sum = 0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    let inv = 1.0 / sum;
+                    let oh = &mut out_row[h * hd..(h + 1) * hd];
+                    for (t, &p) in scores.iter().enumerate() {
+                        let vt = &values[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
+                        let w = p * inv;
+                        for (o, &v) in oh.iter_mut().zip(vt) {
+                            *o += w * v;
+                        }
                     }
                 }
-            }
-        });
+            });
     }
     Ok(out)
 }

@@ -31,7 +31,11 @@ impl CpuLinear {
         }
         if let Some(b) = &w.bias {
             if b.len() != w.out_features {
-                return Err(shape_error(format!("bias has {} values, expected {}", b.len(), w.out_features)));
+                return Err(shape_error(format!(
+                    "bias has {} values, expected {}",
+                    b.len(),
+                    w.out_features
+                )));
             }
         }
         Ok(CpuLinear {
@@ -45,7 +49,10 @@ impl CpuLinear {
     pub fn forward(&self, x: &Matrix, dot: DotFn) -> Result<Matrix> {
         let (k, n) = (self.in_features, self.out_features);
         if x.cols != k {
-            return Err(shape_error(format!("linear: input has {} columns, weight expects {k}", x.cols)));
+            return Err(shape_error(format!(
+                "linear: input has {} columns, weight expects {k}",
+                x.cols
+            )));
         }
         let m = x.rows;
         let mut out = Matrix::zeros(m, n);

@@ -60,7 +60,9 @@ impl Default for CpuBackend {
 
 impl CpuBackend {
     pub fn new() -> Self {
-        CpuBackend { dot: simd::best_dot() }
+        CpuBackend {
+            dot: simd::best_dot(),
+        }
     }
 }
 
@@ -144,7 +146,13 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
-    fn add_rms_norm(&self, residual: &mut Matrix, delta: &Matrix, w: &Vec<f32>, eps: f32) -> Result<Matrix> {
+    fn add_rms_norm(
+        &self,
+        residual: &mut Matrix,
+        delta: &Matrix,
+        w: &Vec<f32>,
+        eps: f32,
+    ) -> Result<Matrix> {
         same_shape(residual, delta, "add_rms_norm")?;
         let mut out = Matrix::zeros(residual.rows, residual.cols);
         let cols = residual.cols;
@@ -176,7 +184,10 @@ impl Backend for CpuBackend {
     fn rope(&self, x: &mut Matrix, heads: usize, spans: &[SeqSpan], rope: &Rope) -> Result<()> {
         let hd = rope.head_dim;
         if x.cols != heads * hd {
-            return Err(shape_error(format!("rope: {} columns for {heads} heads of {hd}", x.cols)));
+            return Err(shape_error(format!(
+                "rope: {} columns for {heads} heads of {hd}",
+                x.cols
+            )));
         }
         let half = hd / 2;
         let cols = x.cols;
@@ -210,7 +221,10 @@ impl Backend for CpuBackend {
         for (kv, span) in kvs.iter_mut().zip(spans) {
             let d = kv.kv_dim;
             if k.cols != d || v.cols != d {
-                return Err(shape_error(format!("write_kv: K/V have {} columns, cache has {d}", k.cols)));
+                return Err(shape_error(format!(
+                    "write_kv: K/V have {} columns, cache has {d}",
+                    k.cols
+                )));
             }
             // Writing at a position before the end overwrites from there:
             // the sequence was rolled back (e.g. a recomputed prefix).

@@ -122,12 +122,19 @@ mod tests {
     #[test]
     fn dot_matches_f64_reference() {
         for n in [0usize, 1, 7, 31, 32, 33, 100, 576, 1537] {
-            let a: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
-            let b: Vec<f32> = (0..n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 13.0).collect();
+            let a: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+                .collect();
+            let b: Vec<f32> = (0..n)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 13.0)
+                .collect();
             let want: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
             for f in [best_dot(), dot_portable as DotFn] {
                 let got = f(&a, &b) as f64;
-                assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "n={n} got {got} want {want}");
+                assert!(
+                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "n={n} got {got} want {want}"
+                );
             }
         }
     }

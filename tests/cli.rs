@@ -1,0 +1,394 @@
+//! End-to-end tests of the `lmq` binary: the main jobs on the real model,
+//! and every kind of bad input the foundation issue lists, each of which
+//! must give a clear error naming the problem and a non-zero exit.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::gguf::{tiny_llama, write_gguf, GgufTensor, Meta};
+use common::{fixture, lmq, model_dir, stderr, stdout};
+use lmq_turbomind::checkpoint::Checkpoint;
+
+/// A copy of the real model folder made of symlinks, so a test can replace
+/// one file without copying 270 MB.
+fn model_copy(tmp: &Path) -> PathBuf {
+    let dir = tmp.join("model");
+    std::fs::create_dir(&dir).unwrap();
+    for entry in std::fs::read_dir(model_dir()).unwrap() {
+        let entry = entry.unwrap();
+        std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::remove_file(&path).unwrap();
+    std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
+}
+
+/// Asserts a failed run whose stderr mentions every `needle`, without a panic.
+fn assert_fails_with(out: &std::process::Output, needles: &[&str]) {
+    let err = stderr(out);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error: {err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "stderr should mention {n:?}: {err}");
+    }
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn chat_question_is_answered_with_paris() {
+    let dir = model_dir();
+    let out = lmq(&[
+        "generate",
+        "--model",
+        path_str(&dir),
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "32",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("Paris"), "answer: {}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("prompt:") && err.contains("tok/s"),
+        "timings on stderr: {err}"
+    );
+}
+
+#[test]
+fn stop_string_ends_generation_before_it() {
+    let dir = model_dir();
+    let out = lmq(&[
+        "generate",
+        "--model",
+        path_str(&dir),
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--stop",
+        " Paris",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(!text.contains("Paris"), "{text}");
+    assert!(text.contains("The capital of France is"), "{text}");
+    assert!(stderr(&out).contains("finish: stop"));
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let dir = model_dir();
+    let run = |seed: &str| {
+        let out = lmq(&[
+            "generate",
+            "--model",
+            path_str(&dir),
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "0.9",
+            "--top-p",
+            "0.95",
+            "--top-k",
+            "40",
+            "--seed",
+            seed,
+            "--ignore-eos",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let a = run("7");
+    assert_eq!(a, run("7"));
+    let others: Vec<String> = ["8", "9", "10"].iter().map(|s| run(s)).collect();
+    assert!(
+        others.iter().any(|o| *o != a),
+        "different seeds should give different text"
+    );
+}
+
+#[test]
+fn eval_ppl_json_matches_transformers() {
+    let dir = model_dir();
+    let text = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ppl_text.txt");
+    let out = lmq(&[
+        "eval",
+        "ppl",
+        "--model",
+        path_str(&dir),
+        "--text",
+        text,
+        "--ctx",
+        "128",
+        "--max-windows",
+        "4",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "one JSON line: {lines:?}");
+    let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    let golden = fixture("golden_ppl.json");
+    let run = golden["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["ctx"] == 128)
+        .unwrap();
+    let want = run["ppl"].as_f64().unwrap();
+    let got = v["ppl"].as_f64().unwrap();
+    assert!((got - want).abs() / want < 0.005, "{got} vs {want}");
+    assert_eq!(v["tokens"], run["tokens"]);
+    assert_eq!(v["windows"], 4);
+    assert!((v["nll"].as_f64().unwrap().exp() - got).abs() < 1e-9);
+}
+
+#[test]
+fn import_gguf_unpermutes_qk_and_writes_a_loadable_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (meta, tensors, q_hf) = tiny_llama("llama");
+    let gguf = tmp.path().join("tiny.gguf");
+    std::fs::write(&gguf, write_gguf(&meta, &tensors)).unwrap();
+    let out_dir = tmp.path().join("tiny");
+    let out = lmq(&["import-gguf", path_str(&gguf), path_str(&out_dir)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(config["num_key_value_heads"], 1);
+    assert_eq!(config["tie_word_embeddings"], true);
+    let ckpt = Checkpoint::open(&out_dir).unwrap();
+    let q = ckpt
+        .f32("model.layers.0.self_attn.q_proj.weight", &[8, 8])
+        .unwrap();
+    assert_eq!(q, q_hf, "Q rows back in Hugging Face order");
+    // The folder runs: a short generation works and the tokenizer and chat
+    // template came across.
+    let gen = lmq(&[
+        "generate",
+        "--model",
+        path_str(&out_dir),
+        "--chat",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "3",
+        "--ignore-eos",
+    ]);
+    assert!(gen.status.success(), "{}", stderr(&gen));
+    // Importing again over an existing folder needs --force.
+    let again = lmq(&["import-gguf", path_str(&gguf), path_str(&out_dir)]);
+    assert_fails_with(&again, &["already exists", "--force"]);
+}
+
+// ---- bad input ----
+
+#[test]
+fn missing_model_folder() {
+    let out = lmq(&[
+        "generate",
+        "--model",
+        "/nonexistent/model",
+        "--prompt",
+        "hi",
+    ]);
+    assert_fails_with(&out, &["/nonexistent/model", "not found"]);
+}
+
+#[test]
+fn missing_file_in_model_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    for file in ["model.safetensors", "tokenizer.json", "config.json"] {
+        let dir = model_copy(tmp.path());
+        std::fs::remove_file(dir.join(file)).unwrap();
+        let out = lmq(&["generate", "--model", path_str(&dir), "--prompt", "hi"]);
+        assert_fails_with(&out, &[file, "not found"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn truncated_safetensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = model_copy(tmp.path());
+    let weights = dir.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::remove_file(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let out = lmq(&["generate", "--model", path_str(&dir), "--prompt", "hi"]);
+    assert_fails_with(&out, &["model.safetensors", "truncated"]);
+    // A header length that points past the end.
+    std::fs::write(&weights, [0xff, 0xff, 0, 0, 0, 0, 0, 0, b'{', b'}']).unwrap();
+    let out = lmq(&["generate", "--model", path_str(&dir), "--prompt", "hi"]);
+    assert_fails_with(&out, &["model.safetensors"]);
+}
+
+#[test]
+fn shapes_that_do_not_match_the_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = model_copy(tmp.path());
+    edit_config(&dir, |c| c["intermediate_size"] = 1000.into());
+    let out = lmq(&["generate", "--model", path_str(&dir), "--prompt", "hi"]);
+    assert_fails_with(
+        &out,
+        &["mlp.gate_proj.weight", "[1536, 576]", "[1000, 576]"],
+    );
+}
+
+#[test]
+fn unsupported_architecture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = model_copy(tmp.path());
+    edit_config(&dir, |c| {
+        c["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
+        c["model_type"] = "gpt_neox".into();
+    });
+    let out = lmq(&["generate", "--model", path_str(&dir), "--prompt", "hi"]);
+    assert_fails_with(&out, &["GPTNeoXForCausalLM", "LlamaForCausalLM"]);
+
+    let (mut meta, tensors, _) = tiny_llama("gptneox");
+    meta.retain(|(k, _)| !k.starts_with("llama."));
+    let gguf = tmp.path().join("neox.gguf");
+    std::fs::write(&gguf, write_gguf(&meta, &tensors)).unwrap();
+    let out = lmq(&[
+        "import-gguf",
+        path_str(&gguf),
+        path_str(&tmp.path().join("out")),
+    ]);
+    assert_fails_with(&out, &["neox.gguf", "unsupported architecture", "gptneox"]);
+}
+
+/// Runs import-gguf on bytes and checks it fails without leaving output.
+fn import_fails(bytes: &[u8], needles: &[&str]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("bad.gguf");
+    std::fs::write(&gguf, bytes).unwrap();
+    let out_dir = tmp.path().join("out");
+    let out = lmq(&["import-gguf", path_str(&gguf), path_str(&out_dir)]);
+    let mut all = vec!["bad.gguf"];
+    all.extend_from_slice(needles);
+    assert_fails_with(&out, &all);
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != "bad.gguf")
+        .collect();
+    assert!(left.is_empty(), "partial output left behind: {left:?}");
+}
+
+#[test]
+fn corrupt_gguf_files() {
+    let (meta, tensors, _) = tiny_llama("llama");
+    let good = write_gguf(&meta, &tensors);
+    // Wrong magic.
+    let mut bad = good.clone();
+    bad[..4].copy_from_slice(b"GGUX");
+    import_fails(&bad, &["magic"]);
+    // Cut in the middle of the metadata, and in the middle of tensor data.
+    import_fails(&good[..200], &["GGUF"]);
+    import_fails(&good[..good.len() - 100], &["truncated"]);
+    // A tensor whose offset points past the end of the file.
+    let mut tensors2 = tiny_llama("llama").1;
+    tensors2[3].offset_override = Some(1 << 40);
+    import_fails(&write_gguf(&meta, &tensors2), &["offset"]);
+    // Empty file.
+    import_fails(&[], &[]);
+}
+
+#[test]
+fn unsupported_gguf_tensor_type() {
+    let (meta, mut tensors, _) = tiny_llama("llama");
+    tensors.push(GgufTensor {
+        name: "blk.0.extra.weight".into(),
+        shape: vec![8],
+        ggml_type: 99,
+        data: vec![0; 32],
+        offset_override: None,
+    });
+    import_fails(
+        &write_gguf(&meta, &tensors),
+        &["unsupported GGUF tensor type", "99"],
+    );
+}
+
+#[test]
+fn unsupported_gguf_tokenizer() {
+    let (mut meta, tensors, _) = tiny_llama("llama");
+    for (k, v) in meta.iter_mut() {
+        if *k == "tokenizer.ggml.pre" {
+            *v = Meta::Str("made-up-pre".into());
+        }
+    }
+    import_fails(
+        &write_gguf(&meta, &tensors),
+        &["made-up-pre", "not supported"],
+    );
+}
+
+#[test]
+fn empty_prompt() {
+    let dir = model_dir();
+    for prompt in ["", "   "] {
+        let out = lmq(&["generate", "--model", path_str(&dir), "--prompt", prompt]);
+        assert_fails_with(&out, &["prompt is empty"]);
+    }
+}
+
+#[test]
+fn prompt_longer_than_the_context() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = model_copy(tmp.path());
+    edit_config(&dir, |c| c["max_position_embeddings"] = 16.into());
+    let prompt = "word ".repeat(40);
+    let out = lmq(&["generate", "--model", path_str(&dir), "--prompt", &prompt]);
+    assert_fails_with(&out, &["the prompt has 41 tokens", "16 tokens"]);
+}
+
+#[test]
+fn eval_text_too_short_or_missing() {
+    let dir = model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let short = tmp.path().join("short.txt");
+    std::fs::write(&short, "A few words only.").unwrap();
+    let out = lmq(&[
+        "eval",
+        "ppl",
+        "--model",
+        path_str(&dir),
+        "--text",
+        path_str(&short),
+    ]);
+    assert_fails_with(&out, &["fewer than one window", "512"]);
+    let out = lmq(&[
+        "eval",
+        "ppl",
+        "--model",
+        path_str(&dir),
+        "--text",
+        "/nonexistent.txt",
+    ]);
+    assert_fails_with(&out, &["/nonexistent.txt"]);
+}
