@@ -27,8 +27,11 @@ case "$name" in
     ;;
 esac
 
+# Bump when import-gguf's output changes, so cached imports are redone.
+import_version="lmq-import-gguf v1"
+
 dest=${2:-$cache/models/$name}
-if [ -f "$dest/config.json" ] && [ -f "$dest/.lmq-import-ok" ]; then
+if [ -f "$dest/config.json" ] && [ "$(cat "$dest/.lmq-import-ok" 2>/dev/null)" = "$import_version" ]; then
   echo "$dest"
   exit 0
 fi
@@ -64,5 +67,5 @@ if [ ! -x "$lmq" ] || [ -n "$(find "$root/src" "$root/lite/src" "$root/turbomind
   (cd "$root" && cargo build --release --quiet) >&2
 fi
 "$lmq" import-gguf "$gguf" "$dest" --force >&2
-touch "$dest/.lmq-import-ok"
+echo "$import_version" > "$dest/.lmq-import-ok"
 echo "$dest"

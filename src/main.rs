@@ -21,6 +21,8 @@ struct Cli {
 enum Command {
     /// Convert a GGUF file into a Hugging Face-style model folder (fp16).
     ImportGguf(commands::import::ImportArgs),
+    /// Quantize a model to 4-bit weights (AutoAWQ gemm layout).
+    Quantize(commands::quantize::QuantizeArgs),
     /// Generate text from a prompt, streaming it to stdout.
     Generate(commands::generate::GenerateArgs),
     /// Evaluate a model.
@@ -32,6 +34,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::ImportGguf(args) => commands::import::run(args),
+        Command::Quantize(args) => commands::quantize::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Eval(cmd) => commands::eval::run(cmd),
     };

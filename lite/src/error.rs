@@ -16,6 +16,8 @@ pub enum Error {
     Gguf { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     Output { path: PathBuf, message: String },
+    #[error("{message}")]
+    Invalid { message: String },
     #[error(transparent)]
     Engine(#[from] lmq_turbomind::Error),
 }

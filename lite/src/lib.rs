@@ -10,5 +10,6 @@
 pub mod error;
 pub mod gguf;
 pub mod output;
+pub mod quantize;
 
 pub use error::{Error, Result};

@@ -81,3 +81,125 @@ impl Drop for StagedDir {
         }
     }
 }
+
+/// One tensor waiting to be written.
+struct PendingTensor {
+    name: String,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+/// Writes tensors into safetensors shards of bounded size inside a staged
+/// folder, then names them as Hugging Face does (`model.safetensors`, or
+/// `model-0000i-of-0000N.safetensors` plus an index).
+pub struct ShardWriter<'a> {
+    staged: &'a StagedDir,
+    max_shard_bytes: usize,
+    pending: Vec<PendingTensor>,
+    pending_bytes: usize,
+    shards: Vec<(String, Vec<String>)>,
+    pub total_bytes: u64,
+}
+
+impl<'a> ShardWriter<'a> {
+    pub fn new(staged: &'a StagedDir, max_shard_bytes: usize) -> Self {
+        ShardWriter {
+            staged,
+            max_shard_bytes,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            shards: Vec::new(),
+            total_bytes: 0,
+        }
+    }
+
+    pub fn push(
+        &mut self,
+        name: String,
+        dtype: safetensors::Dtype,
+        shape: Vec<usize>,
+        bytes: Vec<u8>,
+    ) -> Result<()> {
+        self.pending_bytes += bytes.len();
+        self.total_bytes += bytes.len() as u64;
+        self.pending.push(PendingTensor {
+            name,
+            dtype,
+            shape,
+            bytes,
+        });
+        if self.pending_bytes >= self.max_shard_bytes {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Adds an fp16 tensor from f32 values.
+    pub fn push_f16(&mut self, name: String, shape: Vec<usize>, values: &[f32]) -> Result<()> {
+        let bytes = values
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect();
+        self.push(name, safetensors::Dtype::F16, shape, bytes)
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let file = format!("shard-{:05}.safetensors", self.shards.len());
+        let path = self.staged.path(&file);
+        let tensors = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        let output_error = |message: String| Error::Output {
+            path: path.clone(),
+            message,
+        };
+        let views = tensors
+            .iter()
+            .map(|t| {
+                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
+                    .map(|v| (t.name.clone(), v))
+                    .map_err(|e| output_error(e.to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(io) => Error::io(&path, io),
+            other => output_error(other.to_string()),
+        })?;
+        self.shards
+            .push((file, tensors.into_iter().map(|t| t.name).collect()));
+        Ok(())
+    }
+
+    /// Writes what is pending and gives the shards their final names.
+    /// Returns the number of shards.
+    pub fn finish(mut self) -> Result<usize> {
+        if !self.pending.is_empty() || self.shards.is_empty() {
+            self.flush()?;
+        }
+        let staged = self.staged;
+        let rename = |from: &str, to: &str| {
+            std::fs::rename(staged.path(from), staged.path(to))
+                .map_err(|e| Error::io(staged.path(to), e))
+        };
+        if let [(only, _)] = self.shards.as_slice() {
+            rename(only, "model.safetensors")?;
+            return Ok(1);
+        }
+        let total = self.shards.len();
+        let mut weight_map = serde_json::Map::new();
+        for (i, (file, names)) in self.shards.iter().enumerate() {
+            let name = format!("model-{:05}-of-{total:05}.safetensors", i + 1);
+            rename(file, &name)?;
+            for n in names {
+                weight_map.insert(n.clone(), serde_json::Value::String(name.clone()));
+            }
+        }
+        staged.write_json(
+            "model.safetensors.index.json",
+            &serde_json::json!({"metadata": {}, "weight_map": weight_map}),
+        )?;
+        Ok(total)
+    }
+}

@@ -3,6 +3,7 @@
 pub mod eval;
 pub mod generate;
 pub mod import;
+pub mod quantize;
 
 use std::path::Path;
 

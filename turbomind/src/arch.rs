@@ -44,6 +44,9 @@ pub struct Architecture {
     /// Whether q/k/v carry a bias when `config.json` does not say
     /// (`attention_bias`). Qwen2 always has one.
     pub default_qkv_bias: bool,
+    /// Whether `attention_bias: true` also gives `o_proj` a bias (Llama
+    /// and Mistral, as in Hugging Face's `LlamaAttention`).
+    pub attention_bias_covers_o: bool,
     pub names: WeightNames,
 }
 
@@ -69,18 +72,21 @@ pub const ARCHITECTURES: &[Architecture] = &[
         model_type: "llama",
         hf_classes: &["LlamaForCausalLM"],
         default_qkv_bias: false,
+        attention_bias_covers_o: true,
         names: HF_LLAMA_NAMES,
     },
     Architecture {
         model_type: "mistral",
         hf_classes: &["MistralForCausalLM"],
         default_qkv_bias: false,
+        attention_bias_covers_o: true,
         names: HF_LLAMA_NAMES,
     },
     Architecture {
         model_type: "qwen2",
         hf_classes: &["Qwen2ForCausalLM"],
         default_qkv_bias: true,
+        attention_bias_covers_o: false,
         names: HF_LLAMA_NAMES,
     },
 ];

@@ -145,6 +145,46 @@ impl Checkpoint {
     }
 }
 
+impl Checkpoint {
+    fn checked_raw(&self, name: &str, expected_shape: &[usize], dtype: Dtype) -> Result<&[u8]> {
+        let (meta, bytes) = self.raw(name)?;
+        if meta.shape != expected_shape {
+            return Err(Error::ShapeMismatch {
+                path: self.path_of(name).to_path_buf(),
+                name: name.to_string(),
+                expected: expected_shape.to_vec(),
+                actual: meta.shape,
+            });
+        }
+        if meta.dtype != dtype {
+            return Err(Error::UnsupportedDtype {
+                path: self.path_of(name).to_path_buf(),
+                name: name.to_string(),
+                dtype: format!("{:?} (expected {dtype:?})", meta.dtype),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Reads an I32 tensor, checking shape and dtype.
+    pub fn i32(&self, name: &str, expected_shape: &[usize]) -> Result<Vec<i32>> {
+        let bytes = self.checked_raw(name, expected_shape, Dtype::I32)?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    /// Reads an F16 tensor, checking shape and dtype.
+    pub fn f16(&self, name: &str, expected_shape: &[usize]) -> Result<Vec<f16>> {
+        let bytes = self.checked_raw(name, expected_shape, Dtype::F16)?;
+        Ok(bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]))
+            .collect())
+    }
+}
+
 /// Converts little-endian F32/F16/BF16 bytes to f32; `None` for other dtypes.
 pub fn decode_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     let out = match dtype {

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::arch::{self, Architecture};
 use crate::error::{read_json, Error, Result};
+use crate::quant::awq::AwqConfig;
 
 /// Llama-3 style frequency-dependent RoPE scaling.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,10 +43,13 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     pub qkv_bias: bool,
+    pub o_bias: bool,
+    /// Bias on gate/up/down (`mlp_bias`).
+    pub mlp_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
-    /// The raw `quantization_config`, if the checkpoint has one.
-    pub quantization: Option<Value>,
+    /// The checkpoint's `quantization_config`, validated.
+    pub quantization: Option<AwqConfig>,
 }
 
 fn usize_field(v: &Value, key: &str, path: &Path) -> Result<usize> {
@@ -134,6 +138,22 @@ impl ModelConfig {
             ));
         }
         let rope_scaling = parse_rope_scaling(v.get("rope_scaling"), path)?;
+        let attention_bias = v.get("attention_bias").and_then(Value::as_bool);
+        let mut max_position_embeddings = v
+            .get("max_position_embeddings")
+            .and_then(Value::as_u64)
+            .unwrap_or(2048) as usize;
+        // Sliding-window attention is not implemented; capping the context
+        // at the window keeps every supported length exact.
+        if let Some(window) = v.get("sliding_window").and_then(Value::as_u64) {
+            let use_sliding = v
+                .get("use_sliding_window")
+                .and_then(Value::as_bool)
+                .unwrap_or(true);
+            if use_sliding && (window as usize) < max_position_embeddings {
+                max_position_embeddings = window as usize;
+            }
+        }
         let f = |key: &str, default: f64| v.get(key).and_then(Value::as_f64).unwrap_or(default);
         Ok(ModelConfig {
             arch,
@@ -147,21 +167,20 @@ impl ModelConfig {
             rms_norm_eps: f("rms_norm_eps", 1e-6) as f32,
             rope_theta: f("rope_theta", 10000.0),
             rope_scaling,
-            max_position_embeddings: v
-                .get("max_position_embeddings")
-                .and_then(Value::as_u64)
-                .unwrap_or(2048) as usize,
+            max_position_embeddings,
             tie_word_embeddings: v
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
-            qkv_bias: v
-                .get("attention_bias")
-                .and_then(Value::as_bool)
-                .unwrap_or(arch.default_qkv_bias),
+            qkv_bias: attention_bias.unwrap_or(arch.default_qkv_bias),
+            o_bias: arch.attention_bias_covers_o && attention_bias.unwrap_or(false),
+            mlp_bias: v.get("mlp_bias").and_then(Value::as_bool).unwrap_or(false),
             bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
             eos_token_ids: token_ids(v.get("eos_token_id")),
-            quantization: v.get("quantization_config").cloned(),
+            quantization: match v.get("quantization_config") {
+                Some(q) if !q.is_null() => Some(AwqConfig::from_json(q, path)?),
+                _ => None,
+            },
         })
     }
 

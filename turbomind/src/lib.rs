@@ -21,6 +21,7 @@ pub mod error;
 pub mod generate;
 pub mod model;
 pub mod ppl;
+pub mod quant;
 pub mod rope;
 pub mod sampling;
 pub mod tokenizer;

@@ -5,10 +5,11 @@
 
 use std::path::Path;
 
-use crate::backend::{AttnShape, Backend, HostLinear, SeqSpan};
+use crate::backend::{AttnShape, Backend, HostLinear, HostWeight, SeqSpan};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::quant::awq::{AwqConfig, AwqTensors};
 use crate::rope::Rope;
 
 struct Layer<B: Backend> {
@@ -59,11 +60,63 @@ pub struct Model<B: Backend> {
 struct WeightReader<'a> {
     checkpoint: &'a Checkpoint,
     config: &'a ModelConfig,
+    awq: Option<AwqConfig>,
+    /// Every tensor name read so far, to find tensors nobody reads.
+    consumed: std::cell::RefCell<std::collections::HashSet<String>>,
 }
 
 impl WeightReader<'_> {
     fn vector(&self, module: &str, len: usize) -> Result<Vec<f32>> {
-        self.checkpoint.f32(&format!("{module}.weight"), &[len])
+        self.f32(&format!("{module}.weight"), &[len])
+    }
+
+    fn mark(&self, name: &str) {
+        self.consumed.borrow_mut().insert(name.to_string());
+    }
+
+    fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.mark(name);
+        self.checkpoint.f32(name, shape)
+    }
+
+    fn i32(&self, name: &str, shape: &[usize]) -> Result<Vec<i32>> {
+        self.mark(name);
+        self.checkpoint.i32(name, shape)
+    }
+
+    fn f16(&self, name: &str, shape: &[usize]) -> Result<Vec<half::f16>> {
+        self.mark(name);
+        self.checkpoint.f16(name, shape)
+    }
+
+    /// Fails if the checkpoint holds tensors the decoder never read: they
+    /// mean the architecture table does not describe this model, and
+    /// ignoring them would give wrong outputs silently.
+    fn check_all_consumed(&self) -> Result<()> {
+        let consumed = self.consumed.borrow();
+        let mut unused: Vec<&str> = self
+            .checkpoint
+            .names()
+            .filter(|n| !consumed.contains(*n) && !n.ends_with("rotary_emb.inv_freq"))
+            .collect();
+        if unused.is_empty() {
+            return Ok(());
+        }
+        unused.sort();
+        let shown = unused
+            .iter()
+            .take(5)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+        Err(Error::config(
+            self.checkpoint.path_of(unused[0]),
+            format!(
+                "{} tensor(s) are not used by the {} decoder (for example {shown}); this checkpoint does not match its config",
+                unused.len(),
+                self.config.arch.model_type
+            ),
+        ))
     }
 
     fn linear(
@@ -73,14 +126,40 @@ impl WeightReader<'_> {
         in_features: usize,
         bias: bool,
     ) -> Result<HostLinear> {
-        let weight = self
-            .checkpoint
-            .f32(&format!("{module}.weight"), &[out_features, in_features])?;
+        let qweight_name = format!("{module}.qweight");
+        let weight = match &self.awq {
+            Some(awq) if self.checkpoint.contains(&qweight_name) => {
+                let g = awq.group_size;
+                let path = self.checkpoint.path_of(&qweight_name).to_path_buf();
+                if !in_features.is_multiple_of(g) || !out_features.is_multiple_of(8) {
+                    return Err(Error::config(
+                        path,
+                        format!("{module}: in_features {in_features} is not a multiple of group_size {g}, or out_features {out_features} of 8"),
+                    ));
+                }
+                let tensors = AwqTensors {
+                    in_features,
+                    out_features,
+                    group_size: g,
+                    qweight: self.i32(&qweight_name, &[in_features, out_features / 8])?,
+                    qzeros: self.i32(
+                        &format!("{module}.qzeros"),
+                        &[in_features / g, out_features / 8],
+                    )?,
+                    scales: self.f16(
+                        &format!("{module}.scales"),
+                        &[in_features / g, out_features],
+                    )?,
+                };
+                tensors.validate(module, &path)?;
+                HostWeight::Awq(tensors)
+            }
+            _ => HostWeight::Dense(
+                self.f32(&format!("{module}.weight"), &[out_features, in_features])?,
+            ),
+        };
         let bias = if bias {
-            Some(
-                self.checkpoint
-                    .f32(&format!("{module}.bias"), &[out_features])?,
-            )
+            Some(self.f32(&format!("{module}.bias"), &[out_features])?)
         } else {
             None
         };
@@ -102,12 +181,6 @@ impl<B: Backend> Model<B> {
     /// Loads a Hugging Face checkpoint folder onto `backend`.
     pub fn load(dir: &Path, backend: B) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
-        if config.quantization.is_some() {
-            return Err(Error::config(
-                dir.join("config.json"),
-                "quantized checkpoints (quantization_config) are not supported by this loader yet",
-            ));
-        }
         let checkpoint = Checkpoint::open(dir)?;
         Self::from_checkpoint(config, &checkpoint, backend)
     }
@@ -117,9 +190,12 @@ impl<B: Backend> Model<B> {
         checkpoint: &Checkpoint,
         backend: B,
     ) -> Result<Self> {
+        let awq = config.quantization.clone();
         let reader = WeightReader {
             checkpoint,
             config: &config,
+            awq,
+            consumed: Default::default(),
         };
         let names = &config.arch.names;
         let (hidden, q_dim, kv_dim, inter) = reader.dims();
@@ -130,7 +206,10 @@ impl<B: Backend> Model<B> {
             false,
         )?)?;
         let lm_head_name = format!("{}.weight", names.lm_head);
-        let lm_head = if config.tie_word_embeddings && !checkpoint.contains(&lm_head_name) {
+        // Tied models use the embedding as the output projection, as Hugging
+        // Face does, even when the file also carries a copy of it.
+        let lm_head = if config.tie_word_embeddings {
+            reader.mark(&lm_head_name);
             None
         } else {
             Some(backend.upload_linear(reader.linear(
@@ -145,6 +224,7 @@ impl<B: Backend> Model<B> {
         for i in 0..config.num_layers {
             let m = |module: &str| names.layer(i, module);
             let bias = config.qkv_bias;
+            let (o_bias, mlp_bias) = (config.o_bias, config.mlp_bias);
             layers.push(Layer {
                 input_norm: backend.upload_vector(reader.vector(&m(names.input_norm), hidden)?)?,
                 post_attention_norm: backend
@@ -171,28 +251,29 @@ impl<B: Backend> Model<B> {
                     &m(names.o_proj),
                     hidden,
                     q_dim,
-                    false,
+                    o_bias,
                 )?)?,
                 gate: backend.upload_linear(reader.linear(
                     &m(names.gate_proj),
                     inter,
                     hidden,
-                    false,
+                    mlp_bias,
                 )?)?,
                 up: backend.upload_linear(reader.linear(
                     &m(names.up_proj),
                     inter,
                     hidden,
-                    false,
+                    mlp_bias,
                 )?)?,
                 down: backend.upload_linear(reader.linear(
                     &m(names.down_proj),
                     hidden,
                     inter,
-                    false,
+                    mlp_bias,
                 )?)?,
             });
         }
+        reader.check_all_consumed()?;
         let rope = Rope::new(config.head_dim, config.rope_theta, &config.rope_scaling);
         let shape = AttnShape {
             num_heads: config.num_heads,

@@ -9,19 +9,16 @@
 pub mod names;
 pub mod tokenizer;
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value as GgufValue};
 use candle_core::Device;
-use half::f16;
-use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::output::StagedDir;
+use crate::output::{ShardWriter, StagedDir};
 use lmq_turbomind::arch::{self, Architecture};
 
 /// Shards are cut at about this many bytes of fp16 data.
@@ -271,9 +268,7 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, overwrite: bool) -> Result<
     let q_name = |suffix: &str| format!("{}.{suffix}", arch.names.q_proj);
     let k_name = |suffix: &str| format!("{}.{suffix}", arch.names.k_proj);
 
-    let mut shard: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
-    let mut shard_bytes = 0usize;
-    let mut shard_files: Vec<(String, Vec<String>)> = Vec::new();
+    let mut writer = ShardWriter::new(&staged, SHARD_BYTES);
     let mut parameters = 0usize;
     let tensors = pending.len();
     for (hf, gguf_name) in pending {
@@ -296,26 +291,9 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, overwrite: bool) -> Result<
             }
         }
         parameters += data.len();
-        let bytes: Vec<u8> = data
-            .iter()
-            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
-            .collect();
-        shard_bytes += bytes.len();
-        shard.push((hf, bytes, shape));
-        if shard_bytes >= SHARD_BYTES {
-            shard_files.push(write_shard(
-                &staged,
-                shard_files.len(),
-                std::mem::take(&mut shard),
-            )?);
-            shard_bytes = 0;
-        }
+        writer.push_f16(hf, shape, &data)?;
     }
-    if !shard.is_empty() || shard_files.is_empty() {
-        shard_files.push(write_shard(&staged, shard_files.len(), shard)?);
-    }
-    finish_shards(&staged, &shard_files)?;
-    let shards = shard_files.len();
+    let shards = writer.finish()?;
     let out = staged.commit()?;
     Ok(ImportSummary {
         out_dir: out,
@@ -324,59 +302,4 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, overwrite: bool) -> Result<
         parameters,
         shards,
     })
-}
-
-type ShardTensors = Vec<(String, Vec<u8>, Vec<usize>)>;
-
-fn write_shard(
-    staged: &StagedDir,
-    index: usize,
-    tensors: ShardTensors,
-) -> Result<(String, Vec<String>)> {
-    let file = format!("shard-{index:05}.safetensors");
-    let path = staged.path(&file);
-    let names: Vec<String> = tensors.iter().map(|t| t.0.clone()).collect();
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, bytes, shape)| {
-            TensorView::new(Dtype::F16, shape.clone(), bytes)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| Error::Output {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })
-        })
-        .collect::<Result<_>>()?;
-    let mut meta = HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| Error::Output {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
-    Ok((file, names))
-}
-
-/// Gives shards their final Hugging Face names, and writes the index when
-/// there is more than one.
-fn finish_shards(staged: &StagedDir, shards: &[(String, Vec<String>)]) -> Result<()> {
-    let rename = |from: &str, to: &str| {
-        std::fs::rename(staged.path(from), staged.path(to))
-            .map_err(|e| Error::io(staged.path(to), e))
-    };
-    if let [(only, _)] = shards {
-        return rename(only, "model.safetensors");
-    }
-    let total = shards.len();
-    let mut weight_map = serde_json::Map::new();
-    for (i, (file, names)) in shards.iter().enumerate() {
-        let name = format!("model-{:05}-of-{total:05}.safetensors", i + 1);
-        rename(file, &name)?;
-        for n in names {
-            weight_map.insert(n.clone(), Value::String(name.clone()));
-        }
-    }
-    staged.write_json(
-        "model.safetensors.index.json",
-        &json!({"metadata": {}, "weight_map": weight_map}),
-    )
 }

@@ -12,6 +12,7 @@ pub mod cpu;
 use std::ops::Range;
 
 use crate::error::Result;
+use crate::quant::awq::AwqTensors;
 use crate::rope::Rope;
 
 /// Which rows of the batch belong to one sequence, and the position of its
@@ -47,14 +48,22 @@ impl AttnShape {
     }
 }
 
-/// A linear layer's weights as they come from a checkpoint, in the
-/// Hugging Face `[out_features, in_features]` row-major layout.
+/// A linear layer's weights as they come from a checkpoint.
 #[derive(Debug, Clone)]
 pub struct HostLinear {
-    pub weight: Vec<f32>,
+    pub weight: HostWeight,
     pub out_features: usize,
     pub in_features: usize,
     pub bias: Option<Vec<f32>>,
+}
+
+/// The stored form of a linear weight.
+#[derive(Debug, Clone)]
+pub enum HostWeight {
+    /// Hugging Face `[out_features, in_features]`, row-major.
+    Dense(Vec<f32>),
+    /// 4-bit AutoAWQ gemm tensors (see [`crate::quant::awq`]).
+    Awq(AwqTensors),
 }
 
 /// The ops of a decoder-only transformer on one device.

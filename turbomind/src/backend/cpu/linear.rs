@@ -3,17 +3,26 @@
 use rayon::prelude::*;
 
 use super::simd::DotFn;
+use super::w4::W4Weight;
 use super::{shape_error, Matrix};
-use crate::backend::HostLinear;
+use crate::backend::{HostLinear, HostWeight};
 use crate::error::Result;
 
 /// Batches up to this many rows use the dot-product kernel, which streams
 /// each weight row once for all of them; wider ones use blocked GEMM.
 const SKINNY_ROWS: usize = 8;
 
-/// A dense linear layer, `[out, in]` row-major.
+/// How a CPU linear stores its weight.
+pub enum CpuWeight {
+    /// fp32 `[out, in]` row-major.
+    Dense(Vec<f32>),
+    /// 4-bit groups, repacked per output row.
+    W4(W4Weight),
+}
+
+/// A linear layer on the CPU.
 pub struct CpuLinear {
-    pub(super) weight: Vec<f32>,
+    pub(super) weight: CpuWeight,
     pub(super) bias: Option<Vec<f32>>,
     pub out_features: usize,
     pub in_features: usize,
@@ -21,14 +30,28 @@ pub struct CpuLinear {
 
 impl CpuLinear {
     pub fn new(w: HostLinear) -> Result<Self> {
-        if w.weight.len() != w.out_features * w.in_features {
-            return Err(shape_error(format!(
-                "linear weight has {} values, expected {}x{}",
-                w.weight.len(),
-                w.out_features,
-                w.in_features
-            )));
-        }
+        let weight = match w.weight {
+            HostWeight::Dense(values) => {
+                if values.len() != w.out_features * w.in_features {
+                    return Err(shape_error(format!(
+                        "linear weight has {} values, expected {}x{}",
+                        values.len(),
+                        w.out_features,
+                        w.in_features
+                    )));
+                }
+                CpuWeight::Dense(values)
+            }
+            HostWeight::Awq(t) => {
+                if t.in_features != w.in_features || t.out_features != w.out_features {
+                    return Err(shape_error(format!(
+                        "AWQ weight is {}x{}, expected {}x{}",
+                        t.out_features, t.in_features, w.out_features, w.in_features
+                    )));
+                }
+                CpuWeight::W4(W4Weight::from_awq(&t))
+            }
+        };
         if let Some(b) = &w.bias {
             if b.len() != w.out_features {
                 return Err(shape_error(format!(
@@ -39,7 +62,7 @@ impl CpuLinear {
             }
         }
         Ok(CpuLinear {
-            weight: w.weight,
+            weight,
             bias: w.bias,
             out_features: w.out_features,
             in_features: w.in_features,
@@ -59,8 +82,20 @@ impl CpuLinear {
         if m == 0 {
             return Ok(out);
         }
+        let dequantized;
+        let dense = match &self.weight {
+            CpuWeight::Dense(w) => w,
+            CpuWeight::W4(w4) if m <= SKINNY_ROWS => {
+                w4.skinny(x, &mut out, dot);
+                return Ok(self.add_bias(out));
+            }
+            CpuWeight::W4(w4) => {
+                dequantized = w4.dequantize();
+                &dequantized
+            }
+        };
         if m <= SKINNY_ROWS {
-            self.skinny(x, &mut out, dot);
+            self.skinny(dense, x, &mut out, dot);
         } else {
             // SAFETY: `out` is m×n with row stride n, `x` is m×k with row
             // stride k, and the weight is n×k row-major, read as the k×n
@@ -78,7 +113,7 @@ impl CpuLinear {
                     x.data.as_ptr(),
                     1,
                     k as isize,
-                    self.weight.as_ptr(),
+                    dense.as_ptr(),
                     k as isize,
                     1,
                     0.0,
@@ -90,19 +125,31 @@ impl CpuLinear {
                 );
             }
         }
+        Ok(self.add_bias(out))
+    }
+
+    fn add_bias(&self, mut out: Matrix) -> Matrix {
         if let Some(bias) = &self.bias {
-            for row in out.data.chunks_exact_mut(n) {
+            for row in out.data.chunks_exact_mut(self.out_features) {
                 for (o, &b) in row.iter_mut().zip(bias) {
                     *o += b;
                 }
             }
         }
-        Ok(out)
+        out
+    }
+
+    /// The dense `[out, in]` weight, for ops that gather rows (embedding).
+    pub fn dense_weight(&self) -> Option<&[f32]> {
+        match &self.weight {
+            CpuWeight::Dense(w) => Some(w),
+            CpuWeight::W4(_) => None,
+        }
     }
 
     /// Output columns are split across threads; each thread streams its
     /// weight rows once and multiplies them with every input row.
-    fn skinny(&self, x: &Matrix, out: &mut Matrix, dot: DotFn) {
+    fn skinny(&self, weight: &[f32], x: &Matrix, out: &mut Matrix, dot: DotFn) {
         let (k, n, m) = (self.in_features, self.out_features, x.rows);
         const CHUNK: usize = 64;
         let mut transposed = vec![0f32; n * m];
@@ -112,7 +159,7 @@ impl CpuLinear {
             .for_each(|(c, dst)| {
                 let first = c * CHUNK;
                 for (j, cell) in dst.chunks_exact_mut(m).enumerate() {
-                    let w = &self.weight[(first + j) * k..(first + j + 1) * k];
+                    let w = &weight[(first + j) * k..(first + j + 1) * k];
                     for (r, o) in cell.iter_mut().enumerate() {
                         *o = dot(x.row(r), w);
                     }

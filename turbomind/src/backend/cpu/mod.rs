@@ -8,6 +8,7 @@
 mod attention;
 mod linear;
 mod simd;
+mod w4;
 
 use rayon::prelude::*;
 
@@ -123,6 +124,9 @@ impl Backend for CpuBackend {
 
     fn embedding(&self, table: &CpuLinear, ids: &[u32]) -> Result<Matrix> {
         let dim = table.in_features;
+        let weight = table
+            .dense_weight()
+            .ok_or_else(|| shape_error("embedding tables must be dense, not quantized".into()))?;
         let mut out = Matrix::zeros(ids.len(), dim);
         for (row, &id) in out.data.chunks_exact_mut(dim).zip(ids) {
             let id = id as usize;
@@ -132,7 +136,7 @@ impl Backend for CpuBackend {
                     table.out_features
                 )));
             }
-            row.copy_from_slice(&table.weight[id * dim..(id + 1) * dim]);
+            row.copy_from_slice(&weight[id * dim..(id + 1) * dim]);
         }
         Ok(out)
     }

@@ -1,0 +1,125 @@
+//! 4-bit weight, fp32 activation linears on the CPU (W4A16 in spirit: the
+//! activations stay in full precision).
+//!
+//! At load the AutoAWQ `[in, out/8]` nibbles are repacked per output row:
+//! for row `n`, the `in` nibbles run along the input dimension two per byte
+//! (low nibble first), next to one scale and one `-zero·scale` per group.
+//! A skinny batch then reads each weight row once, contiguously:
+//! `y = Σ_g s_g · (x_g · q_g) − z_g·s_g · Σ x_g`.
+
+use rayon::prelude::*;
+
+use super::simd::DotFn;
+use super::Matrix;
+use crate::quant::awq::{unpack_int4, AwqTensors};
+
+/// A repacked 4-bit weight.
+pub struct W4Weight {
+    /// `[out][in/2]`, low nibble = even input index.
+    nibbles: Vec<u8>,
+    /// `[out][in/g]`.
+    scales: Vec<f32>,
+    /// `[out][in/g]`, `-zero · scale`.
+    neg_zero_scaled: Vec<f32>,
+    group_size: usize,
+    in_features: usize,
+    out_features: usize,
+}
+
+impl W4Weight {
+    pub fn from_awq(t: &AwqTensors) -> Self {
+        let (k, n, g) = (t.in_features, t.out_features, t.group_size);
+        let q = unpack_int4(&t.qweight, k, n);
+        let z = unpack_int4(&t.qzeros, k / g, n);
+        let groups = k / g;
+        let mut nibbles = vec![0u8; n * k / 2];
+        let mut scales = vec![0f32; n * groups];
+        let mut neg_zero_scaled = vec![0f32; n * groups];
+        for o in 0..n {
+            for i in (0..k).step_by(2) {
+                nibbles[o * k / 2 + i / 2] = q[i * n + o] | (q[(i + 1) * n + o] << 4);
+            }
+            for gi in 0..groups {
+                let s = t.scales[gi * n + o].to_f32();
+                scales[o * groups + gi] = s;
+                neg_zero_scaled[o * groups + gi] = -(z[gi * n + o] as f32) * s;
+            }
+        }
+        W4Weight {
+            nibbles,
+            scales,
+            neg_zero_scaled,
+            group_size: g,
+            in_features: k,
+            out_features: n,
+        }
+    }
+
+    /// One output row, dequantized into `dst` (`in_features` values).
+    fn dequantize_row(&self, o: usize, dst: &mut [f32]) {
+        let (k, g) = (self.in_features, self.group_size);
+        let groups = k / g;
+        let row = &self.nibbles[o * k / 2..(o + 1) * k / 2];
+        for gi in 0..groups {
+            let s = self.scales[o * groups + gi];
+            let zs = self.neg_zero_scaled[o * groups + gi];
+            for i in gi * g..(gi + 1) * g {
+                let q = (row[i / 2] >> ((i & 1) * 4)) & 0xf;
+                dst[i] = q as f32 * s + zs;
+            }
+        }
+    }
+
+    /// The whole weight as fp32 `[out, in]`, for blocked GEMM on wide batches.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let k = self.in_features;
+        let mut w = vec![0f32; self.out_features * k];
+        w.par_chunks_mut(k)
+            .enumerate()
+            .for_each(|(o, dst)| self.dequantize_row(o, dst));
+        w
+    }
+
+    /// `out[r][o] = x[r] · w[o]` for a few rows.
+    pub fn skinny(&self, x: &Matrix, out: &mut Matrix, dot: DotFn) {
+        let (k, g, n, m) = (self.in_features, self.group_size, self.out_features, x.rows);
+        let groups = k / g;
+        // Σx per row and group, shared by every output.
+        let mut group_sums = vec![0f32; m * groups];
+        for r in 0..m {
+            for gi in 0..groups {
+                group_sums[r * groups + gi] = x.row(r)[gi * g..(gi + 1) * g].iter().sum();
+            }
+        }
+        const CHUNK: usize = 32;
+        let mut transposed = vec![0f32; n * m];
+        transposed
+            .par_chunks_mut(CHUNK * m)
+            .enumerate()
+            .for_each(|(c, dst)| {
+                let mut q = vec![0f32; g];
+                for (j, cell) in dst.chunks_exact_mut(m).enumerate() {
+                    let o = c * CHUNK + j;
+                    let row = &self.nibbles[o * k / 2..(o + 1) * k / 2];
+                    cell.fill(0.0);
+                    for gi in 0..groups {
+                        for (t, v) in q.iter_mut().enumerate() {
+                            let i = gi * g + t;
+                            *v = ((row[i / 2] >> ((i & 1) * 4)) & 0xf) as f32;
+                        }
+                        let s = self.scales[o * groups + gi];
+                        let zs = self.neg_zero_scaled[o * groups + gi];
+                        for (r, acc) in cell.iter_mut().enumerate() {
+                            let xg = &x.row(r)[gi * g..(gi + 1) * g];
+                            *acc += s * dot(xg, &q) + zs * group_sums[r * groups + gi];
+                        }
+                    }
+                }
+            });
+        for (o, cell) in transposed.chunks_exact(m).enumerate() {
+            for (r, &v) in cell.iter().enumerate() {
+                out.data[r * n + o] = v;
+            }
+        }
+    }
+}
