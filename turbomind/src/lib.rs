@@ -19,11 +19,13 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod layer;
 pub mod model;
 pub mod ppl;
 pub mod quant;
 pub mod rope;
 pub mod sampling;
 pub mod tokenizer;
+pub mod weights;
 
 pub use error::{Error, Result};

@@ -5,24 +5,13 @@
 
 use std::path::Path;
 
-use crate::backend::{AttnShape, Backend, HostLinear, HostWeight, SeqSpan};
+use crate::backend::{AttnShape, Backend, SeqSpan};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::quant::awq::{AwqConfig, AwqTensors};
+use crate::layer::{DecoderLayer, LayerContext, NoObserver};
 use crate::rope::Rope;
-
-struct Layer<B: Backend> {
-    input_norm: B::Vector,
-    post_attention_norm: B::Vector,
-    q: B::Linear,
-    k: B::Linear,
-    v: B::Linear,
-    o: B::Linear,
-    gate: B::Linear,
-    up: B::Linear,
-    down: B::Linear,
-}
+use crate::weights::WeightReader;
 
 /// Which logits a sequence needs from a forward step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,130 +40,9 @@ pub struct Model<B: Backend> {
     /// `None` when the output projection is tied to the embedding.
     lm_head: Option<B::Linear>,
     final_norm: B::Vector,
-    layers: Vec<Layer<B>>,
+    layers: Vec<DecoderLayer<B>>,
     rope: Rope,
     shape: AttnShape,
-}
-
-/// Reads one model's weights and checks every shape against the config.
-struct WeightReader<'a> {
-    checkpoint: &'a Checkpoint,
-    config: &'a ModelConfig,
-    awq: Option<AwqConfig>,
-    /// Every tensor name read so far, to find tensors nobody reads.
-    consumed: std::cell::RefCell<std::collections::HashSet<String>>,
-}
-
-impl WeightReader<'_> {
-    fn vector(&self, module: &str, len: usize) -> Result<Vec<f32>> {
-        self.f32(&format!("{module}.weight"), &[len])
-    }
-
-    fn mark(&self, name: &str) {
-        self.consumed.borrow_mut().insert(name.to_string());
-    }
-
-    fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        self.mark(name);
-        self.checkpoint.f32(name, shape)
-    }
-
-    fn i32(&self, name: &str, shape: &[usize]) -> Result<Vec<i32>> {
-        self.mark(name);
-        self.checkpoint.i32(name, shape)
-    }
-
-    fn f16(&self, name: &str, shape: &[usize]) -> Result<Vec<half::f16>> {
-        self.mark(name);
-        self.checkpoint.f16(name, shape)
-    }
-
-    /// Fails if the checkpoint holds tensors the decoder never read: they
-    /// mean the architecture table does not describe this model, and
-    /// ignoring them would give wrong outputs silently.
-    fn check_all_consumed(&self) -> Result<()> {
-        let consumed = self.consumed.borrow();
-        let mut unused: Vec<&str> = self
-            .checkpoint
-            .names()
-            .filter(|n| !consumed.contains(*n) && !n.ends_with("rotary_emb.inv_freq"))
-            .collect();
-        if unused.is_empty() {
-            return Ok(());
-        }
-        unused.sort();
-        let shown = unused
-            .iter()
-            .take(5)
-            .copied()
-            .collect::<Vec<_>>()
-            .join(", ");
-        Err(Error::config(
-            self.checkpoint.path_of(unused[0]),
-            format!(
-                "{} tensor(s) are not used by the {} decoder (for example {shown}); this checkpoint does not match its config",
-                unused.len(),
-                self.config.arch.model_type
-            ),
-        ))
-    }
-
-    fn linear(
-        &self,
-        module: &str,
-        out_features: usize,
-        in_features: usize,
-        bias: bool,
-    ) -> Result<HostLinear> {
-        let qweight_name = format!("{module}.qweight");
-        let weight = match &self.awq {
-            Some(awq) if self.checkpoint.contains(&qweight_name) => {
-                let g = awq.group_size;
-                let path = self.checkpoint.path_of(&qweight_name).to_path_buf();
-                if !in_features.is_multiple_of(g) || !out_features.is_multiple_of(8) {
-                    return Err(Error::config(
-                        path,
-                        format!("{module}: in_features {in_features} is not a multiple of group_size {g}, or out_features {out_features} of 8"),
-                    ));
-                }
-                let tensors = AwqTensors {
-                    in_features,
-                    out_features,
-                    group_size: g,
-                    qweight: self.i32(&qweight_name, &[in_features, out_features / 8])?,
-                    qzeros: self.i32(
-                        &format!("{module}.qzeros"),
-                        &[in_features / g, out_features / 8],
-                    )?,
-                    scales: self.f16(
-                        &format!("{module}.scales"),
-                        &[in_features / g, out_features],
-                    )?,
-                };
-                tensors.validate(module, &path)?;
-                HostWeight::Awq(tensors)
-            }
-            _ => HostWeight::Dense(
-                self.f32(&format!("{module}.weight"), &[out_features, in_features])?,
-            ),
-        };
-        let bias = if bias {
-            Some(self.f32(&format!("{module}.bias"), &[out_features])?)
-        } else {
-            None
-        };
-        Ok(HostLinear {
-            weight,
-            out_features,
-            in_features,
-            bias,
-        })
-    }
-
-    fn dims(&self) -> (usize, usize, usize, usize) {
-        let c = self.config;
-        (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size)
-    }
 }
 
 impl<B: Backend> Model<B> {
@@ -190,15 +58,9 @@ impl<B: Backend> Model<B> {
         checkpoint: &Checkpoint,
         backend: B,
     ) -> Result<Self> {
-        let awq = config.quantization.clone();
-        let reader = WeightReader {
-            checkpoint,
-            config: &config,
-            awq,
-            consumed: Default::default(),
-        };
+        let reader = WeightReader::new(checkpoint, &config);
         let names = &config.arch.names;
-        let (hidden, q_dim, kv_dim, inter) = reader.dims();
+        let hidden = config.hidden_size;
         let embed = backend.upload_linear(reader.linear(
             names.embed_tokens,
             config.vocab_size,
@@ -222,56 +84,7 @@ impl<B: Backend> Model<B> {
         let final_norm = backend.upload_vector(reader.vector(names.final_norm, hidden)?)?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
-            let m = |module: &str| names.layer(i, module);
-            let bias = config.qkv_bias;
-            let (o_bias, mlp_bias) = (config.o_bias, config.mlp_bias);
-            layers.push(Layer {
-                input_norm: backend.upload_vector(reader.vector(&m(names.input_norm), hidden)?)?,
-                post_attention_norm: backend
-                    .upload_vector(reader.vector(&m(names.post_attention_norm), hidden)?)?,
-                q: backend.upload_linear(reader.linear(
-                    &m(names.q_proj),
-                    q_dim,
-                    hidden,
-                    bias,
-                )?)?,
-                k: backend.upload_linear(reader.linear(
-                    &m(names.k_proj),
-                    kv_dim,
-                    hidden,
-                    bias,
-                )?)?,
-                v: backend.upload_linear(reader.linear(
-                    &m(names.v_proj),
-                    kv_dim,
-                    hidden,
-                    bias,
-                )?)?,
-                o: backend.upload_linear(reader.linear(
-                    &m(names.o_proj),
-                    hidden,
-                    q_dim,
-                    o_bias,
-                )?)?,
-                gate: backend.upload_linear(reader.linear(
-                    &m(names.gate_proj),
-                    inter,
-                    hidden,
-                    mlp_bias,
-                )?)?,
-                up: backend.upload_linear(reader.linear(
-                    &m(names.up_proj),
-                    inter,
-                    hidden,
-                    mlp_bias,
-                )?)?,
-                down: backend.upload_linear(reader.linear(
-                    &m(names.down_proj),
-                    hidden,
-                    inter,
-                    mlp_bias,
-                )?)?,
-            });
+            layers.push(DecoderLayer::upload(reader.layer(i)?, &backend)?);
         }
         reader.check_all_consumed()?;
         let rope = Rope::new(config.head_dim, config.rope_theta, &config.rope_scaling);
@@ -342,23 +155,20 @@ impl<B: Backend> Model<B> {
         };
         let mut h = b.rms_norm(&residual, &first.input_norm, c.rms_norm_eps)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let mut q = b.linear(&h, &layer.q)?;
-            let mut k = b.linear(&h, &layer.k)?;
-            let v = b.linear(&h, &layer.v)?;
-            b.rope(&mut q, c.num_heads, &spans, &self.rope)?;
-            b.rope(&mut k, c.num_kv_heads, &spans, &self.rope)?;
-            b.write_kv(i, &k, &v, &mut kvs, &spans)?;
-            let attn = b.attention(i, &q, &kvs, &spans, &self.shape)?;
-            let o = b.linear(&attn, &layer.o)?;
+            let ctx = LayerContext {
+                kv_layer: i,
+                spans: &spans,
+                rope: &self.rope,
+                shape: &self.shape,
+            };
+            let o = layer.attention(b, &h, &mut kvs, &ctx, &mut NoObserver)?;
             h = b.add_rms_norm(
                 &mut residual,
                 &o,
                 &layer.post_attention_norm,
                 c.rms_norm_eps,
             )?;
-            let gate = b.linear(&h, &layer.gate)?;
-            let up = b.linear(&h, &layer.up)?;
-            let down = b.linear(&b.silu_mul(&gate, &up)?, &layer.down)?;
+            let down = layer.mlp(b, &h, &mut NoObserver)?;
             let next_norm = match self.layers.get(i + 1) {
                 Some(next) => &next.input_norm,
                 None => &self.final_norm,
