@@ -7,6 +7,7 @@
 //! - Outputs are written into a temporary folder beside the target and
 //!   renamed into place, so a failure never leaves a half-written model.
 
+pub mod calib;
 pub mod error;
 pub mod gguf;
 pub mod output;

@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
+use lmq_lite::calib::CalibConfig;
 use lmq_lite::quantize::{quantize, GroupSize, Method, QuantizeConfig};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -28,6 +29,18 @@ pub struct QuantizeArgs {
     /// Symmetric quantization (zero fixed at 8).
     #[arg(long)]
     w_sym: bool,
+    /// Calibration text or JSONL (field "text"); default: calib_data/calib.txt.
+    #[arg(long)]
+    calib_data: Option<PathBuf>,
+    #[arg(long, default_value_t = 128)]
+    calib_samples: usize,
+    #[arg(long, default_value_t = 512)]
+    calib_seqlen: usize,
+    /// Calibration sequences that score AWQ's scale candidates.
+    #[arg(long, default_value_t = 8)]
+    search_samples: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Replace --out if it exists.
     #[arg(long)]
     force: bool,
@@ -44,6 +57,16 @@ fn parse_group_size(s: &str) -> Result<GroupSize> {
             _ => bail!("--group-size must be auto, 32, 64 or 128; got {n:?}"),
         },
     }
+}
+
+/// `calib_data/calib.txt` next to the binary's source tree, or in the
+/// current directory.
+fn default_calib_data() -> PathBuf {
+    let local = PathBuf::from("calib_data/calib.txt");
+    if local.exists() {
+        return local;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("calib_data/calib.txt")
 }
 
 /// Peak resident memory of this process, from /proc (Linux).
@@ -63,10 +86,28 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         w_bits: args.w_bits,
         group_size: parse_group_size(&args.group_size)?,
         symmetric: args.w_sym,
+        calib_data: args.calib_data.unwrap_or_else(default_calib_data),
+        calib: CalibConfig {
+            samples: args.calib_samples,
+            seqlen: args.calib_seqlen,
+            seed: args.seed,
+        },
+        search_samples: args.search_samples,
         overwrite: args.force,
         quiet: args.quiet,
     };
     let s = quantize(&args.model, &args.out, &config)?;
+    for w in &s.warnings {
+        eprintln!("warning: {w}");
+    }
+    if !s.mean_alpha.is_empty() {
+        let parts: Vec<String> = s
+            .mean_alpha
+            .iter()
+            .map(|(n, a)| format!("{n} {a:.2}"))
+            .collect();
+        eprintln!("mean AWQ alpha per group: {}", parts.join(", "));
+    }
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     eprintln!(
         "quantized {} linears at group size {} in {:.1}s; peak RSS {}; {:.1} MiB -> {:.1} MiB ({:.2}x smaller); wrote {}",

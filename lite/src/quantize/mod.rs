@@ -6,6 +6,8 @@
 //! shard. Everything is written into a staged folder that is renamed into
 //! place only when complete.
 
+pub mod awq;
+pub mod clip;
 pub mod groupwise;
 
 use std::path::{Path, PathBuf};
@@ -17,9 +19,21 @@ use lmq_turbomind::config::ModelConfig;
 use lmq_turbomind::quant::awq::{AwqConfig, GROUP_SIZES};
 use serde_json::Value;
 
+use crate::calib::{read_text, sample_windows, CalibConfig};
 use crate::error::{Error, Result};
 use crate::output::{ShardWriter, StagedDir};
+use awq::{
+    clip_layer, fold_scales, search_scales, vo_foldable, InputObserver, LayerRunner, ScaleGroup,
+    ScaleSettings, SearchInput,
+};
+use clip::ClipSettings;
 use groupwise::GroupSpec;
+use lmq_turbomind::backend::cpu::{CpuBackend, Matrix};
+use lmq_turbomind::backend::{AttnShape, Backend, HostLinear, HostWeight, SeqSpan};
+use lmq_turbomind::layer::HostLayer;
+use lmq_turbomind::rope::Rope;
+use lmq_turbomind::tokenizer::Tokenizer;
+use lmq_turbomind::weights::WeightReader;
 
 /// Shards are cut at about this many bytes.
 const SHARD_BYTES: usize = 2 << 30;
@@ -47,6 +61,12 @@ pub struct QuantizeConfig {
     pub w_bits: u32,
     pub group_size: GroupSize,
     pub symmetric: bool,
+    /// Calibration text (AWQ only).
+    pub calib_data: PathBuf,
+    pub calib: CalibConfig,
+    /// How many calibration sequences score the scale candidates (the
+    /// statistics always use all of them).
+    pub search_samples: usize,
     pub overwrite: bool,
     pub quiet: bool,
 }
@@ -60,6 +80,10 @@ pub struct QuantizeSummary {
     pub input_bytes: u64,
     pub output_bytes: u64,
     pub quantized_linears: usize,
+    /// Layers or groups where AWQ fell back, with the reason.
+    pub warnings: Vec<String>,
+    /// Mean chosen α per scale group over layers, for the summary.
+    pub mean_alpha: Vec<(String, f32)>,
 }
 
 /// The linears of a decoder layer that are quantized, as (module, out, in).
@@ -155,11 +179,6 @@ pub fn quantize(model_dir: &Path, out_dir: &Path, cfg: &QuantizeConfig) -> Resul
             ),
         });
     }
-    if cfg.method == Method::Awq {
-        return Err(Error::Invalid {
-            message: "--method awq is not implemented yet in this build; use --method rtn".into(),
-        });
-    }
     let config = ModelConfig::from_dir(model_dir)?;
     if config.quantization.is_some() {
         return Err(Error::Invalid {
@@ -191,49 +210,47 @@ pub fn quantize(model_dir: &Path, out_dir: &Path, cfg: &QuantizeConfig) -> Resul
         bar
     };
 
-    let mut quantized = std::collections::HashSet::new();
+    let reader = WeightReader::new(&checkpoint, &config);
+    let mut awq_state = match cfg.method {
+        Method::Awq => Some(AwqState::new(model_dir, &config, &checkpoint, cfg)?),
+        Method::Rtn => None,
+    };
+    let mut written = std::collections::HashSet::new();
     let mut quantized_linears = 0;
+    let mut warnings = Vec::new();
+    let mut alphas: Vec<(String, f32, usize)> = Vec::new();
     for layer in 0..config.num_layers {
-        progress.set_message("quantize");
-        for (module, out, inp) in layer_linears(&config, layer) {
-            let name = format!("{module}.weight");
-            let w = checkpoint.f32(&name, &[out, inp])?;
-            if let Some(bad) = w.iter().position(|x| !x.is_finite()) {
-                return Err(Error::Invalid {
-                    message: format!("{name} holds a non-finite value at index {bad}"),
-                });
+        let mut host = reader.layer(layer)?;
+        if let Some(state) = awq_state.as_mut() {
+            let report = state.process_layer(layer, &mut host, &spec, &progress)?;
+            warnings.extend(report.warnings);
+            for (name, alpha) in report.alphas {
+                match alphas.iter_mut().find(|a| a.0 == name) {
+                    Some(a) => {
+                        a.1 += alpha;
+                        a.2 += 1;
+                    }
+                    None => alphas.push((name, alpha, 1)),
+                }
             }
-            let t = spec.quantize(&w, out, inp);
-            let i32_bytes = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-            writer.push(
-                format!("{module}.qweight"),
-                safetensors::Dtype::I32,
-                vec![inp, out / 8],
-                i32_bytes(&t.qweight),
-            )?;
-            writer.push(
-                format!("{module}.qzeros"),
-                safetensors::Dtype::I32,
-                vec![inp / group_size, out / 8],
-                i32_bytes(&t.qzeros),
-            )?;
-            writer.push(
-                format!("{module}.scales"),
-                safetensors::Dtype::F16,
-                vec![inp / group_size, out],
-                t.scales.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            )?;
-            quantized.insert(name);
-            quantized_linears += 1;
         }
+        progress.set_message("write");
+        quantized_linears += write_layer(&mut writer, &config, layer, &host, &spec, &mut written)?;
         progress.inc(1);
     }
     progress.finish_and_clear();
+    let quantized: std::collections::HashSet<String> = (0..config.num_layers)
+        .flat_map(|l| {
+            layer_linears(&config, l)
+                .into_iter()
+                .map(|(m, _, _)| format!("{m}.weight"))
+        })
+        .collect();
 
     // Everything else (embeddings, norms, biases, lm_head) stays fp16.
     let mut rest: Vec<String> = checkpoint
         .names()
-        .filter(|n| !quantized.contains(*n))
+        .filter(|n| !quantized.contains(*n) && !written.contains(*n))
         .map(String::from)
         .collect();
     rest.sort();
@@ -271,5 +288,254 @@ pub fn quantize(model_dir: &Path, out_dir: &Path, cfg: &QuantizeConfig) -> Resul
         group_size,
         elapsed: t0.elapsed(),
         quantized_linears,
+        warnings,
+        mean_alpha: alphas
+            .into_iter()
+            .map(|(n, sum, count)| (n, sum / count as f32))
+            .collect(),
     })
+}
+
+/// Writes one layer: norms in fp16, linears as AWQ tensors (biases fp16).
+fn write_layer(
+    writer: &mut ShardWriter<'_>,
+    config: &ModelConfig,
+    layer: usize,
+    host: &HostLayer,
+    spec: &GroupSpec,
+    written: &mut std::collections::HashSet<String>,
+) -> Result<usize> {
+    let names = &config.arch.names;
+    for (module, values) in [
+        (names.input_norm, &host.input_norm),
+        (names.post_attention_norm, &host.post_attention_norm),
+    ] {
+        let name = format!("{}.weight", names.layer(layer, module));
+        writer.push_f16(name.clone(), vec![values.len()], values)?;
+        written.insert(name);
+    }
+    let linears: [(&str, &HostLinear); 7] = [
+        (names.q_proj, &host.q),
+        (names.k_proj, &host.k),
+        (names.v_proj, &host.v),
+        (names.o_proj, &host.o),
+        (names.gate_proj, &host.gate),
+        (names.up_proj, &host.up),
+        (names.down_proj, &host.down),
+    ];
+    for (module, l) in linears {
+        let module = names.layer(layer, module);
+        let HostWeight::Dense(w) = &l.weight else {
+            return Err(Error::Invalid {
+                message: format!("{module} is already quantized"),
+            });
+        };
+        if let Some(bad) = w.iter().position(|x| !x.is_finite()) {
+            return Err(Error::Invalid {
+                message: format!("{module}.weight holds a non-finite value at index {bad}"),
+            });
+        }
+        let (out, inp, g) = (l.out_features, l.in_features, spec.group_size);
+        let t = spec.quantize(w, out, inp);
+        let i32_bytes = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        writer.push(
+            format!("{module}.qweight"),
+            safetensors::Dtype::I32,
+            vec![inp, out / 8],
+            i32_bytes(&t.qweight),
+        )?;
+        writer.push(
+            format!("{module}.qzeros"),
+            safetensors::Dtype::I32,
+            vec![inp / g, out / 8],
+            i32_bytes(&t.qzeros),
+        )?;
+        writer.push(
+            format!("{module}.scales"),
+            safetensors::Dtype::F16,
+            vec![inp / g, out],
+            t.scales.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        )?;
+        if let Some(b) = &l.bias {
+            let name = format!("{module}.bias");
+            writer.push_f16(name.clone(), vec![b.len()], b)?;
+            written.insert(name);
+        }
+    }
+    Ok(7)
+}
+
+/// What AWQ did to one layer.
+struct LayerReport {
+    warnings: Vec<String>,
+    alphas: Vec<(String, f32)>,
+}
+
+/// The calibration activations flowing through the model, layer by layer.
+struct AwqState {
+    backend: CpuBackend,
+    rope: Rope,
+    shape: AttnShape,
+    eps: f32,
+    /// Residual-stream input of the current layer, all calibration tokens.
+    x: Matrix,
+    spans: Vec<SeqSpan>,
+    subset_spans: Vec<SeqSpan>,
+}
+
+impl AwqState {
+    fn new(
+        model_dir: &Path,
+        config: &ModelConfig,
+        checkpoint: &Checkpoint,
+        cfg: &QuantizeConfig,
+    ) -> Result<Self> {
+        let text = read_text(&cfg.calib_data)?;
+        let tokenizer = Tokenizer::from_dir(model_dir)?;
+        let windows = sample_windows(&text, &tokenizer, &cfg.calib, &cfg.calib_data)?;
+        if cfg.calib.seqlen > config.max_position_embeddings {
+            return Err(Error::Invalid {
+                message: format!(
+                    "--calib-seqlen {} exceeds the model's context of {}",
+                    cfg.calib.seqlen, config.max_position_embeddings
+                ),
+            });
+        }
+        let backend = CpuBackend::new();
+        let reader = WeightReader::new(checkpoint, config);
+        let embed = backend.upload_linear(reader.linear(
+            config.arch.names.embed_tokens,
+            config.vocab_size,
+            config.hidden_size,
+            false,
+        )?)?;
+        let ids: Vec<u32> = windows.concat();
+        let x = backend.embedding(&embed, &ids)?;
+        let seqlen = cfg.calib.seqlen;
+        let spans: Vec<SeqSpan> = (0..windows.len())
+            .map(|i| SeqSpan {
+                rows: i * seqlen..(i + 1) * seqlen,
+                start_pos: 0,
+            })
+            .collect();
+        let subset_spans = spans[..cfg.search_samples.clamp(1, spans.len())].to_vec();
+        Ok(AwqState {
+            backend,
+            rope: Rope::new(config.head_dim, config.rope_theta, &config.rope_scaling),
+            shape: AttnShape {
+                num_heads: config.num_heads,
+                num_kv_heads: config.num_kv_heads,
+                head_dim: config.head_dim,
+                num_layers: 1,
+            },
+            eps: config.rms_norm_eps,
+            x,
+            spans,
+            subset_spans,
+        })
+    }
+
+    /// Searches and folds scales, clips, and advances the activations to
+    /// the next layer (computed with the original weights, as AutoAWQ does).
+    fn process_layer(
+        &mut self,
+        layer: usize,
+        host: &mut HostLayer,
+        spec: &GroupSpec,
+        progress: &ProgressBar,
+    ) -> Result<LayerReport> {
+        let runner = LayerRunner {
+            backend: &self.backend,
+            rope: &self.rope,
+            shape: self.shape,
+            eps: self.eps,
+        };
+        progress.set_message("calibrate");
+        let original = host.clone();
+        let dev = lmq_turbomind::layer::DecoderLayer::upload(original.clone(), &self.backend)?;
+        let subset_rows = self.subset_spans.last().map(|s| s.rows.end).unwrap_or(0);
+        let mut observer = InputObserver::new(subset_rows);
+        let next = runner.forward(&dev, &self.x, &self.spans, &mut observer)?;
+        drop(dev);
+
+        let mut groups = vec![ScaleGroup::Qkv, ScaleGroup::GateUp, ScaleGroup::UpDown];
+        if vo_foldable(host) {
+            groups.insert(1, ScaleGroup::VO);
+        }
+        let mut report = LayerReport {
+            warnings: Vec::new(),
+            alphas: Vec::new(),
+        };
+        let mut scales = std::collections::HashMap::new();
+        for group in groups {
+            progress.set_message(format!("search {}", group.name()));
+            let key = group.input();
+            let (Some(x_mean), Some(input)) =
+                (observer.mean_abs.get(&key), observer.subset.get(&key))
+            else {
+                continue;
+            };
+            let result = search_scales(
+                &runner,
+                group,
+                &original,
+                &SearchInput {
+                    x_mean,
+                    input,
+                    spans: &self.subset_spans,
+                },
+                spec,
+                ScaleSettings::default(),
+            )?;
+            if let Some(reason) = &result.fallback {
+                report.warnings.push(format!(
+                    "layer {layer} {}: {reason}; kept unscaled (plain round-to-nearest for this group)",
+                    group.name()
+                ));
+            } else {
+                report
+                    .alphas
+                    .push((group.name().to_string(), result.best_alpha));
+            }
+            fold_scales(host, group, &result.scales)?;
+            scales.insert(key, result.scales);
+        }
+        progress.set_message("clip");
+        clip_layer(
+            host,
+            &observer.subset,
+            &scales,
+            spec,
+            512,
+            ClipSettings::default(),
+        )?;
+        if !layer_is_finite(host) {
+            report.warnings.push(format!(
+                "layer {layer}: AWQ produced non-finite weights; fell back to round-to-nearest for the whole layer"
+            ));
+            *host = original;
+        }
+        if next.data.iter().any(|v| !v.is_finite()) {
+            report.warnings.push(format!(
+                "layer {layer}: non-finite activations in the calibration run; later layers may fall back"
+            ));
+        }
+        self.x = next;
+        Ok(report)
+    }
+}
+
+fn layer_is_finite(host: &HostLayer) -> bool {
+    let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
+    let linear_ok = |l: &HostLinear| {
+        matches!(&l.weight, HostWeight::Dense(w) if finite(w))
+            && l.bias.as_deref().is_none_or(finite)
+    };
+    finite(&host.input_norm)
+        && finite(&host.post_attention_norm)
+        && [
+            &host.q, &host.k, &host.v, &host.o, &host.gate, &host.up, &host.down,
+        ]
+        .into_iter()
+        .all(linear_ok)
 }

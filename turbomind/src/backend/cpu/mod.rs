@@ -7,7 +7,7 @@
 
 mod attention;
 mod linear;
-mod simd;
+pub mod simd;
 mod w4;
 
 use rayon::prelude::*;
