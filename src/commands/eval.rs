@@ -26,6 +26,8 @@ pub struct PplArgs {
     /// Print one JSON line on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    engine: super::EngineArgs,
 }
 
 pub fn run(cmd: EvalCommand) -> Result<()> {
@@ -40,7 +42,7 @@ fn ppl(args: PplArgs) -> Result<()> {
     if text.trim().is_empty() {
         bail!("{}: the text file is empty", args.text.display());
     }
-    let (model, tokenizer) = super::load_cpu(&args.model)?;
+    let (model, tokenizer) = super::load_cpu(&args.model, &args.engine)?;
     let ids = tokenizer.encode(&text)?;
     let t0 = std::time::Instant::now();
     let result = perplexity(
@@ -67,6 +69,8 @@ fn ppl(args: PplArgs) -> Result<()> {
                 "tokens": result.tokens,
                 "windows": result.windows,
                 "ctx": args.ctx,
+                "kv_cache_dtype": model.kv_cache_config().dtype.as_str(),
+                "kv_cache_mode": model.kv_cache_config().mode.as_str(),
             })
         );
     } else {

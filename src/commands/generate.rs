@@ -46,13 +46,15 @@ pub struct GenerateArgs {
     /// Keep going past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
+    #[command(flatten)]
+    engine: super::EngineArgs,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     if args.prompt.trim().is_empty() {
         bail!("the prompt is empty");
     }
-    let (model, tokenizer) = super::load_cpu(&args.model)?;
+    let (model, tokenizer) = super::load_cpu(&args.model, &args.engine)?;
     let text = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {

@@ -4,6 +4,7 @@ use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use lmq_lite::calib::CalibConfig;
 use lmq_lite::quantize::{quantize, GroupSize, Method, QuantizeConfig};
+use lmq_turbomind::quant::kv::KvDtype;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum MethodArg {
@@ -41,6 +42,10 @@ pub struct QuantizeArgs {
     search_samples: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Default KV-cache dtype to record, with calibrated static parameters:
+    /// none, int8 or int4.
+    #[arg(long, default_value = "none")]
+    kv: String,
     /// Replace --out if it exists.
     #[arg(long)]
     force: bool,
@@ -93,6 +98,12 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
             seed: args.seed,
         },
         search_samples: args.search_samples,
+        kv: match args.kv.as_str() {
+            "none" => None,
+            "int8" => Some(KvDtype::Int8),
+            "int4" => Some(KvDtype::Int4),
+            other => bail!("--kv must be none, int8 or int4; got {other:?}"),
+        },
         overwrite: args.force,
         quiet: args.quiet,
     };

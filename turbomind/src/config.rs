@@ -8,6 +8,7 @@ use serde_json::Value;
 use crate::arch::{self, Architecture};
 use crate::error::{read_json, Error, Result};
 use crate::quant::awq::AwqConfig;
+use crate::quant::kv::KvCheckpointDefaults;
 
 /// Llama-3 style frequency-dependent RoPE scaling.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,6 +51,8 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// The checkpoint's `quantization_config`, validated.
     pub quantization: Option<AwqConfig>,
+    /// The checkpoint's default KV-cache quantization (`kv_cache_quant`).
+    pub kv_cache_quant: Option<KvCheckpointDefaults>,
 }
 
 fn usize_field(v: &Value, key: &str, path: &Path) -> Result<usize> {
@@ -179,6 +182,10 @@ impl ModelConfig {
             eos_token_ids: token_ids(v.get("eos_token_id")),
             quantization: match v.get("quantization_config") {
                 Some(q) if !q.is_null() => Some(AwqConfig::from_json(q, path)?),
+                _ => None,
+            },
+            kv_cache_quant: match v.get("kv_cache_quant") {
+                Some(q) if !q.is_null() => Some(KvCheckpointDefaults::from_json(q, path)?),
                 _ => None,
             },
         })

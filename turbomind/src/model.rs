@@ -4,12 +4,14 @@
 //! weight names (see [`crate::arch`]).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::backend::{AttnShape, Backend, SeqSpan};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::layer::{DecoderLayer, LayerContext, NoObserver};
+use crate::quant::kv::{KvCacheConfig, KvDtype, KvMode, KvStaticParams};
 use crate::rope::Rope;
 use crate::weights::WeightReader;
 
@@ -43,6 +45,9 @@ pub struct Model<B: Backend> {
     layers: Vec<DecoderLayer<B>>,
     rope: Rope,
     shape: AttnShape,
+    kv_config: KvCacheConfig,
+    /// Calibrated static KV parameters from the checkpoint, if any.
+    kv_static: Option<Arc<KvStaticParams>>,
 }
 
 impl<B: Backend> Model<B> {
@@ -86,7 +91,16 @@ impl<B: Backend> Model<B> {
         for i in 0..config.num_layers {
             layers.push(DecoderLayer::upload(reader.layer(i)?, &backend)?);
         }
+        let kv_static = reader.kv_static_params()?.map(Arc::new);
         reader.check_all_consumed()?;
+        let kv_config = match config.kv_cache_quant {
+            Some(d) => KvCacheConfig {
+                dtype: d.dtype,
+                mode: d.mode,
+                static_params: kv_static.clone(),
+            },
+            None => KvCacheConfig::default(),
+        };
         let rope = Rope::new(config.head_dim, config.rope_theta, &config.rope_scaling);
         let shape = AttnShape {
             num_heads: config.num_heads,
@@ -103,6 +117,8 @@ impl<B: Backend> Model<B> {
             layers,
             rope,
             shape,
+            kv_config,
+            kv_static,
         })
     }
 
@@ -112,7 +128,27 @@ impl<B: Backend> Model<B> {
 
     /// An empty KV cache for one sequence.
     pub fn new_kv(&self) -> Result<B::Kv> {
-        self.backend.new_kv(&self.shape)
+        self.backend.new_kv(&self.shape, &self.kv_config)
+    }
+
+    pub fn kv_cache_config(&self) -> &KvCacheConfig {
+        &self.kv_config
+    }
+
+    /// Chooses the KV-cache dtype and mode (the default is the checkpoint's,
+    /// else fp16). Static mode needs the checkpoint's calibrated parameters.
+    pub fn set_kv_cache(&mut self, dtype: KvDtype, mode: KvMode) -> Result<()> {
+        if mode == KvMode::Static && dtype.levels().is_some() && self.kv_static.is_none() {
+            return Err(Error::InvalidRequest(
+                "--kv-cache-mode static needs calibrated KV parameters, which this checkpoint lacks (quantize it with --kv int8 or --kv int4)".into(),
+            ));
+        }
+        self.kv_config = KvCacheConfig {
+            dtype,
+            mode,
+            static_params: self.kv_static.clone(),
+        };
+        Ok(())
     }
 
     /// Number of positions a cache holds.

@@ -10,6 +10,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::layer::HostLayer;
 use crate::quant::awq::{AwqConfig, AwqTensors};
+use crate::quant::kv::{param_tensor_name, KvStaticParams, PARAM_NAMES};
 
 /// Reads one model's weights and checks every shape against the config.
 pub struct WeightReader<'a> {
@@ -28,6 +29,31 @@ impl<'a> WeightReader<'a> {
             awq: config.quantization.clone(),
             consumed: Default::default(),
         }
+    }
+
+    /// Calibrated static KV parameters, if the checkpoint has them.
+    pub fn kv_static_params(&self) -> Result<Option<KvStaticParams>> {
+        let c = self.config;
+        let prefix = |i: usize| c.arch.names.layer(i, "");
+        if !self
+            .checkpoint
+            .contains(&param_tensor_name(&prefix(0), PARAM_NAMES[0]))
+        {
+            return Ok(None);
+        }
+        let mut tables: [Vec<Vec<f32>>; 4] = Default::default();
+        for i in 0..c.num_layers {
+            for (table, param) in tables.iter_mut().zip(PARAM_NAMES) {
+                table.push(self.f32(&param_tensor_name(&prefix(i), param), &[c.num_kv_heads])?);
+            }
+        }
+        let [k_scale, k_zero, v_scale, v_zero] = tables;
+        Ok(Some(KvStaticParams {
+            k_scale,
+            k_zero,
+            v_scale,
+            v_zero,
+        }))
     }
 
     /// Host weights of decoder layer `i`.

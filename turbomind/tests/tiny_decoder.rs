@@ -24,6 +24,7 @@ use std::path::Path;
 use half::{bf16, f16};
 use lmq_turbomind::backend::cpu::{CpuBackend, CpuKv};
 use lmq_turbomind::model::{LogitsWanted, Model, SeqInput};
+use lmq_turbomind::quant::kv::{KvDtype, KvMode};
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -412,8 +413,15 @@ fn fixture(spec: Spec) -> Fixture {
     Fixture { dir, spec, weights }
 }
 
+/// Loads with an fp32 KV cache: these tests check the decoder's math
+/// against an f64 reference, not KV-cache precision (tested separately).
 fn load(dir: &Path) -> Model<CpuBackend> {
-    Model::load(dir, CpuBackend::new()).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
+    let mut model = Model::load(dir, CpuBackend::new())
+        .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
+    model
+        .set_kv_cache(KvDtype::F32, KvMode::Online)
+        .expect("fp32 KV");
+    model
 }
 
 // ---------------------------------------------------------------------------
@@ -1153,4 +1161,44 @@ fn unread_tensors_are_an_error_and_llama_attention_bias_covers_o_proj() {
             .unwrap()
     };
     assert_ne!(run_with_o_bias(0.0), run_with_o_bias(1.0));
+}
+
+/// Quantized KV caches stay close to the f64 reference, int8 closer than
+/// int4, and fp16 closer still; static mode without parameters is refused.
+#[test]
+fn quantized_kv_cache_tracks_the_reference() {
+    let fx = fixture(llama_gqa());
+    let tokens: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % 97).collect();
+    let want = reference_logits(
+        &fx.spec,
+        &fx.weights,
+        fx.spec.rope_scaling.as_ref(),
+        &tokens,
+    );
+    let mut errors = Vec::new();
+    for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Int8, KvDtype::Int4] {
+        let mut model = load(fx.dir.path());
+        model.set_kv_cache(dtype, KvMode::Online).unwrap();
+        let mut kv = model.new_kv().unwrap();
+        let got = forward_alone(&model, &mut kv, &tokens, LogitsWanted::All);
+        let flat: Vec<f64> = want.iter().flatten().copied().collect();
+        errors.push(max_err(&got, &flat).1);
+    }
+    eprintln!("max |Δlogit| fp32/fp16/int8/int4: {errors:?}");
+    // Random weights give unstructured activations, so only loose absolute
+    // bounds hold here; the real model's costs are measured as perplexity
+    // (docs/QUALITY.md). Each coarser dtype must cost more.
+    assert!(
+        errors[0] < 1e-4 && errors[1] < 2e-2 && errors[2] < 0.25,
+        "{errors:?}"
+    );
+    assert!(
+        errors[0] < errors[1] && errors[1] < errors[2] && errors[2] < errors[3],
+        "{errors:?}"
+    );
+    let mut model = load(fx.dir.path());
+    let err = model
+        .set_kv_cache(KvDtype::Int8, KvMode::Static)
+        .unwrap_err();
+    assert!(err.to_string().contains("static"), "{err}");
 }

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use lmq_turbomind::backend::cpu::{CpuBackend, Matrix};
 use lmq_turbomind::backend::{AttnShape, Backend, HostLinear, HostWeight, SeqSpan};
 use lmq_turbomind::layer::{DecoderLayer, HostLayer, LayerContext, LinearInput, Observer};
+use lmq_turbomind::quant::kv::{KvCacheConfig, KvDtype, KvMode};
 use lmq_turbomind::rope::Rope;
 
 use super::clip::{clip_search, ClipSettings};
@@ -75,7 +76,15 @@ impl LayerRunner<'_> {
     fn kvs(&self, spans: &[SeqSpan]) -> Result<Vec<<CpuBackend as Backend>::Kv>> {
         spans
             .iter()
-            .map(|_| self.backend.new_kv(&self.shape).map_err(Error::from))
+            .map(|_| {
+                // Calibration runs the layer in full precision, KV included.
+                let fp32 = KvCacheConfig {
+                    dtype: KvDtype::F32,
+                    mode: KvMode::Online,
+                    static_params: None,
+                };
+                self.backend.new_kv(&self.shape, &fp32).map_err(Error::from)
+            })
             .collect()
     }
 

@@ -31,6 +31,9 @@ use groupwise::GroupSpec;
 use lmq_turbomind::backend::cpu::{CpuBackend, Matrix};
 use lmq_turbomind::backend::{AttnShape, Backend, HostLinear, HostWeight, SeqSpan};
 use lmq_turbomind::layer::HostLayer;
+use lmq_turbomind::quant::kv::{
+    param_tensor_name, KvCheckpointDefaults, KvDtype, KvMode, PARAM_NAMES,
+};
 use lmq_turbomind::rope::Rope;
 use lmq_turbomind::tokenizer::Tokenizer;
 use lmq_turbomind::weights::WeightReader;
@@ -67,6 +70,9 @@ pub struct QuantizeConfig {
     /// How many calibration sequences score the scale candidates (the
     /// statistics always use all of them).
     pub search_samples: usize,
+    /// Record this KV-cache dtype as the default, with calibrated static
+    /// parameters.
+    pub kv: Option<KvDtype>,
     pub overwrite: bool,
     pub quiet: bool,
 }
@@ -211,9 +217,10 @@ pub fn quantize(model_dir: &Path, out_dir: &Path, cfg: &QuantizeConfig) -> Resul
     };
 
     let reader = WeightReader::new(&checkpoint, &config);
-    let mut awq_state = match cfg.method {
-        Method::Awq => Some(AwqState::new(model_dir, &config, &checkpoint, cfg)?),
-        Method::Rtn => None,
+    let mut awq_state = if cfg.method == Method::Awq || cfg.kv.is_some() {
+        Some(CalibState::new(model_dir, &config, &checkpoint, cfg)?)
+    } else {
+        None
     };
     let mut written = std::collections::HashSet::new();
     let mut quantized_linears = 0;
@@ -223,6 +230,9 @@ pub fn quantize(model_dir: &Path, out_dir: &Path, cfg: &QuantizeConfig) -> Resul
         let mut host = reader.layer(layer)?;
         if let Some(state) = awq_state.as_mut() {
             let report = state.process_layer(layer, &mut host, &spec, &progress)?;
+            if let (Some(dtype), Some(stats)) = (cfg.kv, &report.kv_ranges) {
+                write_kv_params(&mut writer, &config, layer, stats, dtype, &mut written)?;
+            }
             warnings.extend(report.warnings);
             for (name, alpha) in report.alphas {
                 match alphas.iter_mut().find(|a| a.0 == name) {
@@ -273,6 +283,13 @@ pub fn quantize(model_dir: &Path, out_dir: &Path, cfg: &QuantizeConfig) -> Resul
     };
     config_json["quantization_config"] = awq.to_json();
     config_json["torch_dtype"] = Value::String("float16".into());
+    if let Some(dtype) = cfg.kv {
+        config_json["kv_cache_quant"] = KvCheckpointDefaults {
+            dtype,
+            mode: KvMode::Online,
+        }
+        .to_json();
+    }
     staged.write_json("config.json", &config_json)?;
     for file in COPIED_FILES {
         let src = model_dir.join(file);
@@ -365,14 +382,73 @@ fn write_layer(
     Ok(7)
 }
 
-/// What AWQ did to one layer.
+/// What calibration did to one layer.
 struct LayerReport {
     warnings: Vec<String>,
     alphas: Vec<(String, f32)>,
+    /// Per KV head, (min, max) of post-RoPE K and of V over all tokens.
+    kv_ranges: Option<KvRanges>,
+}
+
+/// Per KV head value ranges of K (after RoPE) and V.
+struct KvRanges {
+    k: Vec<(f32, f32)>,
+    v: Vec<(f32, f32)>,
+}
+
+fn head_ranges(x: &Matrix, heads: usize) -> Vec<(f32, f32)> {
+    let hd = x.cols / heads;
+    let mut out = vec![(f32::INFINITY, f32::NEG_INFINITY); heads];
+    for r in 0..x.rows {
+        for (h, seg) in x.row(r).chunks_exact(hd).enumerate() {
+            for &v in seg {
+                out[h].0 = out[h].0.min(v);
+                out[h].1 = out[h].1.max(v);
+            }
+        }
+    }
+    out
+}
+
+/// Writes one layer's static KV parameters (scale, zero) per head.
+fn write_kv_params(
+    writer: &mut ShardWriter<'_>,
+    config: &ModelConfig,
+    layer: usize,
+    ranges: &KvRanges,
+    dtype: KvDtype,
+    written: &mut std::collections::HashSet<String>,
+) -> Result<()> {
+    let levels = dtype.levels().unwrap_or(255.0);
+    let prefix = config.arch.names.layer(layer, "");
+    let params = |r: &[(f32, f32)]| -> (Vec<f32>, Vec<f32>) {
+        r.iter()
+            .map(|&(lo, hi)| (((hi - lo) / levels).max(1e-8), lo))
+            .unzip()
+    };
+    let (k_scale, k_zero) = params(&ranges.k);
+    let (v_scale, v_zero) = params(&ranges.v);
+    for (param, values) in PARAM_NAMES.iter().zip([k_scale, k_zero, v_scale, v_zero]) {
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Invalid {
+                message: format!("layer {layer}: non-finite KV statistics for {param}"),
+            });
+        }
+        let name = param_tensor_name(&prefix, param);
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        writer.push(
+            name.clone(),
+            safetensors::Dtype::F32,
+            vec![values.len()],
+            bytes,
+        )?;
+        written.insert(name);
+    }
+    Ok(())
 }
 
 /// The calibration activations flowing through the model, layer by layer.
-struct AwqState {
+struct CalibState {
     backend: CpuBackend,
     rope: Rope,
     shape: AttnShape,
@@ -381,9 +457,13 @@ struct AwqState {
     x: Matrix,
     spans: Vec<SeqSpan>,
     subset_spans: Vec<SeqSpan>,
+    /// Run AWQ's scale and clip search (else only statistics).
+    search: bool,
+    /// Collect KV ranges for static KV parameters.
+    kv_stats: bool,
 }
 
-impl AwqState {
+impl CalibState {
     fn new(
         model_dir: &Path,
         config: &ModelConfig,
@@ -419,7 +499,7 @@ impl AwqState {
             })
             .collect();
         let subset_spans = spans[..cfg.search_samples.clamp(1, spans.len())].to_vec();
-        Ok(AwqState {
+        Ok(CalibState {
             backend,
             rope: Rope::new(config.head_dim, config.rope_theta, &config.rope_scaling),
             shape: AttnShape {
@@ -432,6 +512,8 @@ impl AwqState {
             x,
             spans,
             subset_spans,
+            search: cfg.method == Method::Awq,
+            kv_stats: cfg.kv.is_some(),
         })
     }
 
@@ -456,16 +538,34 @@ impl AwqState {
         let subset_rows = self.subset_spans.last().map(|s| s.rows.end).unwrap_or(0);
         let mut observer = InputObserver::new(subset_rows);
         let next = runner.forward(&dev, &self.x, &self.spans, &mut observer)?;
+        let kv_ranges = if self.kv_stats {
+            let b = &self.backend;
+            let h = b.rms_norm(&self.x, &dev.input_norm, self.eps)?;
+            let mut k = b.linear(&h, &dev.k)?;
+            b.rope(&mut k, self.shape.num_kv_heads, &self.spans, &self.rope)?;
+            let v = b.linear(&h, &dev.v)?;
+            Some(KvRanges {
+                k: head_ranges(&k, self.shape.num_kv_heads),
+                v: head_ranges(&v, self.shape.num_kv_heads),
+            })
+        } else {
+            None
+        };
         drop(dev);
+        let mut report = LayerReport {
+            warnings: Vec::new(),
+            alphas: Vec::new(),
+            kv_ranges,
+        };
+        if !self.search {
+            self.x = next;
+            return Ok(report);
+        }
 
         let mut groups = vec![ScaleGroup::Qkv, ScaleGroup::GateUp, ScaleGroup::UpDown];
         if vo_foldable(host) {
             groups.insert(1, ScaleGroup::VO);
         }
-        let mut report = LayerReport {
-            warnings: Vec::new(),
-            alphas: Vec::new(),
-        };
         let mut scales = std::collections::HashMap::new();
         for group in groups {
             progress.set_message(format!("search {}", group.name()));

@@ -13,6 +13,7 @@ use std::ops::Range;
 
 use crate::error::Result;
 use crate::quant::awq::AwqTensors;
+use crate::quant::kv::KvCacheConfig;
 use crate::rope::Rope;
 
 /// Which rows of the batch belong to one sequence, and the position of its
@@ -81,7 +82,7 @@ pub trait Backend: Send + Sync {
 
     fn upload_linear(&self, w: HostLinear) -> Result<Self::Linear>;
     fn upload_vector(&self, v: Vec<f32>) -> Result<Self::Vector>;
-    fn new_kv(&self, shape: &AttnShape) -> Result<Self::Kv>;
+    fn new_kv(&self, shape: &AttnShape, config: &KvCacheConfig) -> Result<Self::Kv>;
     /// Number of positions stored in a KV cache.
     fn kv_len(&self, kv: &Self::Kv) -> usize;
 

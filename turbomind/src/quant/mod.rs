@@ -2,3 +2,4 @@
 //! the engine reads them.
 
 pub mod awq;
+pub mod kv;

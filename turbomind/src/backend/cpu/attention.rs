@@ -28,15 +28,15 @@ pub(super) fn causal(
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = Matrix::zeros(q.rows, q_cols);
     for (kv, span) in kvs.iter().zip(spans) {
-        let keys = &kv.k[layer];
-        let values = &kv.v[layer];
-        let stored = keys.len() / kv_dim;
+        let stored = kv.layer_len(layer);
         if stored < span.start_pos + span.len() {
             return Err(shape_error(format!(
                 "attention: cache holds {stored} positions, rows need {}",
                 span.start_pos + span.len()
             )));
         }
+        let [keys, values] = kv.materialize(layer, span.start_pos + span.len());
+        let (keys, values) = (&keys, &values);
         let out_rows = &mut out.data[span.rows.start * q_cols..span.rows.end * q_cols];
         out_rows
             .par_chunks_mut(q_cols)

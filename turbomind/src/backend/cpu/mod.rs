@@ -6,6 +6,7 @@
 //! crate's blocked matrix multiply.
 
 mod attention;
+mod kv;
 mod linear;
 pub mod simd;
 mod w4;
@@ -14,6 +15,7 @@ use rayon::prelude::*;
 
 use super::{AttnShape, Backend, HostLinear, SeqSpan};
 use crate::error::{Error, Result};
+use crate::quant::kv::KvCacheConfig;
 use crate::rope::Rope;
 
 pub use linear::CpuLinear;
@@ -40,13 +42,7 @@ impl Matrix {
     }
 }
 
-/// A sequence's K and V for every layer, `[pos][kv_head][head_dim]`.
-#[derive(Debug, Clone)]
-pub struct CpuKv {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    kv_dim: usize,
-}
+pub use kv::CpuKv;
 
 /// The CPU implementation of [`Backend`].
 pub struct CpuBackend {
@@ -110,16 +106,12 @@ impl Backend for CpuBackend {
         Ok(v)
     }
 
-    fn new_kv(&self, shape: &AttnShape) -> Result<CpuKv> {
-        Ok(CpuKv {
-            k: vec![Vec::new(); shape.num_layers],
-            v: vec![Vec::new(); shape.num_layers],
-            kv_dim: shape.kv_dim(),
-        })
+    fn new_kv(&self, shape: &AttnShape, config: &KvCacheConfig) -> Result<CpuKv> {
+        CpuKv::new(shape, config)
     }
 
     fn kv_len(&self, kv: &CpuKv) -> usize {
-        kv.k.first().map(|k| k.len() / kv.kv_dim).unwrap_or(0)
+        kv.len()
     }
 
     fn embedding(&self, table: &CpuLinear, ids: &[u32]) -> Result<Matrix> {
@@ -222,27 +214,29 @@ impl Backend for CpuBackend {
         kvs: &mut [&mut CpuKv],
         spans: &[SeqSpan],
     ) -> Result<()> {
+        let d = k.cols;
+        if v.cols != d {
+            return Err(shape_error(format!(
+                "write_kv: K has {d} columns, V has {}",
+                v.cols
+            )));
+        }
         for (kv, span) in kvs.iter_mut().zip(spans) {
-            let d = kv.kv_dim;
-            if k.cols != d || v.cols != d {
-                return Err(shape_error(format!(
-                    "write_kv: K/V have {} columns, cache has {d}",
-                    k.cols
-                )));
-            }
             // Writing at a position before the end overwrites from there:
             // the sequence was rolled back (e.g. a recomputed prefix).
-            kv.k[layer].truncate(span.start_pos * d);
-            kv.v[layer].truncate(span.start_pos * d);
-            if kv.k[layer].len() != span.start_pos * d {
+            kv.truncate(layer, span.start_pos);
+            if kv.layer_len(layer) != span.start_pos {
                 return Err(shape_error(format!(
                     "write_kv: layer {layer} holds {} positions, cannot write at {}",
-                    kv.k[layer].len() / d,
+                    kv.layer_len(layer),
                     span.start_pos
                 )));
             }
-            kv.k[layer].extend_from_slice(&k.data[span.rows.start * d..span.rows.end * d]);
-            kv.v[layer].extend_from_slice(&v.data[span.rows.start * d..span.rows.end * d]);
+            kv.append(
+                layer,
+                &k.data[span.rows.start * d..span.rows.end * d],
+                &v.data[span.rows.start * d..span.rows.end * d],
+            );
         }
         Ok(())
     }
