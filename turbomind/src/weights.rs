@@ -53,6 +53,10 @@ impl<'a> WeightReader<'a> {
             k_zero,
             v_scale,
             v_zero,
+            levels: c
+                .kv_cache_quant
+                .and_then(|d| d.dtype.levels())
+                .unwrap_or(255.0),
         }))
     }
 

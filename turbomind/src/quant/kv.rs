@@ -108,6 +108,10 @@ pub struct KvStaticParams {
     pub k_zero: Vec<Vec<f32>>,
     pub v_scale: Vec<Vec<f32>>,
     pub v_zero: Vec<Vec<f32>>,
+    /// The integer range the scales were written for (255 for int8, 15
+    /// for int4); running at another dtype rescales them so the
+    /// calibrated range [zero, zero + scale·levels] is kept.
+    pub levels: f32,
 }
 
 /// The names of the four per-layer parameter tensors.

@@ -48,7 +48,7 @@ impl CpuKv {
                 ));
             }
         }
-        if config.dtype == KvDtype::Int4 && shape.head_dim % 2 != 0 {
+        if config.dtype == KvDtype::Int4 && !shape.head_dim.is_multiple_of(2) {
             return Err(Error::InvalidRequest(
                 "int4 KV needs an even head_dim".into(),
             ));
@@ -95,10 +95,11 @@ impl CpuKv {
             return None;
         }
         let p = self.config.static_params.as_ref()?;
+        let rescale = p.levels / self.config.dtype.levels()?;
         Some(if which == 0 {
-            (p.k_scale[layer][head], p.k_zero[layer][head])
+            (p.k_scale[layer][head] * rescale, p.k_zero[layer][head])
         } else {
-            (p.v_scale[layer][head], p.v_zero[layer][head])
+            (p.v_scale[layer][head] * rescale, p.v_zero[layer][head])
         })
     }
 
