@@ -546,8 +546,10 @@ fn quantized_checkpoint_runs_with_every_kv_mode() {
     for (dtype, mode) in [
         ("int8", "online"),
         ("int8", "static"),
+        ("int8", "smooth"),
         ("int4", "online"),
         ("int4", "static"),
+        ("int4", "smooth"),
         ("fp16", "online"),
     ] {
         let run = lmq(&[

@@ -138,10 +138,11 @@ impl<B: Backend> Model<B> {
     /// Chooses the KV-cache dtype and mode (the default is the checkpoint's,
     /// else fp16). Static mode needs the checkpoint's calibrated parameters.
     pub fn set_kv_cache(&mut self, dtype: KvDtype, mode: KvMode) -> Result<()> {
-        if mode == KvMode::Static && dtype.levels().is_some() && self.kv_static.is_none() {
-            return Err(Error::InvalidRequest(
-                "--kv-cache-mode static needs calibrated KV parameters, which this checkpoint lacks (quantize it with --kv int8 or --kv int4)".into(),
-            ));
+        if mode.needs_calibration() && dtype.levels().is_some() && self.kv_static.is_none() {
+            return Err(Error::InvalidRequest(format!(
+                "--kv-cache-mode {} needs calibrated KV parameters, which this checkpoint lacks (quantize it with --kv int8 or --kv int4)",
+                mode.as_str()
+            )));
         }
         self.kv_config = KvCacheConfig {
             dtype,

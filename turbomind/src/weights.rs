@@ -10,7 +10,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::layer::HostLayer;
 use crate::quant::awq::{AwqConfig, AwqTensors};
-use crate::quant::kv::{param_tensor_name, KvStaticParams, PARAM_NAMES};
+use crate::quant::kv::{param_tensor_name, KvStaticParams, PARAM_NAMES, SMOOTH_NAME};
 
 /// Reads one model's weights and checks every shape against the config.
 pub struct WeightReader<'a> {
@@ -48,11 +48,15 @@ impl<'a> WeightReader<'a> {
             }
         }
         let [k_scale, k_zero, v_scale, v_zero] = tables;
+        let k_smooth = (0..c.num_layers)
+            .map(|i| self.f32(&param_tensor_name(&prefix(i), SMOOTH_NAME), &[c.kv_dim()]))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Some(KvStaticParams {
             k_scale,
             k_zero,
             v_scale,
             v_zero,
+            k_smooth,
             levels: c
                 .kv_cache_quant
                 .and_then(|d| d.dtype.levels())

@@ -32,7 +32,8 @@ use lmq_turbomind::backend::cpu::{CpuBackend, Matrix};
 use lmq_turbomind::backend::{AttnShape, Backend, HostLinear, HostWeight, SeqSpan};
 use lmq_turbomind::layer::HostLayer;
 use lmq_turbomind::quant::kv::{
-    param_tensor_name, KvCheckpointDefaults, KvDtype, KvMode, PARAM_NAMES,
+    param_tensor_name, KvCheckpointDefaults, KvDtype, KvMode, K_SMOOTH_EXPONENT, PARAM_NAMES,
+    SMOOTH_NAME,
 };
 use lmq_turbomind::rope::Rope;
 use lmq_turbomind::tokenizer::Tokenizer;
@@ -284,11 +285,14 @@ pub fn quantize(model_dir: &Path, out_dir: &Path, cfg: &QuantizeConfig) -> Resul
     config_json["quantization_config"] = awq.to_json();
     config_json["torch_dtype"] = Value::String("float16".into());
     if let Some(dtype) = cfg.kv {
-        config_json["kv_cache_quant"] = KvCheckpointDefaults {
-            dtype,
-            mode: KvMode::Online,
-        }
-        .to_json();
+        // The best measured mode per dtype (docs/QUALITY.md): plain online
+        // for int8, smoothed for int4.
+        let mode = if dtype == KvDtype::Int4 {
+            KvMode::Smooth
+        } else {
+            KvMode::Online
+        };
+        config_json["kv_cache_quant"] = KvCheckpointDefaults { dtype, mode }.to_json();
     }
     staged.write_json("config.json", &config_json)?;
     for file in COPIED_FILES {
@@ -394,6 +398,18 @@ struct LayerReport {
 struct KvRanges {
     k: Vec<(f32, f32)>,
     v: Vec<(f32, f32)>,
+    /// Per key channel absolute maximum.
+    k_absmax: Vec<f32>,
+}
+
+fn channel_absmax(x: &Matrix) -> Vec<f32> {
+    let mut out = vec![0f32; x.cols];
+    for r in 0..x.rows {
+        for (m, &v) in out.iter_mut().zip(x.row(r)) {
+            *m = m.max(v.abs());
+        }
+    }
+    out
 }
 
 fn head_ranges(x: &Matrix, heads: usize) -> Vec<(f32, f32)> {
@@ -444,6 +460,25 @@ fn write_kv_params(
         )?;
         written.insert(name);
     }
+    let smooth: Vec<f32> = ranges
+        .k_absmax
+        .iter()
+        .map(|&m| m.max(1e-5).powf(K_SMOOTH_EXPONENT))
+        .collect();
+    if smooth.iter().any(|v| !v.is_finite()) {
+        return Err(Error::Invalid {
+            message: format!("layer {layer}: non-finite key statistics"),
+        });
+    }
+    let name = param_tensor_name(&prefix, SMOOTH_NAME);
+    let bytes = smooth.iter().flat_map(|v| v.to_le_bytes()).collect();
+    writer.push(
+        name.clone(),
+        safetensors::Dtype::F32,
+        vec![smooth.len()],
+        bytes,
+    )?;
+    written.insert(name);
     Ok(())
 }
 
@@ -547,6 +582,7 @@ impl CalibState {
             Some(KvRanges {
                 k: head_ranges(&k, self.shape.num_kv_heads),
                 v: head_ranges(&v, self.shape.num_kv_heads),
+                k_absmax: channel_absmax(&k),
             })
         } else {
             None

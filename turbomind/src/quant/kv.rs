@@ -12,7 +12,8 @@
 //! "int8"|"int4", "mode": "online"|"static"}` (the defaults the engine
 //! uses), and each layer gets F32 `[num_kv_heads]` tensors
 //! `model.layers.{i}.self_attn.kv_quant.{k_scale,k_zero,v_scale,v_zero}`,
-//! computed from post-RoPE K and V on the calibration set.
+//! plus F32 `[num_kv_heads · head_dim]` `k_smooth` (per key channel absolute
+//! maximum), all computed from post-RoPE K and V on the calibration set.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -79,6 +80,19 @@ impl KvDtype {
 pub enum KvMode {
     Online,
     Static,
+    /// Online per token and head, after two outlier-flattening transforms
+    /// that are undone on read: each key channel is divided by its
+    /// calibrated `k_smooth` (absolute maximum to the power
+    /// [`K_SMOOTH_EXPONENT`]), and each value head vector is rotated by a
+    /// normalized Walsh-Hadamard transform (head_dim a power of two).
+    Smooth,
+}
+
+impl KvMode {
+    /// Whether this mode needs the checkpoint's calibrated tensors.
+    pub fn needs_calibration(self) -> bool {
+        self != KvMode::Online
+    }
 }
 
 impl KvMode {
@@ -86,8 +100,9 @@ impl KvMode {
         match s {
             "online" => Ok(KvMode::Online),
             "static" => Ok(KvMode::Static),
+            "smooth" => Ok(KvMode::Smooth),
             other => Err(Error::InvalidRequest(format!(
-                "KV cache mode {other:?} is not supported (online, static)"
+                "KV cache mode {other:?} is not supported (online, static, smooth)"
             ))),
         }
     }
@@ -96,6 +111,7 @@ impl KvMode {
         match self {
             KvMode::Online => "online",
             KvMode::Static => "static",
+            KvMode::Smooth => "smooth",
         }
     }
 }
@@ -108,14 +124,43 @@ pub struct KvStaticParams {
     pub k_zero: Vec<Vec<f32>>,
     pub v_scale: Vec<Vec<f32>>,
     pub v_zero: Vec<Vec<f32>>,
+    /// `[layer][kv_dim]`: per key channel absolute maximum, for
+    /// [`KvMode::Smooth`].
+    pub k_smooth: Vec<Vec<f32>>,
     /// The integer range the scales were written for (255 for int8, 15
     /// for int4); running at another dtype rescales them so the
     /// calibrated range [zero, zero + scale·levels] is kept.
     pub levels: f32,
 }
 
-/// The names of the four per-layer parameter tensors.
+/// The names of the four per-layer, per-head parameter tensors.
 pub const PARAM_NAMES: [&str; 4] = ["k_scale", "k_zero", "v_scale", "v_zero"];
+
+/// The per-layer `[kv_dim]` key smoothing divisor tensor.
+pub const SMOOTH_NAME: &str = "k_smooth";
+
+/// `k_smooth = absmax^K_SMOOTH_EXPONENT`. Chosen by measurement on
+/// SmolLM2-135M int4 KV (docs/QUALITY.md): 1.0 and 0.5 were worse.
+pub const K_SMOOTH_EXPONENT: f32 = 0.75;
+
+/// In-place normalized fast Walsh-Hadamard transform; orthogonal and its
+/// own inverse. `x.len()` must be a power of two.
+pub fn hadamard(x: &mut [f32]) {
+    let n = x.len();
+    let mut h = 1;
+    while h < n {
+        for i in (0..n).step_by(2 * h) {
+            for j in i..i + h {
+                let (a, b) = (x[j], x[j + h]);
+                x[j] = a + b;
+                x[j + h] = a - b;
+            }
+        }
+        h *= 2;
+    }
+    let norm = 1.0 / (n as f32).sqrt();
+    x.iter_mut().for_each(|v| *v *= norm);
+}
 
 /// `model.layers.{i}.self_attn.kv_quant.{param}`, from the layer prefix.
 pub fn param_tensor_name(layer_prefix: &str, param: &str) -> String {
@@ -186,6 +231,26 @@ pub fn quantize_value(x: f32, scale: f32, zero: f32, levels: f32) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hadamard_is_orthogonal_and_self_inverse() {
+        let x: Vec<f32> = (0..64)
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) / 3.0)
+            .collect();
+        let mut y = x.clone();
+        hadamard(&mut y);
+        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+        assert!((norm(&x) - norm(&y)).abs() < 1e-3 * norm(&x));
+        // H·e0 is the constant vector 1/sqrt(n).
+        let mut e0 = vec![0f32; 8];
+        e0[0] = 1.0;
+        hadamard(&mut e0);
+        assert!(e0.iter().all(|&v| (v - 1.0 / 8f32.sqrt()).abs() < 1e-6));
+        hadamard(&mut y);
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() < 1e-5);
+        }
+    }
 
     #[test]
     fn online_round_trip_error_is_half_a_step() {

@@ -7,7 +7,7 @@ use half::f16;
 
 use crate::backend::AttnShape;
 use crate::error::{Error, Result};
-use crate::quant::kv::{online_params, quantize_value, KvCacheConfig, KvDtype, KvMode};
+use crate::quant::kv::{hadamard, online_params, quantize_value, KvCacheConfig, KvDtype, KvMode};
 
 #[derive(Clone)]
 enum Store {
@@ -34,7 +34,7 @@ pub struct CpuKv {
 
 impl CpuKv {
     pub fn new(shape: &AttnShape, config: &KvCacheConfig) -> Result<Self> {
-        if config.mode == KvMode::Static && config.dtype.levels().is_some() {
+        if config.mode.needs_calibration() && config.dtype.levels().is_some() {
             let p = config.static_params.as_ref().ok_or_else(|| {
                 Error::InvalidRequest(
                     "static KV quantization needs calibrated parameters; this checkpoint has none (quantize with --kv)".into(),
@@ -47,6 +47,12 @@ impl CpuKv {
                     "static KV parameters do not match the model's layers and KV heads".into(),
                 ));
             }
+        }
+        if config.mode == KvMode::Smooth && !shape.head_dim.is_power_of_two() {
+            return Err(Error::InvalidRequest(format!(
+                "--kv-cache-mode smooth needs a power-of-two head_dim; this model has {}",
+                shape.head_dim
+            )));
         }
         if config.dtype == KvDtype::Int4 && !shape.head_dim.is_multiple_of(2) {
             return Err(Error::InvalidRequest(
@@ -121,14 +127,39 @@ impl CpuKv {
         self.lens[layer] = self.lens[layer].min(len);
     }
 
+    /// The key smoothing factors of a layer, in Smooth mode.
+    fn smoothing(&self, layer: usize) -> Option<&[f32]> {
+        if self.config.mode != KvMode::Smooth || self.config.dtype.levels().is_none() {
+            return None;
+        }
+        self.config
+            .static_params
+            .as_ref()
+            .map(|p| p.k_smooth[layer].as_slice())
+    }
+
     /// Appends `rows` tokens of K and V (`rows × kv_dim` each) to a layer.
     pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
         let kv_dim = self.heads * self.head_dim;
         let rows = k.len() / kv_dim;
         let levels = self.config.dtype.levels();
         let (hd, heads) = (self.head_dim, self.heads);
+        // Smooth mode stores K / k_smooth and H·V; materialize undoes both.
+        let transformed: Option<[Vec<f32>; 2]> = self.smoothing(layer).map(|sm| {
+            let keys = k
+                .chunks_exact(kv_dim)
+                .flat_map(|row| row.iter().zip(sm).map(|(&x, &f)| x / f))
+                .collect();
+            let mut values = v.to_vec();
+            values.chunks_exact_mut(hd).for_each(hadamard);
+            [keys, values]
+        });
         for which in 0..2 {
-            let src = if which == 0 { k } else { v };
+            let src = match &transformed {
+                Some(t) => t[which].as_slice(),
+                None if which == 0 => k,
+                None => v,
+            };
             let statics: Vec<Option<(f32, f32)>> = (0..heads)
                 .map(|h| self.static_param(layer, which, h))
                 .collect();
@@ -193,6 +224,16 @@ impl CpuKv {
                 }
             }
         };
-        [read(&self.stores[layer][0]), read(&self.stores[layer][1])]
+        let mut keys = read(&self.stores[layer][0]);
+        if let Some(sm) = self.smoothing(layer) {
+            for row in keys.chunks_exact_mut(kv_dim) {
+                row.iter_mut().zip(sm).for_each(|(x, &f)| *x *= f);
+            }
+        }
+        let mut values = read(&self.stores[layer][1]);
+        if self.smoothing(layer).is_some() {
+            values.chunks_exact_mut(hd).for_each(hadamard);
+        }
+        [keys, values]
     }
 }
