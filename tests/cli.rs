@@ -588,3 +588,41 @@ fn quantized_checkpoint_runs_with_every_kv_mode() {
         );
     }
 }
+
+/// A full disk during quantization gives a clear error and leaves nothing
+/// behind. Needs a small tmpfs, which only root can mount; elsewhere the
+/// test says so and passes without checking.
+#[test]
+fn quantize_onto_a_full_disk_fails_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16M", "tmpfs", path_str(&mnt)])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !mounted {
+        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    let dir = model_dir();
+    let out_dir = mnt.join("out");
+    let out = lmq(&[
+        "quantize",
+        "--model",
+        path_str(&dir),
+        "--out",
+        path_str(&out_dir),
+        "--method",
+        "rtn",
+        "--quiet",
+    ]);
+    let left: Vec<_> = std::fs::read_dir(&mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let _ = std::process::Command::new("umount").arg(&mnt).status();
+    assert_fails_with(&out, &["No space left on device"]);
+    assert!(left.is_empty(), "partial output left behind: {left:?}");
+}
