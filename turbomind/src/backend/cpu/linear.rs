@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::simd::DotFn;
+use super::simd::{DotFn, NibbleDotFn};
 use super::w4::W4Weight;
 use super::{shape_error, Matrix};
 use crate::backend::{HostLinear, HostWeight};
@@ -69,7 +69,7 @@ impl CpuLinear {
         })
     }
 
-    pub fn forward(&self, x: &Matrix, dot: DotFn) -> Result<Matrix> {
+    pub fn forward(&self, x: &Matrix, dot: DotFn, nibble_dot: NibbleDotFn) -> Result<Matrix> {
         let (k, n) = (self.in_features, self.out_features);
         if x.cols != k {
             return Err(shape_error(format!(
@@ -86,7 +86,7 @@ impl CpuLinear {
         let dense = match &self.weight {
             CpuWeight::Dense(w) => w,
             CpuWeight::W4(w4) if m <= SKINNY_ROWS => {
-                w4.skinny(x, &mut out, dot);
+                w4.skinny(x, &mut out, nibble_dot);
                 return Ok(self.add_bias(out));
             }
             CpuWeight::W4(w4) => {

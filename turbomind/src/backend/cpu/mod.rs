@@ -47,6 +47,7 @@ pub use kv::CpuKv;
 /// The CPU implementation of [`Backend`].
 pub struct CpuBackend {
     dot: simd::DotFn,
+    nibble_dot: simd::NibbleDotFn,
 }
 
 impl Default for CpuBackend {
@@ -59,6 +60,7 @@ impl CpuBackend {
     pub fn new() -> Self {
         CpuBackend {
             dot: simd::best_dot(),
+            nibble_dot: simd::best_nibble_dot(),
         }
     }
 }
@@ -174,7 +176,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &Matrix, w: &CpuLinear) -> Result<Matrix> {
-        w.forward(x, self.dot)
+        w.forward(x, self.dot, self.nibble_dot)
     }
 
     fn rope(&self, x: &mut Matrix, heads: usize, spans: &[SeqSpan], rope: &Rope) -> Result<()> {

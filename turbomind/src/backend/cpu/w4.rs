@@ -2,20 +2,22 @@
 //! activations stay in full precision).
 //!
 //! At load the AutoAWQ `[in, out/8]` nibbles are repacked per output row:
-//! for row `n`, the `in` nibbles run along the input dimension two per byte
-//! (low nibble first), next to one scale and one `-zero·scale` per group.
-//! A skinny batch then reads each weight row once, contiguously:
+//! row `n` is a run of groups along the input dimension; each group of `g`
+//! values is `g/2` bytes, byte `j` holding value `j` in its low nibble and
+//! value `j + g/2` in its high nibble (so a SIMD unpack yields two
+//! contiguous halves). Beside them: one scale and one `-zero·scale` per
+//! group. A skinny batch then reads each weight row once, contiguously:
 //! `y = Σ_g s_g · (x_g · q_g) − z_g·s_g · Σ x_g`.
 
 use rayon::prelude::*;
 
-use super::simd::DotFn;
+use super::simd::NibbleDotFn;
 use super::Matrix;
 use crate::quant::awq::{unpack_int4, AwqTensors};
 
 /// A repacked 4-bit weight.
 pub struct W4Weight {
-    /// `[out][in/2]`, low nibble = even input index.
+    /// `[out][in/2]`, half-split per group (see the module docs).
     nibbles: Vec<u8>,
     /// `[out][in/g]`.
     scales: Vec<f32>,
@@ -35,9 +37,13 @@ impl W4Weight {
         let mut nibbles = vec![0u8; n * k / 2];
         let mut scales = vec![0f32; n * groups];
         let mut neg_zero_scaled = vec![0f32; n * groups];
+        let half = g / 2;
         for o in 0..n {
-            for i in (0..k).step_by(2) {
-                nibbles[o * k / 2 + i / 2] = q[i * n + o] | (q[(i + 1) * n + o] << 4);
+            for gi in 0..groups {
+                for j in 0..half {
+                    let (a, b) = (gi * g + j, gi * g + j + half);
+                    nibbles[o * k / 2 + gi * half + j] = q[a * n + o] | (q[b * n + o] << 4);
+                }
             }
             for gi in 0..groups {
                 let s = t.scales[gi * n + o].to_f32();
@@ -60,12 +66,15 @@ impl W4Weight {
         let (k, g) = (self.in_features, self.group_size);
         let groups = k / g;
         let row = &self.nibbles[o * k / 2..(o + 1) * k / 2];
+        let half = g / 2;
         for gi in 0..groups {
             let s = self.scales[o * groups + gi];
             let zs = self.neg_zero_scaled[o * groups + gi];
-            for i in gi * g..(gi + 1) * g {
-                let q = (row[i / 2] >> ((i & 1) * 4)) & 0xf;
-                dst[i] = q as f32 * s + zs;
+            let bytes = &row[gi * half..(gi + 1) * half];
+            let out = &mut dst[gi * g..(gi + 1) * g];
+            for (j, &b) in bytes.iter().enumerate() {
+                out[j] = (b & 0xf) as f32 * s + zs;
+                out[j + half] = (b >> 4) as f32 * s + zs;
             }
         }
     }
@@ -81,7 +90,7 @@ impl W4Weight {
     }
 
     /// `out[r][o] = x[r] · w[o]` for a few rows.
-    pub fn skinny(&self, x: &Matrix, out: &mut Matrix, dot: DotFn) {
+    pub fn skinny(&self, x: &Matrix, out: &mut Matrix, dot: NibbleDotFn) {
         let (k, g, n, m) = (self.in_features, self.group_size, self.out_features, x.rows);
         let groups = k / g;
         // Σx per row and group, shared by every output.
@@ -97,21 +106,18 @@ impl W4Weight {
             .par_chunks_mut(CHUNK * m)
             .enumerate()
             .for_each(|(c, dst)| {
-                let mut q = vec![0f32; g];
+                let half = g / 2;
                 for (j, cell) in dst.chunks_exact_mut(m).enumerate() {
                     let o = c * CHUNK + j;
                     let row = &self.nibbles[o * k / 2..(o + 1) * k / 2];
                     cell.fill(0.0);
                     for gi in 0..groups {
-                        for (t, v) in q.iter_mut().enumerate() {
-                            let i = gi * g + t;
-                            *v = ((row[i / 2] >> ((i & 1) * 4)) & 0xf) as f32;
-                        }
+                        let bytes = &row[gi * half..(gi + 1) * half];
                         let s = self.scales[o * groups + gi];
                         let zs = self.neg_zero_scaled[o * groups + gi];
                         for (r, acc) in cell.iter_mut().enumerate() {
                             let xg = &x.row(r)[gi * g..(gi + 1) * g];
-                            *acc += s * dot(xg, &q) + zs * group_sums[r * groups + gi];
+                            *acc += s * dot(bytes, xg) + zs * group_sums[r * groups + gi];
                         }
                     }
                 }
