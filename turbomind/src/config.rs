@@ -86,7 +86,15 @@ impl ModelConfig {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let v = read_json(&path)?;
-        Self::from_json(&v, &path)
+        let mut config = Self::from_json(&v, &path)?;
+        // generation_config.json may name more end-of-sequence tokens (chat
+        // models often end turns with a different token than pretraining).
+        for id in GenerationConfig::from_dir(dir)?.eos_token_ids {
+            if !config.eos_token_ids.contains(&id) {
+                config.eos_token_ids.push(id);
+            }
+        }
+        Ok(config)
     }
 
     pub fn from_json(v: &Value, path: &Path) -> Result<Self> {

@@ -1202,3 +1202,49 @@ fn quantized_kv_cache_tracks_the_reference() {
         .unwrap_err();
     assert!(err.to_string().contains("static"), "{err}");
 }
+
+/// A checkpoint split into shards with `model.safetensors.index.json`
+/// loads to the same logits as the single file.
+#[test]
+fn sharded_checkpoint_matches_single_file() {
+    let fx = fixture(qwen2_mha());
+    let tokens: Vec<u32> = vec![5, 9, 2, 44, 17];
+    let single = load(fx.dir.path());
+    let mut kv = single.new_kv().unwrap();
+    let want = forward_alone(&single, &mut kv, &tokens, LogitsWanted::All);
+
+    let sharded = TempDir::new().unwrap();
+    let entries = encode(&fx.weights, fx.spec.dtype);
+    let (first, second) = entries.split_at(entries.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in [first, second].into_iter().enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        let views: Vec<(String, TensorView<'_>)> = part
+            .iter()
+            .map(|(name, dtype, shape, bytes)| {
+                weight_map.insert(name.clone(), json!(file));
+                (
+                    name.clone(),
+                    TensorView::new(*dtype, shape.clone(), bytes).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &sharded.path().join(&file)).unwrap();
+    }
+    std::fs::write(
+        sharded.path().join("model.safetensors.index.json"),
+        serde_json::to_string(&json!({"metadata": {}, "weight_map": weight_map})).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        sharded.path().join("config.json"),
+        serde_json::to_string(&fx.spec.config_json()).unwrap(),
+    )
+    .unwrap();
+    let model = load(sharded.path());
+    let mut kv = model.new_kv().unwrap();
+    assert_eq!(
+        forward_alone(&model, &mut kv, &tokens, LogitsWanted::All),
+        want
+    );
+}
