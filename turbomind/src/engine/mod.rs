@@ -3,3 +3,4 @@
 //! tested without a model.
 
 pub mod block_manager;
+pub mod scheduler;
