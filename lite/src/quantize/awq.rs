@@ -743,6 +743,53 @@ mod tests {
         );
     }
 
+    /// Non-finite activation statistics (LMDeploy's most reported AWQ crash)
+    /// make the group fall back to identity scales, with a reason.
+    #[test]
+    fn nan_statistics_fall_back_to_identity_scales() {
+        let mut rng = Lcg(3);
+        let layer = tiny_layer(&mut rng, 32, 32, 48);
+        let backend = CpuBackend::new();
+        let rope = Rope::new(8, 10000.0, &RopeScaling::None);
+        let runner = runner_for(&backend, &rope, 4, 4, 8);
+        let spans = vec![SeqSpan {
+            rows: 0..6,
+            start_pos: 0,
+        }];
+        let input = Matrix {
+            data: rng.vec(6 * 32, 1.0),
+            rows: 6,
+            cols: 32,
+        };
+        let mut x_mean = vec![0.5f32; 32];
+        x_mean[7] = f32::NAN;
+        let spec = GroupSpec {
+            bits: 4,
+            group_size: 32,
+            symmetric: false,
+        };
+        let data = SearchInput {
+            x_mean: &x_mean,
+            input: &input,
+            spans: &spans,
+        };
+        let r = search_scales(
+            &runner,
+            ScaleGroup::GateUp,
+            &layer,
+            &data,
+            &spec,
+            ScaleSettings::default(),
+        )
+        .unwrap();
+        assert!(
+            r.fallback.as_deref().unwrap_or("").contains("channel 7"),
+            "{:?}",
+            r.fallback
+        );
+        assert!(r.scales.iter().all(|&v| v == 1.0));
+    }
+
     #[test]
     fn candidate_scales_are_normalised_and_alpha_zero_ignores_activations() {
         let x = vec![0.5, 2.0, 8.0];
