@@ -293,7 +293,7 @@ fn candidate_scales(x_mean: &[f32], w_mean: &[f32], alpha: f32) -> Vec<f32> {
     let mut s: Vec<f32> = x_mean
         .iter()
         .zip(w_mean)
-        .map(|(&x, &w)| (x.powf(alpha) / w.powf(1.0 - alpha)).max(1e-4))
+        .map(|(&x, &w)| (x.powf(alpha) / (w.powf(1.0 - alpha) + 1e-4)).max(1e-4))
         .collect();
     let (min, max) = s
         .iter()
@@ -342,12 +342,33 @@ fn score_output(
     })
 }
 
+/// A copy of `layer` whose `group` linears are scaled by `s`, fake
+/// quantized, and unscaled: what the checkpoint will compute.
+fn fake_quantized(
+    layer: &HostLayer,
+    group: ScaleGroup,
+    s: &[f32],
+    spec: &GroupSpec,
+) -> Result<HostLayer> {
+    let mut candidate = layer.clone();
+    let inv: Vec<f32> = s.iter().map(|v| 1.0 / v).collect();
+    for l in group.linears(&mut candidate) {
+        scale_columns(l, s)?;
+        let inf = l.in_features;
+        spec.fake_quantize(dense_mut(l)?, inf);
+        scale_columns(l, &inv)?;
+    }
+    Ok(candidate)
+}
+
 /// Outcome of one group's search.
 #[derive(Debug, Clone)]
 pub struct GroupResult {
     pub group: ScaleGroup,
+    /// NaN when plain round-to-nearest (identity scales) won.
     pub best_alpha: f32,
     pub best_loss: f64,
+    /// The loss of plain round-to-nearest.
     pub identity_loss: f64,
     /// Set when the search fell back to no scaling, with the reason.
     pub fallback: Option<String>,
@@ -405,27 +426,30 @@ pub fn search_scales(
     if reference.data.iter().any(|v| !v.is_finite()) {
         return Ok(fallback("non-finite block output".into()));
     }
-    let mut best: Option<(f64, f32, Vec<f32>)> = None;
-    let mut identity_loss = f64::NAN;
+    // Plain round-to-nearest (identity scales) is scored first, so the
+    // search can only improve on it.
+    let identity_loss = mse(
+        &score_output(
+            runner,
+            group,
+            &fake_quantized(layer, group, &identity, spec)?,
+            input,
+            spans,
+        )?,
+        &reference,
+    );
+    let mut best: Option<(f64, f32, Vec<f32>)> = identity_loss
+        .is_finite()
+        .then(|| (identity_loss, f32::NAN, identity.clone()));
     for step in 0..settings.grid {
         let alpha = step as f32 / settings.grid as f32;
         let s = candidate_scales(x_mean, &w_mean, alpha);
         if s.iter().any(|v| !v.is_finite() || *v <= 0.0) {
             continue;
         }
-        let mut candidate = layer.clone();
-        for l in group.linears(&mut candidate) {
-            scale_columns(l, &s)?;
-            let inf = l.in_features;
-            spec.fake_quantize(dense_mut(l)?, inf);
-            let inv: Vec<f32> = s.iter().map(|v| 1.0 / v).collect();
-            scale_columns(l, &inv)?;
-        }
+        let candidate = fake_quantized(layer, group, &s, spec)?;
         let out = score_output(runner, group, &candidate, input, spans)?;
         let loss = mse(&out, &reference);
-        if step == 0 {
-            identity_loss = loss;
-        }
         if loss.is_finite() && best.as_ref().is_none_or(|b| loss < b.0) {
             best = Some((loss, alpha, s));
         }

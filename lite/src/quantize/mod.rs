@@ -573,27 +573,14 @@ impl CalibState {
         let subset_rows = self.subset_spans.last().map(|s| s.rows.end).unwrap_or(0);
         let mut observer = InputObserver::new(subset_rows);
         let next = runner.forward(&dev, &self.x, &self.spans, &mut observer)?;
-        let kv_ranges = if self.kv_stats {
-            let b = &self.backend;
-            let h = b.rms_norm(&self.x, &dev.input_norm, self.eps)?;
-            let mut k = b.linear(&h, &dev.k)?;
-            b.rope(&mut k, self.shape.num_kv_heads, &self.spans, &self.rope)?;
-            let v = b.linear(&h, &dev.v)?;
-            Some(KvRanges {
-                k: head_ranges(&k, self.shape.num_kv_heads),
-                v: head_ranges(&v, self.shape.num_kv_heads),
-                k_absmax: channel_absmax(&k),
-            })
-        } else {
-            None
-        };
         drop(dev);
         let mut report = LayerReport {
             warnings: Vec::new(),
             alphas: Vec::new(),
-            kv_ranges,
+            kv_ranges: None,
         };
         if !self.search {
+            report.kv_ranges = self.kv_ranges(host)?;
             self.x = next;
             return Ok(report);
         }
@@ -651,6 +638,9 @@ impl CalibState {
             ));
             *host = original;
         }
+        // KV statistics come from the layer as written (scales folded into
+        // v_proj change what the cache holds).
+        report.kv_ranges = self.kv_ranges(host)?;
         if next.data.iter().any(|v| !v.is_finite()) {
             report.warnings.push(format!(
                 "layer {layer}: non-finite activations in the calibration run; later layers may fall back"
@@ -658,6 +648,27 @@ impl CalibState {
         }
         self.x = next;
         Ok(report)
+    }
+}
+
+impl CalibState {
+    /// Per-head ranges of post-RoPE K and of V on all calibration tokens,
+    /// if static KV parameters were asked for.
+    fn kv_ranges(&self, host: &HostLayer) -> Result<Option<KvRanges>> {
+        if !self.kv_stats {
+            return Ok(None);
+        }
+        let b = &self.backend;
+        let dev = lmq_turbomind::layer::DecoderLayer::upload(host.clone(), b)?;
+        let h = b.rms_norm(&self.x, &dev.input_norm, self.eps)?;
+        let mut k = b.linear(&h, &dev.k)?;
+        b.rope(&mut k, self.shape.num_kv_heads, &self.spans, &self.rope)?;
+        let v = b.linear(&h, &dev.v)?;
+        Ok(Some(KvRanges {
+            k: head_ranges(&k, self.shape.num_kv_heads),
+            v: head_ranges(&v, self.shape.num_kv_heads),
+            k_absmax: channel_absmax(&k),
+        }))
     }
 }
 
