@@ -22,6 +22,23 @@ impl StagedDir {
                 message: "already exists (pass --force to replace it)".into(),
             });
         }
+        // A destination must name a folder of its own: "." or ".." would
+        // make the staging folder live inside it, and --force would then
+        // delete the user's working directory.
+        let named = dest.file_name().is_some_and(|n| n != "." && n != "..");
+        if !named
+            || dest.components().next_back().is_some_and(|c| {
+                matches!(
+                    c,
+                    std::path::Component::CurDir | std::path::Component::ParentDir
+                )
+            })
+        {
+            return Err(Error::Output {
+                path: dest.to_path_buf(),
+                message: "the output must be a new folder's path, not . or ..".into(),
+            });
+        }
         let parent = match dest.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -135,8 +152,20 @@ impl<'a> ShardWriter<'a> {
         Ok(())
     }
 
-    /// Adds an fp16 tensor from f32 values.
+    /// Adds an fp16 tensor from f32 values; values beyond fp16's range are
+    /// an error rather than a silent infinity.
     pub fn push_f16(&mut self, name: String, shape: Vec<usize>, values: &[f32]) -> Result<()> {
+        if let Some(i) = values
+            .iter()
+            .position(|v| !half::f16::from_f32(*v).is_finite())
+        {
+            return Err(Error::Invalid {
+                message: format!(
+                    "{name}: value {} at index {i} does not fit in fp16",
+                    values[i]
+                ),
+            });
+        }
         let bytes = values
             .iter()
             .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())

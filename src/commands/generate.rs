@@ -71,18 +71,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     } else {
         args.prompt.clone()
     };
-    let mut prompt_ids = tokenizer.encode(&text)?;
-    if !args.chat {
-        // Plain prompts start with BOS where the model expects one; chat
-        // templates write their own.
-        if let Some(bos) = model
-            .config
-            .bos_token_id
-            .filter(|_| tokenizer_adds_bos(&args.model))
-        {
-            prompt_ids.insert(0, bos);
-        }
-    }
+    // Chat templates write their own special tokens; plain prompts get the
+    // ones the tokenizer's post-processor adds (e.g. BOS).
+    let prompt_ids = if args.chat {
+        tokenizer.encode(&text)?
+    } else {
+        tokenizer.encode_prompt(&text)?
+    };
     let request = GenerateRequest {
         prompt_ids,
         max_tokens: args.max_tokens,
@@ -121,13 +116,4 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         out.finish_reason.as_str()
     );
     Ok(())
-}
-
-/// Whether `tokenizer_config.json` asks for a BOS token at the start.
-fn tokenizer_adds_bos(dir: &std::path::Path) -> bool {
-    std::fs::read_to_string(dir.join("tokenizer_config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("add_bos_token").and_then(|b| b.as_bool()))
-        .unwrap_or(false)
 }

@@ -222,17 +222,38 @@ fn parse_rope_scaling(v: Option<&Value>, path: &Path) -> Result<RopeScaling> {
             .and_then(Value::as_f64)
             .ok_or_else(|| Error::config(path, format!("rope_scaling.{key} is missing")))
     };
+    let positive = |key: &str| {
+        num(key).and_then(|x| {
+            if x > 0.0 && x.is_finite() {
+                Ok(x)
+            } else {
+                Err(Error::config(
+                    path,
+                    format!("rope_scaling.{key} must be positive; got {x}"),
+                ))
+            }
+        })
+    };
     match kind {
         "default" => Ok(RopeScaling::None),
         "linear" => Ok(RopeScaling::Linear {
-            factor: num("factor")?,
+            factor: positive("factor")?,
         }),
-        "llama3" => Ok(RopeScaling::Llama3 {
-            factor: num("factor")?,
-            low_freq_factor: num("low_freq_factor")?,
-            high_freq_factor: num("high_freq_factor")?,
-            original_max_position_embeddings: num("original_max_position_embeddings")?,
-        }),
+        "llama3" => {
+            let (low, high) = (positive("low_freq_factor")?, positive("high_freq_factor")?);
+            if low >= high {
+                return Err(Error::config(
+                    path,
+                    format!("rope_scaling.low_freq_factor ({low}) must be below high_freq_factor ({high})"),
+                ));
+            }
+            Ok(RopeScaling::Llama3 {
+                factor: positive("factor")?,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: positive("original_max_position_embeddings")?,
+            })
+        }
         other => Err(Error::config(
             path,
             format!(

@@ -73,7 +73,9 @@ impl StopStrings {
     /// Appends generated text. Returns the text now safe to emit and whether
     /// a stop string was hit (the text is then cut before it).
     pub fn push(&mut self, piece: &str) -> (String, bool) {
-        let search_from = self.emitted.saturating_sub(self.max_stop_len());
+        // A stop string cannot start before `emitted`: any text that might
+        // begin one is held back. (This index is also a char boundary.)
+        let search_from = self.emitted;
         self.text.push_str(piece);
         let hit = self
             .stops
@@ -105,10 +107,6 @@ impl StopStrings {
 
     pub fn text(&self) -> &str {
         &self.text
-    }
-
-    fn max_stop_len(&self) -> usize {
-        self.stops.iter().map(String::len).max().unwrap_or(0)
     }
 
     /// Length of the longest suffix of the text that begins a stop string.
@@ -160,6 +158,7 @@ pub fn generate<B: Backend>(
     let mut next_input = request.prompt_ids.clone();
     let mut prefill_time = Duration::ZERO;
     let mut finish_reason = FinishReason::Length;
+    let mut hit_stop_string = false;
     while generated.len() < budget {
         let mut logits = model
             .forward(&mut [SeqInput {
@@ -186,11 +185,12 @@ pub fn generate<B: Backend>(
         }
         if hit {
             finish_reason = FinishReason::Stop;
+            hit_stop_string = true;
             break;
         }
         next_input = vec![token];
     }
-    if finish_reason == FinishReason::Length {
+    if !hit_stop_string {
         let rest = stops.flush();
         if !rest.is_empty() {
             on_text(&rest);
@@ -227,6 +227,14 @@ mod tests {
         assert!(hit);
         assert_eq!(out, "Hello world");
         assert_eq!(s.text(), "Hello world");
+    }
+
+    #[test]
+    fn multibyte_text_with_a_short_stop_string_does_not_panic() {
+        let mut s = StopStrings::new(vec!["\n".into(), "。".into()]);
+        assert_eq!(s.push("中"), ("中".to_string(), false));
+        assert_eq!(s.push("文"), ("文".to_string(), false));
+        assert_eq!(s.push("字。后"), ("字".to_string(), true));
     }
 
     #[test]

@@ -61,6 +61,11 @@ pub fn perplexity<B: Backend>(
             max_context: model.config.max_position_embeddings,
         });
     }
+    if config.max_windows == Some(0) {
+        return Err(Error::InvalidRequest(
+            "--max-windows must be at least 1".into(),
+        ));
+    }
     let mut windows = ids.len() / config.ctx;
     if let Some(max) = config.max_windows {
         windows = windows.min(max);

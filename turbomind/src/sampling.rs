@@ -145,6 +145,11 @@ impl Sampler {
             keep = keep.min(probs.iter().take_while(|&&x| x >= threshold).count().max(1));
         }
         let kept_total: f32 = probs[..keep].iter().sum();
+        if !kept_total.is_finite() || kept_total <= 0.0 {
+            // Non-finite logits (or a temperature so small that l/T
+            // overflows) leave no distribution: fall back to the best token.
+            return candidates[0].0;
+        }
         let mut r = self.rng.random::<f32>() * kept_total;
         for i in 0..keep {
             r -= probs[i];

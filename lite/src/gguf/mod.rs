@@ -189,6 +189,11 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, overwrite: bool) -> Result<
         .u64(&key("attention.head_count_kv"))
         .unwrap_or(heads as u64) as usize;
     let layers = g.req_u64(&key("block_count"))? as usize;
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(g.err(format!(
+            "attention.head_count {heads} and head_count_kv {kv_heads} must be positive, the first a multiple of the second"
+        )));
+    }
     let head_dim = g
         .u64(&key("attention.key_length"))
         .or_else(|| g.u64(&key("rope.dimension_count")))
@@ -287,6 +292,12 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, overwrite: bool) -> Result<
                 None
             };
             if let Some(h) = heads_for {
+                if shape[0] % h != 0 || (shape[0] / h) % 2 != 0 {
+                    return Err(g.err(format!(
+                        "tensor {gguf_name} has {} rows, not an even number per head for {h} heads",
+                        shape[0]
+                    )));
+                }
                 data = names::unpermute_rows(&data, shape[0], shape[1], h);
             }
         }

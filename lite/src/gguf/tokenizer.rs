@@ -90,6 +90,12 @@ pub fn tokenizer_json(v: &GgufVocab) -> Result<Value, String> {
             })
         })
         .collect();
+    if let Some(bos) = v.bos_id.filter(|&b| b as usize >= v.tokens.len()) {
+        return Err(format!(
+            "tokenizer.ggml.bos_token_id {bos} is outside the vocabulary of {} tokens",
+            v.tokens.len()
+        ));
+    }
     let post_processor = match (v.add_bos, v.bos_id) {
         (true, Some(bos)) => {
             let bos_tok = v.tokens.get(bos as usize).cloned().unwrap_or_default();

@@ -132,6 +132,13 @@ pub fn resolve_group_size(c: &ModelConfig, requested: GroupSize) -> Result<usize
                 ),
             }),
         GroupSize::Fixed(g) => {
+            if let Some((name, out, _)) = linears.iter().find(|(_, out, _)| out % 8 != 0) {
+                return Err(Error::Invalid {
+                    message: format!(
+                        "{name} has {out} outputs; the AutoAWQ layout packs them by 8"
+                    ),
+                });
+            }
             if let Some((name, _, inp)) = linears.iter().find(|(_, _, inp)| inp % g != 0) {
                 let working: Vec<usize> =
                     GROUP_SIZES.iter().copied().filter(|&s| fits(s)).collect();

@@ -46,6 +46,10 @@ pub struct BlockManager {
     ref_counts: Vec<u32>,
     /// The registered prefix hash of a full block.
     hashes: Vec<Option<u64>>,
+    /// What a registered block holds: the previous block's hash and its own
+    /// tokens, compared on every hit so a hash collision can never hand
+    /// one request another's KV.
+    contents: Vec<Option<(Option<u64>, Vec<u32>)>>,
     /// Last use, for LRU among cached blocks.
     last_use: Vec<u64>,
     free: Vec<BlockId>,
@@ -59,12 +63,14 @@ pub struct BlockManager {
 }
 
 impl BlockManager {
+    /// A pool of `num_blocks` blocks of `block_size` tokens (at least 1).
     pub fn new(num_blocks: usize, block_size: usize, prefix_caching: bool) -> Self {
         BlockManager {
-            block_size,
+            block_size: block_size.max(1),
             prefix_caching,
             ref_counts: vec![0; num_blocks],
             hashes: vec![None; num_blocks],
+            contents: vec![None; num_blocks],
             last_use: vec![0; num_blocks],
             // Pop from the end: low ids first.
             free: (0..num_blocks as BlockId).rev().collect(),
@@ -111,6 +117,7 @@ impl BlockManager {
             None => {
                 let (&tick, &b) = self.cached.iter().next()?;
                 self.cached.remove(&tick);
+                self.contents[b as usize] = None;
                 if let Some(h) = self.hashes[b as usize].take() {
                     if self.by_hash.get(&h) == Some(&b) {
                         self.by_hash.remove(&h);
@@ -139,6 +146,12 @@ impl BlockManager {
             let Some(&b) = self.by_hash.get(&h) else {
                 break;
             };
+            let same = self.contents[b as usize]
+                .as_ref()
+                .is_some_and(|(p, t)| *p == prev && t.as_slice() == chunk);
+            if !same {
+                break;
+            }
             if self.ref_counts[b as usize] == 0 {
                 let tick = self.last_use[b as usize];
                 self.cached.remove(&tick);
@@ -152,19 +165,27 @@ impl BlockManager {
         out
     }
 
-    /// Records that `block` now holds a full block of tokens with prefix
-    /// hash `hash`, so later sequences can reuse it. If another block
+    /// Records that `block` now holds a full block of `tokens` after a
+    /// prefix whose last block hash is `prev`, so later sequences can reuse
+    /// it; returns the block's chained hash. If another block
     /// already holds that prefix, the existing one stays the canonical one.
-    pub fn register_full(&mut self, block: BlockId, hash: u64) -> Result<(), BlockError> {
+    pub fn register_full(
+        &mut self,
+        block: BlockId,
+        prev: Option<u64>,
+        tokens: &[u32],
+    ) -> Result<u64, BlockError> {
         self.check(block)?;
+        let hash = chain_hash(prev, tokens);
         if !self.prefix_caching {
-            return Ok(());
+            return Ok(hash);
         }
         if self.hashes[block as usize].is_none() {
             self.hashes[block as usize] = Some(hash);
+            self.contents[block as usize] = Some((prev, tokens.to_vec()));
             self.by_hash.entry(hash).or_insert(block);
         }
-        Ok(())
+        Ok(hash)
     }
 
     fn check(&self, block: BlockId) -> Result<(), BlockError> {
@@ -198,6 +219,7 @@ impl BlockManager {
             self.cached.insert(self.last_use[i], block);
         } else {
             self.hashes[i] = None;
+            self.contents[i] = None;
             self.free.push(block);
         }
         Ok(())
@@ -281,11 +303,13 @@ mod tests {
     fn register(m: &mut BlockManager, seq: &mut Seq) {
         let bs = m.block_size();
         for i in seq.hashes.len()..seq.tokens.len() / bs {
-            let h = chain_hash(
-                seq.hashes.last().copied(),
-                &seq.tokens[i * bs..(i + 1) * bs],
-            );
-            m.register_full(seq.blocks[i], h).unwrap();
+            let h = m
+                .register_full(
+                    seq.blocks[i],
+                    seq.hashes.last().copied(),
+                    &seq.tokens[i * bs..(i + 1) * bs],
+                )
+                .unwrap();
             seq.hashes.push(h);
         }
     }

@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use super::block_manager::{chain_hash, BlockError, BlockId, BlockManager};
+use super::block_manager::{BlockError, BlockId, BlockManager};
 
 /// A caller-chosen request id.
 pub type SeqId = u64;
@@ -68,6 +68,9 @@ pub struct StepPlan {
     pub chunks: Vec<Chunk>,
     /// Sequences that lost their blocks this step and went back to waiting.
     pub preempted: Vec<SeqId>,
+    /// Sequences removed because they outgrew the whole pool: they can
+    /// never run again (the engine ends them with finish reason "length").
+    pub aborted: Vec<SeqId>,
 }
 
 /// Outcome of a step for one sequence, reported by the engine.
@@ -86,6 +89,10 @@ pub enum ScheduleError {
     UnknownSequence(SeqId),
     #[error("sequence {0} already exists")]
     Duplicate(SeqId),
+    #[error("sequence {0} has an empty prompt")]
+    EmptyPrompt(SeqId),
+    #[error("sequence {0}: a chunk that asked for logits was reported without a token")]
+    MissingToken(SeqId),
     #[error("a sequence of {tokens} tokens needs {needed} KV blocks, but the pool has {total}")]
     TooLong {
         tokens: usize,
@@ -149,6 +156,9 @@ impl Scheduler {
     pub fn add(&mut self, new: NewSequence) -> Result<(), ScheduleError> {
         if self.find(new.id).is_some() {
             return Err(ScheduleError::Duplicate(new.id));
+        }
+        if new.prompt.is_empty() {
+            return Err(ScheduleError::EmptyPrompt(new.id));
         }
         let needed = self.blocks_for(new.prompt.len() + 1);
         if needed > self.blocks.num_blocks() {
@@ -245,9 +255,16 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            // Out of blocks: preempt the newest running sequence (possibly
-            // this one; never one already planned, which are older) and
-            // retry.
+            // Out of blocks. A sequence that needs more blocks than the pool
+            // has can never run: end it. Otherwise preempt the newest
+            // running sequence (possibly this one; never one already
+            // planned, which are older) and retry.
+            if self.blocks_for(upto) > self.blocks.num_blocks() {
+                let mut seq = self.running.remove(i);
+                self.free_blocks(&mut seq)?;
+                plan.aborted.push(seq.id);
+                continue;
+            }
             let Some(mut victim) = self.running.pop() else {
                 break;
             };
@@ -303,32 +320,52 @@ impl Scheduler {
     /// registered for prefix reuse, sampled tokens appended, finished
     /// sequences retired (their blocks freed or cached).
     pub fn complete(&mut self, results: &[StepResult]) -> Result<(), ScheduleError> {
-        let bs = self.blocks.block_size();
         for r in results {
-            let Some(range) = self.in_flight.remove(&r.seq) else {
-                // Cancelled or preempted meanwhile: nothing to apply.
-                continue;
-            };
+            let range = self.in_flight.remove(&r.seq);
             let Some(i) = self.running.iter().position(|s| s.id == r.seq) else {
+                // Cancelled, preempted or aborted meanwhile; a finished
+                // report still ends a waiting sequence.
+                if r.finished && self.waiting.iter().any(|s| s.id == r.seq) {
+                    self.cancel(r.seq)?;
+                }
                 continue;
             };
-            let seq = &mut self.running[i];
-            seq.computed = range.end;
-            for b in seq.hashes.len()..seq.computed / bs {
-                let h = chain_hash(
-                    seq.hashes.last().copied(),
-                    &seq.tokens[b * bs..(b + 1) * bs],
-                );
-                self.blocks.register_full(seq.blocks[b], h)?;
-                seq.hashes.push(h);
-            }
-            if let Some(t) = r.token {
-                seq.tokens.push(t);
+            if let Some(range) = range {
+                self.apply_chunk(i, range, r)?;
             }
             if r.finished {
                 let mut seq = self.running.remove(i);
                 self.free_blocks(&mut seq)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Marks a reported chunk computed, registers its full blocks for
+    /// prefix reuse, and appends the sampled token.
+    fn apply_chunk(
+        &mut self,
+        i: usize,
+        range: Range<usize>,
+        r: &StepResult,
+    ) -> Result<(), ScheduleError> {
+        let bs = self.blocks.block_size();
+        let seq = &mut self.running[i];
+        if range.end == seq.tokens.len() && r.token.is_none() && !r.finished {
+            return Err(ScheduleError::MissingToken(r.seq));
+        }
+        seq.computed = range.end;
+        for b in seq.hashes.len()..seq.computed / bs {
+            let prev = seq.hashes.last().copied();
+            let h = self.blocks.register_full(
+                seq.blocks[b],
+                prev,
+                &seq.tokens[b * bs..(b + 1) * bs],
+            )?;
+            seq.hashes.push(h);
+        }
+        if let Some(t) = r.token {
+            seq.tokens.push(t);
         }
         Ok(())
     }
@@ -527,6 +564,40 @@ mod tests {
     }
 
     #[test]
+    fn a_sequence_that_outgrows_the_pool_is_aborted_not_stuck() {
+        let mut s = sched(2, 2, 8, 100);
+        s.add(NewSequence {
+            id: 1,
+            prompt: vec![1, 2, 3],
+            priority: 0,
+        })
+        .unwrap();
+        s.add(NewSequence {
+            id: 2,
+            prompt: vec![4],
+            priority: 0,
+        })
+        .unwrap();
+        let mut aborted = Vec::new();
+        for _ in 0..10 {
+            let p = s.schedule().unwrap();
+            aborted.extend(p.aborted.iter().copied());
+            s.complete(&results(&p, 9, &[2])).unwrap();
+        }
+        assert_eq!(aborted, vec![1]);
+        assert_eq!(s.num_running() + s.num_waiting(), 0);
+        assert_eq!(s.blocks().available(), 2);
+        assert_eq!(
+            s.add(NewSequence {
+                id: 3,
+                prompt: vec![],
+                priority: 0
+            }),
+            Err(ScheduleError::EmptyPrompt(3))
+        );
+    }
+
+    #[test]
     fn impossible_requests_and_bad_ids_are_errors() {
         let mut s = sched(2, 2, 8, 100);
         assert!(matches!(
@@ -588,6 +659,7 @@ mod tests {
                             let table = s.block_table(c.seq).unwrap();
                             prop_assert!(table.len() * bs >= c.positions.end);
                         }
+                        live.retain(|id| !plan.aborted.contains(id));
                         let done: Vec<SeqId> = plan.chunks.iter().filter(|c| c.wants_logits && pick == 0).map(|c| c.seq).collect();
                         live.retain(|id| !done.contains(id));
                         s.complete(&results(&plan, 1, &done)).unwrap();

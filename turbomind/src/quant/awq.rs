@@ -71,11 +71,11 @@ impl AwqConfig {
             .get("group_size")
             .or_else(|| v.get("q_group_size"))
             .and_then(Value::as_u64)
-            .filter(|&g| g > 0)
+            .filter(|&g| g > 0 && g % 2 == 0)
             .ok_or_else(|| {
                 Error::config(
                     path,
-                    "quantization_config.group_size is missing or not positive",
+                    "quantization_config.group_size is missing, or not a positive even number",
                 )
             })? as usize;
         let modules_to_not_convert = v
