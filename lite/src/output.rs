@@ -99,6 +99,10 @@ impl Drop for StagedDir {
     }
 }
 
+/// Shards are cut at about this many bytes, which bounds the memory a
+/// writer holds.
+pub const DEFAULT_SHARD_BYTES: usize = 2 << 30;
+
 /// One tensor waiting to be written.
 struct PendingTensor {
     name: String,

@@ -18,11 +18,8 @@ use candle_core::Device;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::output::{ShardWriter, StagedDir};
+use crate::output::{ShardWriter, StagedDir, DEFAULT_SHARD_BYTES};
 use lmq_turbomind::arch::{self, Architecture};
-
-/// Shards are cut at about this many bytes of fp16 data.
-const SHARD_BYTES: usize = 2 << 30;
 
 /// What was imported.
 #[derive(Debug)]
@@ -273,7 +270,7 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, overwrite: bool) -> Result<
     let q_name = |suffix: &str| format!("{}.{suffix}", arch.names.q_proj);
     let k_name = |suffix: &str| format!("{}.{suffix}", arch.names.k_proj);
 
-    let mut writer = ShardWriter::new(&staged, SHARD_BYTES);
+    let mut writer = ShardWriter::new(&staged, DEFAULT_SHARD_BYTES);
     let mut parameters = 0usize;
     let tensors = pending.len();
     for (hf, gguf_name) in pending {

@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use crate::calib::{read_text, sample_windows, CalibConfig};
 use crate::error::{Error, Result};
-use crate::output::{ShardWriter, StagedDir};
+use crate::output::{ShardWriter, StagedDir, DEFAULT_SHARD_BYTES};
 use awq::{
     clip_layer, fold_scales, search_scales, vo_foldable, InputObserver, LayerRunner, ScaleGroup,
     ScaleSettings, SearchInput,
@@ -38,9 +38,6 @@ use lmq_turbomind::quant::kv::{
 use lmq_turbomind::rope::Rope;
 use lmq_turbomind::tokenizer::Tokenizer;
 use lmq_turbomind::weights::WeightReader;
-
-/// Shards are cut at about this many bytes.
-const SHARD_BYTES: usize = 2 << 30;
 
 /// How the integer weights are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,7 +208,7 @@ pub fn quantize(model_dir: &Path, out_dir: &Path, cfg: &QuantizeConfig) -> Resul
     let checkpoint = Checkpoint::open(model_dir)?;
 
     let staged = StagedDir::new(out_dir, cfg.overwrite)?;
-    let mut writer = ShardWriter::new(&staged, SHARD_BYTES);
+    let mut writer = ShardWriter::new(&staged, DEFAULT_SHARD_BYTES);
     let progress = if cfg.quiet {
         ProgressBar::hidden()
     } else {

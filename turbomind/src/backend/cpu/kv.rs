@@ -4,6 +4,7 @@
 //! per call, so dequantization costs one pass over the cache.
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::backend::AttnShape;
 use crate::error::{Error, Result};
@@ -165,7 +166,11 @@ impl CpuKv {
                 .collect();
             match &mut self.stores[layer][which] {
                 Store::F32(buf) => buf.extend_from_slice(src),
-                Store::F16(buf) => buf.extend(src.iter().map(|&x| f16::from_f32(x))),
+                Store::F16(buf) => {
+                    let start = buf.len();
+                    buf.resize(start + src.len(), f16::ZERO);
+                    buf[start..].convert_from_f32_slice(src);
+                }
                 Store::Quant { codes, params } => {
                     let levels = levels.unwrap_or(255.0);
                     for head_vec in src.chunks_exact(hd) {
@@ -203,7 +208,12 @@ impl CpuKv {
         let read = |store: &Store| -> Vec<f32> {
             match store {
                 Store::F32(v) => v[..len * kv_dim].to_vec(),
-                Store::F16(v) => v[..len * kv_dim].iter().map(|x| x.to_f32()).collect(),
+                Store::F16(v) => {
+                    // The slice conversion uses F16C where the CPU has it.
+                    let mut out = vec![0f32; len * kv_dim];
+                    v[..len * kv_dim].convert_to_f32_slice(&mut out);
+                    out
+                }
                 Store::Quant { codes, params } => {
                     let mut out = vec![0f32; len * kv_dim];
                     for (th, dst) in out.chunks_exact_mut(hd).enumerate() {
