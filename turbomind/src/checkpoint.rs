@@ -126,8 +126,8 @@ impl Checkpoint {
         ))
     }
 
-    /// Reads a floating-point tensor as f32, checking its shape.
-    pub fn f32(&self, name: &str, expected_shape: &[usize]) -> Result<Vec<f32>> {
+    /// The raw bytes of a tensor whose shape must be `expected_shape`.
+    fn shaped_raw(&self, name: &str, expected_shape: &[usize]) -> Result<(TensorMeta, &[u8])> {
         let (meta, bytes) = self.raw(name)?;
         if meta.shape != expected_shape {
             return Err(Error::ShapeMismatch {
@@ -137,6 +137,12 @@ impl Checkpoint {
                 actual: meta.shape,
             });
         }
+        Ok((meta, bytes))
+    }
+
+    /// Reads a floating-point tensor as f32, checking its shape.
+    pub fn f32(&self, name: &str, expected_shape: &[usize]) -> Result<Vec<f32>> {
+        let (meta, bytes) = self.shaped_raw(name, expected_shape)?;
         decode_f32(meta.dtype, bytes).ok_or_else(|| Error::UnsupportedDtype {
             path: self.path_of(name).to_path_buf(),
             name: name.to_string(),
@@ -147,15 +153,7 @@ impl Checkpoint {
 
 impl Checkpoint {
     fn checked_raw(&self, name: &str, expected_shape: &[usize], dtype: Dtype) -> Result<&[u8]> {
-        let (meta, bytes) = self.raw(name)?;
-        if meta.shape != expected_shape {
-            return Err(Error::ShapeMismatch {
-                path: self.path_of(name).to_path_buf(),
-                name: name.to_string(),
-                expected: expected_shape.to_vec(),
-                actual: meta.shape,
-            });
-        }
+        let (meta, bytes) = self.shaped_raw(name, expected_shape)?;
         if meta.dtype != dtype {
             return Err(Error::UnsupportedDtype {
                 path: self.path_of(name).to_path_buf(),

@@ -263,14 +263,10 @@ fn parse_rope_scaling(v: Option<&Value>, path: &Path) -> Result<RopeScaling> {
     }
 }
 
-/// Sampling defaults and stop tokens from `generation_config.json`.
+/// Stop tokens from `generation_config.json`.
 #[derive(Debug, Clone, Default)]
 pub struct GenerationConfig {
     pub eos_token_ids: Vec<u32>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<usize>,
-    pub repetition_penalty: Option<f32>,
 }
 
 impl GenerationConfig {
@@ -281,13 +277,8 @@ impl GenerationConfig {
             return Ok(Self::default());
         }
         let v = read_json(&path)?;
-        let f = |key: &str| v.get(key).and_then(Value::as_f64).map(|x| x as f32);
         Ok(GenerationConfig {
             eos_token_ids: token_ids(v.get("eos_token_id")),
-            temperature: f("temperature"),
-            top_p: f("top_p"),
-            top_k: v.get("top_k").and_then(Value::as_u64).map(|k| k as usize),
-            repetition_penalty: f("repetition_penalty"),
         })
     }
 }

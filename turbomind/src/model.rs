@@ -11,7 +11,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::layer::{DecoderLayer, LayerContext, NoObserver};
-use crate::quant::kv::{KvCacheConfig, KvDtype, KvMode, KvStaticParams};
+use crate::quant::kv::{KvCacheConfig, KvDtype, KvMode};
 use crate::rope::Rope;
 use crate::weights::WeightReader;
 
@@ -45,9 +45,9 @@ pub struct Model<B: Backend> {
     layers: Vec<DecoderLayer<B>>,
     rope: Rope,
     shape: AttnShape,
+    /// The KV cache in use; its `static_params` always carry the
+    /// checkpoint's calibrated parameters, if any, whatever the mode.
     kv_config: KvCacheConfig,
-    /// Calibrated static KV parameters from the checkpoint, if any.
-    kv_static: Option<Arc<KvStaticParams>>,
 }
 
 impl<B: Backend> Model<B> {
@@ -93,13 +93,11 @@ impl<B: Backend> Model<B> {
         }
         let kv_static = reader.kv_static_params()?.map(Arc::new);
         reader.check_all_consumed()?;
-        let kv_config = match config.kv_cache_quant {
-            Some(d) => KvCacheConfig {
-                dtype: d.dtype,
-                mode: d.mode,
-                static_params: kv_static.clone(),
-            },
-            None => KvCacheConfig::default(),
+        let defaults = KvCacheConfig::default();
+        let kv_config = KvCacheConfig {
+            dtype: config.kv_cache_quant.map_or(defaults.dtype, |d| d.dtype),
+            mode: config.kv_cache_quant.map_or(defaults.mode, |d| d.mode),
+            static_params: kv_static,
         };
         let rope = Rope::new(config.head_dim, config.rope_theta, &config.rope_scaling);
         let shape = AttnShape {
@@ -118,7 +116,6 @@ impl<B: Backend> Model<B> {
             rope,
             shape,
             kv_config,
-            kv_static,
         })
     }
 
@@ -138,17 +135,17 @@ impl<B: Backend> Model<B> {
     /// Chooses the KV-cache dtype and mode (the default is the checkpoint's,
     /// else fp16). Static mode needs the checkpoint's calibrated parameters.
     pub fn set_kv_cache(&mut self, dtype: KvDtype, mode: KvMode) -> Result<()> {
-        if mode.needs_calibration() && dtype.levels().is_some() && self.kv_static.is_none() {
+        if mode.needs_calibration()
+            && dtype.levels().is_some()
+            && self.kv_config.static_params.is_none()
+        {
             return Err(Error::InvalidRequest(format!(
                 "--kv-cache-mode {} needs calibrated KV parameters, which this checkpoint lacks (quantize it with --kv int8 or --kv int4)",
                 mode.as_str()
             )));
         }
-        self.kv_config = KvCacheConfig {
-            dtype,
-            mode,
-            static_params: self.kv_static.clone(),
-        };
+        self.kv_config.dtype = dtype;
+        self.kv_config.mode = mode;
         Ok(())
     }
 

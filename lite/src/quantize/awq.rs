@@ -95,6 +95,17 @@ impl LayerRunner<'_> {
         h: &Matrix,
         spans: &[SeqSpan],
     ) -> Result<Matrix> {
+        self.observed_attention(layer, h, spans, &mut lmq_turbomind::layer::NoObserver)
+    }
+
+    /// The attention block over fresh fp32 caches, one per sequence.
+    fn observed_attention(
+        &self,
+        layer: &DecoderLayer<CpuBackend>,
+        h: &Matrix,
+        spans: &[SeqSpan],
+        observer: &mut dyn Observer<CpuBackend>,
+    ) -> Result<Matrix> {
         let mut kvs = self.kvs(spans)?;
         let mut refs: Vec<&mut _> = kvs.iter_mut().collect();
         let ctx = LayerContext {
@@ -103,13 +114,7 @@ impl LayerRunner<'_> {
             rope: self.rope,
             shape: &self.shape,
         };
-        Ok(layer.attention(
-            self.backend,
-            h,
-            &mut refs,
-            &ctx,
-            &mut lmq_turbomind::layer::NoObserver,
-        )?)
+        Ok(layer.attention(self.backend, h, &mut refs, &ctx, observer)?)
     }
 
     /// Runs the whole layer on residual input `x`, returning its residual
@@ -123,15 +128,7 @@ impl LayerRunner<'_> {
     ) -> Result<Matrix> {
         let b = self.backend;
         let h = b.rms_norm(x, &layer.input_norm, self.eps)?;
-        let mut kvs = self.kvs(spans)?;
-        let mut refs: Vec<&mut _> = kvs.iter_mut().collect();
-        let ctx = LayerContext {
-            kv_layer: 0,
-            spans,
-            rope: self.rope,
-            shape: &self.shape,
-        };
-        let o = layer.attention(b, &h, &mut refs, &ctx, observer)?;
+        let o = self.observed_attention(layer, &h, spans, observer)?;
         let mut residual = x.clone();
         let h2 = b.add_rms_norm(&mut residual, &o, &layer.post_attention_norm, self.eps)?;
         let down = layer.mlp(b, &h2, observer)?;

@@ -35,6 +35,16 @@ fn dot_body(a: &[f32], b: &[f32]) -> f32 {
     acc[0] + tail
 }
 
+/// The sum of the 8 lanes, in a fixed order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum_avx(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
@@ -59,12 +69,7 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         i += 8;
     }
     let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let lo = _mm256_castps256_ps128(sum);
-    let hi = _mm256_extractf128_ps(sum, 1);
-    let s4 = _mm_add_ps(lo, hi);
-    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-    let mut total = _mm_cvtss_f32(s1);
+    let mut total = hsum_avx(sum);
     while i < n {
         total += a[i] * b[i];
         i += 1;
@@ -185,13 +190,7 @@ unsafe fn nibble_dot_avx2(q: &[u8], x: &[f32]) -> f32 {
         );
         j += 16;
     }
-    let sum = _mm256_add_ps(acc0, acc1);
-    let lo = _mm256_castps256_ps128(sum);
-    let hi = _mm256_extractf128_ps(sum, 1);
-    let s4 = _mm_add_ps(lo, hi);
-    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-    let mut total = _mm_cvtss_f32(s1);
+    let mut total = hsum_avx(_mm256_add_ps(acc0, acc1));
     while j < half {
         total += (q[j] & 0xf) as f32 * x[j] + (q[j] >> 4) as f32 * x[j + half];
         j += 1;
