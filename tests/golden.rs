@@ -8,7 +8,7 @@ mod common;
 
 use common::{fixture, floats, ids, smollm2};
 use lmq_turbomind::generate::{generate, GenerateRequest};
-use lmq_turbomind::model::{LogitsWanted, SeqInput};
+use lmq_turbomind::model::LogitsWanted;
 use lmq_turbomind::ppl::{perplexity, PplConfig};
 use lmq_turbomind::sampling::SamplingParams;
 use lmq_turbomind::tokenizer::ChatMessage;
@@ -20,15 +20,9 @@ const LOGIT_TOLERANCE: f32 = 0.06;
 
 fn all_logits(prompt: &[u32]) -> Vec<f32> {
     let (model, _) = smollm2();
-    let mut kv = model.new_kv().unwrap();
+    let mut cache = model.new_solo_cache(prompt.len()).unwrap();
     model
-        .forward(&mut [SeqInput {
-            tokens: prompt,
-            kv: &mut kv,
-            logits: LogitsWanted::All,
-        }])
-        .unwrap()
-        .pop()
+        .forward_solo(&mut cache, prompt, LogitsWanted::All)
         .unwrap()
 }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::{LogitsWanted, Model, SeqInput};
+use crate::model::{LogitsWanted, Model};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -145,14 +145,14 @@ pub fn generate<B: Backend>(
         stop_ids.extend(&model.config.eos_token_ids);
     }
     let mut sampler = Sampler::new(request.sampling.clone())?;
-    let mut kv = model.new_kv()?;
+    let budget = request
+        .max_tokens
+        .min(max_context - request.prompt_ids.len());
+    let mut cache = model.new_solo_cache(request.prompt_ids.len() + budget)?;
     let mut history = request.prompt_ids.clone();
     let mut stops = StopStrings::new(request.stop_strings.clone());
     let mut decoder = StreamDecoder::new();
     let mut generated = Vec::new();
-    let budget = request
-        .max_tokens
-        .min(max_context - request.prompt_ids.len());
 
     let t0 = Instant::now();
     let mut next_input = request.prompt_ids.clone();
@@ -160,14 +160,7 @@ pub fn generate<B: Backend>(
     let mut finish_reason = FinishReason::Length;
     let mut hit_stop_string = false;
     while generated.len() < budget {
-        let mut logits = model
-            .forward(&mut [SeqInput {
-                tokens: &next_input,
-                kv: &mut kv,
-                logits: LogitsWanted::Last,
-            }])?
-            .pop()
-            .unwrap_or_default();
+        let mut logits = model.forward_solo(&mut cache, &next_input, LogitsWanted::Last)?;
         if generated.is_empty() {
             prefill_time = t0.elapsed();
         }

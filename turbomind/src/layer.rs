@@ -64,7 +64,7 @@ pub struct DecoderLayer<B: Backend> {
 
 /// What the attention block needs besides weights and activations.
 pub struct LayerContext<'a> {
-    /// Which layer of the KV caches this layer reads and writes.
+    /// Which layer of the KV pool this layer reads and writes.
     pub kv_layer: usize,
     pub spans: &'a [SeqSpan],
     pub rope: &'a Rope,
@@ -93,7 +93,7 @@ impl<B: Backend> DecoderLayer<B> {
         &self,
         b: &B,
         h: &B::Act,
-        kvs: &mut [&mut B::Kv],
+        pool: &mut B::KvPool,
         ctx: &LayerContext<'_>,
         observer: &mut dyn Observer<B>,
     ) -> Result<B::Act> {
@@ -103,8 +103,8 @@ impl<B: Backend> DecoderLayer<B> {
         let v = b.linear(h, &self.v)?;
         b.rope(&mut q, ctx.shape.num_heads, ctx.spans, ctx.rope)?;
         b.rope(&mut k, ctx.shape.num_kv_heads, ctx.spans, ctx.rope)?;
-        b.write_kv(ctx.kv_layer, &k, &v, kvs, ctx.spans)?;
-        let attn = b.attention(ctx.kv_layer, &q, kvs, ctx.spans, ctx.shape)?;
+        b.write_kv(ctx.kv_layer, &k, &v, pool, ctx.spans)?;
+        let attn = b.attention(ctx.kv_layer, &q, pool, ctx.spans, ctx.shape)?;
         observer.observe(LinearInput::O, &attn)?;
         b.linear(&attn, &self.o)
     }

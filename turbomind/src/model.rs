@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::backend::{AttnShape, Backend, SeqSpan};
+use crate::backend::{AttnShape, Backend, KvPoolSpec, SeqSpan};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -26,12 +26,57 @@ pub enum LogitsWanted {
     All,
 }
 
-/// One sequence's part of a forward step: new tokens appended after what
-/// its cache already holds.
-pub struct SeqInput<'a, K> {
+/// The default number of positions per KV block (`--cache-block-seq-len`).
+pub const DEFAULT_BLOCK_LEN: usize = 64;
+
+/// A sequence's place in a KV pool: its block table, and how many of its
+/// positions hold K/V.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeqKv {
+    pub blocks: Vec<u32>,
+    pub len: usize,
+}
+
+impl SeqKv {
+    /// An empty sequence over blocks `first..first + count` of a pool.
+    pub fn contiguous(first: u32, count: u32) -> Self {
+        SeqKv {
+            blocks: (first..first + count).collect(),
+            len: 0,
+        }
+    }
+}
+
+/// One sequence's part of a forward step: new tokens written after the
+/// first `kv.len` positions (overwriting any beyond them), which advances
+/// `kv.len`.
+pub struct SeqInput<'a> {
     pub tokens: &'a [u32],
-    pub kv: &'a mut K,
+    pub kv: &'a mut SeqKv,
     pub logits: LogitsWanted,
+}
+
+/// A KV pool holding one sequence over consecutive blocks: generation and
+/// perplexity outside the engine.
+pub struct SoloCache<P> {
+    pub pool: P,
+    pub seq: SeqKv,
+}
+
+impl<P> SoloCache<P> {
+    /// Positions the cache holds.
+    pub fn len(&self) -> usize {
+        self.seq.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seq.len == 0
+    }
+
+    /// Forgets positions from `len` on (they are overwritten next).
+    pub fn truncate(&mut self, len: usize) {
+        self.seq.len = self.seq.len.min(len);
+    }
 }
 
 /// A loaded model on one backend.
@@ -123,9 +168,53 @@ impl<B: Backend> Model<B> {
         &self.backend
     }
 
-    /// An empty KV cache for one sequence.
-    pub fn new_kv(&self) -> Result<B::Kv> {
-        self.backend.new_kv(&self.shape, &self.kv_config)
+    /// Head layout of attention and the KV cache.
+    pub fn attn_shape(&self) -> AttnShape {
+        self.shape
+    }
+
+    /// Bytes one KV block of `block_len` positions takes with the current
+    /// KV-cache settings.
+    pub fn kv_bytes_per_block(&self, block_len: usize) -> usize {
+        KvPoolSpec::bytes_per_block(&self.shape, &self.kv_config, block_len)
+    }
+
+    /// A KV block pool with the current KV-cache settings.
+    pub fn new_kv_pool(&self, num_blocks: usize, block_len: usize) -> Result<B::KvPool> {
+        self.backend.new_kv_pool(&KvPoolSpec {
+            shape: self.shape,
+            config: self.kv_config.clone(),
+            num_blocks,
+            block_len,
+        })
+    }
+
+    /// A KV cache for one sequence of up to `capacity` positions.
+    pub fn new_solo_cache(&self, capacity: usize) -> Result<SoloCache<B::KvPool>> {
+        let blocks = capacity.max(1).div_ceil(DEFAULT_BLOCK_LEN);
+        Ok(SoloCache {
+            pool: self.new_kv_pool(blocks, DEFAULT_BLOCK_LEN)?,
+            seq: SeqKv::contiguous(0, blocks as u32),
+        })
+    }
+
+    /// Runs one sequence alone: appends `tokens` to its cache and returns
+    /// the requested logits.
+    pub fn forward_solo(
+        &self,
+        cache: &mut SoloCache<B::KvPool>,
+        tokens: &[u32],
+        logits: LogitsWanted,
+    ) -> Result<Vec<f32>> {
+        let mut out = self.forward(
+            &mut cache.pool,
+            &mut [SeqInput {
+                tokens,
+                kv: &mut cache.seq,
+                logits,
+            }],
+        )?;
+        Ok(out.pop().unwrap_or_default())
     }
 
     pub fn kv_cache_config(&self) -> &KvCacheConfig {
@@ -149,14 +238,14 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// Number of positions a cache holds.
-    pub fn kv_len(&self, kv: &B::Kv) -> usize {
-        self.backend.kv_len(kv)
-    }
-
     /// Runs one step over a batch of sequences and returns, per sequence,
-    /// the requested logits as `rows × vocab` row-major values.
-    pub fn forward(&self, batch: &mut [SeqInput<'_, B::Kv>]) -> Result<Vec<Vec<f32>>> {
+    /// the requested logits as `rows × vocab` row-major values. On success
+    /// each sequence's `kv.len` has advanced by its tokens.
+    pub fn forward(
+        &self,
+        pool: &mut B::KvPool,
+        batch: &mut [SeqInput<'_>],
+    ) -> Result<Vec<Vec<f32>>> {
         let b = &self.backend;
         let c = &self.config;
         let mut ids = Vec::new();
@@ -167,7 +256,7 @@ impl<B: Backend> Model<B> {
                     "a forward step got a sequence with no tokens".into(),
                 ));
             }
-            let start_pos = b.kv_len(seq.kv);
+            let start_pos = seq.kv.len;
             let end = start_pos + seq.tokens.len();
             if end > c.max_position_embeddings {
                 return Err(Error::PromptTooLong {
@@ -178,10 +267,10 @@ impl<B: Backend> Model<B> {
             spans.push(SeqSpan {
                 rows: ids.len()..ids.len() + seq.tokens.len(),
                 start_pos,
+                blocks: seq.kv.blocks.clone(),
             });
             ids.extend_from_slice(seq.tokens);
         }
-        let mut kvs: Vec<&mut B::Kv> = batch.iter_mut().map(|s| &mut *s.kv).collect();
 
         let mut residual = b.embedding(&self.embed, &ids)?;
         let Some(first) = self.layers.first() else {
@@ -195,7 +284,7 @@ impl<B: Backend> Model<B> {
                 rope: &self.rope,
                 shape: &self.shape,
             };
-            let o = layer.attention(b, &h, &mut kvs, &ctx, &mut NoObserver)?;
+            let o = layer.attention(b, &h, pool, &ctx, &mut NoObserver)?;
             h = b.add_rms_norm(
                 &mut residual,
                 &o,
@@ -210,6 +299,9 @@ impl<B: Backend> Model<B> {
             h = b.add_rms_norm(&mut residual, &down, next_norm, c.rms_norm_eps)?;
         }
 
+        for seq in batch.iter_mut() {
+            seq.kv.len += seq.tokens.len();
+        }
         let mut wanted_rows = Vec::new();
         for (seq, span) in batch.iter().zip(&spans) {
             match seq.logits {

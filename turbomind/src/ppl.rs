@@ -11,7 +11,7 @@
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::{LogitsWanted, Model, SeqInput};
+use crate::model::{LogitsWanted, Model};
 
 #[derive(Debug, Clone, Copy)]
 pub struct PplConfig {
@@ -81,15 +81,8 @@ pub fn perplexity<B: Backend>(
     let mut per_window = Vec::with_capacity(windows);
     for w in 0..windows {
         let window = &ids[w * config.ctx..(w + 1) * config.ctx];
-        let mut kv = model.new_kv()?;
-        let logits = model
-            .forward(&mut [SeqInput {
-                tokens: window,
-                kv: &mut kv,
-                logits: LogitsWanted::All,
-            }])?
-            .pop()
-            .unwrap_or_default();
+        let mut cache = model.new_solo_cache(config.ctx)?;
+        let logits = model.forward_solo(&mut cache, window, LogitsWanted::All)?;
         let total: f64 = (0..config.ctx - 1)
             .map(|i| nll_of(&logits[i * vocab..(i + 1) * vocab], window[i + 1]))
             .sum();

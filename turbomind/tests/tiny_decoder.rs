@@ -6,7 +6,8 @@
 //! - an f64 reference of the Hugging Face Llama/Qwen2 forward written here,
 //!   index by index, from the HF modeling code (not from lmq's backend);
 //! - lmq itself along another path (incremental decode vs one-shot
-//!   prefill, batched vs alone);
+//!   prefill, batched vs alone).
+//!
 //! (Bad checkpoints are in `tiny_decoder_errors.rs`.)
 //!
 //! Errors are measured as `|got − want| / (1 + |want|)`, i.e. a test with
@@ -16,6 +17,7 @@
 
 mod tiny;
 
+use lmq_turbomind::model::SeqInput;
 use tiny::*;
 
 // ---------------------------------------------------------------------------
@@ -44,7 +46,7 @@ fn reference_llama3_rope_scaling() {
         let spec = &fx.spec;
         let model = load(fx.dir.path());
         let tokens = Rng(7).tokens(long, spec.vocab);
-        let mut kv = model.new_kv().unwrap();
+        let mut kv = solo(&model);
         let got = forward_alone(&model, &mut kv, &tokens, LogitsWanted::All);
         let unscaled = reference_logits(spec, &fx.weights, None, &tokens).concat();
         let (scaled, _) = max_err(&got, &unscaled);
@@ -105,11 +107,11 @@ fn incremental_decode_matches_prefill() {
         let total: usize = chunks.iter().sum();
         let tokens = Rng(fx.spec.seed ^ 0x1234).tokens(total, vocab);
 
-        let mut kv = model.new_kv().unwrap();
+        let mut kv = solo(&model);
         let one_shot = forward_alone(&model, &mut kv, &tokens, LogitsWanted::All);
         assert_eq!(one_shot.len(), total * vocab);
 
-        let mut kv = model.new_kv().unwrap();
+        let mut kv = solo(&model);
         let mut chunked = Vec::new();
         let mut start = 0;
         for (i, &n) in chunks.iter().enumerate() {
@@ -131,7 +133,7 @@ fn incremental_decode_matches_prefill() {
             let (scaled, abs) = max_err_f32(&out, want);
             chunked.push((scaled, abs));
             start += n;
-            assert_eq!(model.kv_len(&kv), start);
+            assert_eq!(kv.len(), start);
         }
         let scaled = chunked.iter().fold(0f64, |m, e| m.max(e.0));
         let abs = chunked.iter().fold(0f64, |m, e| m.max(e.1));
@@ -162,28 +164,46 @@ fn incremental_decode_matches_prefill() {
 // ---------------------------------------------------------------------------
 // 3. A batch gives each sequence what it gets alone.
 
-/// Caches holding each sequence's prefix, prefilled alone.
-fn prefilled(model: &Model<CpuBackend>, prefixes: &[Vec<u32>]) -> Vec<CpuKv> {
-    prefixes
-        .iter()
-        .map(|p| {
-            let mut kv = model.new_kv().unwrap();
-            if !p.is_empty() {
-                let out = forward_alone(model, &mut kv, p, LogitsWanted::None);
-                assert!(out.is_empty(), "LogitsWanted::None returned logits");
-            }
-            kv
-        })
-        .collect()
+/// One pool holding each sequence's prefix, prefilled alone; sequence `i`
+/// of `n` owns blocks `i, i + n, i + 2n, …`, so that the sequences' blocks
+/// interleave.
+fn prefilled(model: &Model<CpuBackend>, prefixes: &[Vec<u32>]) -> (CpuKvPool, Vec<SeqKv>) {
+    let n = prefixes.len() as u32;
+    let mut pool = model
+        .new_kv_pool(TEST_POOL_BLOCKS as usize, TEST_BLOCK_LEN)
+        .unwrap();
+    let mut seqs = Vec::new();
+    for (i, p) in prefixes.iter().enumerate() {
+        let mut seq = SeqKv {
+            blocks: (i as u32..TEST_POOL_BLOCKS).step_by(n as usize).collect(),
+            len: 0,
+        };
+        if !p.is_empty() {
+            let out = model
+                .forward(
+                    &mut pool,
+                    &mut [SeqInput {
+                        tokens: p,
+                        kv: &mut seq,
+                        logits: LogitsWanted::None,
+                    }],
+                )
+                .unwrap();
+            assert!(out[0].is_empty(), "LogitsWanted::None returned logits");
+        }
+        seqs.push(seq);
+    }
+    (pool, seqs)
 }
 
 fn forward_batch(
     model: &Model<CpuBackend>,
-    kvs: &mut [CpuKv],
+    pool: &mut CpuKvPool,
+    seqs: &mut [SeqKv],
     tokens: &[Vec<u32>],
     wanted: &[LogitsWanted],
 ) -> Vec<Vec<f32>> {
-    let mut batch: Vec<SeqInput<'_, CpuKv>> = kvs
+    let mut batch: Vec<SeqInput<'_>> = seqs
         .iter_mut()
         .zip(tokens)
         .zip(wanted)
@@ -194,8 +214,26 @@ fn forward_batch(
         })
         .collect();
     model
-        .forward(&mut batch)
+        .forward(pool, &mut batch)
         .unwrap_or_else(|e| panic!("batched forward: {e}"))
+}
+
+/// One sequence of a shared pool run alone.
+fn forward_one(
+    model: &Model<CpuBackend>,
+    pool: &mut CpuKvPool,
+    seq: &mut SeqKv,
+    tokens: &[u32],
+) -> Vec<f32> {
+    forward_batch(
+        model,
+        pool,
+        std::slice::from_mut(seq),
+        &[tokens.to_vec()],
+        &[LogitsWanted::All],
+    )
+    .pop()
+    .unwrap()
 }
 
 #[test]
@@ -207,49 +245,49 @@ fn batch_matches_alone() {
         let mut rng = Rng(fx.spec.seed ^ 0xBA7C);
         // Different existing cache lengths: 0, 4 and 9 positions.
         let prefixes: Vec<Vec<u32>> = [0, 4, 9].iter().map(|&n| rng.tokens(n, vocab)).collect();
-        let base = prefilled(&model, &prefixes);
+        let (base_pool, base) = prefilled(&model, &prefixes);
         let all = [LogitsWanted::All; 3];
 
         // (i) 2 + 1 + 3 = 6 rows: batched and alone both stay on the skinny
         // kernel, whose per-row arithmetic does not depend on the batch, so
         // the logits must be identical bit for bit.
         let new: Vec<Vec<u32>> = [2, 1, 3].iter().map(|&n| rng.tokens(n, vocab)).collect();
-        let mut batch_kv = base.clone();
-        let batched = forward_batch(&model, &mut batch_kv, &new, &all);
+        let (mut batch_pool, mut batch_kv) = (base_pool.clone(), base.clone());
+        let batched = forward_batch(&model, &mut batch_pool, &mut batch_kv, &new, &all);
         for (i, t) in new.iter().enumerate() {
-            let mut kv = base[i].clone();
-            let alone = forward_alone(&model, &mut kv, t, LogitsWanted::All);
+            let (mut pool, mut kv) = (base_pool.clone(), base[i].clone());
+            let alone = forward_one(&model, &mut pool, &mut kv, t);
             assert_eq!(batched[i].len(), t.len() * vocab);
             assert!(
                 batched[i] == alone,
                 "sequence {i}: ≤8-row batch is not bitwise equal to alone"
             );
-            assert_eq!(model.kv_len(&batch_kv[i]), prefixes[i].len() + t.len());
+            assert_eq!(batch_kv[i].len, prefixes[i].len() + t.len());
         }
 
         // (ii) 3 + 1 + 6 = 10 rows: the batch goes through gemm, each
         // sequence alone through the skinny kernel; equal up to rounding.
         let new: Vec<Vec<u32>> = [3, 1, 6].iter().map(|&n| rng.tokens(n, vocab)).collect();
-        let mut batch_kv = base.clone();
-        let mut alone_kv = base.clone();
-        let batched = forward_batch(&model, &mut batch_kv, &new, &all);
+        let (mut batch_pool, mut batch_kv) = (base_pool.clone(), base.clone());
+        let (mut alone_pool, mut alone_kv) = (base_pool.clone(), base.clone());
+        let batched = forward_batch(&model, &mut batch_pool, &mut batch_kv, &new, &all);
         let mut worst = (0f64, 0f64);
         for (i, t) in new.iter().enumerate() {
-            let alone = forward_alone(&model, &mut alone_kv[i], t, LogitsWanted::All);
+            let alone = forward_one(&model, &mut alone_pool, &mut alone_kv[i], t);
             let e = max_err_f32(&batched[i], &alone);
             worst = (worst.0.max(e.0), worst.1.max(e.1));
-            assert_eq!(model.kv_len(&batch_kv[i]), prefixes[i].len() + t.len());
+            assert_eq!(batch_kv[i].len, prefixes[i].len() + t.len());
         }
 
         // (iii) Then one decode step each from those caches, with different
         // logits wanted per sequence.
         let next: Vec<Vec<u32>> = (0..3).map(|_| rng.tokens(1, vocab)).collect();
         let wanted = [LogitsWanted::Last, LogitsWanted::None, LogitsWanted::All];
-        let batched = forward_batch(&model, &mut batch_kv, &next, &wanted);
+        let batched = forward_batch(&model, &mut batch_pool, &mut batch_kv, &next, &wanted);
         assert_eq!(batched.len(), 3);
         assert!(batched[1].is_empty(), "LogitsWanted::None returned logits");
         for i in [0, 2] {
-            let alone = forward_alone(&model, &mut alone_kv[i], &next[i], LogitsWanted::All);
+            let alone = forward_one(&model, &mut alone_pool, &mut alone_kv[i], &next[i]);
             assert_eq!(batched[i].len(), vocab);
             let e = max_err_f32(&batched[i], &alone);
             worst = (worst.0.max(e.0), worst.1.max(e.1));
@@ -293,7 +331,7 @@ fn quantized_kv_cache_tracks_the_reference() {
     for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Int8, KvDtype::Int4] {
         let mut model = load(fx.dir.path());
         model.set_kv_cache(dtype, KvMode::Online).unwrap();
-        let mut kv = model.new_kv().unwrap();
+        let mut kv = solo(&model);
         let got = forward_alone(&model, &mut kv, &tokens, LogitsWanted::All);
         let flat: Vec<f64> = want.iter().flatten().copied().collect();
         errors.push(max_err(&got, &flat).1);
@@ -324,7 +362,7 @@ fn sharded_checkpoint_matches_single_file() {
     let fx = fixture(qwen2_mha());
     let tokens: Vec<u32> = vec![5, 9, 2, 44, 17];
     let single = load(fx.dir.path());
-    let mut kv = single.new_kv().unwrap();
+    let mut kv = solo(&single);
     let want = forward_alone(&single, &mut kv, &tokens, LogitsWanted::All);
 
     let sharded = TempDir::new().unwrap();
@@ -356,7 +394,7 @@ fn sharded_checkpoint_matches_single_file() {
     )
     .unwrap();
     let model = load(sharded.path());
-    let mut kv = model.new_kv().unwrap();
+    let mut kv = solo(&model);
     assert_eq!(
         forward_alone(&model, &mut kv, &tokens, LogitsWanted::All),
         want

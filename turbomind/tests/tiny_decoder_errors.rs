@@ -159,14 +159,10 @@ fn other_bad_inputs_are_errors() {
     // Bad requests to a good model.
     let fx = fixture(llama_gqa());
     let model = load(fx.dir.path());
-    let mut kv = model.new_kv().unwrap();
+    let mut kv = solo(&model);
     let mut run = |tokens: &[u32]| {
         model
-            .forward(&mut [SeqInput {
-                tokens,
-                kv: &mut kv,
-                logits: LogitsWanted::All,
-            }])
+            .forward_solo(&mut kv, tokens, LogitsWanted::All)
             .err()
             .map(|e| e.to_string())
     };
@@ -177,7 +173,7 @@ fn other_bad_inputs_are_errors() {
     let msg = run(&too_long).expect("a step past max_position_embeddings was accepted");
     assert!(msg.contains(&fx.spec.max_pos.to_string()), "{msg:?}");
     // Nothing was written to the cache by the failed steps.
-    assert_eq!(model.kv_len(&kv), 0);
+    assert_eq!(kv.len(), 0);
 }
 
 /// Tensors the decoder would not read are an error, not silently ignored;
@@ -221,15 +217,9 @@ fn unread_tensors_are_an_error_and_llama_attention_bias_covers_o_proj() {
         }
         write_checkpoint(dir.path(), &config, &entries);
         let model = load(dir.path());
-        let mut kv = model.new_kv().unwrap();
+        let mut kv = solo(&model);
         model
-            .forward(&mut [SeqInput {
-                tokens: &[3, 5, 7],
-                kv: &mut kv,
-                logits: LogitsWanted::Last,
-            }])
-            .unwrap()
-            .pop()
+            .forward_solo(&mut kv, &[3, 5, 7], LogitsWanted::Last)
             .unwrap()
     };
     assert_ne!(run_with_o_bias(0.0), run_with_o_bias(1.0));

@@ -11,8 +11,8 @@
 
 use std::collections::HashMap;
 
-use lmq_turbomind::backend::cpu::{CpuBackend, Matrix};
-use lmq_turbomind::backend::{AttnShape, Backend, HostLinear, HostWeight, SeqSpan};
+use lmq_turbomind::backend::cpu::{CpuBackend, CpuKvPool, Matrix};
+use lmq_turbomind::backend::{AttnShape, Backend, HostLinear, HostWeight, KvPoolSpec, SeqSpan};
 use lmq_turbomind::layer::{DecoderLayer, HostLayer, LayerContext, LinearInput, Observer};
 use lmq_turbomind::quant::kv::{KvCacheConfig, KvDtype, KvMode};
 use lmq_turbomind::rope::Rope;
@@ -20,6 +20,9 @@ use lmq_turbomind::rope::Rope;
 use super::clip::{clip_search, ClipSettings};
 use super::groupwise::GroupSpec;
 use crate::error::{Error, Result};
+
+/// Positions per KV block of calibration spans (see [`SeqSpan::packed`]).
+pub const CALIB_BLOCK_LEN: usize = 64;
 
 /// Everything the search needs that does not change between layers.
 pub struct LayerRunner<'a> {
@@ -73,19 +76,25 @@ impl Observer<CpuBackend> for InputObserver {
 }
 
 impl LayerRunner<'_> {
-    fn kvs(&self, spans: &[SeqSpan]) -> Result<Vec<<CpuBackend as Backend>::Kv>> {
-        spans
+    /// A fresh fp32 pool for the spans' blocks: calibration runs the layer
+    /// in full precision, KV included.
+    fn pool(&self, spans: &[SeqSpan]) -> Result<CpuKvPool> {
+        let num_blocks = spans
             .iter()
-            .map(|_| {
-                // Calibration runs the layer in full precision, KV included.
-                let fp32 = KvCacheConfig {
-                    dtype: KvDtype::F32,
-                    mode: KvMode::Online,
-                    static_params: None,
-                };
-                self.backend.new_kv(&self.shape, &fp32).map_err(Error::from)
-            })
-            .collect()
+            .flat_map(|s| s.blocks.iter())
+            .max()
+            .map_or(1, |&b| b as usize + 1);
+        let spec = KvPoolSpec {
+            shape: self.shape,
+            config: KvCacheConfig {
+                dtype: KvDtype::F32,
+                mode: KvMode::Online,
+                static_params: None,
+            },
+            num_blocks,
+            block_len: CALIB_BLOCK_LEN,
+        };
+        Ok(self.backend.new_kv_pool(&spec)?)
     }
 
     /// The attention block's output for normed input `h`.
@@ -106,15 +115,14 @@ impl LayerRunner<'_> {
         spans: &[SeqSpan],
         observer: &mut dyn Observer<CpuBackend>,
     ) -> Result<Matrix> {
-        let mut kvs = self.kvs(spans)?;
-        let mut refs: Vec<&mut _> = kvs.iter_mut().collect();
+        let mut pool = self.pool(spans)?;
         let ctx = LayerContext {
             kv_layer: 0,
             spans,
             rope: self.rope,
             shape: &self.shape,
         };
-        Ok(layer.attention(self.backend, h, &mut refs, &ctx, observer)?)
+        Ok(layer.attention(self.backend, h, &mut pool, &ctx, observer)?)
     }
 
     /// Runs the whole layer on residual input `x`, returning its residual

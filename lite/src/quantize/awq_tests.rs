@@ -70,16 +70,7 @@ fn folded_scales_leave_the_layer_function_unchanged() {
     for kv_heads in [4, 2] {
         let kv = hidden / heads * kv_heads;
         let layer = tiny_layer(&mut rng, hidden, kv, inter);
-        let spans = vec![
-            SeqSpan {
-                rows: 0..7,
-                start_pos: 0,
-            },
-            SeqSpan {
-                rows: 7..12,
-                start_pos: 0,
-            },
-        ];
+        let (spans, _) = SeqSpan::packed(&[7, 5], CALIB_BLOCK_LEN);
         let x = Matrix {
             data: rng.vec(12 * hidden, 1.0),
             rows: 12,
@@ -148,12 +139,7 @@ fn awq_pipeline_is_near_exact_at_8_bits_and_never_worse_than_rtn() {
         .iter_mut()
         .step_by(9)
         .for_each(|w| *w *= 8.0);
-    let spans: Vec<SeqSpan> = (0..3)
-        .map(|i| SeqSpan {
-            rows: i * 16..(i + 1) * 16,
-            start_pos: 0,
-        })
-        .collect();
+    let (spans, _) = SeqSpan::packed(&[16; 3], CALIB_BLOCK_LEN);
     let x = Matrix {
         data: rng.vec(48 * hidden, 1.0),
         rows: 48,
@@ -257,10 +243,7 @@ fn nan_statistics_fall_back_to_identity_scales() {
     let backend = CpuBackend::new();
     let rope = Rope::new(8, 10000.0, &RopeScaling::None);
     let runner = runner_for(&backend, &rope, 4, 4, 8);
-    let spans = vec![SeqSpan {
-        rows: 0..6,
-        start_pos: 0,
-    }];
+    let (spans, _) = SeqSpan::packed(&[6], CALIB_BLOCK_LEN);
     let input = Matrix {
         data: rng.vec(6 * 32, 1.0),
         rows: 6,

@@ -531,12 +531,7 @@ impl CalibState {
         let ids: Vec<u32> = windows.concat();
         let x = backend.embedding(&embed, &ids)?;
         let seqlen = cfg.calib.seqlen;
-        let spans: Vec<SeqSpan> = (0..windows.len())
-            .map(|i| SeqSpan {
-                rows: i * seqlen..(i + 1) * seqlen,
-                start_pos: 0,
-            })
-            .collect();
+        let (spans, _) = SeqSpan::packed(&vec![seqlen; windows.len()], awq::CALIB_BLOCK_LEN);
         let subset_spans = spans[..cfg.search_samples.clamp(1, spans.len())].to_vec();
         Ok(CalibState {
             backend,

@@ -6,6 +6,10 @@
 //! batch. A batch holds several sequences, each a contiguous run of rows
 //! described by a [`SeqSpan`]; every op except attention and the KV write is
 //! row-wise and ignores the spans.
+//!
+//! The KV cache is a pool of fixed-size blocks ([`KvPoolSpec`]) shared by
+//! every sequence; a sequence's span carries its block table, and position
+//! `p` lives in block `blocks[p / block_len]` at offset `p % block_len`.
 
 pub mod cpu;
 
@@ -13,18 +17,39 @@ use std::ops::Range;
 
 use crate::error::Result;
 use crate::quant::awq::AwqTensors;
-use crate::quant::kv::KvCacheConfig;
+use crate::quant::kv::{bytes_per_token_head, KvCacheConfig};
 use crate::rope::Rope;
 
-/// Which rows of the batch belong to one sequence, and the position of its
-/// first row.
+/// Which rows of the batch belong to one sequence, the position of its
+/// first row, and the KV blocks that hold its positions.
 #[derive(Debug, Clone)]
 pub struct SeqSpan {
     pub rows: Range<usize>,
     pub start_pos: usize,
+    /// Block table: enough blocks for `start_pos + rows.len()` positions.
+    pub blocks: Vec<u32>,
 }
 
 impl SeqSpan {
+    /// Spans for sequences of the given lengths, all starting at position
+    /// 0, in consecutive rows and over consecutive blocks of a pool; also
+    /// returns how many blocks they use.
+    pub fn packed(lens: &[usize], block_len: usize) -> (Vec<SeqSpan>, usize) {
+        let mut spans = Vec::with_capacity(lens.len());
+        let (mut row, mut block) = (0usize, 0u32);
+        for &len in lens {
+            let n = len.div_ceil(block_len) as u32;
+            spans.push(SeqSpan {
+                rows: row..row + len,
+                start_pos: 0,
+                blocks: (block..block + n).collect(),
+            });
+            row += len;
+            block += n;
+        }
+        (spans, block as usize)
+    }
+
     pub fn len(&self) -> usize {
         self.rows.len()
     }
@@ -46,6 +71,28 @@ pub struct AttnShape {
 impl AttnShape {
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
+    }
+}
+
+/// The layout of a KV block pool: `num_blocks` blocks, each holding every
+/// layer's K and V for `block_len` consecutive positions of one sequence.
+#[derive(Debug, Clone)]
+pub struct KvPoolSpec {
+    pub shape: AttnShape,
+    pub config: KvCacheConfig,
+    pub num_blocks: usize,
+    pub block_len: usize,
+}
+
+impl KvPoolSpec {
+    /// Bytes of KV data one block takes, the same on every backend (the
+    /// engine sizes pools with it).
+    pub fn bytes_per_block(shape: &AttnShape, config: &KvCacheConfig, block_len: usize) -> usize {
+        shape.num_layers
+            * 2
+            * shape.num_kv_heads
+            * block_len
+            * bytes_per_token_head(shape.head_dim, config)
     }
 }
 
@@ -75,16 +122,14 @@ pub trait Backend: Send + Sync {
     type Linear: Send + Sync;
     /// A per-channel vector such as a norm weight.
     type Vector: Send + Sync;
-    /// The KV cache of one sequence, all layers.
-    type Kv: Send;
+    /// A pool of KV blocks (see [`KvPoolSpec`]).
+    type KvPool: Send + Sync;
 
     fn name(&self) -> &'static str;
 
     fn upload_linear(&self, w: HostLinear) -> Result<Self::Linear>;
     fn upload_vector(&self, v: Vec<f32>) -> Result<Self::Vector>;
-    fn new_kv(&self, shape: &AttnShape, config: &KvCacheConfig) -> Result<Self::Kv>;
-    /// Number of positions stored in a KV cache.
-    fn kv_len(&self, kv: &Self::Kv) -> usize;
+    fn new_kv_pool(&self, spec: &KvPoolSpec) -> Result<Self::KvPool>;
 
     /// Rows of `table` (a `[vocab, dim]` linear weight) for each id.
     fn embedding(&self, table: &Self::Linear, ids: &[u32]) -> Result<Self::Act>;
@@ -106,21 +151,23 @@ pub trait Backend: Send + Sync {
     /// Rotates each head of `x` (rows × heads·head_dim) in place, by the
     /// position of each row.
     fn rope(&self, x: &mut Self::Act, heads: usize, spans: &[SeqSpan], rope: &Rope) -> Result<()>;
-    /// Stores the new K and V rows of each sequence at their positions.
+    /// Stores the new K and V rows of each sequence at their positions,
+    /// in the blocks of its table (quantizing on write).
     fn write_kv(
         &self,
         layer: usize,
         k: &Self::Act,
         v: &Self::Act,
-        kvs: &mut [&mut Self::Kv],
+        pool: &mut Self::KvPool,
         spans: &[SeqSpan],
     ) -> Result<()>;
-    /// Causal attention of each sequence's query rows over its cache.
+    /// Causal attention of each sequence's query rows over positions
+    /// `0..=row position` of its blocks (dequantizing on read).
     fn attention(
         &self,
         layer: usize,
         q: &Self::Act,
-        kvs: &[&mut Self::Kv],
+        pool: &Self::KvPool,
         spans: &[SeqSpan],
         shape: &AttnShape,
     ) -> Result<Self::Act>;

@@ -222,6 +222,26 @@ pub fn online_params(x: &[f32], levels: f32) -> (f32, f32) {
     (scale, min)
 }
 
+/// Online parameters as a KV block stores them: rounded to fp16, with the
+/// scale kept at or above fp16's smallest normal so that it never rounds to
+/// zero. Quantizing with the rounded pair keeps write and read consistent.
+pub fn online_params_f16(x: &[f32], levels: f32) -> (half::f16, half::f16) {
+    let (scale, zero) = online_params(x, levels);
+    (
+        half::f16::from_f32(scale.max(half::f16::MIN_POSITIVE.to_f32())),
+        half::f16::from_f32(zero),
+    )
+}
+
+/// Bytes one token of one KV head takes in a KV block, for K or for V: its
+/// codes, plus an fp16 (scale, zero) pair where parameters are per token
+/// (online and smooth modes of the integer dtypes).
+pub fn bytes_per_token_head(head_dim: usize, config: &KvCacheConfig) -> usize {
+    let codes = (head_dim as f32 * config.dtype.bytes_per_value()).ceil() as usize;
+    let per_token_params = config.dtype.levels().is_some() && config.mode != KvMode::Static;
+    codes + if per_token_params { 4 } else { 0 }
+}
+
 /// The integer level of one value.
 #[inline]
 pub fn quantize_value(x: f32, scale: f32, zero: f32, levels: f32) -> u8 {

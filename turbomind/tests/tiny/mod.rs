@@ -8,8 +8,8 @@ pub use std::collections::BTreeMap;
 pub use std::path::Path;
 
 pub use half::{bf16, f16};
-pub use lmq_turbomind::backend::cpu::{CpuBackend, CpuKv};
-pub use lmq_turbomind::model::{LogitsWanted, Model, SeqInput};
+pub use lmq_turbomind::backend::cpu::{CpuBackend, CpuKvPool};
+pub use lmq_turbomind::model::{LogitsWanted, Model, SeqKv, SoloCache};
 pub use lmq_turbomind::quant::kv::{KvDtype, KvMode};
 pub use safetensors::tensor::{Dtype, TensorView};
 pub use serde_json::{json, Value};
@@ -591,17 +591,36 @@ pub fn reference_logits(
 // ---------------------------------------------------------------------------
 // Running lmq and comparing.
 
+/// Positions per KV block in these tests: small, so that sequences cross
+/// block boundaries.
+pub const TEST_BLOCK_LEN: usize = 4;
+
+/// Blocks in a test pool (256 positions).
+pub const TEST_POOL_BLOCKS: u32 = 64;
+
+/// A cache for one sequence whose block table runs backwards through the
+/// pool, so that a position's block is never its logical index.
+pub fn solo(model: &Model<CpuBackend>) -> SoloCache<CpuKvPool> {
+    SoloCache {
+        pool: model
+            .new_kv_pool(TEST_POOL_BLOCKS as usize, TEST_BLOCK_LEN)
+            .unwrap(),
+        seq: SeqKv {
+            blocks: (0..TEST_POOL_BLOCKS).rev().collect(),
+            len: 0,
+        },
+    }
+}
+
 pub fn forward_alone(
     model: &Model<CpuBackend>,
-    kv: &mut CpuKv,
+    kv: &mut SoloCache<CpuKvPool>,
     tokens: &[u32],
     logits: LogitsWanted,
 ) -> Vec<f32> {
-    let mut out = model
-        .forward(&mut [SeqInput { tokens, kv, logits }])
-        .unwrap_or_else(|e| panic!("forward: {e}"));
-    assert_eq!(out.len(), 1);
-    out.pop().unwrap()
+    model
+        .forward_solo(kv, tokens, logits)
+        .unwrap_or_else(|e| panic!("forward: {e}"))
 }
 
 /// max over elements of `|got − want| / (1 + |want|)`, and the largest
@@ -636,9 +655,9 @@ pub fn check_against_reference(spec: Spec, lens: &[usize]) -> Fixture {
     let mut rng = Rng(spec.seed ^ 0xA5A5);
     for &len in lens {
         let tokens = rng.tokens(len, spec.vocab);
-        let mut kv = model.new_kv().unwrap();
+        let mut kv = solo(&model);
         let got = forward_alone(&model, &mut kv, &tokens, LogitsWanted::All);
-        assert_eq!(model.kv_len(&kv), len);
+        assert_eq!(kv.len(), len);
         let want: Vec<f64> =
             reference_logits(spec, &fx.weights, spec.rope_scaling.as_ref(), &tokens).concat();
         let (scaled, abs) = max_err(&got, &want);

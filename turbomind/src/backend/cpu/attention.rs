@@ -1,17 +1,43 @@
-//! Causal attention over a contiguous per-sequence KV cache, with GQA.
+//! Causal attention over the KV block pool, with GQA and dequantization
+//! fused in.
+//!
+//! Work is split into tasks of (sequence, KV head, up to [`ROWS`] query
+//! rows). A task walks the sequence's blocks in order, dequantizes one
+//! block of its head's K and V into a small buffer, and folds it into a
+//! running (online) softmax for each of its rows and query heads, as flash
+//! attention does. So each block is dequantized once per task, never the
+//! whole cache, and a row's arithmetic depends only on its own sequence:
+//! the result is the same whatever else is in the batch.
+//!
+//! In smooth mode keys are stored divided by per-channel factors and values
+//! Hadamard-rotated; since `q·(k̃⊙s) = (q⊙s)·k̃` and the rotation is linear
+//! and its own inverse, the query is scaled and the output rotated once,
+//! instead of every cached token.
 
 use rayon::prelude::*;
 
+use super::kv::CpuKvPool;
 use super::simd::DotFn;
-use super::{shape_error, CpuKv, Matrix};
+use super::{shape_error, Matrix};
 use crate::backend::{AttnShape, SeqSpan};
 use crate::error::Result;
+use crate::quant::kv::hadamard;
 
-pub(super) fn causal(
+/// Query rows per task: enough to reuse a dequantized block across a
+/// prefill chunk, few enough to spread short batches across cores.
+const ROWS: usize = 16;
+
+struct Task {
+    span: usize,
+    kv_head: usize,
+    rows: std::ops::Range<usize>,
+}
+
+pub(super) fn paged(
     dot: DotFn,
     layer: usize,
     q: &Matrix,
-    kvs: &[&mut CpuKv],
+    pool: &CpuKvPool,
     spans: &[SeqSpan],
     shape: &AttnShape,
 ) -> Result<Matrix> {
@@ -23,53 +49,128 @@ pub(super) fn causal(
             q.cols
         )));
     }
-    let group = shape.num_heads / shape.num_kv_heads;
-    let kv_dim = shape.kv_dim();
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = Matrix::zeros(q.rows, q_cols);
-    for (kv, span) in kvs.iter().zip(spans) {
-        let stored = kv.layer_len(layer);
-        if stored < span.start_pos + span.len() {
-            return Err(shape_error(format!(
-                "attention: cache holds {stored} positions, rows need {}",
-                span.start_pos + span.len()
-            )));
+    let mut tasks = Vec::new();
+    for (si, span) in spans.iter().enumerate() {
+        pool.check_span(span)?;
+        for kv_head in 0..shape.num_kv_heads {
+            let mut r = 0;
+            while r < span.len() {
+                let end = (r + ROWS).min(span.len());
+                tasks.push(Task {
+                    span: si,
+                    kv_head,
+                    rows: r..end,
+                });
+                r = end;
+            }
         }
-        let [keys, values] = kv.materialize(layer, span.start_pos + span.len());
-        let (keys, values) = (&keys, &values);
-        let out_rows = &mut out.data[span.rows.start * q_cols..span.rows.end * q_cols];
-        out_rows
-            .par_chunks_mut(q_cols)
-            .enumerate()
-            .for_each(|(i, out_row)| {
-                let pos = span.start_pos + i;
-                let q_row = q.row(span.rows.start + i);
-                let mut scores = vec![0f32; pos + 1];
-                for h in 0..shape.num_heads {
-                    let kvh = h / group;
-                    let qh = &q_row[h * hd..(h + 1) * hd];
-                    let mut max = f32::NEG_INFINITY;
-                    for (t, s) in scores.iter_mut().enumerate() {
-                        let kt = &keys[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
-                        *s = dot(qh, kt) * scale;
-                        max = max.max(*s);
-                    }
-                    let mut sum = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let inv = 1.0 / sum;
-                    let oh = &mut out_row[h * hd..(h + 1) * hd];
-                    for (t, &p) in scores.iter().enumerate() {
-                        let vt = &values[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
-                        let w = p * inv;
-                        for (o, &v) in oh.iter_mut().zip(vt) {
-                            *o += w * v;
-                        }
-                    }
-                }
-            });
+    }
+    let smoothing = pool.smoothing(layer);
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|t| run_task(dot, layer, q, pool, &spans[t.span], t, shape, smoothing))
+        .collect();
+    let group = shape.num_heads / shape.num_kv_heads;
+    let mut out = Matrix::zeros(q.rows, q_cols);
+    for (t, res) in tasks.iter().zip(results) {
+        let span = &spans[t.span];
+        for (i, r) in t.rows.clone().enumerate() {
+            let row = span.rows.start + r;
+            let first_head = t.kv_head * group;
+            out.data[row * q_cols + first_head * hd..row * q_cols + (first_head + group) * hd]
+                .copy_from_slice(&res[i * group * hd..(i + 1) * group * hd]);
+        }
     }
     Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_task(
+    dot: DotFn,
+    layer: usize,
+    q: &Matrix,
+    pool: &CpuKvPool,
+    span: &SeqSpan,
+    task: &Task,
+    shape: &AttnShape,
+    smoothing: Option<&[f32]>,
+) -> Vec<f32> {
+    let hd = shape.head_dim;
+    let group = shape.num_heads / shape.num_kv_heads;
+    let block_len = pool.spec().block_len;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let n_rows = task.rows.len();
+    // Queries of this task, pre-scaled (and smoothed): [row][head in group][hd].
+    let mut queries = vec![0f32; n_rows * group * hd];
+    for (i, r) in task.rows.clone().enumerate() {
+        let q_row = q.row(span.rows.start + r);
+        for g in 0..group {
+            let h = task.kv_head * group + g;
+            let dst = &mut queries[(i * group + g) * hd..(i * group + g + 1) * hd];
+            for (d, (&x, c)) in dst
+                .iter_mut()
+                .zip(q_row[h * hd..(h + 1) * hd].iter().zip(0..))
+            {
+                let s = smoothing.map_or(1.0, |sm| sm[task.kv_head * hd + c]);
+                *d = x * scale * s;
+            }
+        }
+    }
+    let mut max = vec![f32::NEG_INFINITY; n_rows * group];
+    let mut sum = vec![0f32; n_rows * group];
+    let mut acc = vec![0f32; n_rows * group * hd];
+    let mut keys = vec![0f32; block_len * hd];
+    let mut values = vec![0f32; block_len * hd];
+    let mut scores = vec![0f32; block_len];
+    // Positions the last row of the task attends to.
+    let n_tokens = span.start_pos + task.rows.end;
+    for (bi, &block) in span.blocks.iter().enumerate() {
+        let t0 = bi * block_len;
+        if t0 >= n_tokens {
+            break;
+        }
+        let nt = block_len.min(n_tokens - t0);
+        pool.load(layer, 0, block as usize, task.kv_head, nt, &mut keys);
+        pool.load(layer, 1, block as usize, task.kv_head, nt, &mut values);
+        for (i, r) in task.rows.clone().enumerate() {
+            let pos = span.start_pos + r;
+            if pos < t0 {
+                continue;
+            }
+            let visible = nt.min(pos - t0 + 1);
+            for g in 0..group {
+                let idx = i * group + g;
+                let qv = &queries[idx * hd..(idx + 1) * hd];
+                let mut block_max = f32::NEG_INFINITY;
+                for (t, s) in scores[..visible].iter_mut().enumerate() {
+                    *s = dot(qv, &keys[t * hd..(t + 1) * hd]);
+                    block_max = block_max.max(*s);
+                }
+                let new_max = max[idx].max(block_max);
+                let correction = (max[idx] - new_max).exp();
+                max[idx] = new_max;
+                let a = &mut acc[idx * hd..(idx + 1) * hd];
+                if correction != 1.0 {
+                    a.iter_mut().for_each(|x| *x *= correction);
+                }
+                let mut block_sum = 0f32;
+                for (t, &s) in scores[..visible].iter().enumerate() {
+                    let p = (s - new_max).exp();
+                    block_sum += p;
+                    for (o, &v) in a.iter_mut().zip(&values[t * hd..(t + 1) * hd]) {
+                        *o += p * v;
+                    }
+                }
+                sum[idx] = sum[idx] * correction + block_sum;
+            }
+        }
+    }
+    for (idx, a) in acc.chunks_exact_mut(hd).enumerate() {
+        let inv = 1.0 / sum[idx];
+        a.iter_mut().for_each(|x| *x *= inv);
+        if smoothing.is_some() {
+            hadamard(a);
+        }
+    }
+    acc
 }

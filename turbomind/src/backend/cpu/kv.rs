@@ -1,40 +1,56 @@
-//! The CPU's per-sequence KV store: every layer's K and V, appended token
-//! by token, in fp32, fp16, int8 or int4 (online or static parameters).
-//! Attention materializes a sequence's K and V for one layer as fp32 once
-//! per call, so dequantization costs one pass over the cache.
+//! The CPU's KV block pool: one allocation holding every block, each block
+//! every layer's K and V for `block_len` positions, in fp32, fp16, int8 or
+//! int4 (online, static or smooth parameters).
+//!
+//! Layout. A block is `[layer][K, V][kv_head][token][head_dim]`, so that
+//! attention reads one head's tokens of a block contiguously. Integer codes
+//! keep the same order (int4: two per byte, low nibble first); online
+//! parameters sit in a parallel array, one fp16 (scale, zero) pair per
+//! token and head, as TurboMind stores them. Static mode stores no
+//! parameters: they come from the checkpoint.
+//!
+//! The allocation is zero-initialised, which the OS maps lazily, so an
+//! unused pool costs address space rather than memory.
 
 use half::f16;
-use half::slice::HalfFloatSliceExt;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
-use crate::backend::AttnShape;
+use super::shape_error;
+use crate::backend::{KvPoolSpec, SeqSpan};
 use crate::error::{Error, Result};
-use crate::quant::kv::{hadamard, online_params, quantize_value, KvCacheConfig, KvDtype, KvMode};
+use crate::quant::kv::{hadamard, online_params_f16, quantize_value, KvDtype, KvMode};
 
 #[derive(Clone)]
 enum Store {
     F32(Vec<f32>),
-    F16(Vec<f16>),
-    /// Codes per token-head (int8: one per byte; int4: two per byte, low
-    /// nibble first), and per token-head online (scale, zero).
+    /// fp16 bit patterns (a `u16` vector gets a zeroed allocation).
+    F16(Vec<u16>),
     Quant {
         codes: Vec<u8>,
-        params: Vec<(f32, f32)>,
+        /// fp16 bits of (scale, zero) per token-head; empty in static mode.
+        params: Vec<u16>,
     },
 }
 
-/// One sequence's KV cache.
+/// The KV block pool of the CPU backend.
 #[derive(Clone)]
-pub struct CpuKv {
-    /// `[layer][0 = K, 1 = V]`.
-    stores: Vec<[Store; 2]>,
-    lens: Vec<usize>,
-    heads: usize,
-    head_dim: usize,
-    config: KvCacheConfig,
+pub struct CpuKvPool {
+    spec: KvPoolSpec,
+    store: Store,
+    /// Stored values (or code bytes) per token-head.
+    per_token: usize,
 }
 
-impl CpuKv {
-    pub fn new(shape: &AttnShape, config: &KvCacheConfig) -> Result<Self> {
+impl CpuKvPool {
+    pub fn new(spec: &KvPoolSpec) -> Result<Self> {
+        let shape = &spec.shape;
+        let config = &spec.config;
+        if spec.block_len == 0 || spec.num_blocks == 0 {
+            return Err(Error::InvalidRequest(format!(
+                "a KV pool needs at least one block of at least one position (got {} blocks of {})",
+                spec.num_blocks, spec.block_len
+            )));
+        }
         if config.mode.needs_calibration() && config.dtype.levels().is_some() {
             let p = config.static_params.as_ref().ok_or_else(|| {
                 Error::InvalidRequest(
@@ -60,49 +76,56 @@ impl CpuKv {
                 "int4 KV needs an even head_dim".into(),
             ));
         }
-        let empty = || match config.dtype {
-            KvDtype::F32 => Store::F32(Vec::new()),
-            KvDtype::F16 => Store::F16(Vec::new()),
+        let token_heads =
+            spec.num_blocks * shape.num_layers * 2 * shape.num_kv_heads * spec.block_len;
+        let per_token = match config.dtype {
+            KvDtype::Int4 => shape.head_dim / 2,
+            _ => shape.head_dim,
+        };
+        let too_big = || {
+            Error::InvalidRequest(format!(
+                "a KV pool of {} blocks does not fit in memory",
+                spec.num_blocks
+            ))
+        };
+        let values = token_heads.checked_mul(per_token).ok_or_else(too_big)?;
+        let store = match config.dtype {
+            KvDtype::F32 => Store::F32(vec![0.0; values]),
+            KvDtype::F16 => Store::F16(vec![0; values]),
             KvDtype::Int8 | KvDtype::Int4 => Store::Quant {
-                codes: Vec::new(),
-                params: Vec::new(),
+                codes: vec![0; values],
+                params: if config.mode == KvMode::Static {
+                    Vec::new()
+                } else {
+                    vec![0; token_heads * 2]
+                },
             },
         };
-        Ok(CpuKv {
-            stores: (0..shape.num_layers).map(|_| [empty(), empty()]).collect(),
-            lens: vec![0; shape.num_layers],
-            heads: shape.num_kv_heads,
-            head_dim: shape.head_dim,
-            config: config.clone(),
+        Ok(CpuKvPool {
+            spec: spec.clone(),
+            store,
+            per_token,
         })
     }
 
-    pub fn len(&self) -> usize {
-        self.lens.first().copied().unwrap_or(0)
+    pub fn spec(&self) -> &KvPoolSpec {
+        &self.spec
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Index of one (block, layer, K/V, head) run of `block_len` tokens.
+    fn segment(&self, block: usize, layer: usize, which: usize, head: usize) -> usize {
+        let s = &self.spec.shape;
+        ((block * s.num_layers + layer) * 2 + which) * s.num_kv_heads + head
     }
 
-    pub fn layer_len(&self, layer: usize) -> usize {
-        self.lens[layer]
-    }
-
-    fn codes_per_head(&self) -> usize {
-        match self.config.dtype {
-            KvDtype::Int4 => self.head_dim / 2,
-            _ => self.head_dim,
-        }
-    }
-
-    /// The static (scale, zero) of one layer, head and tensor (0 = K).
+    /// The static (scale, zero) of one layer, tensor (0 = K) and head.
     fn static_param(&self, layer: usize, which: usize, head: usize) -> Option<(f32, f32)> {
-        if self.config.mode != KvMode::Static {
+        let config = &self.spec.config;
+        if config.mode != KvMode::Static {
             return None;
         }
-        let p = self.config.static_params.as_ref()?;
-        let rescale = p.levels / self.config.dtype.levels()?;
+        let p = config.static_params.as_ref()?;
+        let rescale = p.levels / config.dtype.levels()?;
         Some(if which == 0 {
             (p.k_scale[layer][head] * rescale, p.k_zero[layer][head])
         } else {
@@ -110,140 +133,167 @@ impl CpuKv {
         })
     }
 
-    /// Keeps the first `len` positions of one layer.
-    pub fn truncate(&mut self, layer: usize, len: usize) {
-        let kv_dim = self.heads * self.head_dim;
-        let per_head = self.codes_per_head();
-        let heads = self.heads;
-        for store in self.stores[layer].iter_mut() {
-            match store {
-                Store::F32(v) => v.truncate(len * kv_dim),
-                Store::F16(v) => v.truncate(len * kv_dim),
-                Store::Quant { codes, params } => {
-                    codes.truncate(len * heads * per_head);
-                    params.truncate(len * heads);
-                }
-            }
-        }
-        self.lens[layer] = self.lens[layer].min(len);
-    }
-
-    /// The key smoothing factors of a layer, in Smooth mode.
-    fn smoothing(&self, layer: usize) -> Option<&[f32]> {
-        if self.config.mode != KvMode::Smooth || self.config.dtype.levels().is_none() {
+    /// The key smoothing divisors of a layer (`[kv_dim]`), in smooth mode of
+    /// an integer dtype. Keys are stored divided by them and values
+    /// Hadamard-rotated; attention undoes both on the query and the output.
+    pub fn smoothing(&self, layer: usize) -> Option<&[f32]> {
+        let config = &self.spec.config;
+        if config.mode != KvMode::Smooth || config.dtype.levels().is_none() {
             return None;
         }
-        self.config
+        config
             .static_params
             .as_ref()
             .map(|p| p.k_smooth[layer].as_slice())
     }
 
-    /// Appends `rows` tokens of K and V (`rows × kv_dim` each) to a layer.
-    pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
-        let kv_dim = self.heads * self.head_dim;
-        let rows = k.len() / kv_dim;
-        let levels = self.config.dtype.levels();
-        let (hd, heads) = (self.head_dim, self.heads);
-        // Smooth mode stores K / k_smooth and H·V; materialize undoes both.
-        let transformed: Option<[Vec<f32>; 2]> = self.smoothing(layer).map(|sm| {
-            let keys = k
-                .chunks_exact(kv_dim)
-                .flat_map(|row| row.iter().zip(sm).map(|(&x, &f)| x / f))
-                .collect();
-            let mut values = v.to_vec();
-            values.chunks_exact_mut(hd).for_each(hadamard);
-            [keys, values]
-        });
-        for which in 0..2 {
-            let src = match &transformed {
-                Some(t) => t[which].as_slice(),
-                None if which == 0 => k,
-                None => v,
-            };
-            let statics: Vec<Option<(f32, f32)>> = (0..heads)
-                .map(|h| self.static_param(layer, which, h))
-                .collect();
-            match &mut self.stores[layer][which] {
-                Store::F32(buf) => buf.extend_from_slice(src),
-                Store::F16(buf) => {
-                    let start = buf.len();
-                    buf.resize(start + src.len(), f16::ZERO);
-                    buf[start..].convert_from_f32_slice(src);
-                }
-                Store::Quant { codes, params } => {
-                    let levels = levels.unwrap_or(255.0);
-                    for head_vec in src.chunks_exact(hd) {
-                        let h = (params.len()) % heads;
-                        let (scale, zero) =
-                            statics[h].unwrap_or_else(|| online_params(head_vec, levels));
-                        params.push((scale, zero));
-                        if levels > 15.0 {
-                            codes.extend(
-                                head_vec
-                                    .iter()
-                                    .map(|&x| quantize_value(x, scale, zero, levels)),
-                            );
-                        } else {
-                            for pair in head_vec.chunks_exact(2) {
-                                let lo = quantize_value(pair[0], scale, zero, levels);
-                                let hi = quantize_value(pair[1], scale, zero, levels);
-                                codes.push(lo | (hi << 4));
-                            }
-                        }
-                    }
-                }
-            }
+    /// Checks that a span's blocks cover its positions and exist.
+    pub fn check_span(&self, span: &SeqSpan) -> Result<()> {
+        let end = span.start_pos + span.len();
+        let needed = end.div_ceil(self.spec.block_len);
+        if span.blocks.len() < needed {
+            return Err(shape_error(format!(
+                "KV block table has {} blocks of {}, positions up to {end} need {needed}",
+                span.blocks.len(),
+                self.spec.block_len
+            )));
         }
-        self.lens[layer] += rows;
+        if let Some(&b) = span.blocks[..needed]
+            .iter()
+            .find(|&&b| b as usize >= self.spec.num_blocks)
+        {
+            return Err(shape_error(format!(
+                "KV block {b} is outside the pool of {}",
+                self.spec.num_blocks
+            )));
+        }
+        Ok(())
     }
 
-    /// K and V of the first `len` positions of a layer, as fp32
-    /// `[pos][kv_head][head_dim]`.
-    pub fn materialize(&self, layer: usize, len: usize) -> [Vec<f32>; 2] {
-        let kv_dim = self.heads * self.head_dim;
-        let per_head = self.codes_per_head();
-        let hd = self.head_dim;
-        let int4 = self.config.dtype == KvDtype::Int4;
-        let read = |store: &Store| -> Vec<f32> {
-            match store {
-                Store::F32(v) => v[..len * kv_dim].to_vec(),
-                Store::F16(v) => {
-                    // The slice conversion uses F16C where the CPU has it.
-                    let mut out = vec![0f32; len * kv_dim];
-                    v[..len * kv_dim].convert_to_f32_slice(&mut out);
-                    out
+    /// Writes K and V rows (`rows × kv_dim` each) of one sequence at its
+    /// positions, for one layer.
+    pub fn write(&mut self, layer: usize, k: &[f32], v: &[f32], span: &SeqSpan) -> Result<()> {
+        self.check_span(span)?;
+        let shape = self.spec.shape;
+        let (hd, heads) = (shape.head_dim, shape.num_kv_heads);
+        let kv_dim = heads * hd;
+        let smooth = self.smoothing(layer).map(<[f32]>::to_vec);
+        let mut row_buf = vec![0f32; kv_dim];
+        for (i, (k_row, v_row)) in k
+            .chunks_exact(kv_dim)
+            .zip(v.chunks_exact(kv_dim))
+            .enumerate()
+        {
+            let pos = span.start_pos + i;
+            let block = span.blocks[pos / self.spec.block_len] as usize;
+            let token = pos % self.spec.block_len;
+            for (which, src) in [k_row, v_row].into_iter().enumerate() {
+                row_buf.copy_from_slice(src);
+                if let Some(sm) = &smooth {
+                    if which == 0 {
+                        row_buf.iter_mut().zip(sm).for_each(|(x, &f)| *x /= f);
+                    } else {
+                        row_buf.chunks_exact_mut(hd).for_each(hadamard);
+                    }
                 }
-                Store::Quant { codes, params } => {
-                    let mut out = vec![0f32; len * kv_dim];
-                    for (th, dst) in out.chunks_exact_mut(hd).enumerate() {
-                        let (scale, zero) = params[th];
-                        let c = &codes[th * per_head..(th + 1) * per_head];
-                        if int4 {
-                            for (j, &byte) in c.iter().enumerate() {
-                                dst[2 * j] = (byte & 0xf) as f32 * scale + zero;
-                                dst[2 * j + 1] = (byte >> 4) as f32 * scale + zero;
-                            }
-                        } else {
-                            for (d, &q) in dst.iter_mut().zip(c) {
-                                *d = q as f32 * scale + zero;
-                            }
+                for h in 0..heads {
+                    let seg = self.segment(block, layer, which, h);
+                    let statics = self.static_param(layer, which, h);
+                    self.write_token_head(seg, token, statics, &row_buf[h * hd..(h + 1) * hd]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_token_head(
+        &mut self,
+        seg: usize,
+        token: usize,
+        statics: Option<(f32, f32)>,
+        x: &[f32],
+    ) {
+        let th = seg * self.spec.block_len + token;
+        let at = th * self.per_token;
+        let n = self.per_token;
+        let levels = self.spec.config.dtype.levels().unwrap_or(255.0);
+        match &mut self.store {
+            Store::F32(buf) => buf[at..at + n].copy_from_slice(x),
+            Store::F16(buf) => buf[at..at + n]
+                .reinterpret_cast_mut::<f16>()
+                .convert_from_f32_slice(x),
+            Store::Quant { codes, params } => {
+                let (scale, zero) = match statics {
+                    Some(p) => p,
+                    None => {
+                        let (s, z) = online_params_f16(x, levels);
+                        params[th * 2] = s.to_bits();
+                        params[th * 2 + 1] = z.to_bits();
+                        (s.to_f32(), z.to_f32())
+                    }
+                };
+                let dst = &mut codes[at..at + n];
+                if levels > 15.0 {
+                    for (d, &v) in dst.iter_mut().zip(x) {
+                        *d = quantize_value(v, scale, zero, levels);
+                    }
+                } else {
+                    for (d, pair) in dst.iter_mut().zip(x.chunks_exact(2)) {
+                        let lo = quantize_value(pair[0], scale, zero, levels);
+                        let hi = quantize_value(pair[1], scale, zero, levels);
+                        *d = lo | (hi << 4);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Dequantizes the first `tokens` positions of one block's head into
+    /// `out` (`tokens × head_dim`), as stored (smoothing not undone).
+    pub fn load(
+        &self,
+        layer: usize,
+        which: usize,
+        block: usize,
+        head: usize,
+        tokens: usize,
+        out: &mut [f32],
+    ) {
+        let hd = self.spec.shape.head_dim;
+        let seg = self.segment(block, layer, which, head);
+        let first = seg * self.spec.block_len;
+        let n = self.per_token;
+        let out = &mut out[..tokens * hd];
+        match &self.store {
+            Store::F32(buf) => out.copy_from_slice(&buf[first * n..(first + tokens) * n]),
+            // The slice conversion uses F16C where the CPU has it.
+            Store::F16(buf) => buf[first * n..(first + tokens) * n]
+                .reinterpret_cast::<f16>()
+                .convert_to_f32_slice(out),
+            Store::Quant { codes, params } => {
+                let statics = self.static_param(layer, which, head);
+                let int4 = self.spec.config.dtype == KvDtype::Int4;
+                for (t, dst) in out.chunks_exact_mut(hd).enumerate() {
+                    let th = first + t;
+                    let (scale, zero) = statics.unwrap_or_else(|| {
+                        (
+                            f16::from_bits(params[th * 2]).to_f32(),
+                            f16::from_bits(params[th * 2 + 1]).to_f32(),
+                        )
+                    });
+                    let c = &codes[th * n..(th + 1) * n];
+                    if int4 {
+                        for (pair, &byte) in dst.chunks_exact_mut(2).zip(c) {
+                            pair[0] = (byte & 0xf) as f32 * scale + zero;
+                            pair[1] = (byte >> 4) as f32 * scale + zero;
+                        }
+                    } else {
+                        for (d, &q) in dst.iter_mut().zip(c) {
+                            *d = q as f32 * scale + zero;
                         }
                     }
-                    out
                 }
             }
-        };
-        let mut keys = read(&self.stores[layer][0]);
-        if let Some(sm) = self.smoothing(layer) {
-            for row in keys.chunks_exact_mut(kv_dim) {
-                row.iter_mut().zip(sm).for_each(|(x, &f)| *x *= f);
-            }
         }
-        let mut values = read(&self.stores[layer][1]);
-        if self.smoothing(layer).is_some() {
-            values.chunks_exact_mut(hd).for_each(hadamard);
-        }
-        [keys, values]
     }
 }

@@ -13,9 +13,8 @@ mod w4;
 
 use rayon::prelude::*;
 
-use super::{AttnShape, Backend, HostLinear, SeqSpan};
+use super::{AttnShape, Backend, HostLinear, KvPoolSpec, SeqSpan};
 use crate::error::{Error, Result};
-use crate::quant::kv::KvCacheConfig;
 use crate::rope::Rope;
 
 pub use linear::CpuLinear;
@@ -42,7 +41,7 @@ impl Matrix {
     }
 }
 
-pub use kv::CpuKv;
+pub use kv::CpuKvPool;
 
 /// The CPU implementation of [`Backend`].
 pub struct CpuBackend {
@@ -94,7 +93,7 @@ impl Backend for CpuBackend {
     type Act = Matrix;
     type Linear = CpuLinear;
     type Vector = Vec<f32>;
-    type Kv = CpuKv;
+    type KvPool = CpuKvPool;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -108,12 +107,8 @@ impl Backend for CpuBackend {
         Ok(v)
     }
 
-    fn new_kv(&self, shape: &AttnShape, config: &KvCacheConfig) -> Result<CpuKv> {
-        CpuKv::new(shape, config)
-    }
-
-    fn kv_len(&self, kv: &CpuKv) -> usize {
-        kv.len()
+    fn new_kv_pool(&self, spec: &KvPoolSpec) -> Result<CpuKvPool> {
+        CpuKvPool::new(spec)
     }
 
     fn embedding(&self, table: &CpuLinear, ids: &[u32]) -> Result<Matrix> {
@@ -213,32 +208,29 @@ impl Backend for CpuBackend {
         layer: usize,
         k: &Matrix,
         v: &Matrix,
-        kvs: &mut [&mut CpuKv],
+        pool: &mut CpuKvPool,
         spans: &[SeqSpan],
     ) -> Result<()> {
-        let d = k.cols;
-        if v.cols != d {
+        let d = pool.spec().shape.kv_dim();
+        if k.cols != d || v.cols != d || k.rows != v.rows {
             return Err(shape_error(format!(
-                "write_kv: K has {d} columns, V has {}",
-                v.cols
+                "write_kv: K is {}x{}, V is {}x{}, the pool stores {d} columns",
+                k.rows, k.cols, v.rows, v.cols
             )));
         }
-        for (kv, span) in kvs.iter_mut().zip(spans) {
-            // Writing at a position before the end overwrites from there:
-            // the sequence was rolled back (e.g. a recomputed prefix).
-            kv.truncate(layer, span.start_pos);
-            if kv.layer_len(layer) != span.start_pos {
+        for span in spans {
+            if span.rows.end > k.rows {
                 return Err(shape_error(format!(
-                    "write_kv: layer {layer} holds {} positions, cannot write at {}",
-                    kv.layer_len(layer),
-                    span.start_pos
+                    "write_kv: rows {:?} of a {}-row batch",
+                    span.rows, k.rows
                 )));
             }
-            kv.append(
+            pool.write(
                 layer,
                 &k.data[span.rows.start * d..span.rows.end * d],
                 &v.data[span.rows.start * d..span.rows.end * d],
-            );
+                span,
+            )?;
         }
         Ok(())
     }
@@ -247,11 +239,11 @@ impl Backend for CpuBackend {
         &self,
         layer: usize,
         q: &Matrix,
-        kvs: &[&mut CpuKv],
+        pool: &CpuKvPool,
         spans: &[SeqSpan],
         shape: &AttnShape,
     ) -> Result<Matrix> {
-        attention::causal(self.dot, layer, q, kvs, spans, shape)
+        attention::paged(self.dot, layer, q, pool, spans, shape)
     }
 
     fn silu_mul(&self, gate: &Matrix, up: &Matrix) -> Result<Matrix> {
