@@ -205,6 +205,13 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// The CUDA kernels cannot depend on this crate, so they carry their
+    /// own copy of the nibble order; this keeps the two the same format.
+    #[test]
+    fn cuda_kernels_use_the_same_nibble_order() {
+        assert_eq!(lmq_kernels::awq::AWQ_ORDER, AWQ_PACK_ORDER);
+    }
+
     proptest! {
         #[test]
         fn pack_then_unpack_is_identity(rows in 1usize..12, packed_cols in 1usize..6, seed in any::<u64>()) {
