@@ -35,6 +35,12 @@ pub struct GenerateArgs {
     min_p: f32,
     #[arg(long, default_value_t = 1.0)]
     repetition_penalty: f32,
+    /// OpenAI's presence penalty, in [-2, 2].
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    presence_penalty: f32,
+    /// OpenAI's frequency penalty, in [-2, 2].
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    frequency_penalty: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Stop when this string is generated (repeatable).
@@ -87,6 +93,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             top_p: args.top_p,
             min_p: args.min_p,
             repetition_penalty: args.repetition_penalty,
+            presence_penalty: args.presence_penalty,
+            frequency_penalty: args.frequency_penalty,
             seed: args.seed,
         },
         stop_token_ids: args.stop_token_ids,

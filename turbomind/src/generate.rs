@@ -164,7 +164,7 @@ pub fn generate<B: Backend>(
         if generated.is_empty() {
             prefill_time = t0.elapsed();
         }
-        let token = sampler.sample(&mut logits, &history);
+        let token = sampler.sample(&mut logits, &history, request.prompt_ids.len());
         history.push(token);
         if stop_ids.contains(&token) {
             finish_reason = FinishReason::Stop;

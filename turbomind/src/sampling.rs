@@ -1,6 +1,8 @@
-//! Token sampling from logits: repetition penalty, temperature, top-k,
-//! top-p, min-p, in that order (the order of Hugging Face's logits
-//! processors), with a seeded generator so that a run is reproducible.
+//! Token sampling from logits: repetition penalty, OpenAI's presence and
+//! frequency penalties, temperature, top-k, top-p, min-p, in that order
+//! (the order of Hugging Face's logits processors, with OpenAI's penalties
+//! beside the repetition penalty, as vLLM applies them), with a seeded
+//! generator so that a run is reproducible.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -19,6 +21,12 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// 1 disables the penalty.
     pub repetition_penalty: f32,
+    /// OpenAI's: subtracted once from every token already generated; 0
+    /// disables it.
+    pub presence_penalty: f32,
+    /// OpenAI's: subtracted per occurrence in the generated tokens; 0
+    /// disables it.
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
@@ -30,6 +38,8 @@ impl Default for SamplingParams {
             top_p: 1.0,
             min_p: 0.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -54,6 +64,12 @@ impl SamplingParams {
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
             return bad("repetition_penalty", "> 0", self.repetition_penalty);
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return bad("presence_penalty", "in [-2, 2]", self.presence_penalty);
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return bad("frequency_penalty", "in [-2, 2]", self.frequency_penalty);
         }
         Ok(())
     }
@@ -97,6 +113,23 @@ pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f3
     }
 }
 
+/// OpenAI's presence and frequency penalties over the generated tokens:
+/// `logit -= presence · [count > 0] + frequency · count`.
+pub fn apply_output_penalties(logits: &mut [f32], output: &[u32], presence: f32, frequency: f32) {
+    if presence == 0.0 && frequency == 0.0 {
+        return;
+    }
+    let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+    for &t in output {
+        *counts.entry(t).or_default() += 1;
+    }
+    for (t, n) in counts {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l -= presence + frequency * n as f32;
+        }
+    }
+}
+
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
@@ -109,10 +142,13 @@ impl Sampler {
     }
 
     /// Picks the next token. `history` is every token of the sequence so
-    /// far (prompt and generated), for the repetition penalty.
-    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+    /// far (prompt and generated), for the repetition penalty; the
+    /// generated ones start at `prompt_len`, for the OpenAI penalties.
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32], prompt_len: usize) -> u32 {
         let p = &self.params;
         apply_repetition_penalty(logits, history, p.repetition_penalty);
+        let output = history.get(prompt_len..).unwrap_or(&[]);
+        apply_output_penalties(logits, output, p.presence_penalty, p.frequency_penalty);
         if p.is_greedy() {
             return argmax(logits);
         }
@@ -168,7 +204,22 @@ mod tests {
     #[test]
     fn greedy_is_argmax_and_ties_go_low() {
         let mut s = Sampler::new(SamplingParams::default()).unwrap();
-        assert_eq!(s.sample(&mut [0.1, 3.0, 3.0, -1.0], &[]), 1);
+        assert_eq!(s.sample(&mut [0.1, 3.0, 3.0, -1.0], &[], 0), 1);
+    }
+
+    #[test]
+    fn openai_penalties_count_generated_tokens_only() {
+        let mut l = vec![1.0, 1.0, 1.0, 1.0];
+        apply_output_penalties(&mut l, &[2, 2, 1], 0.5, 0.25);
+        assert_eq!(l, vec![1.0, 0.25, 0.0, 1.0]);
+        // The prompt (history before prompt_len) is not penalized: token 0
+        // appears only there and still wins over 1 and 2 after penalties.
+        let params = SamplingParams {
+            presence_penalty: 2.0,
+            ..Default::default()
+        };
+        let mut s = Sampler::new(params).unwrap();
+        assert_eq!(s.sample(&mut [3.0, 4.0, 0.0], &[0, 0, 1], 2), 0);
     }
 
     #[test]
@@ -188,7 +239,7 @@ mod tests {
         };
         let mut s = Sampler::new(params).unwrap();
         for _ in 0..50 {
-            assert_eq!(s.sample(&mut [0.0, 0.5, 0.4, 0.49], &[]), 1);
+            assert_eq!(s.sample(&mut [0.0, 0.5, 0.4, 0.49], &[], 0), 1);
         }
     }
 
@@ -203,7 +254,7 @@ mod tests {
         let draw = |params: SamplingParams| {
             let mut s = Sampler::new(params).unwrap();
             (0..8000)
-                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .map(|_| s.sample(&mut logits.clone(), &[], 0))
                 .collect::<Vec<_>>()
         };
         let a = draw(params.clone());
@@ -234,7 +285,7 @@ mod tests {
         for params in [top_p, min_p] {
             let mut s = Sampler::new(params).unwrap();
             for _ in 0..500 {
-                assert_ne!(s.sample(&mut logits.clone(), &[]), 2);
+                assert_ne!(s.sample(&mut logits.clone(), &[], 0), 2);
             }
         }
     }

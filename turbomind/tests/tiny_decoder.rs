@@ -102,8 +102,8 @@ fn incremental_decode_matches_prefill() {
         let fx = fixture(spec);
         let model = load(fx.dir.path());
         let vocab = fx.spec.vocab;
-        // Chunks on both sides of the 8-row skinny/gemm boundary.
-        let chunks = [5usize, 1, 1, 3, 10, 1, 2];
+        // Chunks on both sides of the 16-row skinny/gemm boundary.
+        let chunks = [5usize, 1, 1, 3, 20, 1, 2];
         let total: usize = chunks.iter().sum();
         let tokens = Rng(fx.spec.seed ^ 0x1234).tokens(total, vocab);
 
@@ -260,14 +260,14 @@ fn batch_matches_alone() {
             assert_eq!(batched[i].len(), t.len() * vocab);
             assert!(
                 batched[i] == alone,
-                "sequence {i}: ≤8-row batch is not bitwise equal to alone"
+                "sequence {i}: ≤16-row batch is not bitwise equal to alone"
             );
             assert_eq!(batch_kv[i].len, prefixes[i].len() + t.len());
         }
 
-        // (ii) 3 + 1 + 6 = 10 rows: the batch goes through gemm, each
+        // (ii) 3 + 1 + 14 = 18 rows: the batch goes through gemm, each
         // sequence alone through the skinny kernel; equal up to rounding.
-        let new: Vec<Vec<u32>> = [3, 1, 6].iter().map(|&n| rng.tokens(n, vocab)).collect();
+        let new: Vec<Vec<u32>> = [3, 1, 14].iter().map(|&n| rng.tokens(n, vocab)).collect();
         let (mut batch_pool, mut batch_kv) = (base_pool.clone(), base.clone());
         let (mut alone_pool, mut alone_kv) = (base_pool.clone(), base.clone());
         let batched = forward_batch(&model, &mut batch_pool, &mut batch_kv, &new, &all);

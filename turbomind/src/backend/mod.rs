@@ -130,6 +130,8 @@ pub trait Backend: Send + Sync {
     fn upload_linear(&self, w: HostLinear) -> Result<Self::Linear>;
     fn upload_vector(&self, v: Vec<f32>) -> Result<Self::Vector>;
     fn new_kv_pool(&self, spec: &KvPoolSpec) -> Result<Self::KvPool>;
+    /// Memory free for a KV pool on this device, in bytes, if known.
+    fn free_memory(&self) -> Option<u64>;
 
     /// Rows of `table` (a `[vocab, dim]` linear weight) for each id.
     fn embedding(&self, table: &Self::Linear, ids: &[u32]) -> Result<Self::Act>;

@@ -147,6 +147,14 @@ impl Scheduler {
             .map(|s| s.blocks.as_slice())
     }
 
+    /// The tokens (prompt, then generated) of a running sequence.
+    pub fn tokens(&self, id: SeqId) -> Option<&[u32]> {
+        self.running
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| s.tokens.as_slice())
+    }
+
     fn blocks_for(&self, tokens: usize) -> usize {
         tokens.div_ceil(self.blocks.block_size())
     }

@@ -18,10 +18,10 @@ pub use tempfile::TempDir;
 /// lmq (f32 activations) against the f64 reference.
 pub const REFERENCE_TOL: f64 = 1e-3;
 /// Chunked decode against one-shot prefill: the same f32 math, but the CPU
-/// linear uses a dot-product kernel for ≤ 8 rows and `gemm` above, so rows
+/// linear uses a dot-product kernel for ≤ 16 rows and `gemm` above, so rows
 /// computed in different chunk sizes differ by float rounding.
 pub const INCREMENTAL_TOL: f64 = 1e-4;
-/// Batched against alone where the batch crosses the 8-row skinny/gemm
+/// Batched against alone where the batch crosses the 16-row skinny/gemm
 /// boundary and the alone runs do not: the same rounding-level difference
 /// as above (measured ≤ 5e-6 on an AVX2 machine; the margin allows for
 /// other gemm microkernels), so a tight tolerance. Batches that stay on the

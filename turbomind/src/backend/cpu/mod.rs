@@ -111,6 +111,10 @@ impl Backend for CpuBackend {
         CpuKvPool::new(spec)
     }
 
+    fn free_memory(&self) -> Option<u64> {
+        crate::engine::config::host_available_memory()
+    }
+
     fn embedding(&self, table: &CpuLinear, ids: &[u32]) -> Result<Matrix> {
         let dim = table.in_features;
         let weight = table

@@ -1,0 +1,374 @@
+//! The engine thread: owns the model, the KV pool and the scheduler, and
+//! runs the step loop. Each step it takes new commands, drops requests
+//! whose stream was closed (freeing their blocks), runs the scheduler's
+//! plan as one batched forward pass, samples, and sends events.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::block_manager::BlockManager;
+use super::config::EngineConfig;
+use super::handle::{Command, EngineHandle, EngineStats, ModelInfo, Shared};
+use super::request::{token_logprobs, EngineEvent, EngineRequest, FinishReason, Usage};
+use super::scheduler::{NewSequence, Scheduler, SchedulerConfig, SeqId, StepPlan, StepResult};
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::generate::StopStrings;
+use crate::model::{LogitsWanted, Model, SeqInput, SeqKv};
+use crate::sampling::Sampler;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+/// Starts an engine thread for `model` and returns its handle. The pool is
+/// sized and allocated here, so configuration errors surface at once.
+pub fn spawn_engine<B: Backend + 'static>(
+    model: Model<B>,
+    tokenizer: Arc<Tokenizer>,
+    config: &EngineConfig,
+) -> Result<EngineHandle> {
+    config.validate()?;
+    let bytes_per_block = model.kv_bytes_per_block(config.block_len);
+    let num_blocks = config.num_blocks(bytes_per_block, model.backend().free_memory())?;
+    let pool = model.new_kv_pool(num_blocks, config.block_len)?;
+    let scheduler = Scheduler::new(
+        SchedulerConfig {
+            max_batch_size: config.max_batch_size,
+            max_prefill_tokens: config.max_prefill_tokens,
+        },
+        BlockManager::new(num_blocks, config.block_len, config.prefix_caching),
+    );
+    let info = Arc::new(ModelInfo {
+        max_context: model.config.max_position_embeddings,
+        block_len: config.block_len,
+        num_blocks,
+        vocab_size: model.config.vocab_size,
+    });
+    let shared = Arc::new(Shared::new(config.max_queued_requests));
+    let (commands, inbox) = std::sync::mpsc::channel();
+    let worker = Worker {
+        model,
+        tokenizer: tokenizer.clone(),
+        pool,
+        scheduler,
+        requests: HashMap::new(),
+        inbox,
+        shared: shared.clone(),
+        stats: EngineStats {
+            kv_blocks_total: num_blocks,
+            ..Default::default()
+        },
+    };
+    std::thread::Builder::new()
+        .name("lmq-engine".into())
+        .spawn(move || worker.run())
+        .map_err(|e| Error::InvalidRequest(format!("cannot start the engine thread: {e}")))?;
+    Ok(EngineHandle {
+        commands,
+        shared,
+        info,
+        tokenizer,
+    })
+}
+
+/// A request the engine is working on.
+struct Active {
+    events: UnboundedSender<EngineEvent>,
+    sampler: Sampler,
+    prompt_len: usize,
+    max_tokens: usize,
+    stop_ids: Vec<u32>,
+    stops: StopStrings,
+    decoder: StreamDecoder,
+    logprobs: Option<usize>,
+    generated: usize,
+    cached_tokens: Option<usize>,
+    submitted: Instant,
+    first_token: Option<Instant>,
+}
+
+struct Worker<B: Backend> {
+    model: Model<B>,
+    tokenizer: Arc<Tokenizer>,
+    pool: B::KvPool,
+    scheduler: Scheduler,
+    requests: HashMap<SeqId, Active>,
+    inbox: Receiver<Command>,
+    shared: Arc<Shared>,
+    stats: EngineStats,
+}
+
+impl<B: Backend> Worker<B> {
+    fn run(mut self) {
+        loop {
+            if self.requests.is_empty() {
+                // Idle: wait for work; every handle gone means shut down.
+                match self.inbox.recv() {
+                    Ok(cmd) => self.apply(cmd),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match self.inbox.try_recv() {
+                    Ok(cmd) => self.apply(cmd),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) if self.requests.is_empty() => return,
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            }
+            let closed: Vec<SeqId> = self
+                .requests
+                .iter()
+                .filter(|(_, a)| a.events.is_closed())
+                .map(|(&id, _)| id)
+                .collect();
+            for id in closed {
+                self.cancel(id);
+            }
+            if !self.requests.is_empty() {
+                self.step();
+            }
+            self.publish_stats();
+        }
+    }
+
+    fn apply(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit {
+                id,
+                request,
+                events,
+            } => self.admit(id, request, events),
+            Command::Cancel(id) => self.cancel(id),
+        }
+    }
+
+    fn admit(&mut self, id: SeqId, r: EngineRequest, events: UnboundedSender<EngineEvent>) {
+        let sampler = match Sampler::new(r.sampling) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = events.send(EngineEvent::Failed(e.to_string()));
+                self.shared.request_ended();
+                return;
+            }
+        };
+        let max_context = self.model.config.max_position_embeddings;
+        let mut stop_ids = r.stop_token_ids;
+        if !r.ignore_eos {
+            stop_ids.extend(&self.model.config.eos_token_ids);
+        }
+        let active = Active {
+            events,
+            sampler,
+            prompt_len: r.prompt.len(),
+            max_tokens: r.max_tokens.min(max_context.saturating_sub(r.prompt.len())),
+            stop_ids,
+            stops: StopStrings::new(r.stop_strings),
+            decoder: StreamDecoder::new(),
+            logprobs: r.logprobs,
+            generated: 0,
+            cached_tokens: None,
+            submitted: Instant::now(),
+            first_token: None,
+        };
+        self.stats.prompt_tokens += r.prompt.len() as u64;
+        if let Err(e) = self.scheduler.add(NewSequence {
+            id,
+            prompt: r.prompt,
+            priority: r.priority,
+        }) {
+            let _ = active.events.send(EngineEvent::Failed(e.to_string()));
+            self.shared.request_ended();
+            return;
+        }
+        self.requests.insert(id, active);
+    }
+
+    /// Ends a request without events (its reader is gone or asked so).
+    fn cancel(&mut self, id: SeqId) {
+        if self.requests.remove(&id).is_some() {
+            // The scheduler may have retired it already in this step.
+            let _ = self.scheduler.cancel(id);
+            self.shared.request_ended();
+        }
+    }
+
+    /// Ends a request with a final event; the scheduler retires it.
+    fn finish(&mut self, id: SeqId, reason: FinishReason, hit_stop_string: bool) {
+        let Some(mut a) = self.requests.remove(&id) else {
+            return;
+        };
+        let text = if hit_stop_string {
+            String::new()
+        } else {
+            a.stops.flush()
+        };
+        let now = Instant::now();
+        let first = a.first_token.unwrap_or(now);
+        let _ = a.events.send(EngineEvent::Finished {
+            reason,
+            text,
+            usage: Usage {
+                prompt_tokens: a.prompt_len,
+                completion_tokens: a.generated,
+                cached_tokens: a.cached_tokens.unwrap_or(0),
+            },
+            time_to_first_token: first - a.submitted,
+            decode_time: now - first,
+        });
+        self.shared.request_ended();
+    }
+
+    fn fail_all(&mut self, ids: &[SeqId], message: &str) {
+        for &id in ids {
+            if let Some(a) = self.requests.remove(&id) {
+                let _ = a.events.send(EngineEvent::Failed(message.to_string()));
+                let _ = self.scheduler.cancel(id);
+                self.shared.request_ended();
+            }
+        }
+    }
+
+    fn step(&mut self) {
+        let plan = match self.scheduler.schedule() {
+            Ok(p) => p,
+            Err(e) => {
+                let ids: Vec<SeqId> = self.requests.keys().copied().collect();
+                self.fail_all(&ids, &format!("scheduler error: {e}"));
+                return;
+            }
+        };
+        self.stats.steps += 1;
+        self.stats.preemptions += plan.preempted.len() as u64;
+        for &id in &plan.aborted {
+            self.finish(id, FinishReason::Length, false);
+        }
+        if plan.chunks.is_empty() {
+            return;
+        }
+        let results = match self.run_plan(&plan) {
+            Ok(r) => r,
+            Err(e) => {
+                let ids: Vec<SeqId> = plan.chunks.iter().map(|c| c.seq).collect();
+                self.fail_all(&ids, &e.to_string());
+                return;
+            }
+        };
+        if let Err(e) = self.scheduler.complete(&results) {
+            let ids: Vec<SeqId> = self.requests.keys().copied().collect();
+            self.fail_all(&ids, &format!("scheduler error: {e}"));
+        }
+    }
+
+    /// Runs a plan's chunks as one forward pass and samples where logits
+    /// came back.
+    fn run_plan(&mut self, plan: &StepPlan) -> Result<Vec<StepResult>> {
+        let mut inputs: Vec<(Vec<u32>, SeqKv, bool)> = Vec::with_capacity(plan.chunks.len());
+        for c in &plan.chunks {
+            let missing = || Error::InvalidRequest(format!("sequence {} vanished", c.seq));
+            let tokens = self.scheduler.tokens(c.seq).ok_or_else(missing)?;
+            let blocks = self.scheduler.block_table(c.seq).ok_or_else(missing)?;
+            inputs.push((
+                tokens[c.positions.clone()].to_vec(),
+                SeqKv {
+                    blocks: blocks.to_vec(),
+                    len: c.positions.start,
+                },
+                c.wants_logits,
+            ));
+            if let Some(a) = self.requests.get_mut(&c.seq) {
+                // The first chunk of a request starts after its reused prefix.
+                if a.cached_tokens.is_none() {
+                    a.cached_tokens = Some(c.positions.start);
+                    self.stats.prefix_cached_tokens += c.positions.start as u64;
+                }
+            }
+        }
+        let mut batch: Vec<SeqInput<'_>> = inputs
+            .iter_mut()
+            .map(|(tokens, kv, wants)| SeqInput {
+                tokens,
+                kv,
+                logits: if *wants {
+                    LogitsWanted::Last
+                } else {
+                    LogitsWanted::None
+                },
+            })
+            .collect();
+        let mut logits = self.model.forward(&mut self.pool, &mut batch)?;
+        let mut results = Vec::with_capacity(plan.chunks.len());
+        for (c, row) in plan.chunks.iter().zip(logits.iter_mut()) {
+            if !c.wants_logits {
+                results.push(StepResult {
+                    seq: c.seq,
+                    token: None,
+                    finished: false,
+                });
+                continue;
+            }
+            let (token, finished) = self.sample(c.seq, row)?;
+            results.push(StepResult {
+                seq: c.seq,
+                token: Some(token),
+                finished,
+            });
+        }
+        Ok(results)
+    }
+
+    /// Samples one sequence's next token, sends its event, and says whether
+    /// the request ended.
+    fn sample(&mut self, id: SeqId, logits: &mut [f32]) -> Result<(u32, bool)> {
+        let history = self.scheduler.tokens(id).unwrap_or(&[]);
+        let Some(a) = self.requests.get_mut(&id) else {
+            // Cancelled meanwhile: the scheduler retires it.
+            return Ok((0, true));
+        };
+        let raw = a.logprobs.map(|_| logits.to_vec());
+        let token = a.sampler.sample(logits, history, a.prompt_len);
+        a.generated += 1;
+        self.stats.generation_tokens += 1;
+        a.first_token.get_or_insert_with(Instant::now);
+        if a.stop_ids.contains(&token) {
+            self.finish(id, FinishReason::Stop, false);
+            return Ok((token, true));
+        }
+        let piece = a.decoder.push(&self.tokenizer, token)?;
+        let (text, hit) = a.stops.push(&piece);
+        let logprobs = raw
+            .as_deref()
+            .zip(a.logprobs)
+            .map(|(l, n)| token_logprobs(l, token, n));
+        let _ = a.events.send(EngineEvent::Token {
+            id: token,
+            text,
+            logprobs,
+        });
+        if hit {
+            self.finish(id, FinishReason::Stop, true);
+            return Ok((token, true));
+        }
+        if a.generated >= a.max_tokens {
+            self.finish(id, FinishReason::Length, false);
+            return Ok((token, true));
+        }
+        Ok((token, false))
+    }
+
+    fn publish_stats(&mut self) {
+        let blocks = self.scheduler.blocks();
+        self.stats.running = self.scheduler.num_running();
+        self.stats.waiting = self.scheduler.num_waiting();
+        self.stats.kv_blocks_used = blocks.num_active();
+        self.stats.kv_blocks_cached = blocks.num_cached();
+        self.stats.kv_blocks_peak = self.stats.kv_blocks_peak.max(self.stats.kv_blocks_used);
+        let snapshot = self.stats.clone();
+        match self.shared.stats.lock() {
+            Ok(mut s) => *s = snapshot,
+            Err(poisoned) => *poisoned.into_inner() = snapshot,
+        }
+    }
+}
