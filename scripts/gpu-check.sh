@@ -65,7 +65,7 @@ fi
 bench_rc=$?
 
 if [[ "${PROFILE:-0}" == 1 ]] && command -v ncu >/dev/null; then
-    LMQ_BENCH_SHAPE=q/k LMQ_BENCH_M=1 ncu --clock-control none -k regex:w4a16 \
+    LMQ_BENCH_PROBE=0 LMQ_BENCH_SHAPE=q/k LMQ_BENCH_M=1 ncu --clock-control none -k regex:w4a16 \
         --launch-skip 70 --launch-count 1 --section SpeedOfLight --section Occupancy \
         --section WarpStateStats --section LaunchStats "$BIN/bench_w4" >"$LOG/ncu.txt" 2>&1
     grep -E "Duration|DRAM Throughput|Issue Slots Busy|Issued Instructions|Registers Per|Achieved Active" "$LOG/ncu.txt"

@@ -14,7 +14,8 @@
 //! time, as an engine that captures its decode step sees it), and launched
 //! one by one from the host (adds the host's launch cost where it exceeds
 //! the kernel's). The graph time is also taken for a few forced K-split
-//! counts around the automatic plan. Without a GPU it prints
+//! counts (warps per block) around the automatic plan, and with
+//! programmatic dependent launch on. Without a GPU it prints
 //! "skipped: no CUDA device" and exits 0.
 //!
 //! Run: `cargo run --release -p lmq-kernels --example bench_w4`
@@ -167,6 +168,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut rows_out = Vec::new();
     let mut per_m = vec![0.0f64; ms_list.len()];
+    let mut per_m_pdl = vec![0.0f64; ms_list.len()];
     for &(name, k, n) in &shapes {
         let packed = random_packed(&mut rng, k, n, g);
         let mut layers = (0..COPIES)
@@ -181,15 +183,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut out = dev.zeros::<f16>(m, n)?;
             let auto = layers[0].plan(m)?;
             // Split counts to try: the automatic one first.
-            let mut variants = vec![None];
-            for s in [auto.splits / 2, auto.splits * 2, auto.splits * 4] {
+            // (K splits, PDL, batch depth U): the automatic plan first.
+            let mut variants = vec![(None, false, None)];
+            for s in [auto.splits / 2, auto.splits * 2, 16] {
                 if s >= 1 && s != auto.splits && s <= k.div_ceil(128) {
-                    variants.push(Some(s));
+                    variants.push((Some(s), false, None));
                 }
             }
+            for u in [1, 2, 4] {
+                for s in [None, Some(auto.splits * 2)] {
+                    variants.push((s, false, Some(u)));
+                }
+            }
+            variants.push((None, true, None));
             let mut graph_us = Vec::new();
-            for &splits in &variants {
-                // Warm up (and grow the workspace) outside the capture.
+            let mut pdl_us = f64::NAN;
+            for &(splits, pdl, batch) in &variants {
+                let mut exists = true;
+                for l in layers.iter_mut() {
+                    l.set_pdl(pdl);
+                    exists &= l.set_batch(batch);
+                }
+                if !exists || splits.is_some_and(|s| s > 16) {
+                    continue;
+                }
+                // Warm up outside the capture.
                 let mut ok = true;
                 for l in layers.iter_mut() {
                     if l.forward_with(&dev, &xd, &mut out, splits).is_err() {
@@ -217,7 +235,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         })
                     })?);
                 }
-                graph_us.push((median(times) * 1e3 / COPIES as f64, plan));
+                let us = median(times) * 1e3 / COPIES as f64;
+                if pdl {
+                    pdl_us = us;
+                } else {
+                    graph_us.push((us, plan, batch));
+                }
+            }
+            for l in layers.iter_mut() {
+                l.set_pdl(false);
+                l.set_batch(None);
             }
             let mut times = Vec::new();
             for _ in 0..ROUNDS {
@@ -229,8 +256,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 })?);
             }
             let direct_us = median(times) * 1e3 / COPIES as f64;
-            let (us, plan) = graph_us[0];
-            let (best_us, best) = graph_us
+            let (us, plan, _) = graph_us[0];
+            let (best_us, best, best_u) = graph_us
                 .iter()
                 .copied()
                 .min_by(|a, b| a.0.total_cmp(&b.0))
@@ -244,29 +271,87 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 1.0
             };
             per_m[mi] += count * us;
+            per_m_pdl[mi] += count * pdl_us;
             rows_out.push(format!(
-                "| {name:8} | {k:5}x{n:5} | {m:2} | {us:7.2} | {gbs:6.0} | {:5.1}% | {direct_us:7.2} | {}x{}, kc {} | {best_us:7.2} @ S={} |",
+                "| {name:8} | {k:5}x{n:5} | {m:2} | {us:7.2} | {gbs:6.0} | {:5.1}% | {pdl_us:7.2} | {:5.1}% | {direct_us:7.2} | {}x{}, kc {} | {best_us:7.2} @ S={}{} |",
                 100.0 * gbs / copy_gbs,
+                100.0 * wbytes as f64 / (pdl_us * 1e-6) / 1e9 / copy_gbs,
                 plan.n_blocks,
                 plan.splits,
                 plan.kc,
-                best.splits
+                best.splits,
+                best_u.map_or(String::new(), |u| format!(" U={u}"))
             ));
         }
+    }
+    // Batch depths U = 2 and 4 against their memory-only probes (same
+    // loads, no math): M = 1, automatic split, graph replay.
+    let mut probe_rows = Vec::new();
+    if std::env::var("LMQ_BENCH_PROBE").map_or(true, |v| v != "0") {
+        for &(name, k, n) in &shapes {
+            let packed = random_packed(&mut rng, k, n, g);
+            let mut layers = (0..COPIES)
+                .map(|_| W4A16Linear::new(&dev, &packed, None))
+                .collect::<Result<Vec<_>, _>>()?;
+            let wbytes = layers[0].weight_bytes();
+            let x: Vec<f16> = (0..k)
+                .map(|_| f16::from_f32((rng.next() % 2001) as f32 / 1000.0 - 1.0 + 1e-4))
+                .collect();
+            let xd = dev.upload(&x, 1, k)?;
+            let mut out = dev.zeros::<f16>(1, n)?;
+            let mut cells = Vec::new();
+            for v in [
+                "g128_r1_u2",
+                "g128_r1_u2_probe",
+                "g128_r1_u4",
+                "g128_r1_u4_probe",
+            ] {
+                for l in layers.iter_mut() {
+                    l.set_kernel(&dev, Some(v))?;
+                    l.forward(&dev, &xd, &mut out)?;
+                }
+                let graph = capture(&stream, || {
+                    for l in layers.iter_mut() {
+                        l.forward(&dev, &xd, &mut out)?;
+                    }
+                    Ok(())
+                })?;
+                graph.launch()?;
+                let mut times = Vec::new();
+                for _ in 0..ROUNDS {
+                    times.push(timed(&dev, &start, &end, &stream, || {
+                        graph.launch().map_err(|e| KernelError::Driver {
+                            context: "graph",
+                            source: e,
+                        })
+                    })?);
+                }
+                let us = median(times) * 1e3 / COPIES as f64;
+                let pct = 100.0 * wbytes as f64 / (us * 1e-6) / 1e9 / copy_gbs;
+                cells.push(format!("{v}: {us:.2} us {pct:.0}%"));
+            }
+            probe_rows.push(format!("{name:8} M=1 | {}", cells.join(" | ")));
+        }
+    }
+
+    println!();
+    for r in probe_rows {
+        println!("{r}");
     }
     println!();
     println!("W4A16 GEMV, g = {g}, {COPIES} weight copies, median of {ROUNDS} rounds; weight bytes = codes + fp16 scales + fp16 zeros");
     println!("us/call and GB/s from graph replay; 'launched' = the same calls launched one by one from the host;");
-    println!("'best split' = fastest graph time over forced K-split counts (S) around the automatic plan");
-    println!("| linear   | in x out    |  M | us/call |  GB/s  | of copy | launched | grid (blocks x S) | best split |");
-    println!("|----------|-------------|----|---------|--------|---------|----------|-------------------|------------|");
+    println!("'PDL' = graph replay with programmatic dependent launch (weights load while the previous call finishes);");
+    println!("'best split' = fastest graph time (no PDL) over forced K-split counts (S = warps per block) around the automatic plan");
+    println!("| linear   | in x out    |  M | us/call |  GB/s  | of copy | PDL us  | of copy | launched | grid (blocks x S) | best split |");
+    println!("|----------|-------------|----|---------|--------|---------|---------|---------|----------|-------------------|------------|");
     for r in rows_out {
         println!("{r}");
     }
     for (mi, &m) in ms_list.iter().enumerate() {
         println!(
-            "M = {m:2}: the 7 linears of one Llama-2-7B layer take {:.1} us (graph)",
-            per_m[mi]
+            "M = {m:2}: the 7 linears of one Llama-2-7B layer take {:.1} us (graph), {:.1} us (graph + PDL)",
+            per_m[mi], per_m_pdl[mi]
         );
     }
     Ok(())

@@ -26,8 +26,7 @@ pub const K_BLOCK: usize = 128;
 /// - `qw`: for column tile `nt` (8 outputs) and k-block `kb` (128 inputs),
 ///   512 bytes at words `((nt·KB + kb)·32 + lane)·4 .. +4`. Lane `4g + t`
 ///   owns output `8nt + g`; nibble `p` of its word `i` holds input
-///   `128kb + 16(2i + (p>>1 & 1)) + 2t + 8(p & 1) + (p >> 2)`.
-///   Inputs past `in` hold 0.
+///   `128kb + 32i + 8t + 2(p & 3) + (p >> 2)`. Inputs past `in` hold 0.
 /// - `scales`: `[in/g][out]` fp16, as in AutoAWQ.
 /// - `zeros`: `[in/g][out]` fp16 holding `1024 + z` (the kernel subtracts
 ///   it from `1024 + q`, which is what the code bits become as fp16).
@@ -57,12 +56,10 @@ impl PackedW4 {
         let kbs = in_features.div_ceil(K_BLOCK);
         let (nt, g) = (n / 8, n % 8);
         let (kb, kk) = (k / K_BLOCK, k % K_BLOCK);
-        let (step, r) = (kk / 16, kk % 16);
-        let part = r / 8; // 0: fragment register b0b1, 1: b2b3
-        let t = (r % 8) / 2;
-        let hi = r % 2;
-        let (word, h) = (step / 2, step % 2);
-        let p = hi * 4 + h * 2 + part;
+        let (word, r) = (kk / 32, kk % 32);
+        let (t, o) = (r / 8, r % 8);
+        // o = 2(p & 3) + (p >> 2)
+        let p = (o >> 1) | ((o & 1) << 2);
         let lane = 4 * g + t;
         (((nt * kbs + kb) * 32 + lane) * 4 + word, p as u32)
     }
@@ -209,11 +206,7 @@ mod tests {
                         for pos in 0..8u32 {
                             let (g8, t) = (lane / 4, lane % 4);
                             let pu = pos as usize;
-                            let k = 128 * kb
-                                + 16 * (2 * i + ((pu >> 1) & 1))
-                                + 2 * t
-                                + 8 * (pu & 1)
-                                + (pu >> 2);
+                            let k = 128 * kb + 32 * i + 8 * t + 2 * (pu & 3) + (pu >> 2);
                             let got = (word >> (4 * pos)) & 0xF;
                             let want = if k < inf {
                                 q[k * outf + 8 * nt + g8]

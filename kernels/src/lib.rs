@@ -17,8 +17,8 @@
 //!   cached on disk by source hash and architecture, see [`nvrtc`]).
 //! - The 4-bit weight layout the kernel reads is produced only by
 //!   [`PackedW4::from_awq`] and documented there and in kernels/README.md.
-//! - Results do not depend on timing: split-K partial sums are added in a
-//!   fixed order.
+//! - Results do not depend on timing: the W4A16 warps' K-split partial
+//!   sums are added in a fixed order.
 
 pub mod awq;
 pub mod buffer;

@@ -3,23 +3,27 @@
 //! layout of [`PackedW4`]. The kernel is `cu/w4a16.cu`; its header comment
 //! explains the work split.
 
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys;
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut};
 use half::f16;
 
-use crate::awq::{PackedW4, K_BLOCK};
+use crate::awq::PackedW4;
 use crate::buffer::{DeviceMatrix, Element};
 use crate::device::GpuDevice;
 use crate::error::{DriverContext, KernelError, Result};
 use crate::nvrtc::Module;
 
-/// Most activation rows one call takes (one mma tile of 16 rows).
+/// Most activation rows one call takes (two mma n8 token groups).
 pub const MAX_ROWS: usize = 16;
-/// Output columns one thread block owns (8 warps × 2 tiles × 8).
-const BLOCK_COLS: usize = 128;
-const BLOCK_THREADS: u32 = 256;
-/// Dynamic shared memory used for the activation chunk; the default limit,
-/// so no function attribute has to be raised.
-const SMEM_LIMIT: usize = 48 * 1024;
+/// Output columns one thread block owns (two 8-column tiles).
+const BLOCK_COLS: usize = 16;
+/// Most warps (K splits) in one block (the kernels' launch bound is 512).
+const MAX_SPLITS: usize = 16;
+/// Most warps the automatic plan gives a block (H200: 8 beat 15 on
+/// 11008→4096 and matched 4 on 4096→11008).
+const AUTO_SPLITS: usize = 8;
+/// k-blocks a warp aims to own under the automatic plan (one batch of loads).
+const KB_PER_WARP: usize = 4;
 
 /// Output element types of the linear.
 pub trait OutElement: Element {
@@ -33,8 +37,9 @@ impl OutElement for f32 {
     const IS_F32: i32 = 1;
 }
 
-/// How one launch divides the work: `n_blocks` column blocks × `splits`
-/// K-chunks of `kc` k-blocks (128 inputs) each.
+/// How one launch divides the work: `n_blocks` blocks of 16 output columns,
+/// each of `splits` warps that split K into chunks of `kc` k-blocks (128
+/// inputs); the warps' partial sums meet in `smem_bytes` of shared memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct W4Plan {
     pub n_blocks: usize,
@@ -43,36 +48,52 @@ pub struct W4Plan {
     pub smem_bytes: usize,
 }
 
-/// Chooses the split of K: enough blocks to give every SM about two, with
-/// each block's activation chunk inside the shared-memory limit.
-fn plan(m: usize, kbs: usize, n: usize, num_sms: usize, splits: Option<usize>) -> Result<W4Plan> {
+/// The compiled (token halves, batch depth) variants for group size `g`
+/// (cu/w4a16.cu's entry list); the first of each token-half count is the
+/// default.
+fn kernel_variants(g: usize) -> &'static [(usize, usize)] {
+    if g == 32 {
+        &[(1, 1), (1, 2), (2, 1)]
+    } else {
+        &[(1, 2), (1, 4), (2, 1), (2, 2)]
+    }
+}
+
+/// Token halves (mma n8 groups) the kernel runs for `m` rows.
+fn halves(m: usize) -> usize {
+    if m > 8 {
+        2
+    } else {
+        1
+    }
+}
+
+/// Chooses the split of K over the warps of a block: about
+/// [`KB_PER_WARP`] k-blocks per warp, at most [`AUTO_SPLITS`] warps.
+fn plan(m: usize, kbs: usize, n: usize, splits: Option<usize>) -> Result<W4Plan> {
     let n_blocks = n.div_ceil(BLOCK_COLS);
-    let max_kc = ((SMEM_LIMIT / (2 * m)).saturating_sub(8) / K_BLOCK).max(1);
-    let kc = match splits {
-        None => {
-            let want = (2 * num_sms).div_ceil(n_blocks).clamp(1, kbs);
-            kbs.div_ceil(want).min(max_kc)
-        }
+    let want = match splits {
+        None => kbs.div_ceil(KB_PER_WARP).clamp(1, AUTO_SPLITS),
+        Some(s) if (1..=MAX_SPLITS).contains(&s) => s.min(kbs),
         Some(s) => {
-            let kc = kbs.div_ceil(s.clamp(1, kbs));
-            if kc > max_kc {
-                return Err(KernelError::invalid(
-                    "W4A16 linear",
-                    format!("{s} split(s) leave {kc} k-blocks per block; at M = {m} at most {max_kc} fit in shared memory"),
-                ));
-            }
-            kc
+            return Err(KernelError::invalid(
+                "W4A16 linear",
+                format!("{s} K splits asked for; 1..={MAX_SPLITS} are possible"),
+            ))
         }
     };
+    let kc = kbs.div_ceil(want);
+    // Drop warps that would own no k-block.
+    let splits = kbs.div_ceil(kc);
     Ok(W4Plan {
         n_blocks,
-        splits: kbs.div_ceil(kc),
+        splits,
         kc,
-        smem_bytes: 2 * m * (kc * K_BLOCK + 8),
+        smem_bytes: splits * 32 * 4 * halves(m) * 4,
     })
 }
 
-/// A 4-bit linear layer resident on one GPU, with its split-K workspace.
+/// A 4-bit linear layer resident on one GPU.
 pub struct W4A16Linear {
     in_features: usize,
     out_features: usize,
@@ -84,13 +105,16 @@ pub struct W4A16Linear {
     bias: Option<CudaSlice<f16>>,
     /// Stands in for the bias pointer when there is none; never read.
     no_bias: CudaSlice<f16>,
-    ws: CudaSlice<f32>,
-    /// One arrival counter per column block; zero between launches (the
-    /// last block of each range resets its own).
-    counters: CudaSlice<u32>,
     weight_bytes: usize,
-    num_sms: usize,
-    func: CudaFunction,
+    /// Kernels by (token halves, batch depth U): M ≤ 8 is 1 half, M > 8 two.
+    funcs: Vec<((usize, usize), CudaFunction)>,
+    /// Batch depth forced by [`Self::set_batch`] (tuning), else the default.
+    batch: Option<usize>,
+    /// Kernel forced for M ≤ 8 by [`Self::set_kernel`] (tuning only).
+    forced: Option<CudaFunction>,
+    /// Launch with programmatic dependent launch (sm_90+ only).
+    pdl: bool,
+    pdl_ok: bool,
 }
 
 impl std::fmt::Debug for W4A16Linear {
@@ -125,6 +149,8 @@ impl W4A16Linear {
         if packed.qw.len() != n / 8 * kbs * 128
             || packed.scales.len() != gn
             || packed.zeros.len() != gn
+            || !k.is_multiple_of(32)
+            || !n.is_multiple_of(8)
         {
             return Err(KernelError::shape(
                 "W4A16 linear",
@@ -140,21 +166,12 @@ impl W4A16Linear {
             }
         }
         let stream = dev.stream();
-        let num_sms = dev.num_sms() as usize;
-        let ws_len = (1..=MAX_ROWS)
-            .map(|m| {
-                plan(m, kbs, n, num_sms, None)
-                    .map(|p| if p.splits > 1 { p.splits * m * n } else { 0 })
-            })
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .max()
-            .unwrap_or(0)
-            .max(1);
+        let g = packed.group_size;
+        let pdl_ok = dev.compute_capability() >= (9, 0);
         Ok(Self {
             in_features: k,
             out_features: n,
-            group_size: packed.group_size,
+            group_size: g,
             kbs,
             qw: stream.clone_htod(&packed.qw).during("uploading W4 codes")?,
             scales: stream
@@ -168,15 +185,18 @@ impl W4A16Linear {
                 .transpose()
                 .during("uploading a bias")?,
             no_bias: stream.alloc_zeros::<f16>(1).during("allocating")?,
-            ws: stream
-                .alloc_zeros::<f32>(ws_len)
-                .during("allocating the split-K workspace")?,
-            counters: stream
-                .alloc_zeros::<u32>(n.div_ceil(BLOCK_COLS))
-                .during("allocating split-K counters")?,
             weight_bytes: packed.weight_bytes(),
-            num_sms,
-            func: dev.function(Module::W4A16, &format!("w4a16_gemm_g{}", packed.group_size))?,
+            funcs: kernel_variants(g)
+                .iter()
+                .map(|&(r, u)| {
+                    dev.function(Module::W4A16, &format!("w4a16_gemv_g{g}_r{r}_u{u}"))
+                        .map(|f| ((r, u), f))
+                })
+                .collect::<Result<Vec<_>>>()?,
+            batch: None,
+            forced: None,
+            pdl: false,
+            pdl_ok,
         })
     }
 
@@ -194,10 +214,39 @@ impl W4A16Linear {
         self.weight_bytes
     }
 
+    /// Launch with programmatic dependent launch (sm_90 and newer; ignored
+    /// before): the kernel then loads its weights while the previous kernel
+    /// on the stream is still finishing, and waits for it before it reads
+    /// `x`. Returns whether it is now on.
+    pub fn set_pdl(&mut self, on: bool) -> bool {
+        self.pdl = on && self.pdl_ok;
+        self.pdl
+    }
+
+    /// Forces the kernel's batch depth (k-blocks whose loads a warp has in
+    /// flight together) where that variant exists; `None` restores the
+    /// default. For tuning; returns whether the variant exists.
+    #[doc(hidden)]
+    pub fn set_batch(&mut self, u: Option<usize>) -> bool {
+        self.batch = u;
+        u.is_none_or(|u| self.funcs.iter().any(|((_, fu), _)| *fu == u))
+    }
+
+    /// Forces the M ≤ 8 kernel to the entry point `w4a16_gemv_{name}` of
+    /// cu/w4a16.cu (e.g. the memory probes, whose results are wrong);
+    /// `None` restores the default. Bench only.
+    #[doc(hidden)]
+    pub fn set_kernel(&mut self, dev: &GpuDevice, name: Option<&str>) -> Result<()> {
+        self.forced = name
+            .map(|n| dev.function(Module::W4A16, &format!("w4a16_gemv_{n}")))
+            .transpose()?;
+        Ok(())
+    }
+
     /// The launch plan a call with `m` rows would use.
     pub fn plan(&self, m: usize) -> Result<W4Plan> {
         self.check_rows(m)?;
-        plan(m, self.kbs, self.out_features, self.num_sms, None)
+        plan(m, self.kbs, self.out_features, None)
     }
 
     fn check_rows(&self, m: usize) -> Result<()> {
@@ -262,53 +311,93 @@ impl W4A16Linear {
                 "operands belong to another GpuDevice",
             ));
         }
-        let p = plan(m, self.kbs, self.out_features, self.num_sms, splits)?;
-        let need = if p.splits > 1 {
-            p.splits * m * self.out_features
-        } else {
-            1
-        };
-        if need > self.ws.len() {
-            self.ws = dev
-                .stream()
-                .alloc_zeros::<f32>(need)
-                .during("growing the split-K workspace")?;
-        }
+        let p = plan(m, self.kbs, self.out_features, splits)?;
         let (mi, ni, ki) = (m as i32, self.out_features as i32, self.in_features as i32);
         let (kbi, kci) = (self.kbs as i32, p.kc as i32);
         let has_bias = i32::from(self.bias.is_some());
         let out_f32 = O::IS_F32;
-        let bias = self.bias.as_ref().unwrap_or(&self.no_bias);
-        let cfg = LaunchConfig {
-            grid_dim: (p.n_blocks as u32, p.splits as u32, 1),
-            block_dim: (BLOCK_THREADS, 1, 1),
-            shared_mem_bytes: p.smem_bytes as u32,
-        };
         let stream = dev.stream();
-        let mut b = stream.launch_builder(&self.func);
-        b.arg(&x.data)
-            .arg(&self.qw)
-            .arg(&self.scales)
-            .arg(&self.zeros)
-            .arg(bias)
-            .arg(&mut out.data)
-            .arg(&mut self.ws)
-            .arg(&mut self.counters)
-            .arg(&mi)
-            .arg(&ni)
-            .arg(&ki)
-            .arg(&kbi)
-            .arg(&kci)
-            .arg(&has_bias)
-            .arg(&out_f32);
-        // SAFETY: the argument list matches `w4a16_gemm_g{G}`'s signature in
-        // cu/w4a16.cu, G being this layer's group size. Shapes were checked above: x holds m·K fp16, out m·N
-        // elements of the type `out_f32` names, qw/scales/zeros were validated against
-        // (K, N, G) at construction, the workspace holds splits·m·N floats,
-        // counters one word per column block (zero between launches), and
-        // the shared memory covers m rows of kc·128 + 8 halves. All buffers
-        // belong to this device's stream (checked above).
-        unsafe { b.launch(cfg) }.during("launching w4a16_gemm")?;
+        let r = halves(m);
+        let func = self
+            .forced
+            .as_ref()
+            .filter(|_| r == 1)
+            .or_else(|| {
+                self.batch
+                    .and_then(|u| self.funcs.iter().find(|((fr, fu), _)| (*fr, *fu) == (r, u)))
+                    .map(|(_, f)| f)
+            })
+            .or_else(|| {
+                self.funcs
+                    .iter()
+                    .find(|((fr, _), _)| *fr == r)
+                    .map(|(_, f)| f)
+            })
+            .ok_or_else(|| KernelError::invalid(OP, "no kernel variant for this row count"))?;
+        let bias = self.bias.as_ref().unwrap_or(&self.no_bias);
+        let (x_ptr, _x_sync) = x.data.device_ptr(stream);
+        let (qw_ptr, _qw_sync) = self.qw.device_ptr(stream);
+        let (sc_ptr, _sc_sync) = self.scales.device_ptr(stream);
+        let (zb_ptr, _zb_sync) = self.zeros.device_ptr(stream);
+        let (bias_ptr, _bias_sync) = bias.device_ptr(stream);
+        let (out_ptr, _out_sync) = out.data.device_ptr_mut(stream);
+        let mut args: [*mut std::ffi::c_void; 13] = [
+            &x_ptr as *const _ as *mut _,
+            &qw_ptr as *const _ as *mut _,
+            &sc_ptr as *const _ as *mut _,
+            &zb_ptr as *const _ as *mut _,
+            &bias_ptr as *const _ as *mut _,
+            &out_ptr as *const _ as *mut _,
+            &mi as *const _ as *mut _,
+            &ni as *const _ as *mut _,
+            &ki as *const _ as *mut _,
+            &kbi as *const _ as *mut _,
+            &kci as *const _ as *mut _,
+            &has_bias as *const _ as *mut _,
+            &out_f32 as *const _ as *mut _,
+        ];
+        // SAFETY: the value of a programmatic-serialization attribute is the
+        // int `programmaticStreamSerializationAllowed`; the rest of the
+        // union is padding.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: p.n_blocks as u32,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: (32 * p.splits) as u32,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: p.smem_bytes as u32,
+            hStream: stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(self.pdl),
+        };
+        dev.context()
+            .bind_to_thread()
+            .during("binding the context")?;
+        // SAFETY: `args` matches `w4a16_gemv_g{G}_r{R}_u{U}`'s signature in
+        // cu/w4a16.cu (six device pointers, seven ints), G being this
+        // layer's group size; every pointed-to value lives until after the
+        // call, which copies them. Shapes were checked above: x holds m·K
+        // fp16 (K a multiple of 32), out m·N elements of the type `out_f32`
+        // names, qw/scales/zeros were validated against (K, N, G) at
+        // construction, bias holds N fp16 when has_bias; the block has
+        // 32·splits ≤ 512 threads and smem_bytes covers splits·32·4·halves
+        // floats. All buffers belong to this device's stream (checked
+        // above), and the sync guards record the launch on them when they
+        // drop.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &cfg,
+                func.cu_function(),
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .during("launching w4a16_gemv")?;
         Ok(p)
     }
 }
@@ -318,7 +407,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plans_fit_shared_memory_and_cover_k() {
+    fn plans_cover_k() {
         for &(k, n) in &[
             (4096usize, 4096usize),
             (4096, 11008),
@@ -326,17 +415,22 @@ mod tests {
             (576, 200),
             (1536, 256),
         ] {
-            let kbs = k.div_ceil(K_BLOCK);
+            let kbs = k.div_ceil(128);
             for m in 1..=MAX_ROWS {
-                let p = plan(m, kbs, n, 132, None).unwrap();
-                assert!(p.smem_bytes <= SMEM_LIMIT, "{k}x{n} m{m}: {p:?}");
-                assert!(
-                    p.splits * p.kc >= kbs && (p.splits - 1) * p.kc < kbs,
-                    "{p:?}"
-                );
+                for s in [None, Some(1), Some(3), Some(16)] {
+                    let p = plan(m, kbs, n, s).unwrap();
+                    assert!(p.splits <= MAX_SPLITS && p.smem_bytes <= 48 * 1024, "{p:?}");
+                    assert!(
+                        p.splits * p.kc >= kbs && (p.splits - 1) * p.kc < kbs,
+                        "{k}x{n} m{m}: {p:?}"
+                    );
+                    assert!(p.n_blocks * BLOCK_COLS >= n);
+                }
             }
         }
-        assert!(plan(16, 86, 4096, 132, Some(1)).is_err());
-        assert_eq!(plan(1, 12, 256, 132, Some(1)).unwrap().splits, 1);
+        assert!(plan(16, 86, 4096, Some(17)).is_err());
+        assert!(plan(16, 86, 4096, Some(0)).is_err());
+        assert_eq!(plan(1, 12, 256, Some(1)).unwrap().splits, 1);
+        assert_eq!(plan(1, 32, 4096, None).unwrap().splits, 8);
     }
 }

@@ -129,6 +129,10 @@ struct W4Case {
     bias: bool,
     out_f32: bool,
     splits: Option<usize>,
+    /// Launch with programmatic dependent launch (where the GPU has it).
+    pdl: bool,
+    /// Force the kernel's batch depth (k-blocks loaded together).
+    batch: Option<usize>,
 }
 
 /// Bounds: weights are dequantized in fp16 (one rounding each, as AutoAWQ's
@@ -164,15 +168,22 @@ fn run_w4<O: Element + ToF64 + lmq_kernels::OutElement>(dev: &GpuDevice, c: W4Ca
     let packed =
         PackedW4::from_awq(&awq_pack(&q, k, n), &awq_pack(&z, groups, n), &s, k, n, g).unwrap();
     let mut layer = W4A16Linear::new(dev, &packed, bias.as_deref()).unwrap();
+    let pdl = layer.set_pdl(c.pdl);
+    assert!(
+        layer.set_batch(c.batch),
+        "no kernel variant with batch {:?}",
+        c.batch
+    );
     let xd = dev.upload(&x, m, k).unwrap();
     let mut out = poisoned::<O>(dev, m, n);
     let plan = layer.forward_with(dev, &xd, &mut out, c.splits).unwrap();
     let got = dev.download(&out).unwrap();
     let what = format!(
-        "w4a16 m{m} k{k} n{n} g{g} bias={} out={} splits={}",
+        "w4a16 m{m} k{k} n{n} g{g} bias={} out={} splits={} pdl={pdl} batch={:?}",
         c.bias,
         O::NAME,
-        plan.splits
+        plan.splits,
+        c.batch
     );
     let bound = if c.out_f32 {
         W4_REL_L2_F32
@@ -182,7 +193,7 @@ fn run_w4<O: Element + ToF64 + lmq_kernels::OutElement>(dev: &GpuDevice, c: W4Ca
     let rel = compare(&what, &got, &want, bound, W4_MAX_REL);
 
     // A second launch (re-poisoned) must give bit-identical results: the
-    // split-K counters reset themselves and the sum order is fixed.
+    // warps' partial sums are added in a fixed order.
     dev.fill(&mut out, O::POISON).unwrap();
     layer.forward_with(dev, &xd, &mut out, c.splits).unwrap();
     let again = dev.download(&out).unwrap();
@@ -214,6 +225,13 @@ fn w4a16_matches_reference() {
         bias,
         out_f32,
         splits,
+        pdl: false,
+        batch: None,
+    };
+    let pdl = |c: W4Case| W4Case { pdl: true, ..c };
+    let batch = |u, c: W4Case| W4Case {
+        batch: Some(u),
+        ..c
     };
     let cases = [
         case(1, 576, 200, 64, true, false, None),
@@ -227,6 +245,24 @@ fn w4a16_matches_reference() {
         case(16, 4096, 1024, 32, true, false, None),
         case(2, 11008, 136, 128, false, true, None),
         case(7, 2048, 4104, 64, true, false, None),
+        // The decode shapes' K and M edges: 8 / 9 rows (one and two mma
+        // token groups), K = 32·odd (a partial last chunk of 128), the
+        // most warps per block, an odd number of 8-column tiles.
+        case(1, 4096, 1032, 128, false, true, None),
+        case(4, 4096, 1032, 128, true, true, Some(16)),
+        case(8, 1120, 520, 32, true, true, None),
+        case(9, 1120, 520, 32, false, true, Some(5)),
+        case(16, 11008, 264, 128, false, true, None),
+        case(1, 96, 24, 32, true, false, None),
+        pdl(case(1, 4096, 1024, 128, true, true, None)),
+        pdl(case(12, 2048, 520, 64, false, false, Some(3))),
+        // Every batch-depth variant the benchmark may pick.
+        batch(2, case(1, 4096, 264, 128, true, true, None)),
+        batch(2, case(3, 1152, 264, 128, false, true, Some(3))),
+        batch(1, case(11, 4096, 264, 128, false, true, None)),
+        batch(4, case(2, 2112, 264, 64, false, true, None)),
+        batch(1, case(13, 2112, 264, 64, true, true, Some(5))),
+        batch(1, case(4, 4064, 264, 32, false, true, None)),
     ];
     for (i, c) in cases.into_iter().enumerate() {
         w4(&dev, c, 1000 + i as u64);

@@ -4,47 +4,58 @@
 // Weight layout (written by kernels/src/awq.rs, see kernels/README.md):
 //   K is padded up to Kp = 128·KB. The weight is cut into tiles of
 //   8 output columns × 128 inputs. Tile (nt, kb) is 512 contiguous bytes,
-//   stored at qw[(nt·KB + kb)·32 + lane] as one uint4 per lane of a warp:
-//   lane = 4g + t owns column n = 8nt + g. Its 4 words i = 0..3 cover the
-//   two mma k16-steps j = 2i and 2i+1; nibble p of word i holds input
-//       k = 128kb + 16(2i + (p>>1 & 1)) + 2t + (p & 1 ? 8 : 0) + (p >> 2)
-//   i.e. positions (0,4) = k 2t, 2t+1 of step 2i, (1,5) = k 2t+8, 2t+9 of
-//   step 2i, (2,6) and (3,7) the same for step 2i+1. So `(w >> 4s) & 0x000F000F`
-//   is the B fragment register of one mma.m16n8k16 in half2 nibble form.
-//   Padded inputs have q = 0; their activations are zero in shared memory.
+//   stored at qw[(nt·KB + kb)·32 + lane] as one uint4 per lane of a warp, so
+//   one column tile streams contiguously along K. Lane = 4g + t owns column
+//   n = 8nt + g; nibble p of its word i holds input
+//       k = 128kb + 32i + 8t + 2(p & 3) + (p >> 2)
+//   i.e. word i holds 8 consecutive inputs of the 32-input chunk i, the
+//   4 lanes t of a column splitting the chunk. Padded inputs have q = 0.
 //   sc[grp·N + n] is the fp16 scale and zb[grp·N + n] the fp16 biased zero
-//   1024 + z of group grp = k / G.
+//   1024 + z of group grp = k / G (G = 32, 64 or 128, so a word never
+//   straddles two groups).
 //
-// Dequantization: (q | 0x6400) read as fp16 is exactly 1024 + q, so one
-// lop3 and one exact hsub2 give B = q − z as fp16 integers. The tensor core
-// accumulates x·(q − z) over one group in fp32 (exact products), and the
-// group's scale multiplies that partial sum once, in fp32. So no weight is
-// ever rounded to fp16, and the only per-weight work is lop3 + hsub2.
+// Math ("swapped" tensor-core GEMV): one mma.m16n8k16 takes as A the
+// dequantized weights of two column tiles (16 output columns × 16 inputs)
+// and as B the activations (16 inputs × 8 tokens), so the 8-wide n side
+// carries the M ≤ 8 tokens (M ≤ 16: two mmas share A). The inputs are
+// permuted inside each 32-input chunk: A's logical k 2t, 2t+1 of step 2i
+// is physical 32i + 8t + {0,1}, 2t+8, 2t+9 is +{2,3}, and step 2i+1 is
+// +{4,5}, +{6,7}. The same permutation on B means lane t reads its
+// activations as one 16-byte load per chunk (x[32i + 8t .. +8]) whose four
+// words are B's registers for steps 2i and 2i+1, and the weight word needs
+// no shuffling:
+//   (w & 0x000F000F) | 0x64006400 = half2(1024 + q) for inputs +0, +1,
+//   (w & 0x00F000F0) | 0x54005400 = half2(64 + q)   for inputs +2, +3,
+//   the same of w >> 8 for +4..+7.
+// One exact hsub2 with 1024 + z (or 64 + z) gives q − z as fp16 integers,
+// the tensor core multiplies exactly and accumulates in fp32 per group, and
+// the group's scale multiplies that partial sum once in fp32: no weight is
+// rounded.
 //
-// Work split: a block of 8 warps owns 16 column tiles (128 columns), each
-// warp 2 tiles; grid.y splits K into S chunks of KC·128 inputs. Each warp
-// streams its tiles with 16-byte loads through a two-stage register
-// pipeline: a stage is U = 1 or 2 k-blocks × 2 tiles (32 or 64 bytes per
-// lane); both stages are issued first, before the block copies x[:, chunk]
-// into shared memory with cp.async, and each stage is refilled as soon as
-// it has been computed. The math is tensor-core mma.m16n8k16 with A = the
-// activations (fed by ldmatrix; rows >= M repeat row M−1 and are never
-// stored), so all M rows reuse each dequantized weight and the instruction
-// count does not grow with M. With S > 1 each
-// block writes fp32 partials to `ws` and the last block of a column range
-// (a counter per range) sums them in split order 0..S−1, so the result is
-// deterministic, adds the bias and writes out. Needs sm_80 or newer.
-
-// Entry points w4a16_gemm_g{32,64,128}(x [M][K] fp16, qw tiles, sc [K/G][N]
-// fp16, zb [K/G][N] fp16, bias [N] fp16 (read only if has_bias), out [M][N]
-// fp16 or fp32 (out_f32), ws [S][M][N] fp32 partials (S = gridDim.y > 1), counters
-// [gridDim.x] zero between launches, M, N, K, KB = ceil(K/128), KC =
-// k-blocks per split, has_bias, out_f32). Dynamic shared memory:
-// M · (KC·128 + 8) halves.
-
-#define W4_WARPS 8
-#define W4_TN 2
-#define W4_COLS (W4_WARPS * W4_TN * 8)
+// Work split: block b owns column tiles 2b, 2b+1 (16 outputs); its S warps
+// split K into chunks of KC k-blocks (warp w: k-blocks [w·KC, (w+1)·KC)).
+// Each warp issues the 16-byte weight loads of U k-blocks (and their scales
+// and zeros) at once, double-buffered (the next U k-blocks are loaded
+// before this batch is computed), then all its activation loads of those k-blocks
+// (through L1: every block reads the same x), then runs the mmas of the U
+// k-blocks interleaved (independent accumulators, so the tensor-core
+// latency overlaps).
+// The S partial sums meet in shared memory and are added in warp order
+// (deterministic), plus bias, and stored. No global workspace, no atomics.
+//
+// Programmatic dependent launch (sm_90): the weights and scales do not
+// depend on the previous kernel, so they are loaded before
+// `griddepcontrol.wait`; x is read and out written after it. Without the
+// launch attribute the wait returns at once. Each block lets the next
+// kernel launch once its own wait has returned, so at most two kernels
+// overlap.
+//
+// Entry points w4a16_gemv_g{G}_r{R}_u{U} (r2: M > 8; see the list at the
+// end) with arguments
+// (x [M][K] fp16, qw tiles, sc [K/G][N] fp16, zb [K/G][N] fp16, bias [N]
+// fp16 (read only if has_bias), out [M][N] fp16 or fp32 (out_f32), M, N, K,
+// KB = ceil(K/128), KC, has_bias, out_f32). Grid ceil(N/16) blocks of
+// S·32 threads (S ≤ 16); dynamic shared memory S·32·4·r floats. sm_80+.
 
 __device__ __forceinline__ void mma_16816(float c[4], u32 a0, u32 a1, u32 a2, u32 a3,
                                           u32 b0, u32 b1) {
@@ -55,25 +66,12 @@ __device__ __forceinline__ void mma_16816(float c[4], u32 a0, u32 a1, u32 a2, u3
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }\n" : "=r"(a) : "l"(p));
-    return a;
-}
-
-__device__ __forceinline__ u32 lop_nib(u32 w) {
+// (w & MASK) | MAGIC in one lop3.
+template <u32 MASK, u32 MAGIC>
+__device__ __forceinline__ u32 lop_or(u32 w) {
     u32 r;
-    // r = (w & 0x000F000F) | 0x64006400
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(w), "n"(0x000F000F), "n"(0x64006400));
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(w), "n"(MASK), "n"(MAGIC));
     return r;
-}
-
-__device__ __forceinline__ void store_pair(void* out, int out_f32, size_t idx, float v0, float v1) {
-    if (out_f32) {
-        *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + idx) = make_float2(v0, v1);
-    } else {
-        *reinterpret_cast<__half2*>(reinterpret_cast<__half*>(out) + idx) = __floats2half2_rn(v0, v1);
-    }
 }
 
 __device__ __forceinline__ u32 hsub2_u32(u32 a, u32 b) {
@@ -81,216 +79,290 @@ __device__ __forceinline__ u32 hsub2_u32(u32 a, u32 b) {
     return *reinterpret_cast<u32*>(&r);
 }
 
-__device__ __forceinline__ void ldmatrix_x4(u32& r0, u32& r1, u32& r2, u32& r3, u32 addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+// Streaming 16-byte load of codes: read once, so kept out of L1. (Plain,
+// cache-streaming and L2::256B-prefetch forms measured the same on H200.)
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
 }
 
-// One pipeline stage: U k-blocks × W4_TN tiles of codes, and per group
-// (NG = 128/G of them per k-block) the biased zero of the lane's B column
-// (replicated into a half2) and the scales of its two C columns 2t, 2t+1.
+__device__ __forceinline__ void grid_dep_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void grid_dep_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ u32 word_of(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// A operand of one k16 step from the two tiles' words (already shifted by
+// 0 or 8) and the biased zeros (z1k = 1024 + z, z64 = 64 + z, as half2).
+__device__ __forceinline__ void a_frag(u32 (&a)[4], u32 wa, u32 wb, u32 za1k, u32 zb1k,
+                                       u32 za64, u32 zb64) {
+    a[0] = hsub2_u32(lop_or<0x000F000Fu, 0x64006400u>(wa), za1k);
+    a[1] = hsub2_u32(lop_or<0x000F000Fu, 0x64006400u>(wb), zb1k);
+    a[2] = hsub2_u32(lop_or<0x00F000F0u, 0x54005400u>(wa), za64);
+    a[3] = hsub2_u32(lop_or<0x00F000F0u, 0x54005400u>(wb), zb64);
+}
+
+// One batch: U k-blocks starting at kb. FULL: all U k-blocks lie below kb1
+// and wholly inside K, so no load needs a predicate and every address is a
+// base pointer plus an immediate; otherwise (the tail, U = 1) k-blocks past
+// kb1 and chunks past K read as zero activations, codes and scales.
+// The weight side of one batch: codes, biased zeros and scales of U
+// k-blocks for the block's two tiles.
 template <int G, int U>
-struct Stage {
-    uint4 w[U][W4_TN];
-    u32 z[U][W4_TN][128 / G];
-    u32 s[U][W4_TN][128 / G];
+struct W4Stage {
+    uint4 wa[U], wb[U];
+    u32 za[U][128 / G], zbv[U][128 / G], sa[U][128 / G], sb[U][128 / G];
 };
 
-template <int G, int U>
-__device__ __forceinline__ void load_stage(Stage<G, U>& st, const uint4* __restrict__ qw,
-                                           const u32* __restrict__ sc2,
-                                           const unsigned short* __restrict__ zb, int kb,
-                                           int kb1, int tile0, int ntiles, int lane, int N,
-                                           int KB, int ngroups) {
-    const int g = lane >> 2, t = lane & 3;
+template <int G, int U, bool FULL, int LD>
+__device__ __forceinline__ void w4_load(W4Stage<G, U>& st, const uint4* __restrict__ pa,
+                                        const uint4* __restrict__ pb,
+                                        const unsigned short* __restrict__ sc_a,
+                                        const unsigned short* __restrict__ sc_b,
+                                        const unsigned short* __restrict__ zb_a,
+                                        const unsigned short* __restrict__ zb_b, int kb, int kb1,
+                                        int N, int ngroups) {
+    constexpr int NGK = 128 / G;  // groups per k-block
+    const uint4* qa = pa + (size_t)kb * 32;
+    const uint4* qb = pb + (size_t)kb * 32;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
+        const bool ok = FULL || kb + u < kb1;
+        st.wa[u] = ok ? ld_stream(qa + u * 32) : make_uint4(0, 0, 0, 0);
+        st.wb[u] = ok ? ld_stream(qb + u * 32) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-        for (int j = 0; j < W4_TN; ++j) {
-            const int tile = tile0 + j;
-            const bool ok = tile < ntiles && kb + u < kb1;
-            st.w[u][j] = ok ? __ldg(qw + ((size_t)tile * KB + kb + u) * 32 + lane)
-                            : make_uint4(0, 0, 0, 0);
-#pragma unroll
-            for (int q = 0; q < 128 / G; ++q) {
-                // Groups past K exist only in the padding, whose codes and
-                // activations are zero; any finite values will do there.
-                const int grp = min((kb + u) * (128 / G) + q, ngroups - 1);
-                const size_t base = (size_t)grp * N + tile * 8;
-                const u32 zz = ok ? (u32)__ldg(zb + base + g) : 0u;
-                st.z[u][j][q] = zz | (zz << 16);
-                st.s[u][j][q] = ok ? __ldg(sc2 + (base >> 1) + t) : 0u;
-            }
+        for (int q = 0; q < NGK; ++q) {
+            // Groups past K exist only in the padding, whose activations
+            // are zero; any finite values will do there.
+            const int grp = FULL ? (kb + u) * NGK + q : min((kb + u) * NGK + q, ngroups - 1);
+            const size_t off = (size_t)grp * N;
+            st.za[u][q] = ok ? __ldg(zb_a + off) : 0x6400u;
+            st.zbv[u][q] = ok ? __ldg(zb_b + off) : 0x6400u;
+            st.sa[u][q] = ok ? __ldg(sc_a + off) : 0u;
+            st.sb[u][q] = ok ? __ldg(sc_b + off) : 0u;
         }
     }
 }
 
-// acc += x[:, k-blocks kb .. kb+U) · W for this warp's tiles. `xaddr` is the
-// shared-memory address of this lane's ldmatrix row at the chunk start.
-template <int G, int U>
-__device__ __forceinline__ void compute_stage(float (&acc)[W4_TN][4], const Stage<G, U>& st,
-                                              int kb, int kb0, int kb1, u32 xaddr) {
+// The activation side and the math of one batch (see w4_load).
+template <int G, int R, int U, bool FULL, int LD>
+__device__ __forceinline__ void w4_compute(float (&acc)[R][4], const W4Stage<G, U>& st,
+                                           const __half* (&xr)[R], int kb, int kb1, int K,
+                                           bool& waited) {
+    constexpr int WPG = G / 32;   // words (32-input chunks) per group
+    constexpr int NGK = 128 / G;  // groups per k-block
+    const uint4(&wa)[U] = st.wa;
+    const uint4(&wb)[U] = st.wb;
+    const u32(&za)[U][NGK] = st.za;
+    const u32(&zbv)[U][NGK] = st.zbv;
+    const u32(&sa)[U][NGK] = st.sa;
+    const u32(&sb)[U][NGK] = st.sb;
+    if (!waited) {
+        grid_dep_wait();
+        grid_dep_launch();
+        waited = true;
+    }
+    // This lane's activations of the whole batch: chunk i of k-block
+    // kb + u, tokens g (and g + 8). K is a multiple of 32, so a chunk is
+    // wholly in or out of K.
+    uint4 xv[U][4][R];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-        if (kb + u >= kb1) break;
-        const int kl = (kb + u - kb0) * 128;
-        float part[W4_TN][4];
+    for (int u = 0; u < U; ++u)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            if ((32 * i) % G == 0) {
+        for (int i = 0; i < 4; ++i)
 #pragma unroll
-                for (int j = 0; j < W4_TN; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.0f;
+            for (int r = 0; r < R; ++r) {
+                const int k = (kb + u) * 128 + 32 * i;
+                const bool in = FULL || (kb + u < kb1 && k < K);
+                xv[u][i][r] = in ? __ldg(reinterpret_cast<const uint4*>(xr[r] + (size_t)kb * 128) + u * 16 + i * 4)
+                                 : make_uint4(0, 0, 0, 0);
             }
+    if (LD == 9) {
+        // Memory probe (bench only, wrong results): the same loads, no math.
+        u32 h = 0;
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                u32 a0, a1, a2, a3;
-                ldmatrix_x4(a0, a1, a2, a3, xaddr + 2 * (kl + 32 * i + 16 * h));
+        for (int u = 0; u < U; ++u) {
+            h ^= wa[u].x ^ wa[u].y ^ wa[u].z ^ wa[u].w ^ wb[u].x ^ wb[u].y ^ wb[u].z ^ wb[u].w;
 #pragma unroll
-                for (int j = 0; j < W4_TN; ++j) {
-                    const uint4 wv = st.w[u][j];
-                    const u32 w = (i == 0 ? wv.x : i == 1 ? wv.y : i == 2 ? wv.z : wv.w) >> (8 * h);
-                    const u32 z2 = st.z[u][j][(32 * i) / G];
-                    const u32 b0 = hsub2_u32(lop_nib(w), z2);
-                    const u32 b1 = hsub2_u32(lop_nib(w >> 4), z2);
-                    mma_16816(part[j], a0, a1, a2, a3, b0, b1);
-                }
-            }
-            if ((32 * (i + 1)) % G == 0) {
+            for (int i = 0; i < 4; ++i) h ^= xv[u][i][0].x ^ xv[u][i][0].w;
 #pragma unroll
-                for (int j = 0; j < W4_TN; ++j) {
-                    u32 sv = st.s[u][j][(32 * i) / G];
-                    const float2 s = __half22float2(*reinterpret_cast<__half2*>(&sv));
-                    acc[j][0] = fmaf(s.x, part[j][0], acc[j][0]);
-                    acc[j][1] = fmaf(s.y, part[j][1], acc[j][1]);
-                    acc[j][2] = fmaf(s.x, part[j][2], acc[j][2]);
-                    acc[j][3] = fmaf(s.y, part[j][3], acc[j][3]);
-                }
-            }
+            for (int q = 0; q < NGK; ++q) h ^= za[u][q] ^ zbv[u][q] ^ sa[u][q] ^ sb[u][q];
+        }
+        acc[0][0] += __uint_as_float((h & 0x007FFFFFu) | 0x3F800000u);
+        return;
+    }
+    // One accumulator per (k-block, group, token half): U·NGK·R
+    // independent mma chains of 2·WPG steps, interleaved below.
+    float part[U][NGK][R][4];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int q = 0; q < NGK; ++q)
+#pragma unroll
+            for (int r = 0; r < R; ++r) part[u][q][r][0] = part[u][q][r][1] = part[u][q][r][2] = part[u][q][r][3] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int q = i / WPG;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const u32 za1k = __byte_perm(za[u][q], 0, 0x1010), zb1k = __byte_perm(zbv[u][q], 0, 0x1010);
+            const u32 za64 = hsub2_u32(za1k, 0x63806380u);  // − 960
+            const u32 zb64 = hsub2_u32(zb1k, 0x63806380u);
+            const u32 w0 = word_of(wa[u], i), w1 = word_of(wb[u], i);
+            u32 a[4];
+            a_frag(a, w0, w1, za1k, zb1k, za64, zb64);
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+                mma_16816(part[u][q][r], a[0], a[1], a[2], a[3], xv[u][i][r].x, xv[u][i][r].y);
+            a_frag(a, w0 >> 8, w1 >> 8, za1k, zb1k, za64, zb64);
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+                mma_16816(part[u][q][r], a[0], a[1], a[2], a[3], xv[u][i][r].z, xv[u][i][r].w);
         }
     }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int q = 0; q < NGK; ++q) {
+            const float s0 = __half2float(__ushort_as_half((unsigned short)sa[u][q]));
+            const float s1 = __half2float(__ushort_as_half((unsigned short)sb[u][q]));
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                acc[r][0] = fmaf(s0, part[u][q][r][0], acc[r][0]);
+                acc[r][1] = fmaf(s0, part[u][q][r][1], acc[r][1]);
+                acc[r][2] = fmaf(s1, part[u][q][r][2], acc[r][2]);
+                acc[r][3] = fmaf(s1, part[u][q][r][3], acc[r][3]);
+            }
+        }
 }
 
-template <int G, int U>
+template <int G, int R, int U, int LD>
 __device__ __forceinline__ void w4a16_body(
-    const __half* __restrict__ x, const uint4* __restrict__ qw, const u32* __restrict__ sc2,
-    const unsigned short* __restrict__ zb, const __half* __restrict__ bias,
-    void* __restrict__ out, float* __restrict__ ws, u32* __restrict__ counters, int M, int N,
-    int K, int KB, int KC, int has_bias, int out_f32) {
-    extern __shared__ __align__(16) __half xs[];
-    const int S = gridDim.y;
-    const int split = blockIdx.y;
-    const int kb0 = split * KC;
-    const int kb1 = min(KB, kb0 + KC);
-    const int stride = KC * 128 + 8;  // halves: rows 16 bytes apart mod 128, so
-                                      // ldmatrix's 8 row reads hit distinct banks
+    const __half* __restrict__ x, const uint4* __restrict__ qw,
+    const unsigned short* __restrict__ sc, const unsigned short* __restrict__ zb,
+    const __half* __restrict__ bias, void* __restrict__ out, int M, int N, int K, int KB,
+    int KC, int has_bias, int out_f32) {
+    constexpr int NGK = 128 / G;
+    extern __shared__ float red[];
     const int tid = threadIdx.x;
     const int warp = tid >> 5, lane = tid & 31;
+    const int nwarps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int ntiles = N >> 3;
     const int ngroups = K / G;
-    const int tile0 = (blockIdx.x * W4_WARPS + warp) * W4_TN;
+    const int ta = blockIdx.x * 2;
+    const bool has_b = ta + 1 < ntiles;
+    const int tb = has_b ? ta + 1 : ta;
+    const int col_a = ta * 8 + g, col_b = tb * 8 + g;
+    const uint4* pa = qw + (size_t)ta * KB * 32 + lane;
+    const uint4* pb = qw + (size_t)tb * KB * 32 + lane;
+    const __half* xr[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) xr[r] = x + (size_t)min(g + 8 * r, M - 1) * K + 8 * t;
+    const int kb0 = warp * KC;
+    const int kb1 = min(KB, kb0 + KC);
+    // Last k-block wholly inside K, plus one.
+    const int kb_full = min(kb1, K / 128);
 
-    // The weights do not depend on x: put both pipeline stages in flight
-    // before anything else.
-    Stage<G, U> s0, s1;
-    load_stage<G, U>(s0, qw, sc2, zb, kb0, kb1, tile0, ntiles, lane, N, KB, ngroups);
-    load_stage<G, U>(s1, qw, sc2, zb, kb0 + U, kb1, tile0, ntiles, lane, N, KB, ngroups);
+    float acc[R][4];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.0f;
 
-    // Copy x[:, kb0*128 .. kb1*128) into shared memory with cp.async (all
-    // copies in flight at once), zero-filling past K.
-    {
-        const int units = KC * 16;  // 16-byte units per row
-        for (int e = tid; e < M * units; e += blockDim.x) {
-            const int r = e / units, c = e - r * units;
-            const int k = kb0 * 128 + c * 8;
-            const bool in = k < K;
-            const __half* src = x + (size_t)r * K + (in ? k : 0);
-            const u32 dst = smem_addr(xs + r * stride + c * 8);
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                         :: "r"(dst), "l"(src), "r"(in ? 16 : 0));
+    bool waited = false;
+    int kb = kb0;
+    const unsigned short *sc_a = sc + col_a, *sc_b = sc + col_b;
+    const unsigned short *zb_a = zb + col_a, *zb_b = zb + col_b;
+    if (kb + U <= kb_full) {
+        // Full batches, double-buffered: the next batch's weights are in
+        // flight while this one is computed.
+        W4Stage<G, U> s0, s1;
+        w4_load<G, U, true, LD>(s0, pa, pb, sc_a, sc_b, zb_a, zb_b, kb, kb1, N, ngroups);
+        while (true) {
+            const bool more = kb + 2 * U <= kb_full;
+            if (more) w4_load<G, U, true, LD>(s1, pa, pb, sc_a, sc_b, zb_a, zb_b, kb + U, kb1, N, ngroups);
+            w4_compute<G, R, U, true, LD>(acc, s0, xr, kb, kb1, K, waited);
+            kb += U;
+            if (!more) break;
+            const bool more2 = kb + 2 * U <= kb_full;
+            if (more2) w4_load<G, U, true, LD>(s0, pa, pb, sc_a, sc_b, zb_a, zb_b, kb + U, kb1, N, ngroups);
+            w4_compute<G, R, U, true, LD>(acc, s1, xr, kb, kb1, K, waited);
+            kb += U;
+            if (!more2) break;
         }
-        asm volatile("cp.async.wait_all;\n" ::);
     }
-    __syncthreads();
+    for (; kb < kb1; ++kb) {
+        W4Stage<G, 1> st;
+        w4_load<G, 1, false, LD>(st, pa, pb, sc_a, sc_b, zb_a, zb_b, kb, kb1, N, ngroups);
+        w4_compute<G, R, 1, false, LD>(acc, st, xr, kb, kb1, K, waited);
+    }
+    (void)NGK;
+    if (!waited) {
+        grid_dep_wait();
+        grid_dep_launch();
+    }
 
-    // ldmatrix.x4: lanes 0-7 address rows 0-7 (k 0..7), 8-15 rows 8-15,
-    // 16-23 rows 0-7 (k 8..15), 24-31 rows 8-15 (k 8..15). Rows >= M read
-    // row M−1 instead; their results land in C rows that are never stored.
-    const int arow = min((lane & 7) + ((lane >> 3) & 1) * 8, M - 1);
-    const u32 xaddr = smem_addr(xs + arow * stride + (lane >> 4) * 8);
-    const bool row_lo = g < M, row_hi = g + 8 < M;
-
-    float acc[W4_TN][4];
+    // C fragment of lane (g, t): [r][0..1] = column col_a, tokens 8r + 2t + {0,1};
+    // [r][2..3] = column col_b, same tokens. Reduce over warps in order.
 #pragma unroll
-    for (int j = 0; j < W4_TN; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-
-    // Two-stage ring: compute one stage while the other is in flight.
-    for (int kb = kb0; kb < kb1; kb += 2 * U) {
-        compute_stage<G, U>(acc, s0, kb, kb0, kb1, xaddr);
-        if (kb + 2 * U < kb1)
-            load_stage<G, U>(s0, qw, sc2, zb, kb + 2 * U, kb1, tile0, ntiles, lane, N, KB, ngroups);
-        if (kb + U >= kb1) break;
-        compute_stage<G, U>(acc, s1, kb + U, kb0, kb1, xaddr);
-        if (kb + 3 * U < kb1)
-            load_stage<G, U>(s1, qw, sc2, zb, kb + 3 * U, kb1, tile0, ntiles, lane, N, KB, ngroups);
-    }
-
-    if (S == 1) {
+    for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int j = 0; j < W4_TN; ++j) {
-            const int tile = tile0 + j;
-            if (tile >= ntiles) continue;
-            const int col = tile * 8 + 2 * t;
-            float b0 = 0.0f, b1 = 0.0f;
-            if (has_bias) { b0 = __half2float(bias[col]); b1 = __half2float(bias[col + 1]); }
-            if (row_lo) store_pair(out, out_f32, (size_t)g * N + col, acc[j][0] + b0, acc[j][1] + b1);
-            if (row_hi) store_pair(out, out_f32, (size_t)(g + 8) * N + col, acc[j][2] + b0, acc[j][3] + b1);
-        }
-        return;
-    }
-
-#pragma unroll
-    for (int j = 0; j < W4_TN; ++j) {
-        const int tile = tile0 + j;
-        if (tile >= ntiles) continue;
-        const int col = tile * 8 + 2 * t;
-        float* base = ws + (size_t)split * M * N;
-        if (row_lo) *reinterpret_cast<float2*>(base + (size_t)g * N + col) = make_float2(acc[j][0], acc[j][1]);
-        if (row_hi) *reinterpret_cast<float2*>(base + (size_t)(g + 8) * N + col) = make_float2(acc[j][2], acc[j][3]);
-    }
-    __threadfence();
+        for (int c = 0; c < 4; ++c) red[(warp * 4 * R + 4 * r + c) * 32 + lane] = acc[r][c];
     __syncthreads();
-    __shared__ int is_last;
-    if (tid == 0) is_last = atomicAdd(counters + blockIdx.x, 1u) == (u32)(S - 1);
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    const int c0 = blockIdx.x * W4_COLS;
-    const int cols = min(W4_COLS, N - c0);
-    for (int e = tid; e < M * cols; e += blockDim.x) {
-        const int r = e / cols, col = c0 + (e - r * cols);
+    for (int e = tid; e < 32 * 4 * R; e += blockDim.x) {
+        const int s = e >> 5, ln = e & 31;
+        const int r = s >> 2, c = s & 3;
+        const int gg = ln >> 2, tt = ln & 3;
+        const int tok = 8 * r + 2 * tt + (c & 1);
+        if (tok >= M || (c >= 2 && !has_b)) continue;
+        const int col = (c < 2 ? ta : ta + 1) * 8 + gg;
         float v = 0.0f;
-        for (int s = 0; s < S; ++s) v += __ldcg(ws + ((size_t)s * M + r) * N + col);
+        for (int w = 0; w < nwarps; ++w) v += red[(w * 4 * R + s) * 32 + ln];
         if (has_bias) v += __half2float(bias[col]);
-        if (out_f32) reinterpret_cast<float*>(out)[(size_t)r * N + col] = v;
-        else reinterpret_cast<__half*>(out)[(size_t)r * N + col] = __float2half_rn(v);
+        const size_t idx = (size_t)tok * N + col;
+        if (out_f32) reinterpret_cast<float*>(out)[idx] = v;
+        else reinterpret_cast<__half*>(out)[idx] = __float2half_rn(v);
     }
-    if (tid == 0) counters[blockIdx.x] = 0u;
 }
 
-// One entry point per group size (the group size fixes the unrolling and
-// the stage depth U, chosen so that two stages fit the register budget).
-#define W4_ENTRY(GS, U)                                                                     \
-    extern "C" __global__ void __launch_bounds__(W4_WARPS * 32, 2) w4a16_gemm_g##GS(    \
-        const __half* __restrict__ x, const uint4* __restrict__ qw,                      \
-        const u32* __restrict__ sc2, const unsigned short* __restrict__ zb,              \
-        const __half* __restrict__ bias, void* __restrict__ out, float* __restrict__ ws, \
-        u32* __restrict__ counters, int M, int N, int K, int KB, int KC, int has_bias,    \
-        int out_f32) {                                                                   \
-        w4a16_body<GS, U>(x, qw, sc2, zb, bias, out, ws, counters, M, N, K, KB, KC,       \
-                          has_bias, out_f32);                                            \
+// Entry points per group size, token-half count R and batch depth U
+// (k-blocks whose loads are in flight together; the host picks U).
+#define W4_ENTRY_LD(GS, R, U, LD, NAME)                                                     \
+    extern "C" __global__ void __launch_bounds__(512) NAME(                                 \
+        const __half* __restrict__ x, const uint4* __restrict__ qw,                        \
+        const unsigned short* __restrict__ sc, const unsigned short* __restrict__ zb,      \
+        const __half* __restrict__ bias, void* __restrict__ out, int M, int N, int K,      \
+        int KB, int KC, int has_bias, int out_f32) {                                       \
+        w4a16_body<GS, R, U, LD>(x, qw, sc, zb, bias, out, M, N, K, KB, KC, has_bias,      \
+                                 out_f32);                                                 \
     }
+#define W4_ENTRY(GS, R, U) W4_ENTRY_LD(GS, R, U, 0, w4a16_gemv_g##GS##_r##R##_u##U)
 
-W4_ENTRY(32, 1)
-W4_ENTRY(64, 2)
-W4_ENTRY(128, 2)
+W4_ENTRY(32, 1, 1)
+W4_ENTRY(32, 1, 2)
+W4_ENTRY(32, 2, 1)
+W4_ENTRY(64, 1, 2)
+W4_ENTRY(64, 1, 4)
+W4_ENTRY(64, 2, 1)
+W4_ENTRY(64, 2, 2)
+W4_ENTRY(128, 1, 2)
+W4_ENTRY(128, 1, 4)
+W4_ENTRY(128, 2, 1)
+W4_ENTRY(128, 2, 2)
+
+// Memory-only probes (LD = 9: the same loads, no math, wrong results; the
+// bench uses them to split load time from math time).
+W4_ENTRY_LD(128, 1, 2, 9, w4a16_gemv_g128_r1_u2_probe)
+W4_ENTRY_LD(128, 1, 4, 9, w4a16_gemv_g128_r1_u4_probe)
