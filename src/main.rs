@@ -25,6 +25,8 @@ enum Command {
     Quantize(commands::quantize::QuantizeArgs),
     /// Generate text from a prompt, streaming it to stdout.
     Generate(commands::generate::GenerateArgs),
+    /// Measure the batching engine's throughput and latency.
+    Bench(commands::bench::BenchArgs),
     /// Evaluate a model.
     #[command(subcommand)]
     Eval(commands::eval::EvalCommand),
@@ -37,6 +39,7 @@ fn main() {
         Command::Quantize(args) => commands::quantize::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Eval(cmd) => commands::eval::run(cmd),
+        Command::Bench(args) => commands::bench::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {}", describe(&e));

@@ -1,14 +1,17 @@
 //! One module per subcommand.
 
+pub mod bench;
 pub mod eval;
 pub mod generate;
 pub mod import;
 pub mod quantize;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Result;
 use lmq_turbomind::backend::cpu::CpuBackend;
+use lmq_turbomind::engine::{spawn_engine, EngineConfig, EngineHandle, KvCacheSize};
 use lmq_turbomind::model::Model;
 use lmq_turbomind::quant::kv::{KvDtype, KvMode};
 use lmq_turbomind::tokenizer::Tokenizer;
@@ -24,6 +27,84 @@ pub struct EngineArgs {
     /// or static (the checkpoint's calibrated ones).
     #[arg(long)]
     pub kv_cache_mode: Option<String>,
+}
+
+/// Batching-engine options (for `serve` and `bench`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct BatchArgs {
+    /// Sequences decoded together at most.
+    #[arg(long, default_value_t = 64)]
+    pub max_batch_size: usize,
+    /// Prompt tokens computed per step, across sequences (chunked prefill).
+    #[arg(long, default_value_t = 2048)]
+    pub max_prefill_tokens: usize,
+    /// Positions per KV-cache block.
+    #[arg(long, default_value_t = 64)]
+    pub cache_block_seq_len: usize,
+    /// KV-cache size as a fraction of the memory free after loading.
+    #[arg(long, default_value_t = 0.5, conflicts_with = "kv_cache_bytes")]
+    pub cache_max_entry_count: f64,
+    /// KV-cache size in bytes (suffixes K, M, G, KiB, MiB, GiB accepted).
+    #[arg(long, value_parser = parse_bytes)]
+    pub kv_cache_bytes: Option<u64>,
+    /// Reuse the KV blocks of identical prompt prefixes.
+    #[arg(long)]
+    pub enable_prefix_caching: bool,
+    /// Requests held at once (running and waiting); more are refused.
+    #[arg(long, default_value_t = 1024)]
+    pub max_queued_requests: usize,
+}
+
+impl BatchArgs {
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            max_batch_size: self.max_batch_size,
+            max_prefill_tokens: self.max_prefill_tokens,
+            block_len: self.cache_block_seq_len,
+            kv_cache: match self.kv_cache_bytes {
+                Some(b) => KvCacheSize::Bytes(b),
+                None => KvCacheSize::FractionOfFree(self.cache_max_entry_count),
+            },
+            prefix_caching: self.enable_prefix_caching,
+            max_queued_requests: self.max_queued_requests,
+        }
+    }
+}
+
+/// Parses `1073741824`, `512M`, `1.5GiB`, … into bytes.
+pub fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size in bytes (e.g. 512M, 2GiB)"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("unknown size unit {other:?} in {text:?}")),
+    };
+    if !value.is_finite() || value <= 0.0 {
+        return Err(format!("{text:?} must be a positive size"));
+    }
+    Ok((value * scale) as u64)
+}
+
+/// Loads a model on the CPU and starts a batching engine for it.
+pub fn start_engine(dir: &Path, engine: &EngineArgs, batch: &BatchArgs) -> Result<EngineHandle> {
+    let (model, tokenizer) = load_cpu(dir, engine)?;
+    Ok(spawn_engine(
+        model,
+        Arc::new(tokenizer),
+        &batch.engine_config(),
+    )?)
 }
 
 /// Loads a model folder and its tokenizer on the CPU backend.

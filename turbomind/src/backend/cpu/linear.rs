@@ -1,8 +1,11 @@
-//! Dense fp32 linear layers on the CPU.
+//! Linear layers on the CPU: dense weights (fp16 where that is exact, else
+//! fp32) and 4-bit AWQ weights.
 
 use rayon::prelude::*;
 
-use super::simd::{DotFn, NibbleDotFn};
+use half::f16;
+
+use super::simd::{DotF16Fn, DotFn, W4RowsFn};
 use super::w4::W4Weight;
 use super::{shape_error, Matrix};
 use crate::backend::{HostLinear, HostWeight};
@@ -19,6 +22,10 @@ pub const SKINNY_ROWS: usize = 16;
 pub enum CpuWeight {
     /// fp32 `[out, in]` row-major.
     Dense(Vec<f32>),
+    /// fp16 `[out, in]` row-major, for weights that fp16 holds exactly
+    /// (every fp16 checkpoint): half the bytes to stream per token, the
+    /// same results.
+    DenseF16(Vec<f16>),
     /// 4-bit groups, repacked per output row.
     W4(W4Weight),
 }
@@ -43,7 +50,16 @@ impl CpuLinear {
                         w.in_features
                     )));
                 }
-                CpuWeight::Dense(values)
+                let halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+                if halves
+                    .iter()
+                    .zip(&values)
+                    .all(|(h, v)| h.to_f32().to_bits() == v.to_bits())
+                {
+                    CpuWeight::DenseF16(halves)
+                } else {
+                    CpuWeight::Dense(values)
+                }
             }
             HostWeight::Awq(t) => {
                 if t.in_features != w.in_features || t.out_features != w.out_features {
@@ -72,7 +88,7 @@ impl CpuLinear {
         })
     }
 
-    pub fn forward(&self, x: &Matrix, dot: DotFn, nibble_dot: NibbleDotFn) -> Result<Matrix> {
+    pub fn forward(&self, x: &Matrix, kernels: &Kernels) -> Result<Matrix> {
         let (k, n) = (self.in_features, self.out_features);
         if x.cols != k {
             return Err(shape_error(format!(
@@ -87,19 +103,29 @@ impl CpuLinear {
         }
         let dequantized;
         let dense = match &self.weight {
-            CpuWeight::Dense(w) => w,
-            CpuWeight::W4(w4) if m <= SKINNY_ROWS => {
-                w4.skinny(x, &mut out, nibble_dot);
+            CpuWeight::Dense(w) if m <= SKINNY_ROWS => {
+                self.skinny(w, x, &mut out, kernels.dot);
                 return Ok(self.add_bias(out));
+            }
+            CpuWeight::DenseF16(w) if m <= SKINNY_ROWS => {
+                self.skinny(w, x, &mut out, kernels.dot_f16);
+                return Ok(self.add_bias(out));
+            }
+            CpuWeight::W4(w4) if m <= SKINNY_ROWS => {
+                w4.skinny(x, &mut out, kernels.w4_rows);
+                return Ok(self.add_bias(out));
+            }
+            CpuWeight::Dense(w) => w,
+            CpuWeight::DenseF16(w) => {
+                dequantized = widen(w);
+                &dequantized
             }
             CpuWeight::W4(w4) => {
                 dequantized = w4.dequantize();
                 &dequantized
             }
         };
-        if m <= SKINNY_ROWS {
-            self.skinny(dense, x, &mut out, dot);
-        } else {
+        {
             // SAFETY: `out` is m×n with row stride n, `x` is m×k with row
             // stride k, and the weight is n×k row-major, read as the k×n
             // right-hand side with row stride 1 and column stride k; all
@@ -142,17 +168,35 @@ impl CpuLinear {
         out
     }
 
-    /// The dense `[out, in]` weight, for ops that gather rows (embedding).
-    pub fn dense_weight(&self) -> Option<&[f32]> {
+    /// Copies row `i` of a dense weight into `dst` (embedding lookup);
+    /// false for quantized weights.
+    pub fn dense_row(&self, i: usize, dst: &mut [f32]) -> bool {
+        let k = self.in_features;
         match &self.weight {
-            CpuWeight::Dense(w) => Some(w),
-            CpuWeight::W4(_) => None,
+            CpuWeight::Dense(w) => dst.copy_from_slice(&w[i * k..(i + 1) * k]),
+            CpuWeight::DenseF16(w) => {
+                for (d, h) in dst.iter_mut().zip(&w[i * k..(i + 1) * k]) {
+                    *d = h.to_f32();
+                }
+            }
+            CpuWeight::W4(_) => return false,
         }
+        true
+    }
+
+    pub fn is_dense(&self) -> bool {
+        !matches!(self.weight, CpuWeight::W4(_))
     }
 
     /// Output columns are split across threads; each thread streams its
     /// weight rows once and multiplies them with every input row.
-    fn skinny(&self, weight: &[f32], x: &Matrix, out: &mut Matrix, dot: DotFn) {
+    fn skinny<T: Sync>(
+        &self,
+        weight: &[T],
+        x: &Matrix,
+        out: &mut Matrix,
+        dot: fn(&[T], &[f32]) -> f32,
+    ) {
         let (k, n, m) = (self.in_features, self.out_features, x.rows);
         const CHUNK: usize = 64;
         let mut transposed = vec![0f32; n * m];
@@ -164,7 +208,7 @@ impl CpuLinear {
                 for (j, cell) in dst.chunks_exact_mut(m).enumerate() {
                     let w = &weight[(first + j) * k..(first + j + 1) * k];
                     for (r, o) in cell.iter_mut().enumerate() {
-                        *o = dot(x.row(r), w);
+                        *o = dot(w, x.row(r));
                     }
                 }
             });
@@ -174,4 +218,22 @@ impl CpuLinear {
             }
         }
     }
+}
+
+/// An fp16 weight widened to fp32, for blocked GEMM on wide batches.
+fn widen(w: &[f16]) -> Vec<f32> {
+    use half::slice::HalfFloatSliceExt;
+    let mut out = vec![0f32; w.len()];
+    out.par_chunks_mut(1 << 16)
+        .zip(w.par_chunks(1 << 16))
+        .for_each(|(o, h)| h.convert_to_f32_slice(o));
+    out
+}
+
+/// The kernels chosen for this CPU at start-up.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    pub dot: DotFn,
+    pub dot_f16: DotF16Fn,
+    pub w4_rows: W4RowsFn,
 }

@@ -46,7 +46,7 @@ pub use kv::CpuKvPool;
 /// The CPU implementation of [`Backend`].
 pub struct CpuBackend {
     dot: simd::DotFn,
-    nibble_dot: simd::NibbleDotFn,
+    kernels: linear::Kernels,
 }
 
 impl Default for CpuBackend {
@@ -59,7 +59,11 @@ impl CpuBackend {
     pub fn new() -> Self {
         CpuBackend {
             dot: simd::best_dot(),
-            nibble_dot: simd::best_nibble_dot(),
+            kernels: linear::Kernels {
+                dot: simd::best_dot(),
+                dot_f16: simd::best_dot_f16(),
+                w4_rows: simd::best_w4_rows(),
+            },
         }
     }
 }
@@ -117,9 +121,11 @@ impl Backend for CpuBackend {
 
     fn embedding(&self, table: &CpuLinear, ids: &[u32]) -> Result<Matrix> {
         let dim = table.in_features;
-        let weight = table
-            .dense_weight()
-            .ok_or_else(|| shape_error("embedding tables must be dense, not quantized".into()))?;
+        if !table.is_dense() {
+            return Err(shape_error(
+                "embedding tables must be dense, not quantized".into(),
+            ));
+        }
         let mut out = Matrix::zeros(ids.len(), dim);
         for (row, &id) in out.data.chunks_exact_mut(dim).zip(ids) {
             let id = id as usize;
@@ -129,7 +135,7 @@ impl Backend for CpuBackend {
                     table.out_features
                 )));
             }
-            row.copy_from_slice(&weight[id * dim..(id + 1) * dim]);
+            table.dense_row(id, row);
         }
         Ok(out)
     }
@@ -175,7 +181,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &Matrix, w: &CpuLinear) -> Result<Matrix> {
-        w.forward(x, self.dot, self.nibble_dot)
+        w.forward(x, &self.kernels)
     }
 
     fn rope(&self, x: &mut Matrix, heads: usize, spans: &[SeqSpan], rope: &Rope) -> Result<()> {

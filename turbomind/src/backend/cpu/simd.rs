@@ -77,6 +77,78 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     total
 }
 
+/// [`dot_avx2`] with the first operand stored as fp16: the same
+/// operations in the same order on the converted values, so for weights
+/// that fp16 holds exactly it returns the same bits as the fp32 kernel.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f16_avx2(a: &[half::f16], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr() as *const u16, b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    let load = |p: *const u16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+    // SAFETY (all loads below): i + 32 <= n, and both slices hold n values.
+    while i + 32 <= n {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            let x = load(pa.add(i + 8 * j));
+            let y = _mm256_loadu_ps(pb.add(i + 8 * j));
+            *acc = _mm256_fmadd_ps(x, y, *acc);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        let x = load(pa.add(i));
+        let y = _mm256_loadu_ps(pb.add(i));
+        acc[0] = _mm256_fmadd_ps(x, y, acc[0]);
+        i += 8;
+    }
+    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut total = hsum_avx(sum);
+    while i < n {
+        total += a[i].to_f32() * b[i];
+        i += 1;
+    }
+    total
+}
+
+/// A dot product of fp16 weights with fp32 activations.
+pub type DotF16Fn = fn(&[half::f16], &[f32]) -> f32;
+
+fn dot_f16_portable(a: &[half::f16], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let n = a.len().min(b.len());
+    let chunks = n / 8;
+    for c in 0..chunks {
+        for i in 0..8 {
+            acc[i] += a[c * 8 + i].to_f32() * b[c * 8 + i];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for i in chunks * 8..n {
+        s += a[i].to_f32() * b[i];
+    }
+    s
+}
+
+/// Picks the fastest fp16-by-fp32 dot product this CPU supports.
+pub fn best_dot_f16() -> DotF16Fn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            return |a, b| {
+                // SAFETY: returned only after checking AVX2, FMA and F16C.
+                unsafe { dot_f16_avx2(a, b) }
+            };
+        }
+    }
+    dot_f16_portable
+}
+
 fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     // Without FMA hardware, mul_add falls back to a slow libm call; the
     // portable path therefore multiplies and adds separately.
@@ -141,6 +213,20 @@ mod tests {
                     "n={n} got {got} want {want}"
                 );
             }
+            // fp16 storage of values fp16 holds exactly changes nothing.
+            let a16: Vec<half::f16> = a.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let exact: Vec<f32> = a16.iter().map(|x| x.to_f32()).collect();
+            assert_eq!(
+                best_dot_f16()(&a16, &b).to_bits(),
+                best_dot()(&exact, &b).to_bits()
+            );
+            let want: f64 = exact
+                .iter()
+                .zip(&b)
+                .map(|(&x, &y)| x as f64 * y as f64)
+                .sum();
+            let got = dot_f16_portable(&a16, &b) as f64;
+            assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()));
         }
     }
 }
@@ -198,6 +284,123 @@ unsafe fn nibble_dot_avx2(q: &[u8], x: &[f32]) -> f32 {
     total
 }
 
+/// One output row of a 4-bit weight (see `w4.rs`): its nibbles, half-split
+/// per group, and per group a scale and `-zero · scale`.
+pub struct W4Row<'a> {
+    pub nibbles: &'a [u8],
+    pub scales: &'a [f32],
+    pub neg_zero_scaled: &'a [f32],
+    pub group_size: usize,
+}
+
+/// `out[r] = Σ_g s_g · (q_g · x_r,g) + zs_g · Σx_r,g` for several input
+/// rows `xs` (each `in_features` long) with their per-group sums `gsums`.
+pub type W4RowsFn = fn(&W4Row<'_>, &[&[f32]], &[&[f32]], &mut [f32]);
+
+/// [`W4RowsFn`] for `R` rows at once: each run of nibbles is decoded once
+/// and multiplied into every row. Per row the operations and their order
+/// are the same for any `R`, so a row's result does not depend on how many
+/// rows share the call (batch invariance).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn w4_rows_avx2<const R: usize>(
+    w: &W4Row<'_>,
+    xs: [&[f32]; R],
+    gsums: [&[f32]; R],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let g = w.group_size;
+    let half = g / 2;
+    let mask = _mm_set1_epi8(0x0f);
+    let mut total = [0f32; R];
+    for (gi, q) in w.nibbles.chunks_exact(half).enumerate() {
+        let mut acc0 = [_mm256_setzero_ps(); R];
+        let mut acc1 = [_mm256_setzero_ps(); R];
+        let base = gi * g;
+        let mut j = 0;
+        // SAFETY (loads below): j + 16 <= half, and every row holds
+        // in_features = groups · g values (checked by the caller), so the
+        // 8-wide loads at base + j, +8, + half + j and + half + j + 8 stay
+        // inside the group.
+        while j + 16 <= half {
+            let bytes = _mm_loadu_si128(q.as_ptr().add(j) as *const __m128i);
+            let lo = _mm_and_si128(bytes, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+            let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+            let (w0, w1, w2, w3) = (
+                f(lo),
+                f(_mm_srli_si128(lo, 8)),
+                f(hi),
+                f(_mm_srli_si128(hi, 8)),
+            );
+            for r in 0..R {
+                let px = xs[r].as_ptr().add(base);
+                acc0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(px.add(j)), acc0[r]);
+                acc1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(px.add(j + 8)), acc1[r]);
+                acc0[r] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(px.add(half + j)), acc0[r]);
+                acc1[r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(px.add(half + j + 8)), acc1[r]);
+            }
+            j += 16;
+        }
+        let (s, zs) = (w.scales[gi], w.neg_zero_scaled[gi]);
+        for r in 0..R {
+            let x = &xs[r][base..base + g];
+            let mut dot = hsum_avx(_mm256_add_ps(acc0[r], acc1[r]));
+            for (jj, &b) in q.iter().enumerate().skip(j) {
+                dot += (b & 0xf) as f32 * x[jj] + (b >> 4) as f32 * x[jj + half];
+            }
+            total[r] += s * dot + zs * gsums[r][gi];
+        }
+    }
+    out[..R].copy_from_slice(&total);
+}
+
+fn w4_rows_portable(w: &W4Row<'_>, xs: &[&[f32]], gsums: &[&[f32]], out: &mut [f32]) {
+    let g = w.group_size;
+    for ((o, x), gs) in out.iter_mut().zip(xs).zip(gsums) {
+        let mut total = 0f32;
+        for (gi, q) in w.nibbles.chunks_exact(g / 2).enumerate() {
+            let dot = nibble_dot_portable(q, &x[gi * g..(gi + 1) * g]);
+            total += w.scales[gi] * dot + w.neg_zero_scaled[gi] * gs[gi];
+        }
+        *o = total;
+    }
+}
+
+/// Picks the fastest multi-row 4-bit kernel this CPU supports.
+pub fn best_w4_rows() -> W4RowsFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return |w, xs, gsums, out| {
+                // Rows go four at a time, the rest singly; each row sees the
+                // same arithmetic whatever the batch.
+                let mut r = 0;
+                while r < xs.len() {
+                    // SAFETY: returned only after checking for AVX2 and FMA;
+                    // the row lengths are the caller's contract.
+                    unsafe {
+                        if r + 4 <= xs.len() {
+                            w4_rows_avx2::<4>(
+                                w,
+                                [xs[r], xs[r + 1], xs[r + 2], xs[r + 3]],
+                                [gsums[r], gsums[r + 1], gsums[r + 2], gsums[r + 3]],
+                                &mut out[r..r + 4],
+                            );
+                            r += 4;
+                        } else {
+                            w4_rows_avx2::<1>(w, [xs[r]], [gsums[r]], &mut out[r..r + 1]);
+                            r += 1;
+                        }
+                    }
+                }
+            };
+        }
+    }
+    w4_rows_portable
+}
+
 /// Picks the fastest 4-bit group dot product this CPU supports.
 pub fn best_nibble_dot() -> NibbleDotFn {
     #[cfg(target_arch = "x86_64")]
@@ -231,6 +434,29 @@ mod nibble_tests {
                     (got - want).abs() < 1e-3 * (1.0 + want.abs()),
                     "n={n}: {got} vs {want}"
                 );
+            }
+            // The multi-row kernel, on one group with scale 1 and zero 0,
+            // gives every row its single result, bit for bit.
+            let rows: Vec<Vec<f32>> = (0..7)
+                .map(|r| x.iter().map(|v| v * (r as f32 + 0.5)).collect())
+                .collect();
+            let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
+            let zero = vec![0f32; 1];
+            let sums: Vec<&[f32]> = (0..7).map(|_| zero.as_slice()).collect();
+            let w = W4Row {
+                nibbles: &packed,
+                scales: &[1.0],
+                neg_zero_scaled: &[0.0],
+                group_size: n,
+            };
+            let mut out = vec![0f32; 7];
+            best_w4_rows()(&w, &refs, &sums, &mut out);
+            for (r, &got) in out.iter().enumerate() {
+                let alone = best_nibble_dot()(&packed, &rows[r]);
+                assert_eq!(got.to_bits(), (1.0 * alone + 0.0 * 0.0).to_bits());
+                let mut one = [0f32];
+                best_w4_rows()(&w, &refs[r..r + 1], &sums[..1], &mut one);
+                assert_eq!(one[0].to_bits(), got.to_bits());
             }
         }
     }

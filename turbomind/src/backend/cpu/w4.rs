@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use super::simd::NibbleDotFn;
+use super::simd::{W4Row, W4RowsFn};
 use super::Matrix;
 use crate::quant::awq::{unpack_int4, AwqTensors};
 
@@ -89,8 +89,10 @@ impl W4Weight {
         w
     }
 
-    /// `out[r][o] = x[r] · w[o]` for a few rows.
-    pub fn skinny(&self, x: &Matrix, out: &mut Matrix, dot: NibbleDotFn) {
+    /// `out[r][o] = x[r] · w[o]` for a few rows. Each output row's nibbles
+    /// are decoded once for several input rows; every row's arithmetic is
+    /// the same as if it were alone.
+    pub fn skinny(&self, x: &Matrix, out: &mut Matrix, rows_fn: W4RowsFn) {
         let (k, g, n, m) = (self.in_features, self.group_size, self.out_features, x.rows);
         let groups = k / g;
         // Σx per row and group, shared by every output.
@@ -100,26 +102,23 @@ impl W4Weight {
                 group_sums[r * groups + gi] = x.row(r)[gi * g..(gi + 1) * g].iter().sum();
             }
         }
+        let xs: Vec<&[f32]> = (0..m).map(|r| x.row(r)).collect();
+        let sums: Vec<&[f32]> = group_sums.chunks_exact(groups).collect();
         const CHUNK: usize = 32;
         let mut transposed = vec![0f32; n * m];
         transposed
             .par_chunks_mut(CHUNK * m)
             .enumerate()
             .for_each(|(c, dst)| {
-                let half = g / 2;
                 for (j, cell) in dst.chunks_exact_mut(m).enumerate() {
                     let o = c * CHUNK + j;
-                    let row = &self.nibbles[o * k / 2..(o + 1) * k / 2];
-                    cell.fill(0.0);
-                    for gi in 0..groups {
-                        let bytes = &row[gi * half..(gi + 1) * half];
-                        let s = self.scales[o * groups + gi];
-                        let zs = self.neg_zero_scaled[o * groups + gi];
-                        for (r, acc) in cell.iter_mut().enumerate() {
-                            let xg = &x.row(r)[gi * g..(gi + 1) * g];
-                            *acc += s * dot(bytes, xg) + zs * group_sums[r * groups + gi];
-                        }
-                    }
+                    let row = W4Row {
+                        nibbles: &self.nibbles[o * k / 2..(o + 1) * k / 2],
+                        scales: &self.scales[o * groups..(o + 1) * groups],
+                        neg_zero_scaled: &self.neg_zero_scaled[o * groups..(o + 1) * groups],
+                        group_size: g,
+                    };
+                    rows_fn(&row, &xs, &sums, cell);
                 }
             });
         for (o, cell) in transposed.chunks_exact(m).enumerate() {
