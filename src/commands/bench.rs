@@ -58,6 +58,10 @@ pub struct BenchArgs {
     latency: bool,
     #[arg(long, default_value_t = 3)]
     iterations: usize,
+    /// Also measure this machine's memory read bandwidth (all threads) and
+    /// state batch-1 decode as a fraction of the bandwidth bound.
+    #[arg(long)]
+    measure_bandwidth: bool,
     /// One line of JSON on stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -308,14 +312,35 @@ fn latency(args: &BenchArgs, handle: &EngineHandle, prompt: &[u32], shape: Shape
         v.get(v.len() / 2).copied()
     };
     let (p, d) = (median(&mut prefill), median(&mut decode));
+    // Bytes one decode token reads: the weights, plus the KV of the mean
+    // context over the generation.
+    let info = handle.info();
+    let context = shape.input + shape.output / 2;
+    let bytes = info.weight_bytes_per_token + info.kv_bytes_per_token * context;
+    let bandwidth = args.measure_bandwidth.then(read_bandwidth);
+    let bound = bandwidth.map(|bw| bw / bytes as f64);
+    let fraction = bound.zip(d).map(|(b, d)| d / b);
     if args.json {
         println!(
             "{}",
             json!({"input_len": shape.input, "output_len": shape.output,
                    "prefill_tok_per_s": p, "decode_tok_per_s": d,
-                   "iterations": prefill.len()})
+                   "iterations": prefill.len(),
+                   "decode_bytes_per_token": bytes,
+                   "read_bandwidth_gb_per_s": bandwidth.map(|b| b / 1e9),
+                   "decode_bound_tok_per_s": bound,
+                   "decode_fraction_of_bound": fraction})
         );
     } else {
+        if let (Some(bw), Some(bound)) = (bandwidth, bound) {
+            println!(
+                "read bandwidth {:.1} GB/s; decode reads {:.1} MB/token, so the bound is {:.1} tok/s; decode reaches {:.1}% of it",
+                bw / 1e9,
+                bytes as f64 / 1e6,
+                bound,
+                fraction.unwrap_or(0.0) * 100.0
+            );
+        }
         println!(
             "batch 1, input {} output {}: prefill {:.1} tok/s, decode {:.1} tok/s (median of {})",
             shape.input,
@@ -326,4 +351,24 @@ fn latency(args: &BenchArgs, handle: &EngineHandle, prompt: &[u32], shape: Shape
         );
     }
     Ok(())
+}
+
+/// Memory read bandwidth over all threads, in bytes/s: the best of five
+/// parallel passes summing 1 GiB (integer adds, which vectorize).
+fn read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let words = (1usize << 30) / 8;
+    let data: Vec<u64> = (0..words as u64).collect();
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let sum: u64 = data
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+            .reduce(|| 0, u64::wrapping_add);
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(sum);
+        best = best.max((words * 8) as f64 / secs);
+    }
+    best
 }

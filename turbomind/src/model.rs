@@ -168,6 +168,24 @@ impl<B: Backend> Model<B> {
         &self.backend
     }
 
+    /// Weight bytes one decode step reads for one token: every layer's
+    /// linears and the output projection (the embedding lookup reads one
+    /// row). The numerator of the decode roofline.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let b = &self.backend;
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .map(|w| b.linear_bytes(w))
+                    .sum::<usize>()
+            })
+            .sum();
+        layers + b.linear_bytes(self.lm_head.as_ref().unwrap_or(&self.embed))
+    }
+
     /// Head layout of attention and the KV cache.
     pub fn attn_shape(&self) -> AttnShape {
         self.shape

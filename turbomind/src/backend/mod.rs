@@ -128,6 +128,9 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
 
     fn upload_linear(&self, w: HostLinear) -> Result<Self::Linear>;
+    /// Bytes a product with this linear reads: its weight as stored on the
+    /// device (for roofline figures).
+    fn linear_bytes(&self, w: &Self::Linear) -> usize;
     fn upload_vector(&self, v: Vec<f32>) -> Result<Self::Vector>;
     fn new_kv_pool(&self, spec: &KvPoolSpec) -> Result<Self::KvPool>;
     /// Memory free for a KV pool on this device, in bytes, if known.

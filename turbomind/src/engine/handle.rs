@@ -69,6 +69,10 @@ pub struct ModelInfo {
     pub block_len: usize,
     pub num_blocks: usize,
     pub vocab_size: usize,
+    /// See [`crate::model::Model::weight_bytes_per_token`].
+    pub weight_bytes_per_token: usize,
+    /// KV bytes one position takes (all layers, K and V).
+    pub kv_bytes_per_token: usize,
 }
 
 pub(super) struct Shared {

@@ -45,6 +45,8 @@ pub fn spawn_engine<B: Backend + 'static>(
         block_len: config.block_len,
         num_blocks,
         vocab_size: model.config.vocab_size,
+        weight_bytes_per_token: model.weight_bytes_per_token(),
+        kv_bytes_per_token: bytes_per_block / config.block_len,
     });
     let shared = Arc::new(Shared::new(config.max_queued_requests));
     let (commands, inbox) = std::sync::mpsc::channel();

@@ -184,6 +184,16 @@ impl CpuLinear {
         true
     }
 
+    /// Bytes of the stored weight and bias.
+    pub fn stored_bytes(&self) -> usize {
+        let weight = match &self.weight {
+            CpuWeight::Dense(w) => w.len() * 4,
+            CpuWeight::DenseF16(w) => w.len() * 2,
+            CpuWeight::W4(w4) => w4.stored_bytes(),
+        };
+        weight + self.bias.as_ref().map_or(0, |b| b.len() * 4)
+    }
+
     pub fn is_dense(&self) -> bool {
         !matches!(self.weight, CpuWeight::W4(_))
     }

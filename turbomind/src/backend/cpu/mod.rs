@@ -107,6 +107,10 @@ impl Backend for CpuBackend {
         CpuLinear::new(w)
     }
 
+    fn linear_bytes(&self, w: &CpuLinear) -> usize {
+        w.stored_bytes()
+    }
+
     fn upload_vector(&self, v: Vec<f32>) -> Result<Vec<f32>> {
         Ok(v)
     }

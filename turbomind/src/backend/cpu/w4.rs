@@ -61,6 +61,11 @@ impl W4Weight {
         }
     }
 
+    /// Bytes of nibbles, scales and zero terms.
+    pub fn stored_bytes(&self) -> usize {
+        self.nibbles.len() + 4 * (self.scales.len() + self.neg_zero_scaled.len())
+    }
+
     /// One output row, dequantized into `dst` (`in_features` values).
     fn dequantize_row(&self, o: usize, dst: &mut [f32]) {
         let (k, g) = (self.in_features, self.group_size);
