@@ -30,6 +30,8 @@ enum Command {
     /// Evaluate a model.
     #[command(subcommand)]
     Eval(commands::eval::EvalCommand),
+    /// Serve models over an OpenAI-compatible HTTP API.
+    Serve(commands::serve::ServeArgs),
 }
 
 fn main() {
@@ -39,6 +41,7 @@ fn main() {
         Command::Quantize(args) => commands::quantize::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Eval(cmd) => commands::eval::run(cmd),
+        Command::Serve(args) => commands::serve::run(args),
         Command::Bench(args) => commands::bench::run(args),
     };
     if let Err(e) = result {

@@ -5,6 +5,7 @@ pub mod eval;
 pub mod generate;
 pub mod import;
 pub mod quantize;
+pub mod serve;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,0 +1,160 @@
+//! Starting and stopping the server: bind, announce readiness, serve until
+//! SIGTERM or Ctrl-C, then drain in-flight requests within the shutdown
+//! timeout.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::app::{App, ServedModel};
+use crate::error::ServeError;
+
+/// How the server listens and guards itself.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub host: String,
+    /// 0 picks a free port; the ready callback gets the real one.
+    pub port: u16,
+    /// When set, `/v1/*` needs `Authorization: Bearer KEY`.
+    pub api_key: Option<String>,
+    /// Larger request bodies get 413.
+    pub max_request_bytes: u64,
+    /// After SIGTERM, how long in-flight requests may run before they are
+    /// cancelled.
+    pub shutdown_timeout: Duration,
+}
+
+fn validate(models: &[ServedModel], options: &ServerOptions) -> Result<(), ServeError> {
+    if models.is_empty() {
+        return Err(ServeError::InvalidOption("no model to serve".into()));
+    }
+    let mut seen = HashSet::new();
+    for m in models {
+        if m.name.trim().is_empty() {
+            return Err(ServeError::InvalidOption(
+                "a served model name is empty".into(),
+            ));
+        }
+        if !seen.insert(m.name.as_str()) {
+            return Err(ServeError::InvalidOption(format!(
+                "two models are served as `{}`; give them different names",
+                m.name
+            )));
+        }
+    }
+    if options.api_key.as_deref().is_some_and(str::is_empty) {
+        return Err(ServeError::InvalidOption(
+            "--api-key must not be empty".into(),
+        ));
+    }
+    if options.max_request_bytes == 0 {
+        return Err(ServeError::InvalidOption(
+            "--max-request-bytes must be at least 1".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Serves `models` until SIGTERM or Ctrl-C. `ready` is called once the
+/// listener is bound (the engines are already running), with the bound
+/// address. Returns after a clean shutdown.
+pub fn run(
+    models: Vec<ServedModel>,
+    options: ServerOptions,
+    ready: impl FnOnce(SocketAddr),
+) -> Result<(), ServeError> {
+    validate(&models, &options)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("lmq-serve")
+        .build()?;
+    let result = runtime.block_on(serve(models, options, ready));
+    // Connections still open after the timeout are dropped here, which
+    // cancels their engine requests.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn serve(
+    models: Vec<ServedModel>,
+    options: ServerOptions,
+    ready: impl FnOnce(SocketAddr),
+) -> Result<(), ServeError> {
+    let listener = TcpListener::bind((options.host.as_str(), options.port))
+        .await
+        .map_err(|source| ServeError::Bind {
+            address: format!("{}:{}", options.host, options.port),
+            source,
+        })?;
+    let address = listener.local_addr()?;
+    let app = Arc::new(App::new(
+        models,
+        options.api_key.clone(),
+        options.max_request_bytes,
+    ));
+    let router = crate::routes::router(app.clone());
+
+    let (stop, stopping) = watch::channel(false);
+    let timeout = options.shutdown_timeout;
+    let watched = app.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let in_flight: usize = watched.models.iter().map(|m| m.engine.outstanding()).sum();
+        eprintln!(
+            "lmq serve: shutting down; waiting up to {:.1} s for {in_flight} request(s) in flight",
+            timeout.as_secs_f64()
+        );
+        let _ = stop.send(true);
+        // Keep the sender alive: its drop would read as a second signal.
+        std::future::pending::<()>().await;
+    });
+    let mut on_stop = stopping.clone();
+    let graceful = async move {
+        let _ = on_stop.wait_for(|&s| s).await;
+    };
+    let mut on_deadline = stopping;
+    let deadline = async move {
+        let _ = on_deadline.wait_for(|&s| s).await;
+        tokio::time::sleep(timeout).await;
+    };
+
+    ready(address);
+    let server = axum::serve(listener, router).with_graceful_shutdown(graceful);
+    tokio::select! {
+        result = server => result?,
+        _ = deadline => {
+            let left: usize = app.models.iter().map(|m| m.engine.outstanding()).sum();
+            eprintln!("lmq serve: shutdown timeout reached; cancelling {left} request(s)");
+        }
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C. A signal that cannot be watched is
+/// ignored rather than treated as received.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
