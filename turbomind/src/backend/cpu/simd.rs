@@ -297,10 +297,23 @@ pub struct W4Row<'a> {
 /// rows `xs` (each `in_features` long) with their per-group sums `gsums`.
 pub type W4RowsFn = fn(&W4Row<'_>, &[&[f32]], &[&[f32]], &mut [f32]);
 
+/// `Σ_g zs_g · gsum_g` in a fixed order: the zero-point term of one row.
+#[inline(always)]
+fn zero_term(neg_zero_scaled: &[f32], gsums: &[f32]) -> f32 {
+    neg_zero_scaled
+        .iter()
+        .zip(gsums)
+        .fold(0f32, |acc, (&z, &s)| z.mul_add(s, acc))
+}
+
 /// [`W4RowsFn`] for `R` rows at once: each run of nibbles is decoded once
-/// and multiplied into every row. Per row the operations and their order
-/// are the same for any `R`, so a row's result does not depend on how many
-/// rows share the call (batch invariance).
+/// and multiplied into every row. A group's products are accumulated in
+/// vector lanes, scaled into a running vector (one horizontal sum per
+/// output, not per group), and the zero-point term is added at the end.
+/// Per row the operations and their order are the same for any `R`, so a
+/// row's result does not depend on how many rows share the call (batch
+/// invariance). Group sizes are multiples of 32 (the format allows 32, 64
+/// and 128), so there is no scalar tail.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn w4_rows_avx2<const R: usize>(
@@ -312,24 +325,25 @@ unsafe fn w4_rows_avx2<const R: usize>(
     use std::arch::x86_64::*;
     let g = w.group_size;
     let half = g / 2;
+    let groups = w.scales.len();
     let mask = _mm_set1_epi8(0x0f);
-    let mut total = [0f32; R];
     let mut lanes = [_mm256_setzero_ps(); R];
-    for (gi, q) in w.nibbles.chunks_exact(half).enumerate() {
-        // Four accumulators per row keep four FMA chains in flight, which
-        // bounds a single row's speed.
+    let q = w.nibbles.as_ptr();
+    let px: [*const f32; R] = std::array::from_fn(|r| xs[r].as_ptr());
+    // SAFETY (loads below): the caller guarantees nibbles hold groups·g/2
+    // bytes and every row groups·g values; j + 16 <= half keeps each load
+    // inside its group.
+    for gi in 0..groups {
+        // Four accumulators per row keep four FMA chains in flight.
         let mut acc0 = [_mm256_setzero_ps(); R];
         let mut acc1 = [_mm256_setzero_ps(); R];
         let mut acc2 = [_mm256_setzero_ps(); R];
         let mut acc3 = [_mm256_setzero_ps(); R];
-        let base = gi * g;
+        let qg = q.add(gi * half);
+        _mm_prefetch::<_MM_HINT_T0>(qg.wrapping_add(1024) as *const i8);
         let mut j = 0;
-        // SAFETY (loads below): j + 16 <= half, and every row holds
-        // in_features = groups · g values (checked by the caller), so the
-        // 8-wide loads at base + j, +8, + half + j and + half + j + 8 stay
-        // inside the group.
-        while j + 16 <= half {
-            let bytes = _mm_loadu_si128(q.as_ptr().add(j) as *const __m128i);
+        while j < half {
+            let bytes = _mm_loadu_si128(qg.add(j) as *const __m128i);
             let lo = _mm_and_si128(bytes, mask);
             let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
             let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
@@ -340,40 +354,31 @@ unsafe fn w4_rows_avx2<const R: usize>(
                 f(_mm_srli_si128(hi, 8)),
             );
             for r in 0..R {
-                let px = xs[r].as_ptr().add(base);
-                acc0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(px.add(j)), acc0[r]);
-                acc1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(px.add(j + 8)), acc1[r]);
-                acc2[r] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(px.add(half + j)), acc2[r]);
-                acc3[r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(px.add(half + j + 8)), acc3[r]);
+                let x = px[r].add(gi * g + j);
+                acc0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), acc0[r]);
+                acc1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.add(8)), acc1[r]);
+                acc2[r] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x.add(half)), acc2[r]);
+                acc3[r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x.add(half + 8)), acc3[r]);
             }
             j += 16;
         }
-        // Scale the group's lanes into a running vector: one horizontal
-        // sum per output instead of one per group.
-        let (s, zs) = (w.scales[gi], w.neg_zero_scaled[gi]);
-        let sv = _mm256_set1_ps(s);
+        let sv = _mm256_set1_ps(*w.scales.get_unchecked(gi));
         for r in 0..R {
-            let x = &xs[r][base..base + g];
             let group = _mm256_add_ps(
                 _mm256_add_ps(acc0[r], acc2[r]),
                 _mm256_add_ps(acc1[r], acc3[r]),
             );
             lanes[r] = _mm256_fmadd_ps(sv, group, lanes[r]);
-            let mut tail = 0f32;
-            for (jj, &b) in q.iter().enumerate().skip(j) {
-                tail += (b & 0xf) as f32 * x[jj] + (b >> 4) as f32 * x[jj + half];
-            }
-            total[r] += s * tail + zs * gsums[r][gi];
         }
     }
     for r in 0..R {
-        out[r] = hsum_avx(lanes[r]) + total[r];
+        out[r] = hsum_avx(lanes[r]) + zero_term(w.neg_zero_scaled, gsums[r]);
     }
 }
 
 /// [`w4_rows_avx2`] with 512-bit vectors: 16 nibbles per conversion and
-/// FMA, so about half the instructions per weight. Per row the operations
-/// and their order are again the same for any `R`.
+/// FMA, so about half the instructions per weight; the same structure and
+/// the same per-row order for any `R`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn w4_rows_avx512<const R: usize>(
@@ -385,49 +390,40 @@ unsafe fn w4_rows_avx512<const R: usize>(
     use std::arch::x86_64::*;
     let g = w.group_size;
     let half = g / 2;
+    let groups = w.scales.len();
     let mask = _mm_set1_epi8(0x0f);
-    let mut total = [0f32; R];
     let mut lanes = [_mm512_setzero_ps(); R];
-    for (gi, q) in w.nibbles.chunks_exact(half).enumerate() {
+    let q = w.nibbles.as_ptr();
+    let px: [*const f32; R] = std::array::from_fn(|r| xs[r].as_ptr());
+    // SAFETY (loads below): as in `w4_rows_avx2`.
+    for gi in 0..groups {
         // Two accumulators per row (low and high nibbles) halve the FMA
-        // dependency chain, which bounds a single row's speed.
+        // dependency chain.
         let mut acc = [_mm512_setzero_ps(); R];
         let mut acc_hi = [_mm512_setzero_ps(); R];
-        let base = gi * g;
-        // Rows of a weight are contiguous: fetch well ahead of use (a
-        // prefetch past the end of the allocation is harmless).
-        _mm_prefetch::<_MM_HINT_T0>(q.as_ptr().wrapping_add(1024) as *const i8);
+        let qg = q.add(gi * half);
+        _mm_prefetch::<_MM_HINT_T0>(qg.wrapping_add(1024) as *const i8);
         let mut j = 0;
-        // SAFETY (loads below): j + 16 <= half, and every row holds
-        // in_features = groups · g values (checked by the caller), so the
-        // 16-wide loads at base + j and base + half + j stay in the group.
-        while j + 16 <= half {
-            let bytes = _mm_loadu_si128(q.as_ptr().add(j) as *const __m128i);
+        while j < half {
+            let bytes = _mm_loadu_si128(qg.add(j) as *const __m128i);
             let lo = _mm_and_si128(bytes, mask);
             let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
             let w_lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
             let w_hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
             for r in 0..R {
-                let px = xs[r].as_ptr().add(base);
-                acc[r] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(px.add(j)), acc[r]);
-                acc_hi[r] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(px.add(half + j)), acc_hi[r]);
+                let x = px[r].add(gi * g + j);
+                acc[r] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(x), acc[r]);
+                acc_hi[r] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(x.add(half)), acc_hi[r]);
             }
             j += 16;
         }
-        let (s, zs) = (w.scales[gi], w.neg_zero_scaled[gi]);
-        let sv = _mm512_set1_ps(s);
+        let sv = _mm512_set1_ps(*w.scales.get_unchecked(gi));
         for r in 0..R {
-            let x = &xs[r][base..base + g];
             lanes[r] = _mm512_fmadd_ps(sv, _mm512_add_ps(acc[r], acc_hi[r]), lanes[r]);
-            let mut tail = 0f32;
-            for (jj, &b) in q.iter().enumerate().skip(j) {
-                tail += (b & 0xf) as f32 * x[jj] + (b >> 4) as f32 * x[jj + half];
-            }
-            total[r] += s * tail + zs * gsums[r][gi];
         }
     }
     for r in 0..R {
-        out[r] = _mm512_reduce_add_ps(lanes[r]) + total[r];
+        out[r] = _mm512_reduce_add_ps(lanes[r]) + zero_term(w.neg_zero_scaled, gsums[r]);
     }
 }
 
@@ -444,15 +440,32 @@ fn w4_rows_portable(w: &W4Row<'_>, xs: &[&[f32]], gsums: &[&[f32]], out: &mut [f
 }
 
 /// Picks the fastest multi-row 4-bit kernel this CPU supports.
+/// Whether a call satisfies the SIMD kernels' length contract: whole groups
+/// of a multiple of 32 values, and every row and group sum long enough.
+fn w4_call_fits(w: &W4Row<'_>, xs: &[&[f32]], gsums: &[&[f32]], out: &[f32]) -> bool {
+    let groups = w.scales.len();
+    let g = w.group_size;
+    g.is_multiple_of(32)
+        && w.nibbles.len() == groups * g / 2
+        && w.neg_zero_scaled.len() == groups
+        && xs.len() == gsums.len()
+        && out.len() >= xs.len()
+        && xs.iter().all(|x| x.len() >= groups * g)
+        && gsums.iter().all(|s| s.len() >= groups)
+}
+
 pub fn best_w4_rows() -> W4RowsFn {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
             return |w, xs, gsums, out| {
+                if !w4_call_fits(w, xs, gsums, out) {
+                    return w4_rows_portable(w, xs, gsums, out);
+                }
                 let mut r = 0;
                 while r < xs.len() {
                     // SAFETY: returned only after checking for AVX-512F;
-                    // the row lengths are the caller's contract.
+                    // the lengths were checked just above.
                     unsafe {
                         if r + 4 <= xs.len() {
                             w4_rows_avx512::<4>(
@@ -472,12 +485,15 @@ pub fn best_w4_rows() -> W4RowsFn {
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             return |w, xs, gsums, out| {
+                if !w4_call_fits(w, xs, gsums, out) {
+                    return w4_rows_portable(w, xs, gsums, out);
+                }
                 // Rows go four at a time, the rest singly; each row sees the
                 // same arithmetic whatever the batch.
                 let mut r = 0;
                 while r < xs.len() {
                     // SAFETY: returned only after checking for AVX2 and FMA;
-                    // the row lengths are the caller's contract.
+                    // the lengths were checked just above.
                     unsafe {
                         if r + 4 <= xs.len() {
                             w4_rows_avx2::<4>(
