@@ -51,8 +51,24 @@ async fn require_key(State(app): State<Arc<App>>, req: Request, next: Next) -> R
     }
 }
 
-async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// 200 while every model's engine runs, else 503 naming the dead ones (a
+/// proxy's health check then stops routing here).
+async fn health(State(app): State<Arc<App>>) -> Response {
+    let dead: Vec<&str> = app
+        .models
+        .iter()
+        .filter(|m| !m.engine.is_alive())
+        .map(|m| m.name.as_str())
+        .collect();
+    if dead.is_empty() {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "error", "dead_engines": dead})),
+        )
+            .into_response()
+    }
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {

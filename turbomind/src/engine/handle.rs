@@ -4,7 +4,7 @@
 //! The handle is cheap to clone and safe to use from any thread or async
 //! task; the engine itself runs on its own thread (see `worker`).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
@@ -81,6 +81,8 @@ pub(super) struct Shared {
     pub outstanding: AtomicUsize,
     pub max_outstanding: usize,
     next_id: AtomicU64,
+    /// Cleared when the engine thread exits, however it exits.
+    pub alive: AtomicBool,
 }
 
 impl Shared {
@@ -90,6 +92,7 @@ impl Shared {
             outstanding: AtomicUsize::new(0),
             max_outstanding,
             next_id: AtomicU64::new(1),
+            alive: AtomicBool::new(true),
         }
     }
 
@@ -121,6 +124,11 @@ impl EngineHandle {
             Ok(s) => s.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+
+    /// Whether the engine thread is still running (for health checks).
+    pub fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::Acquire)
     }
 
     /// Requests submitted and not yet ended.

@@ -102,8 +102,20 @@ struct Worker<B: Backend> {
     stats: EngineStats,
 }
 
+/// Marks the engine dead when the thread ends, by return or by panic.
+struct AliveGuard(Arc<Shared>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0
+            .alive
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
 impl<B: Backend> Worker<B> {
     fn run(mut self) {
+        let _alive = AliveGuard(self.shared.clone());
         loop {
             if self.requests.is_empty() {
                 // Idle: wait for work; every handle gone means shut down.
