@@ -32,6 +32,8 @@ enum Command {
     Eval(commands::eval::EvalCommand),
     /// Serve models over an OpenAI-compatible HTTP API.
     Serve(commands::serve::ServeArgs),
+    /// Route OpenAI requests by model across several `lmq serve` nodes.
+    Proxy(commands::proxy::ProxyArgs),
 }
 
 fn main() {
@@ -42,6 +44,7 @@ fn main() {
         Command::Generate(args) => commands::generate::run(args),
         Command::Eval(cmd) => commands::eval::run(cmd),
         Command::Serve(args) => commands::serve::run(args),
+        Command::Proxy(args) => commands::proxy::run(args),
         Command::Bench(args) => commands::bench::run(args),
     };
     if let Err(e) = result {

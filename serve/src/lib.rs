@@ -16,6 +16,9 @@
 //!   "code"}}` with a meaningful status: bad input is a 400 that names the
 //!   parameter, never a plain-text rejection or a panic.
 //!
+//! The [`proxy`] module (`lmq proxy`) shares only the error shape and
+//! JSON reading with the server; it never touches an engine.
+//!
 //! [`EngineHandle`]: lmq_turbomind::engine::EngineHandle
 
 mod app;
@@ -25,6 +28,7 @@ mod extract;
 mod format;
 mod metrics;
 mod params;
+pub mod proxy;
 mod routes;
 mod run;
 mod server;

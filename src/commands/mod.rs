@@ -4,6 +4,7 @@ pub mod bench;
 pub mod eval;
 pub mod generate;
 pub mod import;
+pub mod proxy;
 pub mod quantize;
 pub mod serve;
 
