@@ -136,7 +136,7 @@ async fn serve(
 
 /// Resolves on SIGTERM or Ctrl-C. A signal that cannot be watched is
 /// ignored rather than treated as received.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;

@@ -16,6 +16,7 @@ use super::health;
 use super::nodes::{Node, Registry};
 use super::routes::{router, ProxyApp};
 use crate::error::ServeError;
+use crate::server::shutdown_signal;
 
 /// How the proxy listens.
 #[derive(Debug, Clone)]
@@ -127,29 +128,4 @@ async fn serve(
     };
     checker.abort();
     result
-}
-
-/// Resolves on SIGTERM or Ctrl-C (the same rule as `lmq serve`). A signal
-/// that cannot be watched is ignored rather than treated as received.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
 }
