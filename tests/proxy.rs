@@ -181,9 +181,9 @@ fn routes_by_model_streams_and_guards_admin() {
 
     // 30 concurrent short streams over both nodes all finish with their
     // token counts, and every KV block comes back.
-    let proxy_client = *p;
     let threads: Vec<_> = (0..30)
         .map(|i| {
+            let proxy_client = p.client.clone();
             std::thread::spawn(move || {
                 let model = if i % 2 == 0 { "a" } else { "b" };
                 let tokens = 2 + i % 5;

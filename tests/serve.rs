@@ -7,310 +7,36 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::io::Write;
+use std::net::TcpStream;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::http::{Client, Process};
 use serde_json::{json, Value};
 
 /// A running `lmq serve`; killed when dropped.
-struct Server {
-    child: Child,
-    client: Client,
+type Server = Process;
+
+/// Serves the test model with a small KV cache plus `args`.
+fn start_server(args: &[&str]) -> Server {
+    let dir = common::model_dir();
+    let mut all = vec!["--model", dir.to_str().expect("utf-8 path")];
+    all.extend_from_slice(args);
+    spawn_server(&all)
 }
 
-impl std::ops::Deref for Server {
-    type Target = Client;
-    fn deref(&self) -> &Client {
-        &self.client
-    }
-}
-
-/// Where to send requests, and the API key to send.
-struct Client {
-    port: u16,
-    key: Option<String>,
-}
-
-impl Server {
-    /// Serves the test model with a small KV cache plus `args`.
-    fn start(args: &[&str]) -> Server {
-        let dir = common::model_dir();
-        let mut all = vec!["--model", dir.to_str().expect("utf-8 path")];
-        all.extend_from_slice(args);
-        Self::spawn(&all)
-    }
-
-    fn spawn(args: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lmq"))
-            .arg("serve")
-            .args(["--port", "0", "--kv-cache-bytes", "32M"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("lmq serve starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("lmq serve prints its ready line");
-        let port = line
-            .strip_prefix("lmq serve: listening on http://127.0.0.1:")
-            .and_then(|rest| rest.split(' ').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected ready line: {line}"));
-        let key = args
-            .iter()
-            .position(|&a| a == "--api-key")
-            .map(|i| args[i + 1].to_string());
-        Server {
-            child,
-            client: Client { port, key },
-        }
-    }
-}
-
-impl Client {
-    fn connect(&self) -> TcpStream {
-        let s = TcpStream::connect(("127.0.0.1", self.port)).expect("connects");
-        s.set_read_timeout(Some(Duration::from_secs(60)))
-            .expect("timeout");
-        s
-    }
-
-    /// Opens a connection and writes one request (with the key, if any).
-    fn open(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> TcpStream {
-        let mut s = self.connect();
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        if let Some(key) = &self.key {
-            head.push_str(&format!("Authorization: Bearer {key}\r\n"));
-        }
-        for (name, value) in headers {
-            head.push_str(&format!("{name}: {value}\r\n"));
-        }
-        head.push_str("\r\n");
-        s.write_all(head.as_bytes()).expect("writes head");
-        // The server may answer (413) before reading a large body.
-        let _ = s.write_all(body);
-        s
-    }
-
-    /// Sends one request on a fresh connection and reads the whole reply.
-    fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
-        let mut raw = Vec::new();
-        let _ = self.open(method, path, headers, body).read_to_end(&mut raw);
-        Reply::parse(&raw)
-    }
-
-    fn get(&self, path: &str) -> Reply {
-        self.send("GET", path, &[], b"")
-    }
-
-    fn post(&self, path: &str, body: &Value) -> Reply {
-        self.send(
-            "POST",
-            path,
-            &[("Content-Type", "application/json")],
-            body.to_string().as_bytes(),
-        )
-    }
-
-    /// Posts a streaming request and returns its open event stream.
-    fn stream(&self, path: &str, body: &Value) -> Events {
-        let json = [("Content-Type", "application/json")];
-        let s = self.open("POST", path, &json, body.to_string().as_bytes());
-        let mut reader = BufReader::new(s);
-        let mut status = String::new();
-        reader.read_line(&mut status).expect("status line");
-        assert!(status.contains(" 200 "), "stream status: {status}");
-        loop {
-            let mut line = String::new();
-            reader.read_line(&mut line).expect("header");
-            if line == "\r\n" {
-                break;
-            }
-        }
-        Events {
-            reader,
-            buffer: String::new(),
-        }
-    }
-
-    /// A metric's value for the one model served.
-    fn metric(&self, name: &str) -> f64 {
-        let page = self.get("/metrics").text();
-        page.lines()
-            .find(|l| l.starts_with(&format!("{name}{{")))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{page}"))
-    }
-
-    /// Waits until the engine holds no request and no KV block.
-    fn wait_idle(&self) {
-        let start = Instant::now();
-        while self.metric("lmq_kv_blocks_used") != 0.0 || self.metric("lmq_requests_running") != 0.0
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "KV blocks were not freed"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn parse(raw: &[u8]) -> Reply {
-        let split = raw
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .expect("a complete HTTP reply");
-        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-        let mut lines = head.lines();
-        let status = lines
-            .next()
-            .and_then(|l| l.split(' ').nth(1))
-            .and_then(|s| s.parse().ok())
-            .expect("status");
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-            .collect();
-        let mut body = raw[split + 4..].to_vec();
-        if headers
-            .iter()
-            .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"))
-        {
-            body = dechunk(&body);
-        }
-        Reply {
-            status,
-            headers,
-            body,
-        }
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("reply is not JSON ({e}): {}", self.text()))
-    }
-
-    /// Asserts an OpenAI-shaped error with `status` and returns its object.
-    fn error(&self, status: u16) -> Value {
-        assert_eq!(self.status, status, "{}", self.text());
-        assert!(self
-            .header("content-type")
-            .is_some_and(|c| c.starts_with("application/json")));
-        let e = self.json()["error"].clone();
-        for key in ["message", "type", "param", "code"] {
-            assert!(e.get(key).is_some(), "error lacks `{key}`: {e}");
-        }
-        assert!(!e["message"].as_str().unwrap_or("").is_empty());
-        e
-    }
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(end) = data.windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(String::from_utf8_lossy(&data[..end]).trim(), 16)
-            .expect("chunk size");
-        if size == 0 {
-            break;
-        }
-        out.extend_from_slice(&data[end + 2..end + 2 + size]);
-        data = &data[end + 4 + size..];
-    }
-    out
-}
-
-/// Server-sent events read off a chunked response as they arrive.
-struct Events {
-    reader: BufReader<TcpStream>,
-    buffer: String,
-}
-
-impl Events {
-    /// The next `data:` payload; `None` at the end of the stream.
-    fn next(&mut self) -> Option<String> {
-        loop {
-            if let Some(end) = self.buffer.find("\n\n") {
-                let event: String = self.buffer.drain(..end + 2).collect();
-                let data: Vec<&str> = event
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("data: "))
-                    .collect();
-                if data.is_empty() {
-                    continue; // a keep-alive comment
-                }
-                return Some(data.join("\n"));
-            }
-            let mut size = String::new();
-            if self.reader.read_line(&mut size).ok()? == 0 {
-                return None;
-            }
-            let size = usize::from_str_radix(size.trim(), 16).ok()?;
-            if size == 0 {
-                return None;
-            }
-            let mut chunk = vec![0; size + 2];
-            self.reader.read_exact(&mut chunk).ok()?;
-            self.buffer
-                .push_str(&String::from_utf8_lossy(&chunk[..size]));
-        }
-    }
-
-    /// Every JSON chunk up to `[DONE]` (which must come).
-    fn all(mut self) -> Vec<Value> {
-        let mut out = Vec::new();
-        while let Some(data) = self.next() {
-            if data == "[DONE]" {
-                return out;
-            }
-            out.push(serde_json::from_str(&data).expect("chunk is JSON"));
-        }
-        panic!("the stream ended without [DONE] after {out:?}");
-    }
-
-    fn close(self) {
-        let _ = self.reader.get_ref().shutdown(Shutdown::Both);
-    }
+/// `lmq serve` on a free port with a small KV cache plus `args`; the
+/// client sends the `--api-key` given, if any.
+fn spawn_server(args: &[&str]) -> Server {
+    let mut all = vec!["--port", "0", "--kv-cache-bytes", "32M"];
+    all.extend_from_slice(args);
+    let mut server = Process::spawn("serve", &all);
+    server.client.key = args
+        .iter()
+        .position(|&a| a == "--api-key")
+        .map(|i| args[i + 1].to_string());
+    server
 }
 
 fn completion(server: &Server, body: Value) -> Value {
@@ -325,7 +51,7 @@ fn chat_messages() -> Value {
 
 #[test]
 fn serves_completions_and_chat() {
-    let s = Server::start(&["--served-model-name", "smol"]);
+    let s = start_server(&["--served-model-name", "smol"]);
     assert_eq!(s.get("/health").status, 200);
     let models = s.get("/v1/models").json();
     assert_eq!(models["object"], "list");
@@ -433,7 +159,7 @@ fn serves_completions_and_chat() {
             && e["logprob"].as_f64().unwrap() <= 0.0));
 
     let chunks = s
-        .stream("/v1/chat/completions", &json!({"messages": chat_messages(), "max_tokens": 12, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}))
+        .stream("/v1/chat/completions", &[], &json!({"messages": chat_messages(), "max_tokens": 12, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}))
         .all();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     assert!(chunks
@@ -462,6 +188,7 @@ fn serves_completions_and_chat() {
     let chunks = s
         .stream(
             "/v1/completions",
+            &[],
             &json!({"prompt": prompt, "max_tokens": 5, "temperature": 0, "n": 2, "stream": true}),
         )
         .all();
@@ -492,7 +219,7 @@ fn serves_completions_and_chat() {
 
 #[test]
 fn bad_input_gets_openai_errors() {
-    let s = Server::start(&["--api-key", "sekrit", "--max-request-bytes", "64K"]);
+    let s = start_server(&["--api-key", "sekrit", "--max-request-bytes", "64K"]);
     let model = common::model_dir()
         .file_name()
         .unwrap()
@@ -624,13 +351,13 @@ fn bad_input_gets_openai_errors() {
 
 #[test]
 fn disconnects_cancel_and_overload_is_429() {
-    let s = Server::start(&["--max-queued-requests", "1"]);
+    let s = start_server(&["--max-queued-requests", "1"]);
     let long = json!({"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": true, "temperature": 0});
 
     // A client that leaves mid-stream frees its blocks.
     let mut stream_body = long.clone();
     stream_body["stream"] = json!(true);
-    let mut events = s.stream("/v1/completions", &stream_body);
+    let mut events = s.stream("/v1/completions", &[], &stream_body);
     for _ in 0..2 {
         events.next().expect("an event");
     }
@@ -677,8 +404,8 @@ fn disconnects_cancel_and_overload_is_429() {
 
 #[test]
 fn sigterm_finishes_requests_in_flight() {
-    let mut s = Server::start(&[]);
-    let mut events = s.stream("/v1/completions", &json!({"prompt": "Once upon a time", "max_tokens": 16, "ignore_eos": true, "temperature": 0, "stream": true}));
+    let mut s = start_server(&[]);
+    let mut events = s.stream("/v1/completions", &[], &json!({"prompt": "Once upon a time", "max_tokens": 16, "ignore_eos": true, "temperature": 0, "stream": true}));
     events.next().expect("a first event");
     let kill = Command::new("kill")
         .args(["-TERM", &s.child.id().to_string()])
@@ -705,9 +432,10 @@ fn sigterm_finishes_requests_in_flight() {
     assert!(TcpStream::connect(("127.0.0.1", s.port)).is_err());
 
     // With a short timeout, a long request is cut and the server exits.
-    let mut s = Server::start(&["--shutdown-timeout", "0.5"]);
+    let mut s = start_server(&["--shutdown-timeout", "0.5"]);
     let mut events = s.stream(
         "/v1/completions",
+        &[],
         &json!({"prompt": "Once", "max_tokens": 1000, "ignore_eos": true, "stream": true}),
     );
     events.next().expect("a first event");
@@ -736,7 +464,7 @@ fn serves_several_models_from_yaml() {
         format!("models:\n  - model: {m}\n    name: alpha\n  - model: {m}\n    name: beta\n    max_batch_size: 4\n    kv_cache_bytes: 16M\n", m = model.display()),
     )
     .unwrap();
-    let s = Server::spawn(&["--config", config.to_str().unwrap()]);
+    let s = spawn_server(&["--config", config.to_str().unwrap()]);
     let ids: Vec<Value> = s.get("/v1/models").json()["data"]
         .as_array()
         .unwrap()
@@ -797,7 +525,7 @@ fn official_openai_client() {
         eprintln!("SKIPPED official_openai_client: the `openai` Python package is not installed (python3 -m pip install openai; .ci/run does)");
         return;
     }
-    let s = Server::start(&["--api-key", "sekrit", "--served-model-name", "smol"]);
+    let s = start_server(&["--api-key", "sekrit", "--served-model-name", "smol"]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/serve_client.py");
     let out = Command::new("python3")
         .args([

@@ -58,15 +58,16 @@ impl Process {
             .unwrap_or_else(|| panic!("unexpected ready line: {line}"));
         Process {
             child,
-            client: Client { port },
+            client: Client { port, key: None },
         }
     }
 }
 
-/// Where to send requests.
-#[derive(Debug, Clone, Copy)]
+/// Where to send requests, and the API key to send (if any).
+#[derive(Debug, Clone)]
 pub struct Client {
     pub port: u16,
+    pub key: Option<String>,
 }
 
 impl Client {
@@ -77,7 +78,7 @@ impl Client {
         s
     }
 
-    /// Opens a connection and writes one request.
+    /// Opens a connection and writes one request (with the key, if any).
     pub fn open(
         &self,
         method: &str,
@@ -90,11 +91,15 @@ impl Client {
             "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
             body.len()
         );
+        if let Some(key) = &self.key {
+            head.push_str(&format!("Authorization: Bearer {key}\r\n"));
+        }
         for (name, value) in headers {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
         head.push_str("\r\n");
         s.write_all(head.as_bytes()).expect("writes head");
+        // The server may answer (413) before reading a large body.
         let _ = s.write_all(body);
         s
     }
