@@ -98,15 +98,42 @@ async fn serve(
     ));
     let router = crate::routes::router(app.clone());
 
-    let (stop, stopping) = watch::channel(false);
-    let timeout = options.shutdown_timeout;
     let watched = app.clone();
+    let (graceful, deadline) = shutdown_futures("serve", options.shutdown_timeout, move || {
+        watched.models.iter().map(|m| m.engine.outstanding()).sum()
+    });
+
+    ready(address);
+    let server = axum::serve(listener, router).with_graceful_shutdown(graceful);
+    tokio::select! {
+        result = server => result?,
+        _ = deadline => {
+            let left: usize = app.models.iter().map(|m| m.engine.outstanding()).sum();
+            eprintln!("lmq serve: shutdown timeout reached; cancelling {left} request(s)");
+        }
+    }
+    Ok(())
+}
+
+/// The two futures of a graceful shutdown: `graceful` resolves on SIGTERM
+/// or Ctrl-C (stop accepting, let requests in flight finish), `deadline`
+/// `timeout` later (give up on them). `in_flight` counts requests for the
+/// log line.
+pub(crate) fn shutdown_futures(
+    command: &'static str,
+    timeout: std::time::Duration,
+    in_flight: impl Fn() -> usize + Send + 'static,
+) -> (
+    impl std::future::Future<Output = ()>,
+    impl std::future::Future<Output = ()>,
+) {
+    let (stop, stopping) = watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
-        let in_flight: usize = watched.models.iter().map(|m| m.engine.outstanding()).sum();
         eprintln!(
-            "lmq serve: shutting down; waiting up to {:.1} s for {in_flight} request(s) in flight",
-            timeout.as_secs_f64()
+            "lmq {command}: shutting down; waiting up to {:.1} s for {} request(s) in flight",
+            timeout.as_secs_f64(),
+            in_flight()
         );
         let _ = stop.send(true);
         // Keep the sender alive: its drop would read as a second signal.
@@ -121,22 +148,12 @@ async fn serve(
         let _ = on_deadline.wait_for(|&s| s).await;
         tokio::time::sleep(timeout).await;
     };
-
-    ready(address);
-    let server = axum::serve(listener, router).with_graceful_shutdown(graceful);
-    tokio::select! {
-        result = server => result?,
-        _ = deadline => {
-            let left: usize = app.models.iter().map(|m| m.engine.outstanding()).sum();
-            eprintln!("lmq serve: shutdown timeout reached; cancelling {left} request(s)");
-        }
-    }
-    Ok(())
+    (graceful, deadline)
 }
 
 /// Resolves on SIGTERM or Ctrl-C. A signal that cannot be watched is
 /// ignored rather than treated as received.
-pub(crate) async fn shutdown_signal() {
+async fn shutdown_signal() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;

@@ -9,14 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use super::config::ProxyConfig;
 use super::health;
 use super::nodes::{Node, Registry};
 use super::routes::{router, ProxyApp};
 use crate::error::ServeError;
-use crate::server::shutdown_signal;
+use crate::server::shutdown_futures;
 
 /// How the proxy listens.
 #[derive(Debug, Clone)]
@@ -92,29 +91,10 @@ async fn serve(
         unroutable: AtomicU64::new(0),
     });
 
-    let (stop, stopping) = watch::channel(false);
-    let timeout = options.shutdown_timeout;
     let watched = registry.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let in_flight: usize = watched.all().iter().map(|n| n.outstanding()).sum();
-        eprintln!(
-            "lmq proxy: shutting down; waiting up to {:.1} s for {in_flight} request(s) in flight",
-            timeout.as_secs_f64()
-        );
-        let _ = stop.send(true);
-        // Keep the sender alive: its drop would read as a second signal.
-        std::future::pending::<()>().await;
+    let (graceful, deadline) = shutdown_futures("proxy", options.shutdown_timeout, move || {
+        watched.all().iter().map(|n| n.outstanding()).sum()
     });
-    let mut on_stop = stopping.clone();
-    let graceful = async move {
-        let _ = on_stop.wait_for(|&s| s).await;
-    };
-    let mut on_deadline = stopping;
-    let deadline = async move {
-        let _ = on_deadline.wait_for(|&s| s).await;
-        tokio::time::sleep(timeout).await;
-    };
 
     ready(address, count);
     let server = axum::serve(listener, router(app)).with_graceful_shutdown(graceful);
