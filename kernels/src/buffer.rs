@@ -29,6 +29,10 @@ impl Element for u32 {
     const POISON: Self = u32::MAX;
     const NAME: &'static str = "u32";
 }
+impl Element for u8 {
+    const POISON: Self = u8::MAX;
+    const NAME: &'static str = "u8";
+}
 impl Element for i32 {
     const POISON: Self = -1;
     const NAME: &'static str = "i32";
@@ -110,6 +114,24 @@ impl GpuDevice {
             .stream()
             .alloc_zeros::<T>(n)
             .during("allocating a matrix")?;
+        Ok(DeviceMatrix { data, rows, cols })
+    }
+
+    /// A `rows × cols` matrix whose contents are unspecified (whatever the
+    /// stream-ordered allocator hands out): for outputs that a kernel
+    /// overwrites in full, without the cost of a memset.
+    pub fn uninit<T: Element>(&self, rows: usize, cols: usize) -> Result<DeviceMatrix<T>> {
+        let n = checked_len("uninit", rows, cols)?;
+        let data = if n == 0 {
+            self.stream().alloc_zeros::<T>(0)
+        } else {
+            // SAFETY: the memory is device memory that Rust never reads
+            // directly; every `Element` type is valid for any bit pattern,
+            // so a download before a kernel writes it yields garbage values,
+            // not undefined behaviour.
+            unsafe { self.stream().alloc::<T>(n) }
+        }
+        .during("allocating a matrix")?;
         Ok(DeviceMatrix { data, rows, cols })
     }
 

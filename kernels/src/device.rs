@@ -82,6 +82,31 @@ fn no_panic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
     })
 }
 
+/// Buffers come from the driver's stream-ordered pool (`cuMemAllocAsync`).
+/// By default the pool hands freed memory back to the OS at every
+/// synchronization, so a decode loop would pay for fresh allocations each
+/// step; keeping it makes per-step buffers a pool hit. Best effort: on
+/// failure the pool keeps its default.
+fn keep_pool_memory(ctx: &CudaContext) {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: `pool` is a valid out-pointer for the device's default pool;
+    // the attribute value is a u64 as CU_MEMPOOL_ATTR_RELEASE_THRESHOLD
+    // requires, and lives across the call.
+    unsafe {
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS
+            && !pool.is_null()
+        {
+            let _ = sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            );
+        }
+    }
+}
+
 impl GpuDevice {
     /// Whether a CUDA GPU can be opened at all. Cheap after the first call.
     pub fn is_available() -> bool {
@@ -125,6 +150,7 @@ impl GpuDevice {
         // An explicit stream rather than the legacy default one, so that the
         // work on it can be captured into a CUDA graph.
         let stream = ctx.new_stream().during("creating a stream")?;
+        keep_pool_memory(&ctx);
         Ok(Self {
             ctx,
             stream,
@@ -170,6 +196,12 @@ impl GpuDevice {
     /// The CUDA context.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    /// (free, total) device memory in bytes, as the driver reports it.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.ctx.bind_to_thread().during("binding the context")?;
+        cudarc::driver::result::mem_get_info().during("reading free memory")
     }
 
     /// Waits for all work queued on this device's stream.

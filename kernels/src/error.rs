@@ -29,6 +29,13 @@ pub enum KernelError {
         log: String,
     },
 
+    /// A cuBLAS call failed (or the library could not be loaded).
+    #[error("cuBLAS failed during {context}: {message}")]
+    Blas {
+        context: &'static str,
+        message: String,
+    },
+
     /// Operand shapes do not fit the operation.
     #[error("{op}: {detail}")]
     Shape { op: &'static str, detail: String },

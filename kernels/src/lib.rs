@@ -20,17 +20,22 @@
 //! - Results do not depend on timing: the W4A16 warps' K-split partial
 //!   sums are added in a fixed order.
 
+pub mod act;
 pub mod awq;
 pub mod buffer;
 pub mod device;
 pub mod error;
+pub mod gemm;
 pub mod nvrtc;
 pub mod ops;
+pub mod paged;
 pub mod w4a16;
 
 pub use awq::{PackedW4, AWQ_ORDER, GROUP_SIZES};
 pub use buffer::{DeviceMatrix, Element};
 pub use device::GpuDevice;
 pub use error::{KernelError, Result};
+pub use gemm::Blas;
 pub use ops::{add_rms_norm, embedding, rms_norm, rope, rope_inv_freq, silu_mul};
+pub use paged::{DeviceKvPool, KvLayout, KvStorage, RowMeta, RowPlace};
 pub use w4a16::{OutElement, W4A16Linear, W4Plan, MAX_ROWS};

@@ -20,16 +20,29 @@ pub enum Module {
     W4A16,
     Norm,
     Elementwise,
+    ActF32,
+    PagedAttn,
+    W4Dequant,
 }
 
 impl Module {
-    pub const ALL: [Module; 3] = [Module::W4A16, Module::Norm, Module::Elementwise];
+    pub const ALL: [Module; 6] = [
+        Module::W4A16,
+        Module::Norm,
+        Module::Elementwise,
+        Module::ActF32,
+        Module::PagedAttn,
+        Module::W4Dequant,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Module::W4A16 => "w4a16",
             Module::Norm => "norm",
             Module::Elementwise => "elementwise",
+            Module::ActF32 => "act_f32",
+            Module::PagedAttn => "paged_attn",
+            Module::W4Dequant => "w4_dequant",
         }
     }
 
@@ -38,6 +51,9 @@ impl Module {
             Module::W4A16 => include_str!("cu/w4a16.cu"),
             Module::Norm => include_str!("cu/norm.cu"),
             Module::Elementwise => include_str!("cu/elementwise.cu"),
+            Module::ActF32 => include_str!("cu/act_f32.cu"),
+            Module::PagedAttn => include_str!("cu/paged_attn.cu"),
+            Module::W4Dequant => include_str!("cu/w4_dequant.cu"),
         }
     }
 

@@ -10,7 +10,7 @@ use crate::device::GpuDevice;
 use crate::error::{DriverContext, KernelError, Result};
 use crate::nvrtc::Module;
 
-fn same_shape<A: Element, B: Element>(
+pub(crate) fn same_shape<A: Element, B: Element>(
     op: &'static str,
     a: (&str, &DeviceMatrix<A>),
     b: (&str, &DeviceMatrix<B>),
@@ -32,7 +32,7 @@ fn same_shape<A: Element, B: Element>(
     Ok(())
 }
 
-fn on_device(op: &'static str, dev: &GpuDevice, ok: &[bool]) -> Result<()> {
+pub(crate) fn on_device(op: &'static str, dev: &GpuDevice, ok: &[bool]) -> Result<()> {
     if ok.iter().all(|&b| b) {
         Ok(())
     } else {
@@ -46,11 +46,11 @@ fn on_device(op: &'static str, dev: &GpuDevice, ok: &[bool]) -> Result<()> {
     }
 }
 
-fn check_i32(op: &'static str, what: &str, v: usize) -> Result<i32> {
+pub(crate) fn check_i32(op: &'static str, what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| KernelError::shape(op, format!("{what} {v} exceeds i32")))
 }
 
-fn vector_len<T: Element>(
+pub(crate) fn vector_len<T: Element>(
     op: &'static str,
     what: &str,
     v: &DeviceMatrix<T>,

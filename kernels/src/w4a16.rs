@@ -4,7 +4,7 @@
 //! explains the work split.
 
 use cudarc::driver::sys;
-use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 use half::f16;
 
 use crate::awq::PackedW4;
@@ -243,6 +243,59 @@ impl W4A16Linear {
         Ok(())
     }
 
+    /// Writes the dense fp16 weights `[out][in]` (`(q − z) · s`, the
+    /// products the GEMV kernel forms) into `out`, for a cuBLAS GEMM.
+    pub fn dequantize_into(&self, dev: &GpuDevice, out: &mut DeviceMatrix<f16>) -> Result<()> {
+        const OP: &str = "W4 dequantize";
+        if out.rows() != self.out_features || out.cols() != self.in_features {
+            return Err(KernelError::shape(
+                OP,
+                format!(
+                    "out is {}×{}, expected {}×{}",
+                    out.rows(),
+                    out.cols(),
+                    self.out_features,
+                    self.in_features
+                ),
+            ));
+        }
+        if !std::sync::Arc::ptr_eq(self.qw.stream(), dev.stream()) || !out.is_on(dev) {
+            return Err(KernelError::invalid(
+                OP,
+                "operands belong to another GpuDevice",
+            ));
+        }
+        let words = (self.out_features / 8) * self.kbs * 128;
+        let (ni, ki, kbi, gi) = (
+            self.out_features as i32,
+            self.in_features as i32,
+            self.kbs as i32,
+            self.group_size as i32,
+        );
+        let f = dev.function(Module::W4Dequant, "w4_dequant_f16")?;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&self.qw)
+            .arg(&self.scales)
+            .arg(&self.zeros)
+            .arg(&mut out.data)
+            .arg(&ni)
+            .arg(&ki)
+            .arg(&kbi)
+            .arg(&gi);
+        let blocks = (words.div_ceil(256) as u64).clamp(1, dev.num_sms() as u64 * 32) as u32;
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `w4_dequant_f16(const u32*, const half*, const
+        // half*, half*, int, int, int, int)`; qw holds (N/8)·kbs·128 words
+        // and scales/zeros (K/g)·N halves (validated at construction), out
+        // is N×K (checked above); inputs past K are skipped.
+        unsafe { b.launch(cfg) }.during("launching w4_dequant_f16")?;
+        Ok(())
+    }
+
     /// The launch plan a call with `m` rows would use.
     pub fn plan(&self, m: usize) -> Result<W4Plan> {
         self.check_rows(m)?;
@@ -261,7 +314,7 @@ impl W4A16Linear {
 
     /// `out = x · W (+ bias)`: x is `[M, in]` fp16, out `[M, out]` fp16 or f32.
     pub fn forward<O: OutElement>(
-        &mut self,
+        &self,
         dev: &GpuDevice,
         x: &DeviceMatrix<f16>,
         out: &mut DeviceMatrix<O>,
@@ -272,7 +325,7 @@ impl W4A16Linear {
     /// [`Self::forward`] with the number of K splits forced (tests and
     /// tuning); returns the plan used.
     pub fn forward_with<O: OutElement>(
-        &mut self,
+        &self,
         dev: &GpuDevice,
         x: &DeviceMatrix<f16>,
         out: &mut DeviceMatrix<O>,

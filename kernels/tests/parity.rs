@@ -282,7 +282,7 @@ fn w4a16_rejects_bad_shapes() {
         g,
     )
     .unwrap();
-    let mut layer = W4A16Linear::new(&dev, &packed, None).unwrap();
+    let layer = W4A16Linear::new(&dev, &packed, None).unwrap();
     let x = dev.zeros::<f16>(2, k + 8).unwrap();
     let mut out = dev.zeros::<f16>(2, n).unwrap();
     assert!(matches!(

@@ -2,7 +2,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use lmq_turbomind::backend::Backend;
+use lmq_turbomind::model::Model;
 use lmq_turbomind::ppl::{perplexity, PplConfig};
+use lmq_turbomind::tokenizer::Tokenizer;
 
 #[derive(Subcommand)]
 pub enum EvalCommand {
@@ -42,11 +45,34 @@ fn ppl(args: PplArgs) -> Result<()> {
     if text.trim().is_empty() {
         bail!("{}: the text file is empty", args.text.display());
     }
-    let (model, tokenizer) = super::load_cpu(&args.model, &args.engine)?;
-    let ids = tokenizer.encode(&text)?;
+    let model_dir = args.model.clone();
+    let engine = args.engine.clone();
+    super::with_model(&model_dir, &engine, Ppl { args, text })
+}
+
+struct Ppl {
+    args: PplArgs,
+    text: String,
+}
+
+impl super::WithModel for Ppl {
+    type Output = ();
+    fn run<B: Backend + 'static>(self, model: Model<B>, tokenizer: Tokenizer) -> Result<()> {
+        let Ppl { args, text } = self;
+        ppl_on(&model, &tokenizer, &args, &text)
+    }
+}
+
+fn ppl_on<B: Backend>(
+    model: &Model<B>,
+    tokenizer: &Tokenizer,
+    args: &PplArgs,
+    text: &str,
+) -> Result<()> {
+    let ids = tokenizer.encode(text)?;
     let t0 = std::time::Instant::now();
     let result = perplexity(
-        &model,
+        model,
         &ids,
         PplConfig {
             ctx: args.ctx,
@@ -71,6 +97,7 @@ fn ppl(args: PplArgs) -> Result<()> {
                 "ctx": args.ctx,
                 "kv_cache_dtype": model.kv_cache_config().dtype.as_str(),
                 "kv_cache_mode": model.kv_cache_config().mode.as_str(),
+                "device": model.backend().name(),
             })
         );
     } else {

@@ -3,9 +3,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
+use lmq_turbomind::backend::Backend;
 use lmq_turbomind::generate::{generate, GenerateRequest};
+use lmq_turbomind::model::Model;
 use lmq_turbomind::sampling::SamplingParams;
-use lmq_turbomind::tokenizer::ChatMessage;
+use lmq_turbomind::tokenizer::{ChatMessage, Tokenizer};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -60,7 +62,25 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.prompt.trim().is_empty() {
         bail!("the prompt is empty");
     }
-    let (model, tokenizer) = super::load_cpu(&args.model, &args.engine)?;
+    let model_dir = args.model.clone();
+    let engine = args.engine.clone();
+    super::with_model(&model_dir, &engine, Generate(args))
+}
+
+struct Generate(GenerateArgs);
+
+impl super::WithModel for Generate {
+    type Output = ();
+    fn run<B: Backend + 'static>(self, model: Model<B>, tokenizer: Tokenizer) -> Result<()> {
+        generate_on(&model, &tokenizer, self.0)
+    }
+}
+
+fn generate_on<B: Backend>(
+    model: &Model<B>,
+    tokenizer: &Tokenizer,
+    args: GenerateArgs,
+) -> Result<()> {
     let text = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
@@ -102,7 +122,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ignore_eos: args.ignore_eos,
     };
     let mut stdout = std::io::stdout().lock();
-    let out = generate(&model, &tokenizer, &request, |piece| {
+    let out = generate(model, tokenizer, &request, |piece| {
         // A closed stdout (e.g. piped into `head`) just ends the stream.
         let _ = stdout.write_all(piece.as_bytes());
         let _ = stdout.flush();

@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use lmq_turbomind::backend::cpu::CpuBackend;
+use lmq_turbomind::backend::cuda::CudaBackend;
+use lmq_turbomind::backend::Backend;
 use lmq_turbomind::engine::{spawn_engine, EngineConfig, EngineHandle, KvCacheSize};
 use lmq_turbomind::model::Model;
 use lmq_turbomind::quant::kv::{KvDtype, KvMode};
@@ -29,6 +31,55 @@ pub struct EngineArgs {
     /// or static (the checkpoint's calibrated ones).
     #[arg(long)]
     pub kv_cache_mode: Option<String>,
+    /// Where the model runs: `cpu`, or `cuda` / `cuda:N` for GPU N.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+}
+
+/// The device a command runs its model on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(text: &str) -> std::result::Result<Device, String> {
+    match text {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" | "gpu" => Ok(Device::Cuda(0)),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("unknown device {other:?} (cpu, cuda, cuda:N)")),
+    }
+}
+
+/// Work that needs a loaded model on whichever backend `--device` chose:
+/// the command writes its body once, generic over the backend.
+pub trait WithModel {
+    type Output;
+    fn run<B: Backend + 'static>(
+        self,
+        model: Model<B>,
+        tokenizer: Tokenizer,
+    ) -> Result<Self::Output>;
+}
+
+/// Loads the model on the device the engine options name and hands it to `task`.
+pub fn with_model<T: WithModel>(dir: &Path, engine: &EngineArgs, task: T) -> Result<T::Output> {
+    match engine.device {
+        Device::Cpu => {
+            let (model, tokenizer) = load(dir, engine, CpuBackend::new())?;
+            task.run(model, tokenizer)
+        }
+        Device::Cuda(ordinal) => {
+            let backend = CudaBackend::new(ordinal)?;
+            let (model, tokenizer) = load(dir, engine, backend)?;
+            task.run(model, tokenizer)
+        }
+    }
 }
 
 /// Batching-engine options (for `serve` and `bench`).
@@ -99,23 +150,39 @@ pub fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
     Ok((value * scale) as u64)
 }
 
-/// Loads a model on the CPU and starts a batching engine for it.
-pub fn start_engine(dir: &Path, engine: &EngineArgs, batch: &BatchArgs) -> Result<EngineHandle> {
-    let (model, tokenizer) = load_cpu(dir, engine)?;
-    Ok(spawn_engine(
-        model,
-        Arc::new(tokenizer),
-        &batch.engine_config(),
-    )?)
+struct StartEngine<'a>(&'a BatchArgs);
+
+impl WithModel for StartEngine<'_> {
+    type Output = EngineHandle;
+    fn run<B: Backend + 'static>(
+        self,
+        model: Model<B>,
+        tokenizer: Tokenizer,
+    ) -> Result<EngineHandle> {
+        Ok(spawn_engine(
+            model,
+            Arc::new(tokenizer),
+            &self.0.engine_config(),
+        )?)
+    }
 }
 
-/// Loads a model folder and its tokenizer on the CPU backend.
-pub fn load_cpu(dir: &Path, engine: &EngineArgs) -> Result<(Model<CpuBackend>, Tokenizer)> {
+/// Loads a model on the chosen device and starts a batching engine for it.
+pub fn start_engine(dir: &Path, engine: &EngineArgs, batch: &BatchArgs) -> Result<EngineHandle> {
+    with_model(dir, engine, StartEngine(batch))
+}
+
+/// Loads a model folder and its tokenizer onto `backend`.
+pub fn load<B: Backend>(
+    dir: &Path,
+    engine: &EngineArgs,
+    backend: B,
+) -> Result<(Model<B>, Tokenizer)> {
     if !dir.is_dir() {
         anyhow::bail!("model folder {} not found", dir.display());
     }
     let tokenizer = Tokenizer::from_dir(dir)?;
-    let mut model = Model::load(dir, CpuBackend::new())?;
+    let mut model = Model::load(dir, backend)?;
     if engine.kv_cache_dtype.is_some() || engine.kv_cache_mode.is_some() {
         let current = model.kv_cache_config().clone();
         let dtype = match &engine.kv_cache_dtype {

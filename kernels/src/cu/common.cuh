@@ -24,3 +24,6 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     float t = lane < nwarps ? scratch[lane] : 0.0f;
     return warp_sum(t);
 }
+
+// +∞ as a float (NVRTC has no <math.h>, hence no INFINITY).
+#define LMQ_INF __int_as_float(0x7f800000)

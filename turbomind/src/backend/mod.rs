@@ -1,6 +1,6 @@
 //! The backend boundary: the LLM-level ops the one decoder is written
-//! against. The CPU backend implements them here; the CUDA backend will
-//! implement the same trait, so the model code never changes per device.
+//! against. The CPU backend (`cpu`) and the CUDA backend (`cuda`) implement
+//! the same trait, so the model code never changes per device.
 //!
 //! Activations are a matrix of `rows × cols`, one row per token of the
 //! batch. A batch holds several sequences, each a contiguous run of rows
@@ -12,6 +12,7 @@
 //! `p` lives in block `blocks[p / block_len]` at offset `p % block_len`.
 
 pub mod cpu;
+pub mod cuda;
 
 use std::ops::Range;
 
@@ -22,7 +23,7 @@ use crate::rope::Rope;
 
 /// Which rows of the batch belong to one sequence, the position of its
 /// first row, and the KV blocks that hold its positions.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeqSpan {
     pub rows: Range<usize>,
     pub start_pos: usize,

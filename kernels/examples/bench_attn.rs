@@ -1,0 +1,156 @@
+//! Micro-benchmark of paged decode attention (issue 6's shape): batch 64,
+//! context 2048, 32 query and 32 KV heads, head_dim 128, blocks of 64, for
+//! fp16, int8 and int4 KV (online parameters). Reports the time per call,
+//! the KV bytes read per call (codes plus per-token parameters) over that
+//! time, that rate as a fraction of the device-to-device copy bandwidth
+//! (read + write, 1 GiB, measured in the same run), and the speedup over
+//! fp16.
+//!
+//! Timing: CUDA events around 20 back-to-back calls, median of 7 rounds,
+//! after 3 warm-up calls. The pool is filled through `kv_write` with
+//! random values first. Run: `cargo run --release -p lmq-kernels --example
+//! bench_attn` on a GPU machine.
+
+use cudarc::driver::sys::CUevent_flags;
+use lmq_kernels::paged::{kv_write, paged_attention};
+use lmq_kernels::{DeviceKvPool, GpuDevice, KernelError, KvLayout, KvStorage, RowMeta, RowPlace};
+
+const BATCH: usize = 64;
+const CTX: usize = 2048;
+const HEADS: usize = 32;
+const HD: usize = 128;
+const BLOCK: usize = 64;
+const CALLS: usize = 20;
+const ROUNDS: usize = 7;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let dev = match GpuDevice::new(0) {
+        Ok(d) => d,
+        Err(KernelError::NoDevice(msg)) => {
+            println!("skipped: no CUDA device ({msg})");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    println!(
+        "device: {} ({}, {} SMs)",
+        dev.name(),
+        dev.arch(),
+        dev.num_sms()
+    );
+    let stream = dev.stream().clone();
+    let start = dev
+        .context()
+        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let end = dev
+        .context()
+        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+
+    // Copy bandwidth, the ceiling.
+    let bytes = 1usize << 30;
+    let src = stream.alloc_zeros::<u8>(bytes)?;
+    let mut dst = stream.alloc_zeros::<u8>(bytes)?;
+    let mut times = Vec::new();
+    for i in 0..ROUNDS + 2 {
+        start.record(&stream)?;
+        stream.memcpy_dtod(&src, &mut dst)?;
+        end.record(&stream)?;
+        let ms = start.elapsed_ms(&end)? as f64;
+        if i >= 2 {
+            times.push(ms);
+        }
+    }
+    let copy_gbs = 2.0 * bytes as f64 / (median(times) * 1e-3) / 1e9;
+    println!("copy: {copy_gbs:.0} GB/s (1 GiB D2D, read + write)");
+    drop((src, dst));
+
+    let blocks_per_seq = CTX / BLOCK;
+    let num_blocks = BATCH * blocks_per_seq;
+    // Each sequence's table interleaves with the others' (block b of
+    // sequence s is s + b·BATCH), as a long-running pool would be.
+    let tables: Vec<Vec<u32>> = (0..BATCH)
+        .map(|s| {
+            (0..blocks_per_seq)
+                .map(|b| (s + b * BATCH) as u32)
+                .collect()
+        })
+        .collect();
+    // Fill rows: every position of every sequence.
+    let fill_places: Vec<RowPlace> = tables
+        .iter()
+        .flat_map(|t| (0..CTX).map(move |p| RowPlace { pos: p, table: t }))
+        .collect();
+    let decode_places: Vec<RowPlace> = tables
+        .iter()
+        .map(|t| RowPlace {
+            pos: CTX - 1,
+            table: t,
+        })
+        .collect();
+    let fill_meta = RowMeta::new(&dev, &fill_places)?;
+    let meta = RowMeta::new(&dev, &decode_places)?;
+    let kv_dim = HEADS * HD;
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut random = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                (rng >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    };
+    let chunk = fill_places.len();
+    let k = dev.upload(&random(chunk * kv_dim), chunk, kv_dim)?;
+    let v = dev.upload(&random(chunk * kv_dim), chunk, kv_dim)?;
+    let q = dev.upload(&random(BATCH * kv_dim), BATCH, kv_dim)?;
+
+    println!("| KV | us/call | KV GB read | GB/s | of copy | vs fp16 |");
+    println!("|---|---|---|---|---|---|");
+    let mut fp16_us = 0.0;
+    for storage in [KvStorage::F16, KvStorage::Int8, KvStorage::Int4] {
+        let layout = KvLayout {
+            num_layers: 1,
+            num_kv_heads: HEADS,
+            head_dim: HD,
+            block_len: BLOCK,
+            num_blocks,
+            storage,
+        };
+        let mut pool = DeviceKvPool::new(&dev, layout, None)?;
+        kv_write(&dev, &mut pool, 0, &k, &v, &fill_meta)?;
+        for _ in 0..3 {
+            paged_attention(&dev, &pool, 0, &q, HEADS, &meta)?;
+        }
+        let mut times = Vec::new();
+        for _ in 0..ROUNDS {
+            start.record(&stream)?;
+            for _ in 0..CALLS {
+                paged_attention(&dev, &pool, 0, &q, HEADS, &meta)?;
+            }
+            end.record(&stream)?;
+            times.push(start.elapsed_ms(&end)? as f64 * 1e3 / CALLS as f64);
+        }
+        dev.context().check_err()?;
+        let us = median(times);
+        let params = if storage.is_integer() { 4 } else { 0 };
+        let read = (BATCH * CTX * 2 * HEADS * (storage.bytes_per_token_head(HD) + params)) as f64;
+        let gbs = read / (us * 1e-6) / 1e9;
+        if storage == KvStorage::F16 {
+            fp16_us = us;
+        }
+        println!(
+            "| {storage:?} | {us:.1} | {:.3} | {gbs:.0} | {:.0}% | {:.2}x |",
+            read / 1e9,
+            100.0 * gbs / copy_gbs,
+            fp16_us / us
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! Prefill linears at M = 2048 on Llama-2-7B's layer shapes: cuBLAS fp16
+//! GEMM over dense fp16 weights (the ceiling, fp32 output as the engine
+//! uses it) against the 4-bit path the engine takes above 16 rows (the
+//! W4A16 weights dequantized into a scratch fp16 matrix, then the same
+//! GEMM). Reports TFLOP/s of each and their ratio.
+//!
+//! Timing: CUDA events around 10 back-to-back calls, median of 7 rounds,
+//! after warm-up. `cargo run --release -p lmq-kernels --example bench_prefill`.
+
+use cudarc::driver::sys::CUevent_flags;
+use half::f16;
+use lmq_kernels::{Blas, GpuDevice, KernelError, PackedW4, W4A16Linear};
+
+const M: usize = 2048;
+const CALLS: usize = 10;
+const ROUNDS: usize = 7;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let dev = match GpuDevice::new(0) {
+        Ok(d) => d,
+        Err(KernelError::NoDevice(msg)) => {
+            println!("skipped: no CUDA device ({msg})");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    println!("device: {} ({})", dev.name(), dev.arch());
+    let blas = Blas::new(&dev)?;
+    let stream = dev.stream().clone();
+    let start = dev
+        .context()
+        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let end = dev
+        .context()
+        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    println!("| linear | K x N | cuBLAS fp16 TFLOP/s | W4 dequant+GEMM TFLOP/s | ratio |");
+    println!("|---|---|---|---|---|");
+    for (name, k, n) in [
+        ("q/k/v/o", 4096usize, 4096usize),
+        ("gate/up", 4096, 11008),
+        ("down", 11008, 4096),
+    ] {
+        let g = 128;
+        let qweight: Vec<i32> = (0..k * n / 8).map(|_| next() as i32).collect();
+        let qzeros: Vec<i32> = (0..(k / g) * n / 8).map(|_| next() as i32).collect();
+        let scales: Vec<f16> = (0..(k / g) * n).map(|_| f16::from_f32(0.01)).collect();
+        let packed = PackedW4::from_awq(&qweight, &qzeros, &scales, k, n, g)?;
+        let w4 = W4A16Linear::new(&dev, &packed, None)?;
+        let x: Vec<f16> = (0..M * k)
+            .map(|i| f16::from_f32(((i % 13) as f32 - 6.0) / 8.0))
+            .collect();
+        let x = dev.upload(&x, M, k)?;
+        let mut dense = dev.uninit::<f16>(n, k)?;
+        w4.dequantize_into(&dev, &mut dense)?;
+        let mut scratch = dev.uninit::<f16>(n, k)?;
+        let mut out = dev.uninit::<f32>(M, n)?;
+        let time = |f: &mut dyn FnMut() -> Result<(), KernelError>| -> Result<f64, Box<dyn std::error::Error>> {
+            for _ in 0..3 {
+                f()?;
+            }
+            let mut times = Vec::new();
+            for _ in 0..ROUNDS {
+                start.record(&stream)?;
+                for _ in 0..CALLS {
+                    f()?;
+                }
+                end.record(&stream)?;
+                times.push(start.elapsed_ms(&end)? as f64 / CALLS as f64);
+            }
+            Ok(median(times))
+        };
+        let dense_ms = time(&mut || blas.gemm_f16(&dev, &x, &dense, &mut out))?;
+        let w4_ms = time(&mut || {
+            w4.dequantize_into(&dev, &mut scratch)?;
+            blas.gemm_f16(&dev, &x, &scratch, &mut out)
+        })?;
+        dev.context().check_err()?;
+        let flops = 2.0 * (M * k * n) as f64;
+        let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
+        println!(
+            "| {name} | {k}x{n} | {:.0} | {:.0} | {:.2}x |",
+            tf(dense_ms),
+            tf(w4_ms),
+            dense_ms / w4_ms
+        );
+    }
+    Ok(())
+}

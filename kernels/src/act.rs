@@ -1,0 +1,332 @@
+//! Row-wise ops on fp32 activations (`cu/act_f32.cu`), for the engine's
+//! CUDA backend: the residual stream, norms, rotary embedding, SiLU·mul,
+//! embedding gather and row selection stay in fp32 as on the CPU backend;
+//! [`to_f16`] rounds a linear's input for the fp16 tensor-core paths.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use half::f16;
+
+use crate::buffer::DeviceMatrix;
+use crate::device::GpuDevice;
+use crate::error::{DriverContext, KernelError, Result};
+use crate::nvrtc::Module;
+use crate::ops::{check_i32, on_device, same_shape, vector_len};
+use crate::paged::RowMeta;
+
+/// Grid for a grid-stride loop over `n` elements.
+fn stride_cfg(dev: &GpuDevice, n: usize) -> LaunchConfig {
+    let blocks = (n.div_ceil(256) as u64).clamp(1, dev.num_sms() as u64 * 16) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `out = fp16(x)`, element-wise.
+pub fn to_f16(dev: &GpuDevice, x: &DeviceMatrix<f32>, out: &mut DeviceMatrix<f16>) -> Result<()> {
+    const OP: &str = "to_f16";
+    same_shape(OP, ("x", x), ("out", &*out))?;
+    on_device(OP, dev, &[x.is_on(dev), out.is_on(dev)])?;
+    if x.is_empty() {
+        return Ok(());
+    }
+    let n = x.len() as u64;
+    let f = dev.function(Module::ActF32, "f32_to_f16")?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&x.data).arg(&mut out.data).arg(&n);
+    // SAFETY: matches `f32_to_f16(const float*, half*, u64)`; both hold n
+    // elements (checked above); grid-stride loop.
+    unsafe { b.launch(stride_cfg(dev, x.len())) }.during("launching f32_to_f16")?;
+    Ok(())
+}
+
+/// `a += b`, element-wise.
+pub fn add(dev: &GpuDevice, a: &mut DeviceMatrix<f32>, b_: &DeviceMatrix<f32>) -> Result<()> {
+    const OP: &str = "add";
+    same_shape(OP, ("a", &*a), ("b", b_))?;
+    on_device(OP, dev, &[a.is_on(dev), b_.is_on(dev)])?;
+    if a.is_empty() {
+        return Ok(());
+    }
+    let n = a.len() as u64;
+    let f = dev.function(Module::ActF32, "add_f32")?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&mut a.data).arg(&b_.data).arg(&n);
+    // SAFETY: matches `add_f32(float*, const float*, u64)`; both hold n
+    // elements (checked above).
+    unsafe { b.launch(stride_cfg(dev, n as usize)) }.during("launching add_f32")?;
+    Ok(())
+}
+
+/// `out[r] += bias` for every row.
+pub fn add_bias(
+    dev: &GpuDevice,
+    out: &mut DeviceMatrix<f32>,
+    bias: &DeviceMatrix<f32>,
+) -> Result<()> {
+    const OP: &str = "add_bias";
+    vector_len(OP, "bias", bias, out.cols())?;
+    on_device(OP, dev, &[out.is_on(dev), bias.is_on(dev)])?;
+    if out.is_empty() {
+        return Ok(());
+    }
+    let n = out.len() as u64;
+    let cols = check_i32(OP, "cols", out.cols())?;
+    let f = dev.function(Module::ActF32, "add_bias_f32")?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&mut out.data).arg(&bias.data).arg(&n).arg(&cols);
+    // SAFETY: matches `add_bias_f32(float*, const float*, u64, int)`; out
+    // holds n = rows·cols elements and bias cols (checked above).
+    unsafe { b.launch(stride_cfg(dev, n as usize)) }.during("launching add_bias_f32")?;
+    Ok(())
+}
+
+/// `out = silu(gate) · up`, element-wise.
+pub fn silu_mul(
+    dev: &GpuDevice,
+    gate: &DeviceMatrix<f32>,
+    up: &DeviceMatrix<f32>,
+    out: &mut DeviceMatrix<f32>,
+) -> Result<()> {
+    const OP: &str = "silu_mul_f32";
+    same_shape(OP, ("gate", gate), ("up", up))?;
+    same_shape(OP, ("gate", gate), ("out", &*out))?;
+    on_device(OP, dev, &[gate.is_on(dev), up.is_on(dev), out.is_on(dev)])?;
+    if gate.is_empty() {
+        return Ok(());
+    }
+    let n = gate.len() as u64;
+    let f = dev.function(Module::ActF32, "silu_mul_f32")?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&gate.data).arg(&up.data).arg(&mut out.data).arg(&n);
+    // SAFETY: matches `silu_mul_f32(const float*, const float*, float*,
+    // u64)`; all three hold n elements (checked above).
+    unsafe { b.launch(stride_cfg(dev, n as usize)) }.during("launching silu_mul_f32")?;
+    Ok(())
+}
+
+fn rms_launch(
+    dev: &GpuDevice,
+    residual: &DeviceMatrix<f32>,
+    delta: Option<&DeviceMatrix<f32>>,
+    weight: &DeviceMatrix<f32>,
+    eps: f32,
+    out: &mut DeviceMatrix<f32>,
+) -> Result<()> {
+    const OP: &str = "rms_norm_f32";
+    same_shape(OP, ("input", residual), ("out", &*out))?;
+    if let Some(d) = delta {
+        same_shape(OP, ("residual", residual), ("delta", d))?;
+    }
+    vector_len(OP, "weight", weight, residual.cols())?;
+    on_device(
+        OP,
+        dev,
+        &[
+            residual.is_on(dev),
+            weight.is_on(dev),
+            out.is_on(dev),
+            delta.is_none_or(|d| d.is_on(dev)),
+        ],
+    )?;
+    if residual.is_empty() {
+        return Ok(());
+    }
+    if !(eps.is_finite() && eps > 0.0) {
+        return Err(KernelError::invalid(
+            OP,
+            format!("eps must be positive, got {eps}"),
+        ));
+    }
+    let d = check_i32(OP, "row length", residual.cols())?;
+    let has_delta = i32::from(delta.is_some());
+    let delta = delta.unwrap_or(residual);
+    let f = dev.function(Module::ActF32, "rms_norm_f32")?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&residual.data)
+        .arg(&delta.data)
+        .arg(&weight.data)
+        .arg(&mut out.data)
+        .arg(&d)
+        .arg(&eps)
+        .arg(&has_delta);
+    let cfg = LaunchConfig {
+        grid_dim: (check_i32(OP, "rows", residual.rows())? as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `rms_norm_f32(float*, const float*, const float*,
+    // float*, int, float, int)`; residual, delta and out are rows×d and the
+    // weight has d elements (checked above). The kernel writes `residual`
+    // only when has_delta is 1, i.e. through `add_rms_norm`, whose caller
+    // holds it mutably.
+    unsafe { b.launch(cfg) }.during("launching rms_norm_f32")?;
+    Ok(())
+}
+
+/// `out = x / sqrt(mean(x²) + eps) · weight`, row by row.
+pub fn rms_norm(
+    dev: &GpuDevice,
+    x: &DeviceMatrix<f32>,
+    weight: &DeviceMatrix<f32>,
+    eps: f32,
+    out: &mut DeviceMatrix<f32>,
+) -> Result<()> {
+    rms_launch(dev, x, None, weight, eps, out)
+}
+
+/// `residual += delta`, then `out = rms_norm(residual) · weight`.
+pub fn add_rms_norm(
+    dev: &GpuDevice,
+    residual: &mut DeviceMatrix<f32>,
+    delta: &DeviceMatrix<f32>,
+    weight: &DeviceMatrix<f32>,
+    eps: f32,
+    out: &mut DeviceMatrix<f32>,
+) -> Result<()> {
+    rms_launch(dev, residual, Some(delta), weight, eps, out)
+}
+
+/// Rotary embedding (half-split form) of `x` (`rows × heads·head_dim`) in
+/// place, each row at its position in `meta`; positions are multiplied by
+/// `pos_scale` (linear scaling) before the `inv_freq` (`head_dim/2`) rates.
+pub fn rope(
+    dev: &GpuDevice,
+    x: &mut DeviceMatrix<f32>,
+    heads: usize,
+    meta: &RowMeta,
+    inv_freq: &DeviceMatrix<f32>,
+    pos_scale: f32,
+) -> Result<()> {
+    const OP: &str = "rope_f32";
+    let head_dim = inv_freq.len() * 2;
+    if head_dim == 0 || head_dim > 2048 {
+        return Err(KernelError::invalid(
+            OP,
+            format!("head_dim {head_dim} must be 2..=2048"),
+        ));
+    }
+    if heads == 0 || heads > 65535 || x.cols() != heads * head_dim || x.rows() != meta.rows() {
+        return Err(KernelError::shape(
+            OP,
+            format!(
+                "x is {}×{}, expected {}×({heads} heads × {head_dim})",
+                x.rows(),
+                x.cols(),
+                meta.rows()
+            ),
+        ));
+    }
+    on_device(
+        OP,
+        dev,
+        &[x.is_on(dev), meta.is_on(dev), inv_freq.is_on(dev)],
+    )?;
+    if x.is_empty() {
+        return Ok(());
+    }
+    let (hi, hdi) = (heads as i32, head_dim as i32);
+    let rows = check_i32(OP, "rows", x.rows())? as u32;
+    let positions = meta.positions();
+    let f = dev.function(Module::ActF32, "rope_f32")?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&mut x.data)
+        .arg(&positions)
+        .arg(&inv_freq.data)
+        .arg(&pos_scale)
+        .arg(&hi)
+        .arg(&hdi);
+    let cfg = LaunchConfig {
+        grid_dim: (rows, heads as u32, 1),
+        block_dim: ((head_dim / 2).div_ceil(32) as u32 * 32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `rope_f32(float*, const int*, const float*, float,
+    // int, int)`; x is rows × heads·head_dim, positions has rows entries
+    // and inv_freq head_dim/2 (checked above); threads past head_dim/2
+    // return at once.
+    unsafe { b.launch(cfg) }.during("launching rope_f32")?;
+    Ok(())
+}
+
+/// `out[r] = fp32(table[ids[r]])`; ids are checked against the table.
+pub fn embedding(
+    dev: &GpuDevice,
+    table: &DeviceMatrix<f16>,
+    ids: &[u32],
+) -> Result<DeviceMatrix<f32>> {
+    const OP: &str = "embedding_f32";
+    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= table.rows()) {
+        return Err(KernelError::invalid(
+            OP,
+            format!(
+                "token id {bad} is out of range for a vocabulary of {}",
+                table.rows()
+            ),
+        ));
+    }
+    on_device(OP, dev, &[table.is_on(dev)])?;
+    let mut out = dev.uninit::<f32>(ids.len(), table.cols())?;
+    if ids.is_empty() {
+        return Ok(out);
+    }
+    let d = check_i32(OP, "row length", table.cols())?;
+    let rows = check_i32(OP, "rows", ids.len())? as u32;
+    let ids_dev = dev.upload(ids, ids.len(), 1)?;
+    let f = dev.function(Module::ActF32, "embedding_f16_f32")?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&table.data)
+        .arg(&ids_dev.data)
+        .arg(&mut out.data)
+        .arg(&d);
+    let cfg = LaunchConfig {
+        grid_dim: (rows, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `embedding_f16_f32(const half*, const u32*, float*,
+    // int)`; every id is below table.rows() (checked above) and out is
+    // ids × d.
+    unsafe { b.launch(cfg) }.during("launching embedding_f16_f32")?;
+    Ok(out)
+}
+
+/// A new matrix made of the given rows of `x`.
+pub fn gather_rows(
+    dev: &GpuDevice,
+    x: &DeviceMatrix<f32>,
+    rows: &[usize],
+) -> Result<DeviceMatrix<f32>> {
+    const OP: &str = "gather_rows";
+    if let Some(&bad) = rows.iter().find(|&&r| r >= x.rows()) {
+        return Err(KernelError::invalid(
+            OP,
+            format!("row {bad} of a {}-row matrix", x.rows()),
+        ));
+    }
+    on_device(OP, dev, &[x.is_on(dev)])?;
+    let mut out = dev.uninit::<f32>(rows.len(), x.cols())?;
+    if rows.is_empty() || x.cols() == 0 {
+        return Ok(out);
+    }
+    let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+    let idx_dev = dev.upload(&idx, idx.len(), 1)?;
+    let cols = check_i32(OP, "cols", x.cols())?;
+    let f = dev.function(Module::ActF32, "gather_rows_f32")?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&x.data)
+        .arg(&idx_dev.data)
+        .arg(&mut out.data)
+        .arg(&cols);
+    let cfg = LaunchConfig {
+        grid_dim: (check_i32(OP, "rows", rows.len())? as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `gather_rows_f32(const float*, const int*, float*,
+    // int)`; every index is below x.rows() (checked above), out is
+    // rows.len() × cols.
+    unsafe { b.launch(cfg) }.during("launching gather_rows_f32")?;
+    Ok(out)
+}

@@ -1,0 +1,102 @@
+// Row-wise ops of the engine's CUDA backend, on fp32 activations: the
+// residual stream, norms and attention stay in fp32 as on the CPU backend,
+// and only the inputs of the linears are rounded to fp16 (W4A16 / cuBLAS
+// fp16 GEMM with fp32 accumulation). That keeps the GPU's tokens close to
+// the CPU's.
+
+// y[i] = fp16(x[i]) over n elements.
+extern "C" __global__ void f32_to_f16(const float* __restrict__ x, __half* __restrict__ y, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x) {
+        y[i] = __float2half_rn(x[i]);
+    }
+}
+
+// a[i] += b[i] over n elements.
+extern "C" __global__ void add_f32(float* __restrict__ a, const float* __restrict__ b, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x) {
+        a[i] += b[i];
+    }
+}
+
+// out[r][c] += bias[c] for a rows × cols matrix.
+extern "C" __global__ void add_bias_f32(float* __restrict__ out, const float* __restrict__ bias,
+                                        u64 n, int cols) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x) {
+        out[i] += bias[i % (u64)cols];
+    }
+}
+
+// out[i] = silu(gate[i]) · up[i].
+extern "C" __global__ void silu_mul_f32(const float* __restrict__ gate, const float* __restrict__ up,
+                                        float* __restrict__ out, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x) {
+        const float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+// RMSNorm of fp32 rows, optionally after `residual += delta` (stored back).
+// One block per row.
+extern "C" __global__ void rms_norm_f32(float* __restrict__ residual, const float* __restrict__ delta,
+                                        const float* __restrict__ w, float* __restrict__ out, int d,
+                                        float eps, int has_delta) {
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    float* r = residual + row * d;
+    const float* dl = delta + row * d;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = r[i];
+        if (has_delta) {
+            v += dl[i];
+            r[i] = v;
+        }
+        ss += v * v;
+    }
+    ss = block_sum(ss, scratch);
+    const float inv = 1.0f / sqrtf(ss / (float)d + eps);
+    float* o = out + row * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = r[i] * inv * w[i];
+}
+
+// Rotary embedding in place, half-split ("neox") form, as the CPU backend
+// does it: the angle (pos · pos_scale) · inv_freq is formed in fp32, its
+// cosine and sine taken in double. x is [rows][heads][hd]; pos[row] is the
+// row's position. grid = (rows, heads), block = hd/2 threads rounded up.
+extern "C" __global__ void rope_f32(float* __restrict__ x, const int* __restrict__ pos,
+                                    const float* __restrict__ inv_freq, float pos_scale, int heads,
+                                    int hd) {
+    const int half_d = hd >> 1;
+    const int i = threadIdx.x;
+    if (i >= half_d) return;
+    float* v = x + ((size_t)blockIdx.x * heads + blockIdx.y) * hd;
+    const float p = (float)pos[blockIdx.x] * pos_scale;
+    const float ang = p * inv_freq[i];
+    double s, c;
+    sincos((double)ang, &s, &c);
+    const float cf = (float)c, sf = (float)s;
+    const float x0 = v[i], x1 = v[i + half_d];
+    v[i] = x0 * cf - x1 * sf;
+    v[i + half_d] = x1 * cf + x0 * sf;
+}
+
+// out[r][:] = fp32(table[ids[r]][:]); ids were range-checked on the host.
+extern "C" __global__ void embedding_f16_f32(const __half* __restrict__ table,
+                                             const u32* __restrict__ ids, float* __restrict__ out,
+                                             int d) {
+    const size_t r = blockIdx.x;
+    const __half* src = table + (size_t)ids[r] * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) out[r * d + i] = __half2float(src[i]);
+}
+
+// out[i][:] = x[rows[i]][:]; rows were range-checked on the host.
+extern "C" __global__ void gather_rows_f32(const float* __restrict__ x, const int* __restrict__ rows,
+                                           float* __restrict__ out, int cols) {
+    const size_t r = blockIdx.x;
+    const float* src = x + (size_t)rows[r] * cols;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) out[r * cols + i] = src[i];
+}

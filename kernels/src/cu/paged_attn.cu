@@ -1,0 +1,348 @@
+// The paged KV cache on the GPU: the write (with online or static
+// quantization) and causal attention over a sequence's blocks.
+//
+// Pool layout (the same as the CPU backend's): a block holds
+// [layer][K, V][kv_head][token][head_dim] values. Token-head index
+//   th = (((block · L + layer) · 2 + which) · H + head) · BL + token
+// owns bytes [th · bytes_per_th, +bytes_per_th) of `data` (fp32, fp16, int8
+// codes, or int4 codes two per byte with the low nibble first) and, for
+// online integer modes, the fp16 pair params[2·th] = scale, [2·th+1] = zero.
+// Static modes read `statics[((layer · 2 + which) · H + head) · 2 + {0,1}]`.
+//
+// Row metadata `meta` (int32): [row_pos[rows] | row_table[rows] | tables…].
+// Row r sits at position row_pos[r] of its sequence, whose block table is
+// tables[row_table[r] ..]. Position p lives in block
+// tables[row_table[r] + p / BL] at token p % BL.
+
+#define DT_F32 0
+#define DT_F16 1
+#define DT_I8 2
+#define DT_I4 3
+
+__device__ __forceinline__ int bytes_per_th(int dt, int hd) {
+    return dt == DT_F32 ? 4 * hd : dt == DT_F16 ? 2 * hd : dt == DT_I8 ? hd : hd / 2;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ u32 quantize_level(float x, float scale, float zero, float levels) {
+    const float q = roundf((x - zero) / scale);
+    return (u32)fminf(fmaxf(q, 0.0f), levels);
+}
+
+// Writes the K and V rows of a batch into the pool. grid = (rows, 2·H):
+// y = which · H + head; one warp per token-head.
+extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ v,
+                                    const int* __restrict__ meta, int rows,
+                                    unsigned char* __restrict__ data, __half* __restrict__ params,
+                                    const float* __restrict__ statics, int dt, int static_mode,
+                                    int layer, int L, int H, int hd, int BL) {
+    const int row = blockIdx.x;
+    const int which = blockIdx.y / H, head = blockIdx.y % H;
+    const int lane = threadIdx.x;
+    const int pos = meta[row];
+    const int table = meta[rows + row];
+    const int block = meta[2 * rows + table + pos / BL];
+    const int token = pos % BL;
+    const size_t th = ((((size_t)block * L + layer) * 2 + which) * H + head) * BL + token;
+    const float* x = (which == 0 ? k : v) + (size_t)row * H * hd + (size_t)head * hd;
+    unsigned char* dst = data + th * bytes_per_th(dt, hd);
+    if (dt == DT_F32) {
+        float* d = (float*)dst;
+        for (int i = lane; i < hd; i += 32) d[i] = x[i];
+        return;
+    }
+    if (dt == DT_F16) {
+        __half* d = (__half*)dst;
+        for (int i = lane; i < hd; i += 32) d[i] = __float2half_rn(x[i]);
+        return;
+    }
+    const float levels = dt == DT_I8 ? 255.0f : 15.0f;
+    float scale, zero;
+    if (static_mode) {
+        const float* s = statics + (((size_t)layer * 2 + which) * H + head) * 2;
+        scale = s[0];
+        zero = s[1];
+    } else {
+        float lo = LMQ_INF, hi = -LMQ_INF;
+        for (int i = lane; i < hd; i += 32) {
+            lo = fminf(lo, x[i]);
+            hi = fmaxf(hi, x[i]);
+        }
+        lo = -warp_max(-lo);
+        hi = warp_max(hi);
+        // As the CPU does it: scale = max((max − min) / levels, 1e-8), kept
+        // at or above fp16's smallest normal, both rounded to fp16; codes
+        // are made with the rounded pair.
+        const float s = fmaxf(fmaxf((hi - lo) / levels, 1e-8f), 6.103515625e-05f);
+        const __half hs = __float2half_rn(s), hz = __float2half_rn(lo);
+        if (lane == 0) {
+            params[2 * th] = hs;
+            params[2 * th + 1] = hz;
+        }
+        scale = __half2float(hs);
+        zero = __half2float(hz);
+    }
+    if (dt == DT_I8) {
+        for (int i = lane; i < hd; i += 32) dst[i] = (unsigned char)quantize_level(x[i], scale, zero, levels);
+    } else {
+        for (int j = lane; j < hd / 2; j += 32) {
+            const u32 lo = quantize_level(x[2 * j], scale, zero, levels);
+            const u32 hi = quantize_level(x[2 * j + 1], scale, zero, levels);
+            dst[j] = (unsigned char)(lo | (hi << 4));
+        }
+    }
+}
+
+// Loads 8 consecutive values (dims d0..d0+7) of one token-head as fp32.
+template <int DT>
+__device__ __forceinline__ void load8(const unsigned char* __restrict__ base, int d0, float scale,
+                                      float zero, float* out) {
+    if (DT == DT_F32) {
+        const float4* p = (const float4*)(base + 4 * d0);
+        const float4 a = p[0], b = p[1];
+        out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+        out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+    } else if (DT == DT_F16) {
+        const uint4 u = *(const uint4*)(base + 2 * d0);
+        const __half2* h = (const __half2*)&u;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 f = __half22float2(h[i]);
+            out[2 * i] = f.x;
+            out[2 * i + 1] = f.y;
+        }
+    } else if (DT == DT_I8) {
+        const uint2 u = *(const uint2*)(base + d0);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            out[i] = (float)((u.x >> (8 * i)) & 0xff) * scale + zero;
+            out[4 + i] = (float)((u.y >> (8 * i)) & 0xff) * scale + zero;
+        }
+    } else {
+        const u32 u = *(const u32*)(base + d0 / 2);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) out[i] = (float)((u >> (4 * i)) & 0xf) * scale + zero;
+    }
+}
+
+#define WARPS 4
+
+// Causal attention of each row over its sequence's positions 0..=row_pos,
+// for the (up to MAX_G) query heads `qh0 ..` that share KV head `head`.
+// MAX_G is a compile-time width (1, 4 or 8): the host picks the smallest
+// that covers the group, so MHA models carry one query head in registers
+// rather than eight.
+// grid = (rows, H · head_chunks, splits); block = WARPS warps.
+//
+// A sub-group of TPK = HD/8 lanes handles one key at a time, each lane
+// owning 8 dimensions; a warp holds 32/TPK sub-groups. Split z covers
+// positions [z · split_len, min((z+1) · split_len, row_pos + 1)); inside it
+// sub-group s of the block takes keys s, s + NSG, … (a fixed assignment, so
+// results never depend on what else is in the batch). Each sub-group keeps
+// its own online softmax; they are merged in a fixed order through shared
+// memory. With one split the row is normalized and written to `out`; with
+// more, the unnormalized state goes to `part_*` for attn_merge.
+template <int HD, int DT, int MAX_G>
+__device__ void paged_attn(const float* __restrict__ q, const int* __restrict__ meta, int rows,
+                           const unsigned char* __restrict__ data,
+                           const __half* __restrict__ params, const float* __restrict__ statics,
+                           int static_mode, int layer, int L, int H, int NH, int BL,
+                           int split_len, int splits, float softmax_scale, float* __restrict__ out,
+                           float* __restrict__ part_ml, float* __restrict__ part_acc) {
+    constexpr int TPK = HD / 8;
+    constexpr int SPW = 32 / TPK;  // sub-groups per warp
+    constexpr int NSG = SPW * WARPS;
+    extern __shared__ float smem[];
+
+    const int row = blockIdx.x;
+    const int G = NH / H;
+    const int chunks = (G + MAX_G - 1) / MAX_G;
+    const int head = blockIdx.y / chunks;
+    const int g0 = (blockIdx.y % chunks) * MAX_G;
+    const int ng = min(MAX_G, G - g0);
+    const int qh0 = head * G + g0;
+    const int split = blockIdx.z;
+    const int pos = meta[row];
+    const int table = meta[rows + row];
+    const int* blocks = meta + 2 * rows + table;
+    const int begin = split * split_len;
+    const int end = min(begin + split_len, pos + 1);
+    if (begin >= end) return;
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int sub = lane / TPK, sl = lane % TPK;
+    const int sg = warp * SPW + sub;
+    const int d0 = sl * 8;
+
+    float qr[MAX_G][8];
+#pragma unroll
+    for (int g = 0; g < MAX_G; ++g) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+            qr[g][j] = g < ng ? q[((size_t)row * NH + qh0 + g) * HD + d0 + j] * softmax_scale : 0.0f;
+    }
+    float m[MAX_G], l[MAX_G], acc[MAX_G][8];
+#pragma unroll
+    for (int g = 0; g < MAX_G; ++g) {
+        m[g] = -LMQ_INF;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[g][j] = 0.0f;
+    }
+
+    const int bpt = DT == DT_F32 ? 4 * HD : DT == DT_F16 ? 2 * HD : DT == DT_I8 ? HD : HD / 2;
+    // Every lane of a warp runs the same number of iterations, so the
+    // sub-group shuffles below always see the whole warp. Each iteration
+    // issues the loads of UNROLL keys before using any of them, to keep
+    // more memory requests in flight.
+    constexpr int UNROLL = 2;
+    for (int base = begin; base < end; base += UNROLL * NSG) {
+        float kv[UNROLL][8], vv[UNROLL][8];
+        bool valid[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int p = base + u * NSG + sg;
+            valid[u] = p < end;
+            const int block = valid[u] ? blocks[p / BL] : blocks[begin / BL];
+            const int token = p % BL;
+            const size_t thk = ((((size_t)block * L + layer) * 2) * H + head) * BL + token;
+            const size_t thv = thk + (size_t)H * BL;
+            float ks = 1.0f, kz = 0.0f, vs = 1.0f, vz = 0.0f;
+            if (DT >= DT_I8) {
+                if (static_mode) {
+                    const float* s = statics + ((size_t)layer * 2 * H + head) * 2;
+                    ks = s[0];
+                    kz = s[1];
+                    vs = s[2 * H];
+                    vz = s[2 * H + 1];
+                } else {
+                    const __half2 kp = *(const __half2*)(params + 2 * thk);
+                    const __half2 vp = *(const __half2*)(params + 2 * thv);
+                    ks = __low2float(kp);
+                    kz = __high2float(kp);
+                    vs = __low2float(vp);
+                    vz = __high2float(vp);
+                }
+            }
+            load8<DT>(data + thk * bpt, d0, ks, kz, kv[u]);
+            load8<DT>(data + thv * bpt, d0, vs, vz, vv[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+#pragma unroll
+            for (int g = 0; g < MAX_G; ++g) {
+                float s = 0.0f;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) s += qr[g][j] * kv[u][j];
+#pragma unroll
+                for (int o = TPK / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+                if (valid[u] && g < ng) {
+                    const float mn = fmaxf(m[g], s);
+                    const float corr = __expf(m[g] - mn);
+                    const float pw = __expf(s - mn);
+                    l[g] = l[g] * corr + pw;
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) acc[g][j] = acc[g][j] * corr + pw * vv[u][j];
+                    m[g] = mn;
+                }
+            }
+        }
+    }
+
+    // Shared state per sub-group: m[MAX_G], l[MAX_G], acc[MAX_G][HD].
+    constexpr int STRIDE = MAX_G * (2 + HD);
+    float* mine = smem + sg * STRIDE;
+    if (sl == 0) {
+#pragma unroll
+        for (int g = 0; g < MAX_G; ++g) {
+            mine[g] = m[g];
+            mine[MAX_G + g] = l[g];
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < MAX_G; ++g) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) mine[2 * MAX_G + g * HD + d0 + j] = acc[g][j];
+    }
+    __syncthreads();
+
+    // Merge the sub-groups in order: thread t handles (g, d) pairs.
+    for (int e = threadIdx.x; e < ng * HD; e += blockDim.x) {
+        const int g = e / HD, d = e % HD;
+        float mt = -LMQ_INF;
+        for (int s = 0; s < NSG; ++s) mt = fmaxf(mt, smem[s * STRIDE + g]);
+        float lt = 0.0f, at = 0.0f;
+        for (int s = 0; s < NSG; ++s) {
+            const float ms = smem[s * STRIDE + g];
+            if (ms == -LMQ_INF) continue;
+            const float w = __expf(ms - mt);
+            lt += smem[s * STRIDE + MAX_G + g] * w;
+            at += smem[s * STRIDE + 2 * MAX_G + g * HD + d] * w;
+        }
+        const size_t qh = (size_t)row * NH + qh0 + g;
+        if (splits == 1) {
+            out[qh * HD + d] = at / lt;
+        } else {
+            part_acc[(qh * splits + split) * HD + d] = at;
+            if (d == 0) {
+                part_ml[(qh * splits + split) * 2] = mt;
+                part_ml[(qh * splits + split) * 2 + 1] = lt;
+            }
+        }
+    }
+}
+
+// Combines the splits of each (row, query head) in order. grid = (rows, NH),
+// block = hd threads (rounded up to a warp).
+extern "C" __global__ void attn_merge(const int* __restrict__ meta, int rows, int NH, int hd,
+                                      int split_len, int splits, const float* __restrict__ part_ml,
+                                      const float* __restrict__ part_acc, float* __restrict__ out) {
+    const int row = blockIdx.x, d = threadIdx.x;
+    if (d >= hd) return;
+    const size_t qh = (size_t)row * NH + blockIdx.y;
+    const int used = (meta[row] + split_len) / split_len;  // ceil((pos + 1) / split_len)
+    float mt = -LMQ_INF;
+    for (int s = 0; s < used; ++s) mt = fmaxf(mt, part_ml[(qh * splits + s) * 2]);
+    float lt = 0.0f, at = 0.0f;
+    for (int s = 0; s < used; ++s) {
+        const float w = __expf(part_ml[(qh * splits + s) * 2] - mt);
+        lt += part_ml[(qh * splits + s) * 2 + 1] * w;
+        at += part_acc[(qh * splits + s) * hd + d] * w;
+    }
+    out[qh * hd + d] = at / lt;
+}
+
+#define ATTN_ENTRY(HD, DT, NAME, G)                                                               \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                      \
+        paged_attn_h##HD##_##NAME##_g##G(const float* q, const int* meta, int rows,               \
+                                         const unsigned char* data, const __half* params,        \
+                                         const float* statics, int static_mode, int layer, int L, \
+                                         int H, int NH, int BL, int split_len, int splits,       \
+                                         float scale, float* out, float* part_ml,                \
+                                         float* part_acc) {                                      \
+        paged_attn<HD, DT, G>(q, meta, rows, data, params, statics, static_mode, layer, L, H, NH, \
+                              BL, split_len, splits, scale, out, part_ml, part_acc);              \
+    }
+
+#define ATTN_ENTRIES(HD, DT, NAME) \
+    ATTN_ENTRY(HD, DT, NAME, 1)    \
+    ATTN_ENTRY(HD, DT, NAME, 4)    \
+    ATTN_ENTRY(HD, DT, NAME, 8)
+
+ATTN_ENTRIES(64, DT_F32, f32)
+ATTN_ENTRIES(64, DT_F16, f16)
+ATTN_ENTRIES(64, DT_I8, i8)
+ATTN_ENTRIES(64, DT_I4, i4)
+ATTN_ENTRIES(128, DT_F32, f32)
+ATTN_ENTRIES(128, DT_F16, f16)
+ATTN_ENTRIES(128, DT_I8, i8)
+ATTN_ENTRIES(128, DT_I4, i4)
+ATTN_ENTRIES(256, DT_F32, f32)
+ATTN_ENTRIES(256, DT_F16, f16)
+ATTN_ENTRIES(256, DT_I8, i8)
+ATTN_ENTRIES(256, DT_I4, i4)

@@ -1,0 +1,522 @@
+//! The paged KV cache on the GPU (`cu/paged_attn.cu`): a block pool in the
+//! CPU backend's layout, the KV write with fp16 / int8 / int4 storage
+//! (online per token-head parameters, or static calibrated ones), and causal
+//! attention over each row's blocks with GQA and split-K.
+//!
+//! Invariants: every launch is preceded by a host-side check that the row
+//! metadata only names blocks inside the pool and positions inside the
+//! tables (so the kernels never index out of bounds), and results never
+//! depend on batch composition (fixed split length, fixed merge order).
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use half::f16;
+
+use crate::buffer::DeviceMatrix;
+use crate::device::GpuDevice;
+use crate::error::{DriverContext, KernelError, Result};
+use crate::nvrtc::Module;
+use crate::ops::{check_i32, on_device};
+
+/// How the pool stores each value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvStorage {
+    F32,
+    F16,
+    Int8,
+    Int4,
+}
+
+impl KvStorage {
+    fn code(self) -> i32 {
+        match self {
+            KvStorage::F32 => 0,
+            KvStorage::F16 => 1,
+            KvStorage::Int8 => 2,
+            KvStorage::Int4 => 3,
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            KvStorage::F32 => "f32",
+            KvStorage::F16 => "f16",
+            KvStorage::Int8 => "i8",
+            KvStorage::Int4 => "i4",
+        }
+    }
+
+    /// Bytes of one token-head's values.
+    pub fn bytes_per_token_head(self, head_dim: usize) -> usize {
+        match self {
+            KvStorage::F32 => 4 * head_dim,
+            KvStorage::F16 => 2 * head_dim,
+            KvStorage::Int8 => head_dim,
+            KvStorage::Int4 => head_dim / 2,
+        }
+    }
+
+    pub fn is_integer(self) -> bool {
+        matches!(self, KvStorage::Int8 | KvStorage::Int4)
+    }
+}
+
+/// Head dimensions the attention kernel is compiled for.
+pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
+/// Positions per split of the attention kernel. Fixed, so that a row's
+/// result does not depend on what else is in the batch.
+pub const SPLIT_LEN: usize = 256;
+
+/// Query heads one block handles per KV head (`MAX_G` in the kernel): the
+/// compiled widths. A group wider than the last is split over blocks.
+const GROUP_WIDTHS: [usize; 3] = [1, 4, 8];
+const WARPS: usize = 4;
+
+/// The shape of a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_len: usize,
+    pub num_blocks: usize,
+    pub storage: KvStorage,
+}
+
+impl KvLayout {
+    fn token_heads(&self) -> Option<usize> {
+        self.num_blocks
+            .checked_mul(self.num_layers)?
+            .checked_mul(2 * self.num_kv_heads)?
+            .checked_mul(self.block_len)
+    }
+}
+
+/// A pool of KV blocks resident on one GPU.
+pub struct DeviceKvPool {
+    layout: KvLayout,
+    data: DeviceMatrix<u8>,
+    /// fp16 (scale, zero) per token-head in online integer modes; one
+    /// unused element otherwise.
+    params: DeviceMatrix<f16>,
+    /// `[layer][K, V][head][scale, zero]` in static mode; one unused
+    /// element otherwise.
+    statics: DeviceMatrix<f32>,
+    static_mode: bool,
+}
+
+impl std::fmt::Debug for DeviceKvPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceKvPool[{:?}]", self.layout)
+    }
+}
+
+impl DeviceKvPool {
+    /// Allocates a zeroed pool. `statics` (static mode of an integer
+    /// storage) holds `[layer][K, V][head][scale, zero]`, scales already in
+    /// units of this storage's levels.
+    pub fn new(dev: &GpuDevice, layout: KvLayout, statics: Option<&[f32]>) -> Result<Self> {
+        const OP: &str = "KV pool";
+        if !HEAD_DIMS.contains(&layout.head_dim) {
+            return Err(KernelError::invalid(
+                OP,
+                format!(
+                    "head_dim {} is not supported by the CUDA attention kernel (supported: {HEAD_DIMS:?})",
+                    layout.head_dim
+                ),
+            ));
+        }
+        if layout.block_len == 0 || layout.num_blocks == 0 || layout.num_kv_heads == 0 {
+            return Err(KernelError::invalid(
+                OP,
+                format!("a pool needs blocks, positions and heads: {layout:?}"),
+            ));
+        }
+        let token_heads = layout
+            .token_heads()
+            .ok_or_else(|| KernelError::shape(OP, "the pool size overflows"))?;
+        let bytes = token_heads
+            .checked_mul(layout.storage.bytes_per_token_head(layout.head_dim))
+            .ok_or_else(|| KernelError::shape(OP, "the pool size overflows"))?;
+        let static_mode = statics.is_some();
+        if static_mode && !layout.storage.is_integer() {
+            return Err(KernelError::invalid(
+                OP,
+                "static parameters only apply to int8 and int4 storage",
+            ));
+        }
+        let statics = match statics {
+            Some(s) => {
+                let want = layout.num_layers * 2 * layout.num_kv_heads * 2;
+                if s.len() != want || s.iter().any(|v| !v.is_finite()) {
+                    return Err(KernelError::shape(
+                        OP,
+                        format!(
+                            "static parameters need {want} finite values, got {}",
+                            s.len()
+                        ),
+                    ));
+                }
+                dev.upload(s, s.len(), 1)?
+            }
+            None => dev.zeros(1, 1)?,
+        };
+        let params = if layout.storage.is_integer() && !static_mode {
+            dev.zeros(token_heads, 2)?
+        } else {
+            dev.zeros(1, 1)?
+        };
+        Ok(Self {
+            layout,
+            data: dev.zeros(bytes, 1)?,
+            params,
+            statics,
+            static_mode,
+        })
+    }
+
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+
+    /// Device bytes the pool holds (codes plus parameters).
+    pub fn bytes(&self) -> usize {
+        self.data.len() + 2 * self.params.len() + 4 * self.statics.len()
+    }
+}
+
+/// Where each row of a batch sits: its position and its sequence's block
+/// table, uploaded once per step and shared by every layer (rotary
+/// embedding reads the positions, the KV write and attention the tables).
+pub struct RowMeta {
+    rows: usize,
+    max_pos: usize,
+    /// The largest block id any table names.
+    max_block: u32,
+    /// Per row: (position, table length), to check tables against a pool's
+    /// block length before a launch.
+    places: Vec<(usize, usize)>,
+    /// `[row_pos[rows] | row_table[rows] | tables…]`.
+    meta: DeviceMatrix<i32>,
+}
+
+/// One row's place, on the host.
+#[derive(Debug, Clone, Copy)]
+pub struct RowPlace<'a> {
+    pub pos: usize,
+    /// The block table of the row's sequence.
+    pub table: &'a [u32],
+}
+
+impl RowMeta {
+    /// Uploads the metadata of `rows`. Consecutive rows with the same
+    /// table (one sequence's prefill rows) share one copy of it.
+    pub fn new(dev: &GpuDevice, rows: &[RowPlace<'_>]) -> Result<Self> {
+        const OP: &str = "row metadata";
+        let n = rows.len();
+        let mut host: Vec<i32> = Vec::with_capacity(2 * n + n.min(64) * 4);
+        for r in rows {
+            host.push(check_i32(OP, "position", r.pos)?);
+        }
+        host.resize(2 * n, 0);
+        let (mut max_pos, mut max_block) = (0, 0u32);
+        let mut last: Option<(*const u32, usize, usize)> = None;
+        for (i, r) in rows.iter().enumerate() {
+            let key = (r.table.as_ptr(), r.table.len());
+            let offset = match last {
+                Some((p, len, off)) if (p, len) == key => off,
+                _ => {
+                    let off = host.len() - 2 * n;
+                    for &b in r.table {
+                        host.push(check_i32(OP, "block id", b as usize)?);
+                        max_block = max_block.max(b);
+                    }
+                    last = Some((key.0, key.1, off));
+                    off
+                }
+            };
+            host[n + i] = check_i32(OP, "table offset", offset)?;
+            max_pos = max_pos.max(r.pos);
+        }
+        let len = host.len();
+        Ok(Self {
+            rows: n,
+            max_pos,
+            max_block,
+            places: rows.iter().map(|r| (r.pos, r.table.len())).collect(),
+            meta: dev.upload(&host, len, 1)?,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The per-row positions (the first `rows` entries), for rotary embedding.
+    pub(crate) fn positions(&self) -> cudarc::driver::CudaView<'_, i32> {
+        self.meta.data.slice(..self.rows)
+    }
+
+    pub(crate) fn is_on(&self, dev: &GpuDevice) -> bool {
+        self.meta.is_on(dev)
+    }
+}
+
+/// Every block a table names must lie in the pool, and each row's table
+/// must reach its position: then no kernel indexes outside the pool.
+fn check_meta(op: &'static str, pool: &DeviceKvPool, meta: &RowMeta) -> Result<()> {
+    let l = &pool.layout;
+    if meta.rows > 0 && meta.max_block as usize >= l.num_blocks {
+        return Err(KernelError::shape(
+            op,
+            format!(
+                "block {} is outside the pool of {}",
+                meta.max_block, l.num_blocks
+            ),
+        ));
+    }
+    if let Some((i, &(pos, len))) = meta
+        .places
+        .iter()
+        .enumerate()
+        .find(|(_, &(pos, len))| pos / l.block_len >= len)
+    {
+        return Err(KernelError::shape(
+            op,
+            format!(
+                "row {i} at position {pos} needs {} blocks of {}, its table has {len}",
+                pos / l.block_len + 1,
+                l.block_len
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_kv_input(
+    op: &'static str,
+    pool: &DeviceKvPool,
+    meta: &RowMeta,
+    x: &DeviceMatrix<f32>,
+    heads: usize,
+    what: &str,
+) -> Result<()> {
+    let want = heads * pool.layout.head_dim;
+    if x.rows() != meta.rows || x.cols() != want {
+        return Err(KernelError::shape(
+            op,
+            format!(
+                "{what} is {}×{}, expected {}×{want}",
+                x.rows(),
+                x.cols(),
+                meta.rows
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_layer(op: &'static str, pool: &DeviceKvPool, layer: usize) -> Result<i32> {
+    if layer >= pool.layout.num_layers {
+        return Err(KernelError::invalid(
+            op,
+            format!("layer {layer} of a {}-layer pool", pool.layout.num_layers),
+        ));
+    }
+    Ok(layer as i32)
+}
+
+/// Stores the K and V rows (`rows × kv_heads·head_dim` each) of one layer
+/// at each row's position, quantizing as the pool's storage says.
+pub fn kv_write(
+    dev: &GpuDevice,
+    pool: &mut DeviceKvPool,
+    layer: usize,
+    k: &DeviceMatrix<f32>,
+    v: &DeviceMatrix<f32>,
+    meta: &RowMeta,
+) -> Result<()> {
+    const OP: &str = "kv_write";
+    let l = pool.layout;
+    check_kv_input(OP, pool, meta, k, l.num_kv_heads, "K")?;
+    check_kv_input(OP, pool, meta, v, l.num_kv_heads, "V")?;
+    let layer = check_layer(OP, pool, layer)?;
+    check_meta(OP, pool, meta)?;
+    on_device(
+        OP,
+        dev,
+        &[
+            k.is_on(dev),
+            v.is_on(dev),
+            meta.is_on(dev),
+            pool.data.is_on(dev),
+        ],
+    )?;
+    if meta.rows == 0 {
+        return Ok(());
+    }
+    let rows = check_i32(OP, "rows", meta.rows)?;
+    let f = dev.function(Module::PagedAttn, "kv_write")?;
+    let (dt, sm) = (l.storage.code(), i32::from(pool.static_mode));
+    let (li, hi, hdi, bli) = (
+        l.num_layers as i32,
+        l.num_kv_heads as i32,
+        l.head_dim as i32,
+        check_i32(OP, "block_len", l.block_len)?,
+    );
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&k.data)
+        .arg(&v.data)
+        .arg(&meta.meta.data)
+        .arg(&rows)
+        .arg(&mut pool.data.data)
+        .arg(&mut pool.params.data)
+        .arg(&pool.statics.data)
+        .arg(&dt)
+        .arg(&sm)
+        .arg(&layer)
+        .arg(&li)
+        .arg(&hi)
+        .arg(&hdi)
+        .arg(&bli);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 2 * l.num_kv_heads as u32, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `kv_write` in cu/paged_attn.cu. K and V are rows ×
+    // H·hd f32 (checked above); `check_meta` checked every block id of
+    // `meta` against this pool's size and each table's length against its
+    // row's position; params holds 2 halves per token-head in online integer modes, which
+    // is the only case the kernel writes it; statics holds L·2·H·2 floats
+    // in static mode, the only case it is read.
+    unsafe { b.launch(cfg) }.during("launching kv_write")?;
+    Ok(())
+}
+
+/// Causal attention of each row (`q`: rows × num_heads·head_dim, fp32) over
+/// positions `0..=pos` of its blocks; returns rows × num_heads·head_dim.
+pub fn paged_attention(
+    dev: &GpuDevice,
+    pool: &DeviceKvPool,
+    layer: usize,
+    q: &DeviceMatrix<f32>,
+    num_heads: usize,
+    meta: &RowMeta,
+) -> Result<DeviceMatrix<f32>> {
+    const OP: &str = "paged_attention";
+    let l = pool.layout;
+    if num_heads == 0 || !num_heads.is_multiple_of(l.num_kv_heads) {
+        return Err(KernelError::invalid(
+            OP,
+            format!(
+                "{num_heads} query heads do not group over {} KV heads",
+                l.num_kv_heads
+            ),
+        ));
+    }
+    check_kv_input(OP, pool, meta, q, num_heads, "q")?;
+    let layer = check_layer(OP, pool, layer)?;
+    check_meta(OP, pool, meta)?;
+    on_device(
+        OP,
+        dev,
+        &[q.is_on(dev), meta.is_on(dev), pool.data.is_on(dev)],
+    )?;
+    let hd = l.head_dim;
+    let mut out = dev.uninit::<f32>(meta.rows, num_heads * hd)?;
+    if meta.rows == 0 {
+        return Ok(out);
+    }
+    let splits = meta.max_pos / SPLIT_LEN + 1;
+    let group = num_heads / l.num_kv_heads;
+    let width = GROUP_WIDTHS
+        .iter()
+        .copied()
+        .find(|&w| w >= group)
+        .unwrap_or(GROUP_WIDTHS[GROUP_WIDTHS.len() - 1]);
+    let chunks = group.div_ceil(width);
+    // Partial states for split rows: (m, l) and the unnormalized output.
+    let (mut part_ml, mut part_acc) = if splits > 1 {
+        (
+            dev.uninit::<f32>(meta.rows * num_heads * splits, 2)?,
+            dev.uninit::<f32>(meta.rows * num_heads * splits, hd)?,
+        )
+    } else {
+        (dev.uninit::<f32>(1, 1)?, dev.uninit::<f32>(1, 1)?)
+    };
+    let name = format!("paged_attn_h{hd}_{}_g{width}", l.storage.suffix());
+    let f = dev.function(Module::PagedAttn, &name)?;
+    let rows = check_i32(OP, "rows", meta.rows)?;
+    let (sm, li, hi, nhi, bli) = (
+        i32::from(pool.static_mode),
+        l.num_layers as i32,
+        l.num_kv_heads as i32,
+        check_i32(OP, "heads", num_heads)?,
+        l.block_len as i32,
+    );
+    let (split_len, splits_i) = (SPLIT_LEN as i32, check_i32(OP, "splits", splits)?);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let tpk = hd / 8;
+    let nsg = (32 / tpk) * WARPS;
+    let smem = nsg * width * (2 + hd) * 4;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&q.data)
+        .arg(&meta.meta.data)
+        .arg(&rows)
+        .arg(&pool.data.data)
+        .arg(&pool.params.data)
+        .arg(&pool.statics.data)
+        .arg(&sm)
+        .arg(&layer)
+        .arg(&li)
+        .arg(&hi)
+        .arg(&nhi)
+        .arg(&bli)
+        .arg(&split_len)
+        .arg(&splits_i)
+        .arg(&scale)
+        .arg(&mut out.data)
+        .arg(&mut part_ml.data)
+        .arg(&mut part_acc.data);
+    let grid_y = u32::try_from(l.num_kv_heads * chunks)
+        .map_err(|_| KernelError::shape(OP, "too many heads"))?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, grid_y, splits as u32),
+        block_dim: ((WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: matches `paged_attn_h{hd}_{dtype}` in cu/paged_attn.cu; hd is
+    // one of the compiled head dims (checked at pool creation); q and out
+    // are rows × NH·hd; meta was checked (blocks inside a
+    // pool of this size, tables long enough for each row's position, by
+    // `check_meta`); the
+    // partial buffers hold rows·NH·splits states when splits > 1, the only
+    // case the kernel writes them; smem (< 48 KiB for every compiled hd)
+    // covers NSG·width·(2 + hd) floats.
+    unsafe { b.launch(cfg) }.during("launching paged_attn")?;
+    if splits > 1 {
+        let f = dev.function(Module::PagedAttn, "attn_merge")?;
+        let hdi = hd as i32;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&meta.meta.data)
+            .arg(&rows)
+            .arg(&nhi)
+            .arg(&hdi)
+            .arg(&split_len)
+            .arg(&splits_i)
+            .arg(&part_ml.data)
+            .arg(&part_acc.data)
+            .arg(&mut out.data);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, num_heads as u32, 1),
+            block_dim: (hd.div_ceil(32) as u32 * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `attn_merge`; each row's used splits
+        // (ceil((pos+1)/SPLIT_LEN) ≤ splits) were all written by the
+        // launch above, and out is rows × NH·hd.
+        unsafe { b.launch(cfg) }.during("launching attn_merge")?;
+    }
+    Ok(out)
+}

@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# Whole-engine GPU check, run on a CUDA machine from the repo root (no Rust
+# there: binaries are built here and carried, xz-compressed, in $BIN).
+#
+# Build and collect (on a machine with cargo):
+#   cargo build --release && cargo build --release -p lmq-kernels --examples
+#   cargo test --release -p lmq-turbomind --test cuda_backend --no-run
+#   cargo test --release -p lmq-kernels --no-run
+#   scripts/gpu-engine-check.sh --collect
+# Model: SmolLM2-135M-Instruct's GGUF (scripts/fetch-model.sh downloads it),
+# at $GGUF on the GPU machine (it is larger than one device transfer, so it
+# may travel in parts: GGUF may name a file assembled beforehand).
+#
+# Steps, each logged under $OUT:
+#  1. import the GGUF to fp16; make a 4-bit AutoAWQ-layout checkpoint
+#     (`--method rtn --group-size 64 --kv int8`, for time: the layout and
+#     the kernels are the same as AWQ's) with static int8 KV parameters;
+#  2. op-level parity: kernels crate tests and turbomind's cuda_backend;
+#  3. whole model, CPU backend against CUDA backend on the same machine:
+#     greedy tokens for 5 prompts × 64 tokens, and perplexity (eval.txt,
+#     ctx 512, $PPL_WINDOWS windows), for fp16 and 4-bit weights with fp16,
+#     int8 and int4 KV (online), plus int8 static on the 4-bit checkpoint;
+#  4. benchmarks: paged decode attention (bench_attn), W4A16 (bench_w4),
+#     and `lmq bench --latency` on both backends.
+set -uo pipefail
+
+BIN=${BIN:-.device/bin}
+
+if [[ "${1:-}" == "--collect" ]]; then
+    target=${CARGO_TARGET_DIR:-target}
+    mkdir -p "$BIN"
+    newest() { ls -t $1 2>/dev/null | grep -v '\.d$' | head -n1; }
+    pack() { strip -o "$BIN/$1" "$2" && xz -T2 -6 -f "$BIN/$1"; }
+    pack lmq "$target/release/lmq"
+    pack cuda_backend "$(newest "$target/release/deps/cuda_backend-*")"
+    pack parity "$(newest "$target/release/deps/parity-*")"
+    pack unit "$(newest "$target/release/deps/lmq_kernels-*")"
+    pack bench_w4 "$target/release/examples/bench_w4"
+    pack bench_attn "$target/release/examples/bench_attn"
+    pack bench_prefill "$target/release/examples/bench_prefill"
+    ls -l "$BIN"
+    exit 0
+fi
+
+LOG=${OUT:-/tmp/gpu-engine-check}
+mkdir -p "$LOG"
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [[ -d "$d" ]] && LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+export LD_LIBRARY_PATH
+export LMQ_KERNEL_CACHE=${LMQ_KERNEL_CACHE:-/tmp/lmq-kernel-cache}
+RUN=/tmp/lmq-bin
+mkdir -p "$RUN"
+for f in "$BIN"/*.xz; do xz -dc "$f" >"$RUN/$(basename "$f" .xz)"; chmod +x "$RUN/$(basename "$f" .xz)"; done
+LMQ="$RUN/lmq"
+GGUF=${GGUF:-/tmp/lmq-model/SmolLM2-135M-Instruct.Q4_1.gguf}
+PPL_WINDOWS=${PPL_WINDOWS:-8}
+M=/tmp/lmq-models
+mkdir -p "$M"
+
+echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+
+# 1. Checkpoints.
+if [[ ! -f "$M/fp16/config.json" ]]; then
+    "$LMQ" import-gguf "$GGUF" "$M/fp16" >"$LOG/import.log" 2>&1 || { cat "$LOG/import.log"; exit 1; }
+fi
+if [[ ! -f "$M/w4/config.json" ]]; then
+    "$LMQ" quantize --model "$M/fp16" --out "$M/w4" --method rtn --group-size 64 --kv int8 \
+        --calib-samples 16 --calib-seqlen 256 --quiet >"$LOG/quantize.log" 2>&1 || { cat "$LOG/quantize.log"; exit 1; }
+fi
+
+# 2. Op-level parity.
+"$RUN/unit" --test-threads=2 >"$LOG/unit.log" 2>&1; unit_rc=$?
+"$RUN/parity" --test-threads=1 --nocapture >"$LOG/parity.log" 2>&1; parity_rc=$?
+"$RUN/cuda_backend" --test-threads=1 --nocapture >"$LOG/cuda_backend.log" 2>&1; backend_rc=$?
+grep -E "max err|skipped|test result|panicked" "$LOG/cuda_backend.log"
+
+# 3. Whole model, CPU against CUDA.
+prompts=(
+    "The capital of France is"
+    "Write a short poem about the sea."
+    "def fibonacci(n):"
+    "In 1776, the thirteen colonies"
+    "Explain why the sky is blue in one paragraph."
+)
+echo "| weights | KV | greedy 5×64 identical | ppl CPU | ppl CUDA | Δ |" >"$LOG/model.md"
+echo "|---|---|---|---|---|---|" >>"$LOG/model.md"
+model_ok=0
+for w in fp16 w4; do
+    for kv in "fp16 online" "int8 online" "int4 online" "int8 static"; do
+        set -- $kv
+        [[ $w == fp16 && $2 == static ]] && continue
+        flags=(--kv-cache-dtype "$1" --kv-cache-mode "$2")
+        same=0
+        for i in "${!prompts[@]}"; do
+            a=$("$LMQ" generate --model "$M/$w" --prompt "${prompts[$i]}" --max-tokens 64 --ignore-eos "${flags[@]}" --device cpu 2>/dev/null)
+            b=$("$LMQ" generate --model "$M/$w" --prompt "${prompts[$i]}" --max-tokens 64 --ignore-eos "${flags[@]}" --device cuda 2>>"$LOG/generate-cuda.err")
+            if [[ "$a" == "$b" && -n "$a" ]]; then
+                same=$((same + 1))
+            else
+                printf '%s %s prompt %d differs:\n--- cpu\n%s\n--- cuda\n%s\n' "$w" "$kv" "$i" "$a" "$b" >>"$LOG/diffs.txt"
+            fi
+        done
+        pc=$("$LMQ" eval ppl --model "$M/$w" --text calib_data/eval.txt --ctx 512 --max-windows "$PPL_WINDOWS" --json "${flags[@]}" --device cpu 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["ppl"])')
+        pg=$("$LMQ" eval ppl --model "$M/$w" --text calib_data/eval.txt --ctx 512 --max-windows "$PPL_WINDOWS" --json "${flags[@]}" --device cuda 2>>"$LOG/eval-cuda.err" | python3 -c 'import json,sys; print(json.load(sys.stdin)["ppl"])')
+        d=$(python3 -c "print(f'{100*abs($pg-$pc)/$pc:.4f}%')" 2>/dev/null || echo "n/a")
+        echo "| $w | $kv | $same/5 | $pc | $pg | $d |" >>"$LOG/model.md"
+        [[ $same -eq 5 ]] || model_ok=1
+    done
+done
+cat "$LOG/model.md"
+[[ -f "$LOG/diffs.txt" ]] && head -c 3000 "$LOG/diffs.txt"
+tail -n 5 "$LOG/generate-cuda.err" "$LOG/eval-cuda.err" 2>/dev/null
+
+# 4. Benchmarks.
+if command -v cuobjdump >/dev/null; then
+    for f in "$LMQ_KERNEL_CACHE"/paged_attn*.cubin; do
+        cuobjdump -res-usage "$f" 2>/dev/null | grep -A1 -E "paged_attn_h(64|128)_(f16|i4)_g(1|4)" | grep -E "Function|REG" | sed 's/^/  /'
+    done >"$LOG/resources.txt"
+    head -n 16 "$LOG/resources.txt"
+fi
+"$RUN/bench_attn" 2>&1 | tee "$LOG/bench_attn.log"
+"$RUN/bench_prefill" 2>&1 | tee "$LOG/bench_prefill.log"
+if [[ "${W4_BENCH:-0}" == 1 ]]; then
+    "$RUN/bench_w4" >"$LOG/bench_w4.log" 2>&1
+    grep -E "copy|^\|" "$LOG/bench_w4.log" | head -n 20
+fi
+for w in fp16 w4; do
+    for dev in ${LATENCY_DEVICES:-cpu cuda}; do
+        echo "lmq bench --latency $w on $dev:"
+        "$LMQ" bench --model "$M/$w" --latency --input-len 512 --output-len 128 --device "$dev" 2>&1 | tail -n 4
+    done
+done | tee "$LOG/bench_latency.log"
+
+status() { if [[ $1 -eq 0 ]]; then echo pass; else echo "FAIL ($1)"; fi; }
+echo
+echo "=== lmq engine GPU check ==="
+echo "| step | result |"
+echo "|---|---|"
+echo "| kernels unit tests | $(status $unit_rc) |"
+echo "| kernels parity tests | $(status $parity_rc) |"
+echo "| CUDA backend parity | $(status $backend_rc) |"
+echo "| whole model greedy identical | $(status $model_ok) |"

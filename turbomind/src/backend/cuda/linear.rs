@@ -1,0 +1,125 @@
+//! Linear layers on the GPU. Dense weights are stored fp16 `[out][in]` and
+//! multiplied through cuBLAS; AWQ weights are repacked at load into the
+//! W4A16 kernel's layout (see kernels/README.md). Up to
+//! [`lmq_kernels::MAX_ROWS`] rows (decode) stream the 4-bit codes through
+//! the W4A16 kernel; more rows (prefill) dequantize the weights into a
+//! scratch fp16 matrix and run one cuBLAS GEMM, which at prefill sizes costs
+//! less than re-reading the codes once per 16 rows.
+//!
+//! Inputs are fp32 activations rounded to fp16 once per call; outputs are
+//! fp32. A bias is added in fp32, as on the CPU.
+
+use half::f16;
+use lmq_kernels::{act, Blas, DeviceMatrix, GpuDevice, PackedW4, W4A16Linear, MAX_ROWS};
+
+use super::gpu_error;
+use crate::backend::{HostLinear, HostWeight};
+use crate::error::Result;
+
+enum Weight {
+    Dense(DeviceMatrix<f16>),
+    W4(Box<W4A16Linear>),
+}
+
+/// A linear layer resident on the GPU.
+pub struct CudaLinear {
+    weight: Weight,
+    bias: Option<DeviceMatrix<f32>>,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl CudaLinear {
+    pub(super) fn upload(dev: &GpuDevice, w: HostLinear) -> Result<Self> {
+        let weight = match w.weight {
+            HostWeight::Dense(values) => {
+                let halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+                Weight::Dense(
+                    dev.upload(&halves, w.out_features, w.in_features)
+                        .map_err(gpu_error)?,
+                )
+            }
+            HostWeight::Awq(t) => {
+                let packed = PackedW4::from_awq(
+                    &t.qweight,
+                    &t.qzeros,
+                    &t.scales,
+                    t.in_features,
+                    t.out_features,
+                    t.group_size,
+                )
+                .map_err(gpu_error)?;
+                Weight::W4(Box::new(
+                    W4A16Linear::new(dev, &packed, None).map_err(gpu_error)?,
+                ))
+            }
+        };
+        let bias = match &w.bias {
+            Some(b) => Some(dev.upload(b, b.len(), 1).map_err(gpu_error)?),
+            None => None,
+        };
+        Ok(CudaLinear {
+            weight,
+            bias,
+            in_features: w.in_features,
+            out_features: w.out_features,
+        })
+    }
+
+    /// Bytes of weights one product reads.
+    pub fn stored_bytes(&self) -> usize {
+        match &self.weight {
+            Weight::Dense(w) => 2 * w.len(),
+            Weight::W4(l) => l.weight_bytes(),
+        }
+    }
+
+    /// The dense fp16 table, for embedding lookups.
+    pub(super) fn dense(&self) -> Option<&DeviceMatrix<f16>> {
+        match &self.weight {
+            Weight::Dense(w) => Some(w),
+            Weight::W4(_) => None,
+        }
+    }
+
+    /// `x · Wᵀ + b` for fp32 `x` (`rows × in`).
+    pub(super) fn forward(
+        &self,
+        dev: &GpuDevice,
+        blas: &Blas,
+        x: &DeviceMatrix<f32>,
+    ) -> Result<DeviceMatrix<f32>> {
+        if x.cols() != self.in_features {
+            return Err(gpu_error(lmq_kernels::KernelError::Shape {
+                op: "linear",
+                detail: format!(
+                    "input has {} columns, the layer takes {}",
+                    x.cols(),
+                    self.in_features
+                ),
+            }));
+        }
+        let m = x.rows();
+        let mut out = dev.uninit::<f32>(m, self.out_features).map_err(gpu_error)?;
+        if m == 0 {
+            return Ok(out);
+        }
+        let mut xh = dev.uninit::<f16>(m, self.in_features).map_err(gpu_error)?;
+        act::to_f16(dev, x, &mut xh).map_err(gpu_error)?;
+        match &self.weight {
+            Weight::Dense(w) => blas.gemm_f16(dev, &xh, w, &mut out).map_err(gpu_error)?,
+            Weight::W4(l) if m <= MAX_ROWS => l.forward(dev, &xh, &mut out).map_err(gpu_error)?,
+            Weight::W4(l) => {
+                let mut w = dev
+                    .uninit::<f16>(self.out_features, self.in_features)
+                    .map_err(gpu_error)?;
+                l.dequantize_into(dev, &mut w).map_err(gpu_error)?;
+                blas.gemm_f16(dev, &xh, &w, &mut out).map_err(gpu_error)?;
+            }
+        }
+        if let Some(b) = &self.bias {
+            act::add_bias(dev, &mut out, b).map_err(gpu_error)?;
+        }
+        Ok(out)
+    }
+}

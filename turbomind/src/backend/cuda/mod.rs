@@ -1,0 +1,365 @@
+//! The CUDA backend: the same ops as the CPU backend, on one GPU, through
+//! the kernels of `lmq-kernels` (compiled at run time by NVRTC, loaded
+//! dynamically, so a binary without CUDA still builds and runs; opening the
+//! backend on such a machine is a clear "no CUDA driver/GPU found" error).
+//!
+//! Numerics follow the CPU backend: activations, the residual stream, norms,
+//! rotary embedding and attention are fp32; linears round their input to
+//! fp16 and accumulate in fp32 (W4A16 kernel or cuBLAS). The KV pool has the
+//! CPU's block layout and quantization rules (online fp16 (scale, zero) per
+//! token-head, or the checkpoint's static parameters).
+//!
+//! Row metadata (positions and block tables) is uploaded once per step:
+//! the backend keeps the last upload and reuses it while the spans it is
+//! given are the same, which they are for every layer of a step.
+//!
+//! Not yet on this backend: the `smooth` KV mode (its Hadamard rotation is
+//! CPU-only for now), which is refused at pool creation.
+
+mod linear;
+
+use std::sync::{Arc, Mutex};
+
+use lmq_kernels::{
+    act, paged, Blas, DeviceKvPool, DeviceMatrix, GpuDevice, KernelError, KvLayout, KvStorage,
+    RowMeta, RowPlace,
+};
+
+use super::{AttnShape, Backend, HostLinear, KvPoolSpec, SeqSpan};
+use crate::error::{Error, Result};
+use crate::quant::kv::{KvDtype, KvMode};
+use crate::rope::Rope;
+
+pub use linear::CudaLinear;
+
+/// Turns a kernel error into the engine's error type.
+pub(crate) fn gpu_error(e: KernelError) -> Error {
+    Error::Backend {
+        backend: "cuda",
+        message: e.to_string(),
+    }
+}
+
+/// The KV block pool of the CUDA backend.
+pub struct CudaKvPool {
+    pool: DeviceKvPool,
+}
+
+impl CudaKvPool {
+    /// Device bytes the pool holds.
+    pub fn bytes(&self) -> usize {
+        self.pool.bytes()
+    }
+}
+
+/// The last row metadata uploaded, with the spans it was made from.
+struct MetaCache {
+    spans: Vec<SeqSpan>,
+    meta: Arc<RowMeta>,
+}
+
+/// Rotary rates as last uploaded: the host copy (the cache key) and the
+/// device copy.
+type InvFreqCache = Option<(Vec<f32>, Arc<DeviceMatrix<f32>>)>;
+
+/// The CUDA implementation of [`Backend`] on one GPU.
+pub struct CudaBackend {
+    dev: GpuDevice,
+    blas: Blas,
+    meta: Mutex<Option<MetaCache>>,
+    /// Rotary rates uploaded per head_dim (one model: one entry).
+    inv_freq: Mutex<InvFreqCache>,
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`, loads cuBLAS and compiles the kernels (so that
+    /// a broken toolkit fails here, not mid-request).
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let dev = GpuDevice::new(ordinal).map_err(gpu_error)?;
+        dev.compile_all().map_err(gpu_error)?;
+        let blas = Blas::new(&dev).map_err(gpu_error)?;
+        Ok(CudaBackend {
+            dev,
+            blas,
+            meta: Mutex::new(None),
+            inv_freq: Mutex::new(None),
+        })
+    }
+
+    pub fn device(&self) -> &GpuDevice {
+        &self.dev
+    }
+
+    /// The row metadata for `spans`, uploading it unless the last upload
+    /// was for the same spans.
+    fn row_meta(&self, spans: &[SeqSpan]) -> Result<Arc<RowMeta>> {
+        // A poisoned lock only means a panic elsewhere; the cache is
+        // either a complete entry or none.
+        let mut cache = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.as_ref() {
+            if c.spans == spans {
+                return Ok(c.meta.clone());
+            }
+        }
+        let rows: usize = spans.iter().map(SeqSpan::len).sum();
+        let mut places = Vec::with_capacity(rows);
+        for span in spans {
+            if places.len() != span.rows.start {
+                return Err(shape_error(format!(
+                    "sequence rows {:?} do not follow the previous sequence's",
+                    span.rows
+                )));
+            }
+            for i in 0..span.len() {
+                places.push(RowPlace {
+                    pos: span.start_pos + i,
+                    table: &span.blocks,
+                });
+            }
+        }
+        let meta = Arc::new(RowMeta::new(&self.dev, &places).map_err(gpu_error)?);
+        *cache = Some(MetaCache {
+            spans: spans.to_vec(),
+            meta: meta.clone(),
+        });
+        Ok(meta)
+    }
+
+    fn inv_freq(&self, rope: &Rope) -> Result<Arc<DeviceMatrix<f32>>> {
+        let mut cache = self.inv_freq.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((host, dev)) = cache.as_ref() {
+            if *host == rope.inv_freq {
+                return Ok(dev.clone());
+            }
+        }
+        let n = rope.inv_freq.len();
+        let dev = Arc::new(self.dev.upload(&rope.inv_freq, n, 1).map_err(gpu_error)?);
+        *cache = Some((rope.inv_freq.clone(), dev.clone()));
+        Ok(dev)
+    }
+
+    fn check_rows(&self, x: &DeviceMatrix<f32>, spans: &[SeqSpan], op: &str) -> Result<()> {
+        let rows: usize = spans.iter().map(SeqSpan::len).sum();
+        if rows != x.rows() {
+            return Err(shape_error(format!(
+                "{op}: the spans cover {rows} rows, the batch has {}",
+                x.rows()
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn shape_error(message: String) -> Error {
+    Error::Backend {
+        backend: "cuda",
+        message,
+    }
+}
+
+/// The static (scale, zero) table `[layer][K, V][head][2]` for the pool,
+/// scales in units of the running dtype's levels.
+fn static_table(spec: &KvPoolSpec) -> Result<Option<Vec<f32>>> {
+    let config = &spec.config;
+    let Some(levels) = config.dtype.levels() else {
+        return Ok(None);
+    };
+    if config.mode != KvMode::Static {
+        return Ok(None);
+    }
+    let p = config.static_params.as_ref().ok_or_else(|| {
+        Error::InvalidRequest(
+            "static KV quantization needs calibrated parameters; this checkpoint has none (quantize with --kv)".into(),
+        )
+    })?;
+    let shape = &spec.shape;
+    if p.k_scale.len() < shape.num_layers
+        || [&p.k_scale, &p.k_zero, &p.v_scale, &p.v_zero]
+            .iter()
+            .any(|t| t.len() < shape.num_layers || t.iter().any(|h| h.len() != shape.num_kv_heads))
+    {
+        return Err(Error::InvalidRequest(
+            "static KV parameters do not match the model's layers and KV heads".into(),
+        ));
+    }
+    let rescale = p.levels / levels;
+    let mut out = Vec::with_capacity(shape.num_layers * 2 * shape.num_kv_heads * 2);
+    for layer in 0..shape.num_layers {
+        for (scale, zero) in [(&p.k_scale, &p.k_zero), (&p.v_scale, &p.v_zero)] {
+            for h in 0..shape.num_kv_heads {
+                out.push(scale[layer][h] * rescale);
+                out.push(zero[layer][h]);
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+impl Backend for CudaBackend {
+    type Act = DeviceMatrix<f32>;
+    type Linear = CudaLinear;
+    type Vector = DeviceMatrix<f32>;
+    type KvPool = CudaKvPool;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn upload_linear(&self, w: HostLinear) -> Result<CudaLinear> {
+        CudaLinear::upload(&self.dev, w)
+    }
+
+    fn linear_bytes(&self, w: &CudaLinear) -> usize {
+        w.stored_bytes()
+    }
+
+    fn upload_vector(&self, v: Vec<f32>) -> Result<DeviceMatrix<f32>> {
+        let n = v.len();
+        self.dev.upload(&v, n, 1).map_err(gpu_error)
+    }
+
+    fn new_kv_pool(&self, spec: &KvPoolSpec) -> Result<CudaKvPool> {
+        let storage = match spec.config.dtype {
+            KvDtype::F32 => KvStorage::F32,
+            KvDtype::F16 => KvStorage::F16,
+            KvDtype::Int8 => KvStorage::Int8,
+            KvDtype::Int4 => KvStorage::Int4,
+        };
+        if spec.config.mode == KvMode::Smooth && storage.is_integer() {
+            return Err(Error::InvalidRequest(
+                "--kv-cache-mode smooth is not supported on CUDA yet; use online or static".into(),
+            ));
+        }
+        let statics = static_table(spec)?;
+        let layout = KvLayout {
+            num_layers: spec.shape.num_layers,
+            num_kv_heads: spec.shape.num_kv_heads,
+            head_dim: spec.shape.head_dim,
+            block_len: spec.block_len,
+            num_blocks: spec.num_blocks,
+            storage,
+        };
+        let pool =
+            DeviceKvPool::new(&self.dev, layout, statics.as_deref()).map_err(|e| match e {
+                KernelError::Invalid { .. } => Error::InvalidRequest(e.to_string()),
+                other => gpu_error(other),
+            })?;
+        Ok(CudaKvPool { pool })
+    }
+
+    fn free_memory(&self) -> Option<u64> {
+        self.dev
+            .memory_info()
+            .ok()
+            .map(|(free, _total)| free as u64)
+    }
+
+    fn embedding(&self, table: &CudaLinear, ids: &[u32]) -> Result<DeviceMatrix<f32>> {
+        let dense = table
+            .dense()
+            .ok_or_else(|| shape_error("embedding tables must be dense, not quantized".into()))?;
+        act::embedding(&self.dev, dense, ids).map_err(|e| match e {
+            KernelError::Invalid { .. } => Error::InvalidRequest(e.to_string()),
+            other => gpu_error(other),
+        })
+    }
+
+    fn rms_norm(
+        &self,
+        x: &DeviceMatrix<f32>,
+        w: &DeviceMatrix<f32>,
+        eps: f32,
+    ) -> Result<DeviceMatrix<f32>> {
+        let mut out = self.dev.uninit(x.rows(), x.cols()).map_err(gpu_error)?;
+        act::rms_norm(&self.dev, x, w, eps, &mut out).map_err(gpu_error)?;
+        Ok(out)
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut DeviceMatrix<f32>,
+        delta: &DeviceMatrix<f32>,
+        w: &DeviceMatrix<f32>,
+        eps: f32,
+    ) -> Result<DeviceMatrix<f32>> {
+        let mut out = self
+            .dev
+            .uninit(residual.rows(), residual.cols())
+            .map_err(gpu_error)?;
+        act::add_rms_norm(&self.dev, residual, delta, w, eps, &mut out).map_err(gpu_error)?;
+        Ok(out)
+    }
+
+    fn add_in_place(
+        &self,
+        residual: &mut DeviceMatrix<f32>,
+        delta: &DeviceMatrix<f32>,
+    ) -> Result<()> {
+        act::add(&self.dev, residual, delta).map_err(gpu_error)
+    }
+
+    fn linear(&self, x: &DeviceMatrix<f32>, w: &CudaLinear) -> Result<DeviceMatrix<f32>> {
+        w.forward(&self.dev, &self.blas, x)
+    }
+
+    fn rope(
+        &self,
+        x: &mut DeviceMatrix<f32>,
+        heads: usize,
+        spans: &[SeqSpan],
+        rope: &Rope,
+    ) -> Result<()> {
+        self.check_rows(x, spans, "rope")?;
+        let meta = self.row_meta(spans)?;
+        let inv_freq = self.inv_freq(rope)?;
+        act::rope(&self.dev, x, heads, &meta, &inv_freq, rope.position_scale).map_err(gpu_error)
+    }
+
+    fn write_kv(
+        &self,
+        layer: usize,
+        k: &DeviceMatrix<f32>,
+        v: &DeviceMatrix<f32>,
+        pool: &mut CudaKvPool,
+        spans: &[SeqSpan],
+    ) -> Result<()> {
+        self.check_rows(k, spans, "write_kv")?;
+        let meta = self.row_meta(spans)?;
+        paged::kv_write(&self.dev, &mut pool.pool, layer, k, v, &meta).map_err(gpu_error)
+    }
+
+    fn attention(
+        &self,
+        layer: usize,
+        q: &DeviceMatrix<f32>,
+        pool: &CudaKvPool,
+        spans: &[SeqSpan],
+        shape: &AttnShape,
+    ) -> Result<DeviceMatrix<f32>> {
+        self.check_rows(q, spans, "attention")?;
+        let meta = self.row_meta(spans)?;
+        paged::paged_attention(&self.dev, &pool.pool, layer, q, shape.num_heads, &meta)
+            .map_err(gpu_error)
+    }
+
+    fn silu_mul(
+        &self,
+        gate: &DeviceMatrix<f32>,
+        up: &DeviceMatrix<f32>,
+    ) -> Result<DeviceMatrix<f32>> {
+        let mut out = self
+            .dev
+            .uninit(gate.rows(), gate.cols())
+            .map_err(gpu_error)?;
+        act::silu_mul(&self.dev, gate, up, &mut out).map_err(gpu_error)?;
+        Ok(out)
+    }
+
+    fn gather_rows(&self, x: &DeviceMatrix<f32>, rows: &[usize]) -> Result<DeviceMatrix<f32>> {
+        act::gather_rows(&self.dev, x, rows).map_err(gpu_error)
+    }
+
+    fn to_host(&self, x: &DeviceMatrix<f32>) -> Result<Vec<f32>> {
+        self.dev.download(x).map_err(gpu_error)
+    }
+}

@@ -1,0 +1,481 @@
+//! The CUDA backend against the CPU backend and the f64 reference, in the
+//! manner of ggml's test-backend-ops: fresh seeded random inputs per case,
+//! shapes with odd sizes and several GQA ratios, NaN checks, and a stated
+//! error bound per op. Without a GPU every test prints that it was skipped
+//! and passes; on a GPU machine run `cargo test --release -p lmq-turbomind
+//! --test cuda_backend` (scripts/gpu-check.sh does).
+//!
+//! Bounds, as `|got − want| / (1 + |want|)`:
+//! - whole tiny models (fp16 weights), fp32 KV, against the CPU backend
+//!   with each linear's input rounded to fp16 (the GPU's numerics emulated
+//!   on the CPU; the plain CPU keeps fp32 inputs): 2e-3;
+//! - KV write + attention against the CPU backend, same inputs: 1e-4 for
+//!   fp32/fp16 KV and 1e-3 for int8/int4 (codes are identical; only
+//!   summation order and the fast exponential differ);
+//! - W4 linear against the CPU's AWQ linear: 2e-3 (fp16 input rounding).
+
+mod tiny;
+
+use lmq_kernels::GpuDevice;
+use lmq_turbomind::backend::cpu::Matrix;
+use lmq_turbomind::backend::cuda::CudaBackend;
+use lmq_turbomind::backend::{AttnShape, Backend, HostLinear, HostWeight, KvPoolSpec, SeqSpan};
+use lmq_turbomind::quant::awq::{pack_int4, AwqTensors};
+use lmq_turbomind::quant::kv::{KvCacheConfig, KvStaticParams};
+use std::sync::Arc;
+use tiny::*;
+
+fn gpu() -> Option<CudaBackend> {
+    if !GpuDevice::is_available() {
+        eprintln!("skipped: no CUDA driver/GPU found");
+        return None;
+    }
+    Some(CudaBackend::new(0).unwrap_or_else(|e| panic!("opening the CUDA backend: {e}")))
+}
+
+fn upload(b: &CudaBackend, m: &Matrix) -> lmq_kernels::DeviceMatrix<f32> {
+    b.device().upload(&m.data, m.rows, m.cols).unwrap()
+}
+
+fn random_matrix(rng: &mut Rng, rows: usize, cols: usize, scale: f64) -> Matrix {
+    Matrix {
+        data: (0..rows * cols)
+            .map(|_| rng.uniform(-scale, scale) as f32)
+            .collect(),
+        rows,
+        cols,
+    }
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| {
+            assert!(g.is_finite(), "non-finite output {g}");
+            (g as f64 - w as f64).abs() / (1.0 + (w as f64).abs())
+        })
+        .fold(0.0, f64::max)
+}
+
+fn spec_hd(heads: usize, kv_heads: usize, hd: usize, layers: usize, seed: u64) -> Spec {
+    Spec {
+        class: "LlamaForCausalLM",
+        model_type: "llama",
+        hidden: heads * hd,
+        intermediate: 3 * hd + 40,
+        layers,
+        heads,
+        kv_heads,
+        head_dim: None,
+        vocab: 301,
+        qkv_bias: false,
+        tie: true,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        eps: 1e-5,
+        max_pos: 600,
+        // fp16 weights, which both backends hold exactly (the GPU stores
+        // dense weights as fp16), so that the comparison sees activation
+        // rounding only.
+        dtype: WDtype::F16,
+        seed,
+    }
+}
+
+/// The tiny models: GQA 9/3 (SmolLM2's ratio), 12/1 (more query heads per
+/// KV head than one block handles) over 300 tokens (the split-K path), and
+/// MHA with Qwen2's biases at head_dim 128.
+fn tiny_specs() -> Vec<(Spec, usize)> {
+    let mut qwen = spec_hd(2, 2, 128, 2, 5);
+    qwen.class = "Qwen2ForCausalLM";
+    qwen.model_type = "qwen2";
+    qwen.qkv_bias = true;
+    qwen.tie = false;
+    vec![
+        (spec_hd(9, 3, 64, 2, 1), 23),
+        (spec_hd(12, 1, 64, 1, 2), 300),
+        (qwen, 37),
+    ]
+}
+
+/// The CPU backend with every linear's input rounded to fp16 first: what
+/// the CUDA backend computes (fp16 × fp16 products, fp32 sums), emulated on
+/// the CPU, to tell a GPU bug from the cost of rounding activations.
+struct Fp16InputCpu(CpuBackend);
+
+impl Backend for Fp16InputCpu {
+    type Act = Matrix;
+    type Linear = <CpuBackend as Backend>::Linear;
+    type Vector = Vec<f32>;
+    type KvPool = CpuKvPool;
+    fn name(&self) -> &'static str {
+        "cpu-fp16-inputs"
+    }
+    fn upload_linear(&self, w: HostLinear) -> lmq_turbomind::error::Result<Self::Linear> {
+        self.0.upload_linear(w)
+    }
+    fn linear_bytes(&self, w: &Self::Linear) -> usize {
+        self.0.linear_bytes(w)
+    }
+    fn upload_vector(&self, v: Vec<f32>) -> lmq_turbomind::error::Result<Vec<f32>> {
+        self.0.upload_vector(v)
+    }
+    fn new_kv_pool(&self, spec: &KvPoolSpec) -> lmq_turbomind::error::Result<CpuKvPool> {
+        self.0.new_kv_pool(spec)
+    }
+    fn free_memory(&self) -> Option<u64> {
+        self.0.free_memory()
+    }
+    fn embedding(&self, t: &Self::Linear, ids: &[u32]) -> lmq_turbomind::error::Result<Matrix> {
+        self.0.embedding(t, ids)
+    }
+    fn rms_norm(&self, x: &Matrix, w: &Vec<f32>, eps: f32) -> lmq_turbomind::error::Result<Matrix> {
+        self.0.rms_norm(x, w, eps)
+    }
+    fn add_rms_norm(
+        &self,
+        r: &mut Matrix,
+        d: &Matrix,
+        w: &Vec<f32>,
+        eps: f32,
+    ) -> lmq_turbomind::error::Result<Matrix> {
+        self.0.add_rms_norm(r, d, w, eps)
+    }
+    fn add_in_place(&self, r: &mut Matrix, d: &Matrix) -> lmq_turbomind::error::Result<()> {
+        self.0.add_in_place(r, d)
+    }
+    fn linear(&self, x: &Matrix, w: &Self::Linear) -> lmq_turbomind::error::Result<Matrix> {
+        let mut rounded = x.clone();
+        rounded
+            .data
+            .iter_mut()
+            .for_each(|v| *v = f16::from_f32(*v).to_f32());
+        self.0.linear(&rounded, w)
+    }
+    fn rope(
+        &self,
+        x: &mut Matrix,
+        heads: usize,
+        spans: &[SeqSpan],
+        rope: &lmq_turbomind::rope::Rope,
+    ) -> lmq_turbomind::error::Result<()> {
+        self.0.rope(x, heads, spans, rope)
+    }
+    fn write_kv(
+        &self,
+        layer: usize,
+        k: &Matrix,
+        v: &Matrix,
+        pool: &mut CpuKvPool,
+        spans: &[SeqSpan],
+    ) -> lmq_turbomind::error::Result<()> {
+        self.0.write_kv(layer, k, v, pool, spans)
+    }
+    fn attention(
+        &self,
+        layer: usize,
+        q: &Matrix,
+        pool: &CpuKvPool,
+        spans: &[SeqSpan],
+        shape: &AttnShape,
+    ) -> lmq_turbomind::error::Result<Matrix> {
+        self.0.attention(layer, q, pool, spans, shape)
+    }
+    fn silu_mul(&self, g: &Matrix, u: &Matrix) -> lmq_turbomind::error::Result<Matrix> {
+        self.0.silu_mul(g, u)
+    }
+    fn gather_rows(&self, x: &Matrix, rows: &[usize]) -> lmq_turbomind::error::Result<Matrix> {
+        self.0.gather_rows(x, rows)
+    }
+    fn to_host(&self, x: &Matrix) -> lmq_turbomind::error::Result<Vec<f32>> {
+        self.0.to_host(x)
+    }
+}
+
+/// Runs a tiny model (prefill all but 3 tokens, then decode them) and
+/// returns every row's logits.
+fn run_tiny<B: Backend>(dir: &Path, backend: B, tokens: &[u32]) -> Vec<f32> {
+    let mut model = Model::load(dir, backend).unwrap();
+    model.set_kv_cache(KvDtype::F32, KvMode::Online).unwrap();
+    let mut cache = model.new_solo_cache(tokens.len()).unwrap();
+    let split = tokens.len() - 3;
+    let mut got = model
+        .forward_solo(&mut cache, &tokens[..split], LogitsWanted::All)
+        .unwrap();
+    for &t in &tokens[split..] {
+        got.extend(
+            model
+                .forward_solo(&mut cache, &[t], LogitsWanted::All)
+                .unwrap(),
+        );
+    }
+    got
+}
+
+/// The emulation itself against the f64 reference: it shows how far
+/// rounding the linears' inputs alone moves these tiny models' logits.
+#[test]
+fn fp16_input_emulation_against_reference() {
+    for (spec, len) in tiny_specs() {
+        let fx = fixture(spec);
+        let tokens = Rng(3).tokens(len, 301);
+        let want = reference_logits(&fx.spec, &fx.weights, None, &tokens).concat();
+        let emul = run_tiny(fx.dir.path(), Fp16InputCpu(CpuBackend::new()), &tokens);
+        let exact = run_tiny(fx.dir.path(), CpuBackend::new(), &tokens);
+        let (e, _) = max_err(&emul, &want);
+        let (x, _) = max_err(&exact, &want);
+        eprintln!(
+            "{}: emulation {e:.2e}, CPU {x:.2e} against the reference",
+            fx.spec.model_type
+        );
+    }
+}
+
+/// Whole tiny models on the GPU (fp32 KV) against the CPU emulation of its
+/// numerics, and, for scale, against the f64 reference.
+#[test]
+fn whole_model_matches_cpu_emulation() {
+    let Some(gpu) = gpu() else { return };
+    drop(gpu);
+    for (spec, len) in tiny_specs() {
+        let fx = fixture(spec);
+        let tokens = Rng(3).tokens(len, 301);
+        let want = reference_logits(&fx.spec, &fx.weights, None, &tokens).concat();
+        let emul = run_tiny(fx.dir.path(), Fp16InputCpu(CpuBackend::new()), &tokens);
+        let got = run_tiny(fx.dir.path(), CudaBackend::new(0).unwrap(), &tokens);
+        let emul_f64: Vec<f64> = emul.iter().map(|&v| v as f64).collect();
+        let (vs_emul, abs) = max_err(&got, &emul_f64);
+        let (vs_ref, _) = max_err(&got, &want);
+        eprintln!(
+            "{} heads {}/{} len {len}: against the emulation {vs_emul:.2e} (abs {abs:.2e}), against the reference {vs_ref:.2e}",
+            fx.spec.model_type, fx.spec.heads, fx.spec.kv_heads
+        );
+        assert!(
+            vs_emul <= 2e-3,
+            "CUDA model differs from the CPU emulation by {vs_emul:.2e}"
+        );
+    }
+}
+
+/// Spans over a shared pool: sequences in interleaved, reversed blocks;
+/// one prefilling 290 rows at once (split-K), others decoding one row at
+/// long and short positions.
+fn batch_spans(block_len: usize) -> (Vec<SeqSpan>, usize) {
+    let plan = [(0usize, 290usize), (517, 1), (3, 1), (40, 7)];
+    let mut spans = Vec::new();
+    let mut row = 0;
+    let mut next_block = 0u32;
+    for &(start, len) in &plan {
+        let n = (start + len).div_ceil(block_len) as u32;
+        // Every other block, backwards: never the logical order.
+        let blocks: Vec<u32> = (0..n).rev().map(|i| next_block + 2 * i).collect();
+        next_block += 2 * n + 1;
+        spans.push(SeqSpan {
+            rows: row..row + len,
+            start_pos: start,
+            blocks,
+        });
+        row += len;
+    }
+    (spans, next_block as usize + 1)
+}
+
+fn static_params(layers: usize, heads: usize, hd: usize, rng: &mut Rng) -> KvStaticParams {
+    let table = |rng: &mut Rng, lo: f64, hi: f64| {
+        (0..layers)
+            .map(|_| (0..heads).map(|_| rng.uniform(lo, hi) as f32).collect())
+            .collect::<Vec<Vec<f32>>>()
+    };
+    KvStaticParams {
+        k_scale: table(rng, 2.0 / 255.0, 3.0 / 255.0),
+        k_zero: table(rng, -1.2, -0.9),
+        v_scale: table(rng, 2.0 / 255.0, 3.0 / 255.0),
+        v_zero: table(rng, -1.2, -0.9),
+        k_smooth: vec![vec![1.0; heads * hd]; layers],
+        levels: 255.0,
+    }
+}
+
+/// The KV write and paged attention, every storage and mode, against the
+/// CPU backend on identical inputs, for each compiled head_dim and
+/// several GQA ratios. The history of every sequence is written first
+/// (as earlier steps would have), then this step's rows.
+#[test]
+fn paged_attention_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let block_len = 16;
+    let (spans, num_blocks) = batch_spans(block_len);
+    let mut rng = Rng(11);
+    for &(heads, kv_heads, hd) in &[(9, 3, 64), (8, 8, 64), (12, 1, 128), (4, 2, 256)] {
+        let shape = AttnShape {
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: hd,
+            num_layers: 2,
+        };
+        let statics = Arc::new(static_params(2, kv_heads, hd, &mut rng));
+        for (dtype, mode, tol) in [
+            (KvDtype::F32, KvMode::Online, 1e-4),
+            (KvDtype::F16, KvMode::Online, 1e-4),
+            (KvDtype::Int8, KvMode::Online, 1e-3),
+            (KvDtype::Int4, KvMode::Online, 1e-3),
+            (KvDtype::Int8, KvMode::Static, 1e-3),
+            (KvDtype::Int4, KvMode::Static, 1e-3),
+        ] {
+            let spec = KvPoolSpec {
+                shape,
+                config: KvCacheConfig {
+                    dtype,
+                    mode,
+                    static_params: Some(statics.clone()),
+                },
+                num_blocks,
+                block_len,
+            };
+            let mut cpu_pool = cpu.new_kv_pool(&spec).unwrap();
+            let mut gpu_pool = gpu.new_kv_pool(&spec).unwrap();
+            let layer = 1;
+            // History: positions 0..start of each sequence, one span each.
+            let history: Vec<SeqSpan> = spans
+                .iter()
+                .filter(|s| s.start_pos > 0)
+                .scan(0, |row, s| {
+                    let span = SeqSpan {
+                        rows: *row..*row + s.start_pos,
+                        start_pos: 0,
+                        blocks: s.blocks.clone(),
+                    };
+                    *row += s.start_pos;
+                    Some(span)
+                })
+                .collect();
+            let total: usize = spans.iter().map(|s| s.len()).sum();
+            for (step, rows) in [
+                (&history, history.iter().map(|s| s.len()).sum::<usize>()),
+                (&spans, total),
+            ] {
+                let kd = shape.kv_dim();
+                let k = random_matrix(&mut rng, rows, kd, 1.0);
+                let v = random_matrix(&mut rng, rows, kd, 1.0);
+                cpu.write_kv(layer, &k, &v, &mut cpu_pool, step).unwrap();
+                gpu.write_kv(
+                    layer,
+                    &upload(&gpu, &k),
+                    &upload(&gpu, &v),
+                    &mut gpu_pool,
+                    step,
+                )
+                .unwrap();
+            }
+            let q = random_matrix(&mut rng, total, heads * hd, 1.0);
+            let want = cpu.attention(layer, &q, &cpu_pool, &spans, &shape).unwrap();
+            let got = gpu
+                .attention(layer, &upload(&gpu, &q), &gpu_pool, &spans, &shape)
+                .unwrap();
+            let err = rel_err(&gpu.to_host(&got).unwrap(), &want.data);
+            eprintln!(
+                "attention {heads}/{kv_heads} hd {hd} {} {}: max err {err:.2e}",
+                dtype.as_str(),
+                mode.as_str()
+            );
+            assert!(
+                err <= tol,
+                "{} {} differs by {err:.2e}",
+                dtype.as_str(),
+                mode.as_str()
+            );
+        }
+    }
+}
+
+/// A bad block table is an error, not an out-of-bounds launch.
+#[test]
+fn attention_rejects_blocks_outside_the_pool() {
+    let Some(gpu) = gpu() else { return };
+    let shape = AttnShape {
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 64,
+        num_layers: 1,
+    };
+    let spec = KvPoolSpec {
+        shape,
+        config: KvCacheConfig::default(),
+        num_blocks: 4,
+        block_len: 16,
+    };
+    let mut pool = gpu.new_kv_pool(&spec).unwrap();
+    let k = gpu.device().zeros::<f32>(1, 64).unwrap();
+    for blocks in [vec![4u32], vec![]] {
+        let spans = [SeqSpan {
+            rows: 0..1,
+            start_pos: 0,
+            blocks,
+        }];
+        let err = gpu.write_kv(0, &k, &k, &mut pool, &spans).unwrap_err();
+        eprintln!("{err}");
+    }
+    let spans = [SeqSpan {
+        rows: 0..1,
+        start_pos: 20,
+        blocks: vec![0],
+    }];
+    assert!(gpu.write_kv(0, &k, &k, &mut pool, &spans).is_err());
+}
+
+/// The W4 linear (decode kernel at 1..=16 rows, dequantize + cuBLAS above)
+/// and a dense fp16 linear, against the CPU backend, with odd row counts.
+#[test]
+fn linears_match_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let mut rng = Rng(21);
+    for &(k, n, g) in &[
+        (576usize, 1536usize, 64usize),
+        (1536, 576, 64),
+        (256, 200, 128),
+        (320, 96, 32),
+    ] {
+        let codes: Vec<u8> = (0..k * n).map(|_| (rng.next_u64() % 16) as u8).collect();
+        let zeros: Vec<u8> = (0..(k / g) * n)
+            .map(|_| (rng.next_u64() % 16) as u8)
+            .collect();
+        let scales: Vec<f16> = (0..(k / g) * n)
+            .map(|_| f16::from_f64(rng.uniform(0.002, 0.02)))
+            .collect();
+        let bias: Vec<f32> = (0..n).map(|_| rng.uniform(-0.5, 0.5) as f32).collect();
+        let awq = AwqTensors {
+            in_features: k,
+            out_features: n,
+            group_size: g,
+            qweight: pack_int4(&codes, k, n),
+            qzeros: pack_int4(&zeros, k / g, n),
+            scales,
+        };
+        let dense: Vec<f32> = (0..n * k)
+            .map(|_| rng.uniform(-0.05, 0.05) as f32)
+            .collect();
+        for weight in [HostWeight::Awq(awq), HostWeight::Dense(dense)] {
+            let host = HostLinear {
+                weight,
+                out_features: n,
+                in_features: k,
+                bias: Some(bias.clone()),
+            };
+            let cpu_w = cpu.upload_linear(host.clone()).unwrap();
+            let gpu_w = gpu.upload_linear(host).unwrap();
+            for m in [1usize, 3, 16, 17, 67] {
+                let x = random_matrix(&mut rng, m, k, 1.0);
+                let want = cpu.linear(&x, &cpu_w).unwrap();
+                let got = gpu
+                    .to_host(&gpu.linear(&upload(&gpu, &x), &gpu_w).unwrap())
+                    .unwrap();
+                let err = rel_err(&got, &want.data);
+                eprintln!("linear {k}->{n} g{g} m {m}: max err {err:.2e}");
+                assert!(err <= 2e-3, "linear {k}->{n} m {m} differs by {err:.2e}");
+            }
+        }
+    }
+}
