@@ -3,87 +3,25 @@
 //! aggregation, streaming passthrough, the OpenAI errors, the admin key on
 //! `/nodes/*`, forwarding of the client's key, concurrent streams (every
 //! KV block comes back), client disconnects reaching the node, failover
-//! when a replica dies, and config errors.
+//! when a replica dies, config errors, `lmq serve --proxy-url`
+//! registration, retries after 429/5xx answers, and, with the official
+//! `openai` Python client (tests/serve_client.py, tests/load_client.py),
+//! the OpenAI API through the proxy, 200 concurrent streams, and a node
+//! killed under load.
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use common::cluster::{
+    chat, free_port, listed_nodes, model_ids, node_logged, node_series, nodes, proxy, proxy_on,
+    sigterm, url, wait_exit,
+};
 use common::http::{Client, Process};
-use serde_json::{json, Value};
-
-/// An `lmq serve` of the test model under `name`, plus `args`.
-fn node(name: &str, args: &[&str]) -> Process {
-    let dir = common::model_dir();
-    let mut all = vec![
-        "--model",
-        dir.to_str().expect("utf-8 path"),
-        "--served-model-name",
-        name,
-        "--port",
-        "0",
-        "--kv-cache-bytes",
-        "32M",
-    ];
-    all.extend_from_slice(args);
-    Process::spawn("serve", &all)
-}
-
-/// Starts the nodes at once (each loads the model) and returns them in
-/// order.
-fn nodes(specs: &[(&'static str, &'static [&'static str])]) -> Vec<Process> {
-    let handles: Vec<_> = specs
-        .iter()
-        .map(|&(name, args)| std::thread::spawn(move || node(name, args)))
-        .collect();
-    handles
-        .into_iter()
-        .map(|h| h.join().expect("node starts"))
-        .collect()
-}
-
-/// An `lmq proxy` on a free port with `yaml` as its config.
-fn proxy(dir: &Path, yaml: &str) -> Process {
-    let path = dir.join("proxy.yaml");
-    std::fs::write(&path, yaml).expect("writes config");
-    Process::spawn(
-        "proxy",
-        &[
-            "--config",
-            path.to_str().expect("utf-8 path"),
-            "--port",
-            "0",
-        ],
-    )
-}
-
-fn url(c: &Client) -> String {
-    format!("http://127.0.0.1:{}", c.port)
-}
-
-fn model_ids(c: &Client) -> Vec<String> {
-    let r = c.get("/v1/models");
-    assert_eq!(r.status, 200, "{}", r.text());
-    let mut ids: Vec<String> = r.json()["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .map(|m| m["id"].as_str().expect("id").to_string())
-        .collect();
-    ids.sort();
-    ids
-}
-
-fn chat(model: &str, max_tokens: u32) -> Value {
-    json!({
-        "model": model,
-        "messages": [{"role": "user", "content": "What is the capital of France?"}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-    })
-}
+use common::python::Script;
+use common::stub::StubNode;
+use serde_json::json;
 
 const NODE_KEY: &str = "node-secret";
 const ADMIN: &str = "Bearer admin-secret";
@@ -363,4 +301,397 @@ fn bad_config_names_the_field() {
     let p = proxy(tmp.path(), "nodes:\n  - url: http://127.0.0.1:1\n");
     assert_eq!(p.get("/health").json()["healthy_nodes"], 0);
     p.post("/v1/chat/completions", &chat("a", 1)).error(404);
+}
+
+/// Bad `--proxy-url` options fail at once, before any model loads.
+#[test]
+fn serve_proxy_flags_are_checked_before_loading() {
+    let dir = common::model_dir();
+    for (extra, needle) in [
+        (
+            &["--proxy-url", "127.0.0.1:1", "--proxy-admin-key", "k"][..],
+            "--proxy-url",
+        ),
+        (
+            &["--proxy-url", "http://127.0.0.1:1"][..],
+            "--proxy-admin-key",
+        ),
+        (
+            &[
+                "--proxy-url",
+                "http://127.0.0.1:1",
+                "--proxy-admin-key",
+                "k",
+                "--host",
+                "0.0.0.0",
+            ][..],
+            "--advertise-url",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_lmq"))
+            .args([
+                "serve",
+                "--model",
+                dir.to_str().expect("utf-8"),
+                "--port",
+                "0",
+            ])
+            .args(extra)
+            .env_remove("LMQ_PROXY_ADMIN_KEY")
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {stderr}");
+        assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
+    }
+}
+
+/// `lmq serve --proxy-url` joins a proxy once it is ready, retrying while
+/// the proxy is not up yet; a wrong admin key is refused and not retried;
+/// SIGTERM deregisters before the process exits.
+#[test]
+fn serve_registers_with_the_proxy_and_deregisters_on_sigterm() {
+    let started = Instant::now();
+    let port = free_port();
+    let proxy_url = format!("http://127.0.0.1:{port}");
+    // Both nodes start before the proxy exists, so their first attempts
+    // fail and are retried.
+    let handles: Vec<_> = ["admin-secret", "wrong-key"]
+        .into_iter()
+        .map(|key| {
+            let proxy_url = proxy_url.clone();
+            std::thread::spawn(move || {
+                node_logged(
+                    "reg",
+                    "32M",
+                    &["--proxy-url", &proxy_url, "--proxy-admin-key", key],
+                )
+            })
+        })
+        .collect();
+    let [mut good, bad]: [Process; 2] = handles
+        .into_iter()
+        .map(|h| h.join().expect("node starts"))
+        .collect::<Vec<_>>()
+        .try_into()
+        .unwrap_or_else(|_| panic!("two nodes"));
+    let minute = Duration::from_secs(60);
+    for n in [&good, &bad] {
+        let line = n.log().wait_for("retrying in", minute);
+        assert!(line.contains("attempt 1/6"), "{line}");
+    }
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let p = proxy_on(
+        tmp.path(),
+        "health_check_interval_s: 0.5\nadmin_key: admin-secret\n",
+        port,
+    );
+    let line = good.log().wait_for("registered with the proxy", minute);
+    assert!(
+        line.contains(&url(&good)) && line.contains("models: reg"),
+        "{line}"
+    );
+    let line = bad.log().wait_for("refused to register", minute);
+    assert!(
+        line.contains("401") && line.contains("not retrying"),
+        "{line}"
+    );
+
+    let listed = listed_nodes(&p, ADMIN);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["url"], url(&good));
+    assert_eq!(listed[0]["healthy"], true);
+    assert_eq!(listed[0]["models"], json!(["reg"]));
+    let r = p.post("/v1/chat/completions", &chat("reg", 2));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["model"], "reg");
+    assert_eq!(served(&good), 2.0);
+    // Registration never stops a node: the refused one still serves.
+    let r = bad.post("/v1/chat/completions", &chat("reg", 1));
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // SIGTERM: the node leaves the proxy, then exits cleanly.
+    sigterm(&good.child);
+    assert!(wait_exit(&mut good.child, minute).success());
+    good.log().wait_for("deregistered", Duration::from_secs(5));
+    assert!(listed_nodes(&p, ADMIN).is_empty());
+    assert_eq!(p.get("/health").json()["nodes"], 0);
+    eprintln!(
+        "serve_registers_with_the_proxy_and_deregisters_on_sigterm: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// A node that answers 429 (its queue is full) or 5xx is skipped for
+/// another replica before any byte reaches the client, and stays in
+/// routing; with no replica left the client gets the node's own answer.
+#[test]
+fn retries_on_another_replica_after_429_or_5xx() {
+    let [full, free]: [Process; 2] =
+        nodes(&[("busy", &["--max-queued-requests", "1"]), ("busy", &[])])
+            .try_into()
+            .unwrap_or_else(|_| panic!("two nodes"));
+    // No real node can be made to answer 5xx on demand; the stub can.
+    let stub = StubNode::start(&["busy", "stub-only"], 503);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let yaml = format!(
+        "health_check_interval_s: 1\nnodes:\n  - url: {}\n  - url: {}\n  - url: {}\n",
+        url(&full),
+        url(&free),
+        stub.url()
+    );
+    let p = proxy(tmp.path(), &yaml);
+    assert_eq!(p.get("/health").json()["healthy_nodes"], 3);
+
+    // Fill `full`'s one queue slot directly, so that it answers 429.
+    let long = json!({"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": true, "stream": true});
+    let mut events = full.stream("/v1/completions", &[], &long);
+    events.next().expect("a first event");
+    full.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 1}))
+        .error(429);
+
+    // Ties rotate, so `full` and the stub are each tried first by some of
+    // these; every one is answered by `free`.
+    for i in 0..6 {
+        let r = p.post("/v1/chat/completions", &chat("busy", 1));
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+    }
+    assert_eq!(served(&free), 6.0);
+    assert!(node_series(&p, "lmq_proxy_node_rejections_total", &full) >= 1.0);
+    assert!(stub.posts() >= 1);
+    assert!(p.metric("lmq_proxy_retries_total") >= 2.0);
+    // Answering 429/5xx does not take a node out of routing.
+    assert_eq!(node_series(&p, "lmq_proxy_node_healthy", &full), 1.0);
+    assert_eq!(p.get("/health").json()["healthy_nodes"], 3);
+
+    // No replica left: the node's own error, status and Retry-After.
+    let r = p.post("/v1/chat/completions", &chat("stub-only", 1));
+    assert_eq!(r.error(503)["code"], "stub_error");
+    assert_eq!(r.header("retry-after"), Some("7"));
+    events.close();
+    full.wait_idle();
+    free.wait_idle();
+}
+
+/// Two nodes behind the proxy serving `smol` with `--api-key NODE_KEY`
+/// and room for 64 sequences each.
+fn load_cluster(tmp: &std::path::Path) -> (Process, Process, Process) {
+    let handles: Vec<_> = (0..2)
+        .map(|_| std::thread::spawn(|| node_logged("smol", "96M", &["--api-key", NODE_KEY])))
+        .collect();
+    let mut n = handles.into_iter().map(|h| h.join().expect("node starts"));
+    let (a, b) = (n.next().expect("a"), n.next().expect("b"));
+    let yaml = format!(
+        "health_check_interval_s: {}\nnodes:\n  - url: {}\n    api_key: {NODE_KEY}\n  - url: {}\n    api_key: {NODE_KEY}\n",
+        HEALTH_INTERVAL.as_secs_f64(),
+        url(&a),
+        url(&b)
+    );
+    let p = proxy(tmp, &yaml);
+    assert_eq!(p.get("/health").json()["healthy_nodes"], 2);
+    (a, b, p)
+}
+
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A request record of tests/load_client.py `--results`.
+#[derive(serde::Deserialize)]
+struct Record {
+    ok: bool,
+    start_unix: f64,
+    error: Option<String>,
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The summary line tests/load_client.py prints last.
+fn summary(stdout: &str) -> serde_json::Value {
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("summary is not JSON ({e}): {stdout}"))
+}
+
+/// The official `openai` client through the proxy (chat, completions,
+/// streaming, usage, stop, seeds, logprobs, errors), then 200 concurrent
+/// streams: each gets exactly its 4 tokens, both nodes share them, and
+/// afterwards every KV block is free. Prints the latency percentiles.
+#[test]
+fn openai_client_and_200_concurrent_streams_through_the_proxy() {
+    if !common::python::has_openai("openai_client_and_200_concurrent_streams_through_the_proxy") {
+        return;
+    }
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b, p) = load_cluster(tmp.path());
+    let base = format!("{}/v1", url(&p));
+    let limit = Duration::from_secs(240);
+
+    let out = Script::run(
+        "serve_client.py",
+        &[&base, NODE_KEY, "smol", "--proxy"],
+        limit,
+    );
+    assert!(
+        out.success,
+        "serve_client.py through the proxy:\n{}",
+        out.report()
+    );
+    assert!(out.stdout.contains("all checks passed"), "{}", out.report());
+
+    let load_started = Instant::now();
+    let args = [
+        "--target",
+        &base,
+        "--api-key",
+        NODE_KEY,
+        "--model",
+        "smol",
+        "--requests",
+        "200",
+        "--max-tokens",
+        "4",
+        "--check",
+    ];
+    let out = Script::run("load_client.py", &args, limit);
+    assert!(out.success, "load_client.py:\n{}", out.report());
+    let s = &summary(&out.stdout)["targets"][&base];
+    assert_eq!(s["ok"], 200, "{s}");
+    for node in [&a, &b] {
+        node.wait_idle();
+        assert_eq!(node.metric("lmq_kv_blocks_used"), 0.0);
+        // Prefix caching is off, so no block is even kept as cache.
+        let total = node.metric("lmq_kv_blocks_total");
+        assert!(total >= 64.0, "{total}");
+        assert_eq!(node.metric("lmq_kv_blocks_free"), total);
+        assert_eq!(
+            node.series("lmq_requests_total{model=\"smol\",reason=\"failed\"}"),
+            0.0
+        );
+        // least_outstanding spreads 200 requests over both nodes.
+        assert!(served(node) >= 4.0 * 50.0, "{}", served(node));
+        assert_eq!(node_series(&p, "lmq_proxy_node_outstanding", node), 0.0);
+    }
+    common::report(&format!(
+        "proxy load: 200 concurrent streams x 4 tokens through lmq proxy to 2 lmq serve nodes in {:.1} s: TTFT p50 {} ms, p99 {} ms; e2e p50 {} ms, p99 {} ms",
+        load_started.elapsed().as_secs_f64(),
+        s["ttft_ms"]["p50"], s["ttft_ms"]["p99"], s["e2e_ms"]["p50"], s["e2e_ms"]["p99"]
+    ));
+    eprintln!(
+        "openai_client_and_200_concurrent_streams_through_the_proxy: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Kill -9 one node under streaming load: streams in flight on the
+/// survivor complete (it cancels and fails none), only requests started
+/// before the kill fail (at most those in flight on the dead node), every
+/// later one succeeds, and within one health interval no request is sent
+/// to the dead node any more.
+#[test]
+fn failover_under_load_when_a_node_is_killed() {
+    if !common::python::has_openai("failover_under_load_when_a_node_is_killed") {
+        return;
+    }
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (survivor, mut victim, p) = load_cluster(tmp.path());
+    let base = format!("{}/v1", url(&p));
+    let results = tmp.path().join("results.jsonl");
+    let results_arg = results.to_str().expect("utf-8 path");
+    let load = Script::start(
+        "load_client.py",
+        &[
+            "--target",
+            &base,
+            "--api-key",
+            NODE_KEY,
+            "--model",
+            "smol",
+            "--requests",
+            "160",
+            "--concurrency",
+            "40",
+            "--max-tokens",
+            "4",
+            "--check",
+            "--results",
+            results_arg,
+        ],
+    );
+
+    // Kill once the load is steady: 20 requests done, some on the victim.
+    let routed = |n: &Client| node_series(&p, "lmq_proxy_requests_routed_total", n);
+    let wait = Instant::now();
+    while routed(&survivor) + routed(&victim) < 60.0
+        || node_series(&p, "lmq_proxy_node_outstanding", &victim) < 1.0
+    {
+        assert!(
+            wait.elapsed() < Duration::from_secs(120),
+            "the load never got going"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let in_flight_on_victim = node_series(&p, "lmq_proxy_node_outstanding", &victim);
+    let routed_before_kill = routed(&victim);
+    victim.child.kill().expect("kills the node");
+    victim.child.wait().expect("the node exits");
+    let killed = unix_now();
+    std::thread::sleep(HEALTH_INTERVAL);
+    assert_eq!(node_series(&p, "lmq_proxy_node_healthy", &victim), 0.0);
+    let routed_to_victim = routed(&victim);
+
+    let out = load.finish(Duration::from_secs(240));
+    let records: Vec<Record> = std::fs::read_to_string(&results)
+        .unwrap_or_else(|e| panic!("no results ({e}):\n{}", out.report()))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON record"))
+        .collect();
+    assert_eq!(records.len(), 160, "{}", out.report());
+    let failed: Vec<&Record> = records.iter().filter(|r| !r.ok).collect();
+    assert!(
+        !failed.is_empty(),
+        "the kill broke no stream; it did not happen under load"
+    );
+    // Only streams on the victim can break: those in flight when it was
+    // read, plus any sent to it between that reading and its death.
+    let could_break = in_flight_on_victim + routed_to_victim - routed_before_kill;
+    assert!(
+        failed.len() as f64 <= could_break,
+        "{} failed; at most {could_break} were on the victim",
+        failed.len()
+    );
+    for r in &failed {
+        assert!(
+            r.start_unix < killed,
+            "a request started after the kill failed: {:?}",
+            r.error
+        );
+    }
+    let after = records.iter().filter(|r| r.start_unix > killed).count();
+    assert!(after >= 40, "only {after} requests started after the kill");
+    assert_eq!(
+        routed(&victim),
+        routed_to_victim,
+        "requests still went to the dead node"
+    );
+
+    survivor.wait_idle();
+    assert_eq!(survivor.metric("lmq_kv_blocks_used"), 0.0);
+    for reason in ["cancelled", "failed"] {
+        let series = format!("lmq_requests_total{{model=\"smol\",reason=\"{reason}\"}}");
+        assert_eq!(survivor.series(&series), 0.0, "{reason} on the survivor");
+    }
+    assert_eq!(p.get("/health").json()["healthy_nodes"], 1);
+    common::report(&format!(
+        "proxy failover: node killed with {in_flight_on_victim} streams in flight on it; {} of 160 failed (all started before the kill), {after} started after it all succeeded",
+        failed.len()
+    ));
+    eprintln!(
+        "failover_under_load_when_a_node_is_killed: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }

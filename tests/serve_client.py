@@ -1,9 +1,17 @@
 #!/usr/bin/env python3
-"""Drives a running `lmq serve` with the official `openai` Python client.
+"""Drives a running `lmq serve`, or an `lmq proxy` in front of such nodes,
+with the official `openai` Python client.
 
-Usage: serve_client.py BASE_URL API_KEY MODEL
-Run by tests/serve.rs (official_openai_client); exits non-zero with the
-failed check on the first failure, and prints "all checks passed" at the end.
+Usage: serve_client.py BASE_URL API_KEY MODEL [--proxy]
+Run by tests/serve.rs (official_openai_client) against a node, and by
+tests/proxy.rs (load_through_the_proxy_with_the_openai_client) against a
+proxy whose nodes serve only MODEL and need API_KEY. Exits non-zero with
+the failed check on the first failure, and prints "all checks passed" at
+the end.
+
+With --proxy the wrong-key check goes through a chat request (the proxy
+forwards the client's key to the node, which checks it; the proxy's own
+/v1/models has no key).
 """
 
 import sys
@@ -19,6 +27,7 @@ def check(cond, what):
 
 def main():
     base_url, key, model = sys.argv[1:4]
+    through_proxy = "--proxy" in sys.argv[4:]
     # No retries: a 429 or 5xx must surface, not be retried away.
     client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=60)
 
@@ -93,11 +102,18 @@ def main():
         check(False, "temperature 5 raises")
     except openai.BadRequestError as e:
         check(e.body.get("param") == "temperature", "temperature 5 -> BadRequestError")
+    wrong = openai.OpenAI(base_url=base_url, api_key="wrong", max_retries=0)
+    if not through_proxy:
+        try:
+            wrong.models.list()
+            check(False, "a wrong key raises")
+        except openai.AuthenticationError:
+            check(True, "wrong key -> AuthenticationError on models.list()")
     try:
-        openai.OpenAI(base_url=base_url, api_key="wrong", max_retries=0).models.list()
-        check(False, "a wrong key raises")
+        wrong.chat.completions.create(model=model, messages=messages, max_tokens=2)
+        check(False, "a wrong key raises on chat")
     except openai.AuthenticationError:
-        check(True, "wrong key -> AuthenticationError")
+        check(True, "wrong key -> AuthenticationError on chat")
 
     print("all checks passed")
 

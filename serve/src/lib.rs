@@ -17,7 +17,9 @@
 //!   parameter, never a plain-text rejection or a panic.
 //!
 //! The [`proxy`] module (`lmq proxy`) shares only the error shape and
-//! JSON reading with the server; it never touches an engine.
+//! JSON reading with the server; it never touches an engine. A server
+//! started with `--proxy-url` registers with a proxy through its admin
+//! endpoints once it is ready, and deregisters on shutdown (`register`).
 //!
 //! [`EngineHandle`]: lmq_turbomind::engine::EngineHandle
 
@@ -29,10 +31,12 @@ mod format;
 mod metrics;
 mod params;
 pub mod proxy;
+mod register;
 mod routes;
 mod run;
 mod server;
 
 pub use app::ServedModel;
 pub use error::{ApiError, ServeError};
+pub use register::ProxyRegistration;
 pub use server::{run, ServerOptions};

@@ -1,17 +1,19 @@
-//! Starting and stopping the server: bind, announce readiness, serve until
-//! SIGTERM or Ctrl-C, then drain in-flight requests within the shutdown
-//! timeout.
+//! Starting and stopping the server: bind, announce readiness, register
+//! with a proxy (`--proxy-url`), serve until SIGTERM or Ctrl-C, then
+//! deregister and drain in-flight requests within the shutdown timeout.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::app::{App, ServedModel};
 use crate::error::ServeError;
+use crate::register::{ProxyRegistration, Registrar};
 
 /// How the server listens and guards itself.
 #[derive(Debug, Clone)]
@@ -26,6 +28,9 @@ pub struct ServerOptions {
     /// After SIGTERM, how long in-flight requests may run before they are
     /// cancelled.
     pub shutdown_timeout: Duration,
+    /// `--proxy-url`: register with this proxy once ready, deregister on
+    /// shutdown.
+    pub proxy: Option<ProxyRegistration>,
 }
 
 fn validate(models: &[ServedModel], options: &ServerOptions) -> Result<(), ServeError> {
@@ -104,7 +109,29 @@ async fn serve(
     });
 
     ready(address);
-    let server = axum::serve(listener, router).with_graceful_shutdown(graceful);
+    // Registration starts only now: the listener is bound and every model
+    // is loaded, so the proxy's first health check of this node passes.
+    let registrar = options.proxy.as_ref().map(|p| {
+        let names = app.names().iter().map(|n| n.to_string()).collect();
+        Arc::new(Registrar::new(p, address, names))
+    });
+    let registering = registrar.clone().map(|r| {
+        tokio::spawn(async move {
+            r.register().await;
+        })
+    });
+    let graceful = async move {
+        graceful.await;
+        // Leave the proxy before refusing connections, so it stops sending
+        // new requests here while this server still accepts them.
+        if let Some(task) = registering {
+            task.abort();
+        }
+        if let Some(r) = registrar {
+            r.deregister().await;
+        }
+    };
+    let server = axum::serve(no_delay(listener), router).with_graceful_shutdown(graceful);
     tokio::select! {
         result = server => result?,
         _ = deadline => {
@@ -113,6 +140,16 @@ async fn serve(
         }
     }
     Ok(())
+}
+
+/// The listener with `TCP_NODELAY` on every accepted connection: a stream
+/// writes one small chunk per token, and Nagle's algorithm would hold a
+/// chunk back until the previous one is acknowledged.
+pub(crate) fn no_delay(listener: TcpListener) -> impl axum::serve::Listener<Addr = SocketAddr> {
+    listener.tap_io(|tcp| {
+        // A socket that refuses the option still works, only slower.
+        let _ = tcp.set_nodelay(true);
+    })
 }
 
 /// The two futures of a graceful shutdown: `graceful` resolves on SIGTERM

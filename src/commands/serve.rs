@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use lmq_serve::config::{default_served_name, ByteSize, ModelEntry, ModelsFile};
-use lmq_serve::{ServedModel, ServerOptions};
+use lmq_serve::{ProxyRegistration, ServedModel, ServerOptions};
 
 use super::{parse_bytes, start_engine, BatchArgs, EngineArgs};
 
@@ -38,6 +38,19 @@ pub struct ServeArgs {
     /// cancelled.
     #[arg(long, default_value_t = 30.0)]
     pub shutdown_timeout: f64,
+    /// Register with this `lmq proxy` (http://host:port) once ready, and
+    /// deregister on shutdown. Failures are logged and retried a few
+    /// times; the server keeps serving either way.
+    #[arg(long)]
+    pub proxy_url: Option<String>,
+    /// The proxy's `admin_key` (default: $LMQ_PROXY_ADMIN_KEY, which keeps
+    /// it out of the process list).
+    #[arg(long, requires = "proxy_url")]
+    pub proxy_admin_key: Option<String>,
+    /// The URL the proxy should use to reach this server (default:
+    /// http://HOST:PORT as bound; required with --host 0.0.0.0).
+    #[arg(long, requires = "proxy_url")]
+    pub advertise_url: Option<String>,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -51,6 +64,18 @@ pub fn run(args: ServeArgs) -> Result<()> {
             args.shutdown_timeout
         );
     }
+    // Checked before any model loads, so a typo fails in a second.
+    let proxy = args
+        .proxy_url
+        .as_deref()
+        .map(|url| {
+            let key = args
+                .proxy_admin_key
+                .clone()
+                .or_else(|| std::env::var("LMQ_PROXY_ADMIN_KEY").ok());
+            ProxyRegistration::new(url, key, args.advertise_url.as_deref(), &args.host)
+        })
+        .transpose()?;
     let entries = match (&args.model, &args.config) {
         (Some(dir), _) => vec![(
             args.served_model_name
@@ -87,6 +112,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         api_key: args.api_key.clone(),
         max_request_bytes: args.max_request_bytes,
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout),
+        proxy,
     };
     lmq_serve::run(models, options, |address| {
         // Tests and scripts wait for this line: print it only now that the

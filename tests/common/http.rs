@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -14,6 +14,50 @@ use serde_json::Value;
 pub struct Process {
     pub child: Child,
     pub client: Client,
+    /// Its stderr lines so far, when started with [`Process::spawn_logged`].
+    pub log: Option<Log>,
+}
+
+/// The stderr lines of a process, collected as they are written (and
+/// echoed, so a failing test still shows them).
+#[derive(Clone, Default)]
+pub struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    fn collect(self, stderr: impl Read + Send + 'static) {
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                self.0.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+    }
+
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).join("\n")
+    }
+
+    /// Waits up to `timeout` for a line containing `needle`; returns it.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(line) = self
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return line.clone();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "no stderr line with {needle:?} within {timeout:?}; stderr:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl std::ops::Deref for Process {
@@ -34,13 +78,36 @@ impl Process {
     /// Runs `lmq SUBCOMMAND ARGS` and waits for the line
     /// `lmq SUBCOMMAND: listening on http://127.0.0.1:PORT …`.
     pub fn spawn(subcommand: &str, args: &[&str]) -> Process {
+        Self::start(subcommand, args, false)
+    }
+
+    /// [`Process::spawn`], keeping its stderr lines in `log`.
+    pub fn spawn_logged(subcommand: &str, args: &[&str]) -> Process {
+        Self::start(subcommand, args, true)
+    }
+
+    /// The log of a process started with [`Process::spawn_logged`].
+    pub fn log(&self) -> &Log {
+        self.log.as_ref().expect("started with spawn_logged")
+    }
+
+    fn start(subcommand: &str, args: &[&str], logged: bool) -> Process {
         let mut child = Command::new(env!("CARGO_BIN_EXE_lmq"))
             .arg(subcommand)
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if logged {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .unwrap_or_else(|e| panic!("lmq {subcommand} starts: {e}"));
+        let log = child.stderr.take().map(|stderr| {
+            let log = Log::default();
+            log.clone().collect(stderr);
+            log
+        });
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -59,6 +126,7 @@ impl Process {
         Process {
             child,
             client: Client { port, key: None },
+            log,
         }
     }
 }
@@ -166,6 +234,15 @@ impl Client {
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{page}"))
+    }
+
+    /// The value of one exact series, e.g. `name{node="http://…"}`.
+    pub fn series(&self, series: &str) -> f64 {
+        let page = self.get("/metrics").text();
+        page.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing from /metrics:\n{page}"))
     }
 
     /// Waits until an `lmq serve` holds no request and no KV block.

@@ -1,8 +1,11 @@
 //! Shared helpers for the end-to-end tests.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod gguf;
 pub mod http;
+pub mod python;
+pub mod stub;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -79,4 +82,11 @@ pub fn stderr(o: &Output) -> String {
 
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Writes a line to the real stderr, past the test harness's capture, so
+/// measured numbers show in CI logs even when the test passes.
+pub fn report(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }

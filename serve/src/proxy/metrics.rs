@@ -1,6 +1,6 @@
 //! The proxy's `/metrics` page (Prometheus text format): per node, its
-//! health, requests in flight, requests routed and failures; and the
-//! requests no node could take.
+//! health, requests in flight, requests routed, failures and 429/5xx
+//! answers; the requests no node could take, and the retries.
 
 use std::fmt::Write;
 use std::sync::Arc;
@@ -15,10 +15,10 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-pub fn render(nodes: &[Arc<Node>], unroutable: u64) -> String {
+pub fn render(nodes: &[Arc<Node>], unroutable: u64, retries: u64) -> String {
     let mut out = String::new();
     type Value = fn(&Node) -> f64;
-    let per_node: [(&str, &str, &str, Value); 4] = [
+    let per_node: [(&str, &str, &str, Value); 5] = [
         (
             "lmq_proxy_node_healthy",
             "gauge",
@@ -43,6 +43,12 @@ pub fn render(nodes: &[Arc<Node>], unroutable: u64) -> String {
             "Requests whose node failed before answering.",
             |n| n.failures() as f64,
         ),
+        (
+            "lmq_proxy_node_rejections_total",
+            "counter",
+            "Requests the node answered 429 or 5xx (retried on another replica if one was left).",
+            |n| n.rejections() as f64,
+        ),
     ];
     for (name, kind, help, value) in per_node {
         let _ = writeln!(out, "# HELP {name} {help}");
@@ -60,5 +66,11 @@ pub fn render(nodes: &[Arc<Node>], unroutable: u64) -> String {
     );
     let _ = writeln!(out, "# TYPE lmq_proxy_requests_unroutable_total counter");
     let _ = writeln!(out, "lmq_proxy_requests_unroutable_total {unroutable}");
+    let _ = writeln!(
+        out,
+        "# HELP lmq_proxy_retries_total Attempts on another replica after a node failed or answered 429/5xx."
+    );
+    let _ = writeln!(out, "# TYPE lmq_proxy_retries_total counter");
+    let _ = writeln!(out, "lmq_proxy_retries_total {retries}");
     out
 }

@@ -6,8 +6,10 @@
 //! - `nodes`: the registry of nodes and the routing strategies.
 //! - `health`: the pooled HTTP client to the nodes, health checks and
 //!   model discovery.
-//! - `routes`: forwarding with failover and streaming passthrough,
-//!   `/v1/models`, `/health`, `/metrics` and the admin `/nodes/*`.
+//! - `forward`: forwarding one request with failover and retries, and
+//!   streaming passthrough.
+//! - `routes`: the HTTP surface: the forwarded endpoints, `/v1/models`,
+//!   `/health`, `/metrics` and the admin `/nodes/*`.
 //! - `server`: bind, readiness, graceful shutdown.
 //!
 //! Invariants:
@@ -15,11 +17,13 @@
 //! - A response body is relayed chunk by chunk, never buffered; the
 //!   client's connection owns the node connection, so a client that goes
 //!   away cancels its request on the node.
-//! - A request is retried on another replica only when its node failed
-//!   before answering, i.e. before any byte reached the client.
+//! - A request is retried on another replica only before any byte reached
+//!   the client: when its node failed before answering, or answered 429
+//!   or 5xx. Each replica is tried once per request.
 //! - `/nodes/*` need the admin key; without one configured they are off.
 
 pub mod config;
+mod forward;
 mod health;
 mod metrics;
 mod nodes;
@@ -27,4 +31,6 @@ mod routes;
 mod server;
 
 pub use config::{NodeEntry, ProxyConfig, Strategy};
+// `lmq serve --proxy-url` registers with the same pooled client.
+pub(crate) use health::{client as http_client, describe, HttpClient};
 pub use server::{run_proxy, ProxyOptions};

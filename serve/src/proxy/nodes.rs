@@ -31,6 +31,7 @@ pub struct Node {
     outstanding: AtomicUsize,
     routed: AtomicU64,
     failures: AtomicU64,
+    rejections: AtomicU64,
 }
 
 #[derive(Default)]
@@ -58,6 +59,7 @@ impl Node {
             outstanding: AtomicUsize::new(0),
             routed: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            rejections: AtomicU64::new(0),
         }
     }
 
@@ -101,6 +103,12 @@ impl Node {
         self.mark_unhealthy(why);
     }
 
+    /// Counts a 429/5xx answer. The node stays in routing: it answers,
+    /// and its health check decides whether it is down.
+    pub fn record_rejection(&self) {
+        self.rejections.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn observe_latency(&self, elapsed: Duration) {
         let sample = elapsed.as_secs_f64();
         let mut s = self.state();
@@ -122,6 +130,10 @@ impl Node {
         self.failures.load(Ordering::Relaxed)
     }
 
+    pub fn rejections(&self) -> u64 {
+        self.rejections.load(Ordering::Relaxed)
+    }
+
     pub fn status(&self) -> Value {
         let s = self.state();
         json!({
@@ -133,6 +145,7 @@ impl Node {
             "outstanding": self.outstanding(),
             "requests_routed": self.routed(),
             "failures": self.failures(),
+            "rejections": self.rejections(),
             "latency_ewma_s": s.latency,
             "last_error": s.last_error,
         })

@@ -1,24 +1,23 @@
 //! The proxy's HTTP surface: `/v1/chat/completions` and `/v1/completions`
-//! forwarded by `model`, `/v1/models` aggregated, `/health` and
-//! `/metrics` about the proxy itself, and the admin-only `/nodes/*`.
+//! forwarded by `model` (the `forward` module), `/v1/models` aggregated,
+//! `/health` and `/metrics` about the proxy itself, and the admin-only
+//! `/nodes/*`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{header, HeaderMap, HeaderName, Method, Request, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use super::config::{normalize_url, NodeEntry, Strategy};
-use super::health::{self, describe, HttpClient};
-use super::nodes::{InFlight, Node, Registry};
+use super::health::{self, HttpClient};
+use super::nodes::{Node, Registry};
 use crate::error::ApiError;
 use crate::extract::{field_set, parse_object};
 
@@ -34,6 +33,9 @@ pub struct ProxyApp {
     pub started: u64,
     /// Requests answered 404/503 because no node could take them.
     pub unroutable: AtomicU64,
+    /// Attempts on a further replica after a node failed or answered
+    /// 429/5xx.
+    pub retries: AtomicU64,
 }
 
 pub(crate) fn router(app: Arc<ProxyApp>) -> Router {
@@ -61,7 +63,7 @@ async fn chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    forward(&app, "/v1/chat/completions", &headers, body).await
+    super::forward::forward(&app, "/v1/chat/completions", &headers, body).await
 }
 
 async fn completions(
@@ -69,10 +71,13 @@ async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    forward(&app, "/v1/completions", &headers, body).await
+    super::forward::forward(&app, "/v1/completions", &headers, body).await
 }
 
-fn read_body(app: &ProxyApp, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+pub(super) fn read_body(
+    app: &ProxyApp,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large(app.max_request_bytes)
@@ -80,149 +85,6 @@ fn read_body(app: &ProxyApp, body: Result<Bytes, BytesRejection>) -> Result<Byte
             ApiError::bad_request(format!("Could not read the request body: {rejection}"))
         }
     })
-}
-
-/// Sends the request to a node serving its model and streams the answer
-/// back. A node that fails before answering (refused connection, reset)
-/// is marked unhealthy and the request goes to the next replica; nothing
-/// has reached the client yet, so the retry is invisible to it.
-async fn forward(
-    app: &ProxyApp,
-    path: &str,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let bytes = read_body(app, body)?;
-    let value = parse_object(&bytes)?;
-    let model = match value.get("model") {
-        Some(Value::String(m)) => m.clone(),
-        None | Some(Value::Null) => {
-            return Err(ApiError::invalid(
-                "model",
-                "`model` is required: the proxy routes each request by it (see /v1/models)",
-            ))
-        }
-        Some(_) => return Err(ApiError::invalid("model", "`model` must be a string")),
-    };
-    let mut tried: Vec<String> = Vec::new();
-    loop {
-        let Some(node) = app.registry.pick(&model, app.strategy, &tried) else {
-            app.unroutable.fetch_add(1, Ordering::Relaxed);
-            return Err(no_node(app, &model, &tried));
-        };
-        let in_flight = InFlight::new(node.clone());
-        let request = upstream_request(&node, path, headers, bytes.clone())?;
-        let sent = Instant::now();
-        match app.client.request(request).await {
-            Ok(response) => {
-                if response.status().is_success() {
-                    node.observe_latency(sent.elapsed());
-                }
-                return Ok(relay(response.map(Body::new), in_flight));
-            }
-            Err(e) => {
-                // Node addresses stay out of client answers; operators
-                // see them here and in /nodes/status.
-                let why = describe(&e);
-                eprintln!("lmq proxy: node {} failed ({why}); marked down", node.url);
-                node.record_failure(why);
-                tried.push(node.url.clone());
-            }
-        }
-    }
-}
-
-/// 404 for a model no node serves, else 503 (its nodes are down).
-fn no_node(app: &ProxyApp, model: &str, tried: &[String]) -> ApiError {
-    if tried.is_empty() && !app.registry.knows(model) {
-        let available = app.registry.available_models();
-        let names: Vec<&str> = available.iter().map(String::as_str).collect();
-        return ApiError::model_not_found(model, &names);
-    }
-    let message = if tried.is_empty() {
-        format!("No healthy node serves `{model}` right now; try again later")
-    } else {
-        format!(
-            "Every node serving `{model}` failed ({} tried); try again later",
-            tried.len()
-        )
-    };
-    ApiError {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        message,
-        kind: "server_error",
-        param: None,
-        code: Some("no_healthy_node"),
-        retry_after: Some(1),
-    }
-}
-
-/// Request headers passed to the node: the client's key (so nodes with
-/// `--api-key` keep working) and what describes the body or the answer
-/// it wants.
-const FORWARDED: [HeaderName; 4] = [
-    header::AUTHORIZATION,
-    header::CONTENT_TYPE,
-    header::ACCEPT,
-    header::USER_AGENT,
-];
-
-fn upstream_request(
-    node: &Node,
-    path: &str,
-    headers: &HeaderMap,
-    body: Bytes,
-) -> Result<Request<Body>, ApiError> {
-    let mut request = Request::builder()
-        .method(Method::POST)
-        .uri(format!("{}{path}", node.url));
-    for name in FORWARDED {
-        if let Some(v) = headers.get(&name) {
-            request = request.header(name, v);
-        }
-    }
-    if !headers.contains_key(header::CONTENT_TYPE) {
-        request = request.header(header::CONTENT_TYPE, "application/json");
-    }
-    request
-        .body(Body::from(body))
-        .map_err(|e| ApiError::server(format!("cannot build the request to {}: {e}", node.url)))
-}
-
-/// Headers that describe one hop, not the message: never copied.
-fn hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "transfer-encoding"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "content-length"
-    )
-}
-
-/// The node's answer, its body streamed chunk by chunk as it arrives. The
-/// body owns the in-flight guard and the upstream body: when the client
-/// goes away axum drops it, which closes the node connection, which
-/// cancels the request on the node.
-fn relay(response: Response, in_flight: InFlight) -> Response {
-    let (parts, upstream) = response.into_parts();
-    let chunks = upstream.into_data_stream().map(move |chunk| {
-        let _held = &in_flight;
-        chunk
-    });
-    let mut out = Response::new(Body::from_stream(chunks));
-    *out.status_mut() = parts.status;
-    for (name, value) in &parts.headers {
-        if !hop_by_hop(name) {
-            out.headers_mut().append(name.clone(), value.clone());
-        }
-    }
-    out
 }
 
 fn model_card(app: &ProxyApp, id: &str) -> Value {
@@ -266,7 +128,11 @@ async fn metrics(State(app): State<Arc<ProxyApp>>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        super::metrics::render(&app.registry.all(), app.unroutable.load(Ordering::Relaxed)),
+        super::metrics::render(
+            &app.registry.all(),
+            app.unroutable.load(Ordering::Relaxed),
+            app.retries.load(Ordering::Relaxed),
+        ),
     )
         .into_response()
 }
@@ -331,10 +197,11 @@ async fn nodes_add(
     })?;
     let node = Arc::new(Node::new(&entry));
     if !app.registry.add(node.clone()) {
-        return Err(ApiError::invalid(
-            "url",
-            format!("{} is already registered", entry.url),
-        ));
+        // The code lets a restarted `lmq serve` tell this apart from a
+        // bad request and replace its old entry.
+        let mut e = ApiError::invalid("url", format!("{} is already registered", entry.url));
+        e.code = Some("node_exists");
+        return Err(e);
     }
     health::check(&app.client, &node, app.health_timeout).await;
     Ok(Json(json!({"added": node.status()})))

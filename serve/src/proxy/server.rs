@@ -15,7 +15,7 @@ use super::health;
 use super::nodes::{Node, Registry};
 use super::routes::{router, ProxyApp};
 use crate::error::ServeError;
-use crate::server::shutdown_futures;
+use crate::server::{no_delay, shutdown_futures};
 
 /// How the proxy listens.
 #[derive(Debug, Clone)]
@@ -89,6 +89,7 @@ async fn serve(
             .map(|d| d.as_secs())
             .unwrap_or(0),
         unroutable: AtomicU64::new(0),
+        retries: AtomicU64::new(0),
     });
 
     let watched = registry.clone();
@@ -97,7 +98,7 @@ async fn serve(
     });
 
     ready(address, count);
-    let server = axum::serve(listener, router(app)).with_graceful_shutdown(graceful);
+    let server = axum::serve(no_delay(listener), router(app)).with_graceful_shutdown(graceful);
     let result = tokio::select! {
         result = server => result.map_err(ServeError::from),
         _ = deadline => {
