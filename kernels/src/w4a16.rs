@@ -265,7 +265,7 @@ impl W4A16Linear {
                 "operands belong to another GpuDevice",
             ));
         }
-        let words = (self.out_features / 8) * self.kbs * 128;
+        let words = self.out_features * self.kbs * 16;
         let (ni, ki, kbi, gi) = (
             self.out_features as i32,
             self.in_features as i32,
@@ -289,9 +289,12 @@ impl W4A16Linear {
             shared_mem_bytes: 0,
         };
         // SAFETY: matches `w4_dequant_f16(const u32*, const half*, const
-        // half*, half*, int, int, int, int)`; qw holds (N/8)·kbs·128 words
-        // and scales/zeros (K/g)·N halves (validated at construction), out
-        // is N×K (checked above); inputs past K are skipped.
+        // half*, half*, int, int, int, int)`; qw holds N·kbs·16 words (the
+        // kernel reads word (((n/8)·kbs + kb)·32 + lane)·4 + i < that) and
+        // scales/zeros (K/g)·N halves (validated at construction); out is
+        // N×K (checked above), inputs past K are skipped, and 16-byte
+        // stores are used only when K is a multiple of 8 (rows stay
+        // 16-byte aligned).
         unsafe { b.launch(cfg) }.during("launching w4_dequant_f16")?;
         Ok(())
     }

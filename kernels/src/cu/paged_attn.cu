@@ -198,9 +198,10 @@ __device__ void paged_attn(const float* __restrict__ q, const int* __restrict__ 
     const int bpt = DT == DT_F32 ? 4 * HD : DT == DT_F16 ? 2 * HD : DT == DT_I8 ? HD : HD / 2;
     // Every lane of a warp runs the same number of iterations, so the
     // sub-group shuffles below always see the whole warp. Each iteration
-    // issues the loads of UNROLL keys before using any of them, to keep
-    // more memory requests in flight.
-    constexpr int UNROLL = 2;
+    // issues the loads of UNROLL keys before using any of them (more memory
+    // requests in flight), then folds the UNROLL scores into the running
+    // softmax at once: one rescale of the accumulator per chunk, not per key.
+    constexpr int UNROLL = MAX_G >= 8 ? 2 : 4;
     for (int base = begin; base < end; base += UNROLL * NSG) {
         float kv[UNROLL][8], vv[UNROLL][8];
         bool valid[UNROLL];
@@ -233,23 +234,41 @@ __device__ void paged_attn(const float* __restrict__ q, const int* __restrict__ 
             load8<DT>(data + thv * bpt, d0, vs, vz, vv[u]);
         }
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
+        for (int g = 0; g < MAX_G; ++g) {
+            float sc[UNROLL];
 #pragma unroll
-            for (int g = 0; g < MAX_G; ++g) {
+            for (int u = 0; u < UNROLL; ++u) {
                 float s = 0.0f;
 #pragma unroll
                 for (int j = 0; j < 8; ++j) s += qr[g][j] * kv[u][j];
+                sc[u] = s;
+            }
 #pragma unroll
-                for (int o = TPK / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-                if (valid[u] && g < ng) {
-                    const float mn = fmaxf(m[g], s);
-                    const float corr = __expf(m[g] - mn);
-                    const float pw = __expf(s - mn);
-                    l[g] = l[g] * corr + pw;
+            for (int o = TPK / 2; o > 0; o >>= 1) {
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) acc[g][j] = acc[g][j] * corr + pw * vv[u][j];
-                    m[g] = mn;
+                for (int u = 0; u < UNROLL; ++u) sc[u] += __shfl_xor_sync(0xffffffffu, sc[u], o);
+            }
+            if (g < ng) {
+                float mn = m[g];
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u)
+                    if (valid[u]) mn = fmaxf(mn, sc[u]);
+                const float corr = __expf(m[g] - mn);
+                float lsum = l[g] * corr;
+                float o8[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) o8[j] = acc[g][j] * corr;
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) {
+                    const float pw = valid[u] ? __expf(sc[u] - mn) : 0.0f;
+                    lsum += pw;
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) o8[j] += pw * vv[u][j];
                 }
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[g][j] = o8[j];
+                l[g] = lsum;
+                m[g] = mn;
             }
         }
     }
