@@ -457,7 +457,13 @@ pub fn paged_attention(
     );
     let (split_len, splits_i) = (SPLIT_LEN as i32, check_i32(OP, "splits", splits)?);
     let scale = 1.0 / (hd as f32).sqrt();
-    let tpk = hd / 8;
+    // Dimensions per lane, as the kernel chooses them (`VEC`).
+    let vec = if l.storage.is_integer() && width == 1 {
+        16
+    } else {
+        8
+    };
+    let tpk = hd / vec;
     let nsg = (32 / tpk) * WARPS;
     let smem = nsg * width * (2 + hd) * 4;
     let mut b = dev.stream().launch_builder(&f);

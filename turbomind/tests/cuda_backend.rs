@@ -9,11 +9,12 @@
 //! - whole tiny models (fp16 weights), fp32 KV, against the CPU backend
 //!   with each linear's input rounded to fp16 (the GPU's numerics emulated
 //!   on the CPU; the plain CPU keeps fp32 inputs): the largest logit
-//!   difference over the largest logit at most 5e-3. Rounding alone moves
+//!   difference over the largest logit at most 2e-3. Rounding alone moves
 //!   these models by 1.3e-4–8.7e-4 on that scale (emulation against the
 //!   plain CPU, printed by `fp16_input_rounding_noise`); an H200 measured
-//!   about 2e-3 (summation order in cuBLAS and the kernels, and these
-//!   random models amplify differences: per logit they reach 3e-2);
+//!   1.4e-4–4.3e-4 against the emulation. (Per logit, relative to each
+//!   value, both reach 3e-2 against the f64 reference: these random models
+//!   have logits of ±15, so the few near zero dominate that measure.)
 //! - KV write + attention against the CPU backend, same inputs: 1e-4 for
 //!   fp32/fp16 KV and 1e-3 for int8/int4 (codes are identical; only
 //!   summation order and the fast exponential differ);
@@ -274,7 +275,7 @@ fn whole_model_matches_cpu_emulation() {
             fx.spec.model_type, fx.spec.heads, fx.spec.kv_heads
         );
         assert!(
-            vs_emul <= 5e-3,
+            vs_emul <= 2e-3,
             "CUDA model differs from the CPU emulation by {vs_emul:.2e} of the logit scale (noise {noise:.2e})"
         );
     }
@@ -330,7 +331,13 @@ fn paged_attention_matches_cpu() {
     let block_len = 16;
     let (spans, num_blocks) = batch_spans(block_len);
     let mut rng = Rng(11);
-    for &(heads, kv_heads, hd) in &[(9, 3, 64), (8, 8, 64), (12, 1, 128), (4, 2, 256)] {
+    for &(heads, kv_heads, hd) in &[
+        (9, 3, 64),
+        (8, 8, 64),
+        (12, 1, 128),
+        (2, 2, 128),
+        (4, 2, 256),
+    ] {
         let shape = AttnShape {
             num_heads: heads,
             num_kv_heads: kv_heads,

@@ -130,6 +130,32 @@ __device__ __forceinline__ void load8(const unsigned char* __restrict__ base, in
     }
 }
 
+// Loads VEC consecutive values (dims d0..d0+VEC-1) of one token-head as
+// fp32: VEC = 8 for every storage, or 16 for int8 (one 16-byte load) and
+// int4 (one 8-byte load), which halves the lanes a key needs.
+template <int DT, int VEC>
+__device__ __forceinline__ void loadv(const unsigned char* __restrict__ base, int d0, float scale,
+                                      float zero, float* out) {
+    if (VEC == 8) {
+        load8<DT>(base, d0, scale, zero, out);
+    } else if (DT == DT_I8) {
+        const uint4 u = *(const uint4*)(base + d0);
+        const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) out[4 * k + i] = (float)((w[k] >> (8 * i)) & 0xff) * scale + zero;
+        }
+    } else {
+        const uint2 u = *(const uint2*)(base + d0 / 2);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            out[i] = (float)((u.x >> (4 * i)) & 0xf) * scale + zero;
+            out[8 + i] = (float)((u.y >> (4 * i)) & 0xf) * scale + zero;
+        }
+    }
+}
+
 #define WARPS 4
 
 // Causal attention of each row over its sequence's positions 0..=row_pos,
@@ -139,8 +165,10 @@ __device__ __forceinline__ void load8(const unsigned char* __restrict__ base, in
 // rather than eight.
 // grid = (rows, H · head_chunks, splits); block = WARPS warps.
 //
-// A sub-group of TPK = HD/8 lanes handles one key at a time, each lane
-// owning 8 dimensions; a warp holds 32/TPK sub-groups. Split z covers
+// A sub-group of TPK = HD/VEC lanes handles one key at a time, each lane
+// owning VEC dimensions (16 for int8/int4 at width 1, else 8: wider
+// vectors at larger widths would spill registers); a
+// warp holds 32/TPK sub-groups. Split z covers
 // positions [z · split_len, min((z+1) · split_len, row_pos + 1)); inside it
 // sub-group s of the block takes keys s, s + NSG, … (a fixed assignment, so
 // results never depend on what else is in the batch). Each sub-group keeps
@@ -154,7 +182,8 @@ __device__ void paged_attn(const float* __restrict__ q, const int* __restrict__ 
                            int static_mode, int layer, int L, int H, int NH, int BL,
                            int split_len, int splits, float softmax_scale, float* __restrict__ out,
                            float* __restrict__ part_ml, float* __restrict__ part_acc) {
-    constexpr int TPK = HD / 8;
+    constexpr int VEC = (DT >= DT_I8 && MAX_G == 1) ? 16 : 8;
+    constexpr int TPK = HD / VEC;
     constexpr int SPW = 32 / TPK;  // sub-groups per warp
     constexpr int NSG = SPW * WARPS;
     extern __shared__ float smem[];
@@ -177,22 +206,22 @@ __device__ void paged_attn(const float* __restrict__ q, const int* __restrict__ 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int sub = lane / TPK, sl = lane % TPK;
     const int sg = warp * SPW + sub;
-    const int d0 = sl * 8;
+    const int d0 = sl * VEC;
 
-    float qr[MAX_G][8];
+    float qr[MAX_G][VEC];
 #pragma unroll
     for (int g = 0; g < MAX_G; ++g) {
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
+        for (int j = 0; j < VEC; ++j)
             qr[g][j] = g < ng ? q[((size_t)row * NH + qh0 + g) * HD + d0 + j] * softmax_scale : 0.0f;
     }
-    float m[MAX_G], l[MAX_G], acc[MAX_G][8];
+    float m[MAX_G], l[MAX_G], acc[MAX_G][VEC];
 #pragma unroll
     for (int g = 0; g < MAX_G; ++g) {
         m[g] = -LMQ_INF;
         l[g] = 0.0f;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[g][j] = 0.0f;
+        for (int j = 0; j < VEC; ++j) acc[g][j] = 0.0f;
     }
 
     const int bpt = DT == DT_F32 ? 4 * HD : DT == DT_F16 ? 2 * HD : DT == DT_I8 ? HD : HD / 2;
@@ -201,9 +230,9 @@ __device__ void paged_attn(const float* __restrict__ q, const int* __restrict__ 
     // issues the loads of UNROLL keys before using any of them (more memory
     // requests in flight), then folds the UNROLL scores into the running
     // softmax at once: one rescale of the accumulator per chunk, not per key.
-    constexpr int UNROLL = MAX_G >= 8 ? 2 : 4;
+    constexpr int UNROLL = (MAX_G >= 8 || VEC == 16) ? 2 : 4;
     for (int base = begin; base < end; base += UNROLL * NSG) {
-        float kv[UNROLL][8], vv[UNROLL][8];
+        float kv[UNROLL][VEC], vv[UNROLL][VEC];
         bool valid[UNROLL];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
@@ -230,8 +259,8 @@ __device__ void paged_attn(const float* __restrict__ q, const int* __restrict__ 
                     vz = __high2float(vp);
                 }
             }
-            load8<DT>(data + thk * bpt, d0, ks, kz, kv[u]);
-            load8<DT>(data + thv * bpt, d0, vs, vz, vv[u]);
+            loadv<DT, VEC>(data + thk * bpt, d0, ks, kz, kv[u]);
+            loadv<DT, VEC>(data + thv * bpt, d0, vs, vz, vv[u]);
         }
 #pragma unroll
         for (int g = 0; g < MAX_G; ++g) {
@@ -240,7 +269,7 @@ __device__ void paged_attn(const float* __restrict__ q, const int* __restrict__ 
             for (int u = 0; u < UNROLL; ++u) {
                 float s = 0.0f;
 #pragma unroll
-                for (int j = 0; j < 8; ++j) s += qr[g][j] * kv[u][j];
+                for (int j = 0; j < VEC; ++j) s += qr[g][j] * kv[u][j];
                 sc[u] = s;
             }
 #pragma unroll
@@ -255,18 +284,18 @@ __device__ void paged_attn(const float* __restrict__ q, const int* __restrict__ 
                     if (valid[u]) mn = fmaxf(mn, sc[u]);
                 const float corr = __expf(m[g] - mn);
                 float lsum = l[g] * corr;
-                float o8[8];
+                float o8[VEC];
 #pragma unroll
-                for (int j = 0; j < 8; ++j) o8[j] = acc[g][j] * corr;
+                for (int j = 0; j < VEC; ++j) o8[j] = acc[g][j] * corr;
 #pragma unroll
                 for (int u = 0; u < UNROLL; ++u) {
                     const float pw = valid[u] ? __expf(sc[u] - mn) : 0.0f;
                     lsum += pw;
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) o8[j] += pw * vv[u][j];
+                    for (int j = 0; j < VEC; ++j) o8[j] += pw * vv[u][j];
                 }
 #pragma unroll
-                for (int j = 0; j < 8; ++j) acc[g][j] = o8[j];
+                for (int j = 0; j < VEC; ++j) acc[g][j] = o8[j];
                 l[g] = lsum;
                 m[g] = mn;
             }
@@ -286,7 +315,7 @@ __device__ void paged_attn(const float* __restrict__ q, const int* __restrict__ 
 #pragma unroll
     for (int g = 0; g < MAX_G; ++g) {
 #pragma unroll
-        for (int j = 0; j < 8; ++j) mine[2 * MAX_G + g * HD + d0 + j] = acc[g][j];
+        for (int j = 0; j < VEC; ++j) mine[2 * MAX_G + g * HD + d0 + j] = acc[g][j];
     }
     __syncthreads();
 
