@@ -23,6 +23,8 @@ enum Command {
     ImportGguf(commands::import::ImportArgs),
     /// Quantize a model to 4-bit weights (AutoAWQ gemm layout).
     Quantize(commands::quantize::QuantizeArgs),
+    /// Write a random-weight model of any Llama-like shape (for benchmarks).
+    SynthModel(commands::synth::SynthArgs),
     /// Generate text from a prompt, streaming it to stdout.
     Generate(commands::generate::GenerateArgs),
     /// Measure the batching engine's throughput and latency.
@@ -41,6 +43,7 @@ fn main() {
     let result = match cli.command {
         Command::ImportGguf(args) => commands::import::run(args),
         Command::Quantize(args) => commands::quantize::run(args),
+        Command::SynthModel(args) => commands::synth::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Eval(cmd) => commands::eval::run(cmd),
         Command::Serve(args) => commands::serve::run(args),

@@ -6,6 +6,7 @@ use std::path::Path;
 use lmq_turbomind::tokenizer::Tokenizer;
 
 use crate::error::{Error, Result};
+use crate::rng::SplitMix;
 
 /// How many windows of how many tokens to draw, and from where.
 #[derive(Debug, Clone)]
@@ -50,20 +51,6 @@ pub fn read_text(path: &Path) -> Result<String> {
     Ok(text)
 }
 
-/// A small deterministic generator (SplitMix64), so that sample positions
-/// depend only on the seed, never on a library version.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 /// Tokenizes the text and draws `samples` windows of `seqlen` tokens at
 /// seeded random offsets.
 pub fn sample_windows(
@@ -91,7 +78,8 @@ pub fn sample_windows(
             ),
         });
     }
-    let mut rng = SplitMix(cfg.seed);
+    // SplitMix keeps sample positions a function of the seed alone.
+    let mut rng = SplitMix::new(cfg.seed);
     let span = (ids.len() - cfg.seqlen + 1) as u64;
     Ok((0..cfg.samples)
         .map(|_| {

@@ -1,5 +1,6 @@
 //! lmq's offline tools (the `lite` pipeline): turning other formats into the
-//! checkpoint format the engine reads, and (next) AWQ quantization.
+//! checkpoint format the engine reads, AWQ quantization, and random-weight
+//! checkpoints of any shape for benchmarks (`synth`).
 //!
 //! Invariants:
 //! - Tensor names and checkpoint layout come from `lmq_turbomind`; this
@@ -12,5 +13,7 @@ pub mod error;
 pub mod gguf;
 pub mod output;
 pub mod quantize;
+mod rng;
+pub mod synth;
 
 pub use error::{Error, Result};

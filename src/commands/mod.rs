@@ -7,6 +7,7 @@ pub mod import;
 pub mod proxy;
 pub mod quantize;
 pub mod serve;
+pub mod synth;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -54,7 +54,7 @@ pub struct QuantizeArgs {
     quiet: bool,
 }
 
-fn parse_group_size(s: &str) -> Result<GroupSize> {
+pub(super) fn parse_group_size(s: &str) -> Result<GroupSize> {
     match s {
         "auto" => Ok(GroupSize::Auto),
         n => match n.parse::<usize>() {
@@ -75,7 +75,7 @@ fn default_calib_data() -> PathBuf {
 }
 
 /// Peak resident memory of this process, from /proc (Linux).
-fn peak_rss_mib() -> Option<f64> {
+pub(super) fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -91,7 +91,7 @@ pub struct QuantizeSummary {
 }
 
 /// The linears of a decoder layer that are quantized, as (module, out, in).
-fn layer_linears(c: &ModelConfig, layer: usize) -> Vec<(String, usize, usize)> {
+pub(crate) fn layer_linears(c: &ModelConfig, layer: usize) -> Vec<(String, usize, usize)> {
     let n = &c.arch.names;
     let (h, q, kv, f) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
     [
@@ -157,7 +157,8 @@ fn describe_in_features(linears: &[(String, usize, usize)]) -> String {
     format!("{sizes:?}")
 }
 
-fn dir_size(dir: &Path) -> u64 {
+/// Bytes of the files directly inside `dir`.
+pub(crate) fn dir_size(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {
             entries
@@ -168,6 +169,18 @@ fn dir_size(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// The `quantization_config` of every 4-bit checkpoint lmq writes: zero
+/// points stored (symmetric groups store 8), every decoder linear
+/// converted. `lmq synth-model` writes the same, so the two stay one format.
+pub(crate) fn awq_quantization_config(bits: u32, group_size: usize) -> AwqConfig {
+    AwqConfig {
+        bits,
+        group_size,
+        zero_point: true,
+        modules_to_not_convert: Vec::new(),
+    }
 }
 
 /// Files copied unchanged from the input folder when present.
@@ -280,13 +293,7 @@ pub fn quantize(model_dir: &Path, out_dir: &Path, cfg: &QuantizeConfig) -> Resul
 
     let config_path = model_dir.join("config.json");
     let mut config_json: Value = lmq_turbomind::error::read_json(&config_path)?;
-    let awq = AwqConfig {
-        bits: cfg.w_bits,
-        group_size,
-        zero_point: true,
-        modules_to_not_convert: Vec::new(),
-    };
-    config_json["quantization_config"] = awq.to_json();
+    config_json["quantization_config"] = awq_quantization_config(cfg.w_bits, group_size).to_json();
     config_json["torch_dtype"] = Value::String("float16".into());
     if let Some(dtype) = cfg.kv {
         // The best measured mode per dtype (docs/QUALITY.md): plain online
