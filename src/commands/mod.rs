@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Result;
-use lmq_turbomind::backend::cpu::CpuBackend;
+use lmq_turbomind::backend::cpu::{CpuBackend, CpuOptions, W4Activations};
 use lmq_turbomind::backend::cuda::CudaBackend;
 use lmq_turbomind::backend::Backend;
 use lmq_turbomind::engine::{spawn_engine, EngineConfig, EngineHandle, KvCacheSize};
@@ -35,6 +35,15 @@ pub struct EngineArgs {
     /// Where the model runs: `cpu`, or `cuda` / `cuda:N` for GPU N.
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
+    /// CPU: output projection weights, `fp16` (as stored), `int8` (per-32
+    /// groups: half the bytes read per decode token) or `auto` (int8 for
+    /// 4-bit checkpoints, fp16 otherwise).
+    #[arg(long, default_value = "auto")]
+    pub lm_head_dtype: String,
+    /// CPU: activations of 4-bit linears, `int8` (integer dot products) or
+    /// `fp32` (exact; slower).
+    #[arg(long, default_value = "int8")]
+    pub w4_activations: String,
 }
 
 /// The device a command runs its model on.
@@ -72,7 +81,7 @@ pub trait WithModel {
 pub fn with_model<T: WithModel>(dir: &Path, engine: &EngineArgs, task: T) -> Result<T::Output> {
     match engine.device {
         Device::Cpu => {
-            let (model, tokenizer) = load(dir, engine, CpuBackend::new())?;
+            let (model, tokenizer) = load_on_cpu(dir, engine)?;
             task.run(model, tokenizer)
         }
         Device::Cuda(ordinal) => {
@@ -81,6 +90,31 @@ pub fn with_model<T: WithModel>(dir: &Path, engine: &EngineArgs, task: T) -> Res
             task.run(model, tokenizer)
         }
     }
+}
+
+/// Loads a model on the CPU with the CPU options of `engine`.
+fn load_on_cpu(dir: &Path, engine: &EngineArgs) -> Result<(Model<CpuBackend>, Tokenizer)> {
+    let backend = CpuBackend::with_options(CpuOptions {
+        w4_activations: W4Activations::parse(&engine.w4_activations)?,
+    });
+    let (mut model, tokenizer) = load(dir, engine, backend)?;
+    // 4-bit checkpoints already trade exactness for speed, and there the
+    // fp16 output projection is as many bytes per token as every layer
+    // together; dense checkpoints keep exact fp16 logits by default.
+    let head = match engine.lm_head_dtype.as_str() {
+        "int8" => Some(model.backend().int8_linear(model.output_projection())?),
+        "fp16" => None,
+        // A width the 8-bit layout cannot hold keeps fp16.
+        "auto" if model.config.quantization.is_some() => {
+            model.backend().int8_linear(model.output_projection()).ok()
+        }
+        "auto" => None,
+        other => anyhow::bail!("unknown --lm-head-dtype {other:?} (auto, fp16, int8)"),
+    };
+    if let Some(head) = head {
+        model.set_output_projection(head);
+    }
+    Ok((model, tokenizer))
 }
 
 /// Batching-engine options (for `serve` and `bench`).

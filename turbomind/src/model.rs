@@ -168,6 +168,17 @@ impl<B: Backend> Model<B> {
         &self.backend
     }
 
+    /// The output projection (the embedding table when tied).
+    pub fn output_projection(&self) -> &B::Linear {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Replaces the output projection, e.g. with a backend's 8-bit copy of
+    /// it (`--lm-head-dtype int8`); the embedding lookup keeps its table.
+    pub fn set_output_projection(&mut self, head: B::Linear) {
+        self.lm_head = Some(head);
+    }
+
     /// Weight bytes one decode step reads for one token: every layer's
     /// linears and the output projection (the embedding lookup reads one
     /// row). The numerator of the decode roofline.

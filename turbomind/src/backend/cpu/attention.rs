@@ -17,10 +17,9 @@
 //! and its own inverse, the query is scaled and the output rotated once,
 //! instead of every cached token.
 
-use rayon::prelude::*;
-
+use super::attn_simd::AttnKernels;
 use super::kv::CpuKvPool;
-use super::simd::DotFn;
+use super::pool::{pool as thread_pool, SyncPtr};
 use super::{shape_error, Matrix};
 use crate::backend::{AttnShape, SeqSpan};
 use crate::error::Result;
@@ -49,7 +48,6 @@ struct Partial {
 }
 
 pub(super) fn paged(
-    dot: DotFn,
     layer: usize,
     q: &Matrix,
     pool: &CpuKvPool,
@@ -89,10 +87,16 @@ pub(super) fn paged(
         }
     }
     let smoothing = pool.smoothing(layer);
-    let partials: Vec<Partial> = tasks
-        .par_iter()
-        .map(|t| run_task(dot, layer, q, pool, &spans[t.span], t, shape, smoothing))
-        .collect();
+    let kernels = AttnKernels::best(hd);
+    let mut partials: Vec<Option<Partial>> = (0..tasks.len()).map(|_| None).collect();
+    let slots = SyncPtr(partials.as_mut_ptr());
+    thread_pool().run(tasks.len(), |i| {
+        let t = &tasks[i];
+        let p = run_task(kernels, layer, q, pool, &spans[t.span], t, shape, smoothing);
+        // SAFETY: task i alone writes slot i of `partials`.
+        unsafe { *slots.get().add(i) = Some(p) };
+    });
+    let partials: Vec<Partial> = partials.into_iter().flatten().collect();
     let group = shape.num_heads / shape.num_kv_heads;
     let mut out = Matrix::zeros(q.rows, q_cols);
     // Tasks of one (sequence, head, rows) are consecutive and in block
@@ -169,7 +173,7 @@ fn merge(parts: &[Partial], hd: usize) -> Partial {
 
 #[allow(clippy::too_many_arguments)]
 fn run_task(
-    dot: DotFn,
+    kernels: AttnKernels,
     layer: usize,
     q: &Matrix,
     pool: &CpuKvPool,
@@ -202,9 +206,56 @@ fn run_task(
     let mut max = vec![f32::NEG_INFINITY; n_rows * group];
     let mut sum = vec![0f32; n_rows * group];
     let mut acc = vec![0f32; n_rows * group * hd];
-    let mut keys = vec![0f32; block_len * hd];
-    let mut values = vec![0f32; block_len * hd];
-    let mut scores = vec![0f32; block_len];
+    SCRATCH.with(|cell| {
+        let mut scratch = cell.borrow_mut();
+        let (keys, values, scores) = scratch.take(block_len * hd, block_len);
+        fold_blocks(
+            kernels,
+            layer,
+            pool,
+            span,
+            task,
+            (&queries, group, hd),
+            (keys, values, scores),
+            (&mut max, &mut sum, &mut acc),
+        );
+    });
+    Partial { max, sum, acc }
+}
+
+thread_local! {
+    /// Per-thread buffers for a task's dequantized K/V block and scores,
+    /// reused across tasks (a decode step runs hundreds of small tasks).
+    static SCRATCH: std::cell::RefCell<Scratch> = const { std::cell::RefCell::new(Scratch(Vec::new())) };
+}
+
+struct Scratch(Vec<f32>);
+
+impl Scratch {
+    /// Keys and values (`kv` values each) and scores (`n` values).
+    fn take(&mut self, kv: usize, n: usize) -> (&mut [f32], &mut [f32], &mut [f32]) {
+        if self.0.len() < 2 * kv + n {
+            self.0.resize(2 * kv + n, 0.0);
+        }
+        let (keys, rest) = self.0.split_at_mut(kv);
+        let (values, rest) = rest.split_at_mut(kv);
+        (keys, values, &mut rest[..n])
+    }
+}
+
+/// Folds each block of a task into its rows' online-softmax states.
+#[allow(clippy::too_many_arguments)]
+fn fold_blocks(
+    kernels: AttnKernels,
+    layer: usize,
+    pool: &CpuKvPool,
+    span: &SeqSpan,
+    task: &Task,
+    (queries, group, hd): (&[f32], usize, usize),
+    (keys, values, scores): (&mut [f32], &mut [f32], &mut [f32]),
+    (max, sum, acc): (&mut [f32], &mut [f32], &mut [f32]),
+) {
+    let block_len = pool.spec().block_len;
     // Positions the last row of the task attends to.
     let n_tokens = span.start_pos + task.rows.end;
     for bi in task.blocks.clone() {
@@ -214,8 +265,18 @@ fn run_task(
             break;
         }
         let nt = block_len.min(n_tokens - t0);
-        pool.load(layer, 0, block as usize, task.kv_head, nt, &mut keys);
-        pool.load(layer, 1, block as usize, task.kv_head, nt, &mut values);
+        // An fp16 cache is read in place by the fp16 kernels (the same
+        // bits as widening it first); other dtypes are dequantized into
+        // the scratch buffers once per block.
+        let in_place = kernels.f16.and_then(|f| {
+            let k = pool.f16_segment(layer, 0, block as usize, task.kv_head)?;
+            let v = pool.f16_segment(layer, 1, block as usize, task.kv_head)?;
+            Some((f, k, v))
+        });
+        if in_place.is_none() {
+            pool.load(layer, 0, block as usize, task.kv_head, nt, keys);
+            pool.load(layer, 1, block as usize, task.kv_head, nt, values);
+        }
         for (i, r) in task.rows.clone().enumerate() {
             let pos = span.start_pos + r;
             if pos < t0 {
@@ -225,29 +286,171 @@ fn run_task(
             for g in 0..group {
                 let idx = i * group + g;
                 let qv = &queries[idx * hd..(idx + 1) * hd];
-                let mut block_max = f32::NEG_INFINITY;
-                for (t, s) in scores[..visible].iter_mut().enumerate() {
-                    *s = dot(qv, &keys[t * hd..(t + 1) * hd]);
-                    block_max = block_max.max(*s);
-                }
-                let new_max = max[idx].max(block_max);
-                let correction = (max[idx] - new_max).exp();
-                max[idx] = new_max;
-                let a = &mut acc[idx * hd..(idx + 1) * hd];
-                if correction != 1.0 {
-                    a.iter_mut().for_each(|x| *x *= correction);
-                }
-                let mut block_sum = 0f32;
-                for (t, &s) in scores[..visible].iter().enumerate() {
-                    let p = (s - new_max).exp();
-                    block_sum += p;
-                    for (o, &v) in a.iter_mut().zip(&values[t * hd..(t + 1) * hd]) {
-                        *o += p * v;
+                let s = &mut scores[..visible];
+                let (m, l, a) = (
+                    &mut max[idx],
+                    &mut sum[idx],
+                    &mut acc[idx * hd..(idx + 1) * hd],
+                );
+                match in_place {
+                    Some(((scores16, online16), k, v)) => {
+                        scores16(qv, &k[..visible * hd], s);
+                        online16(s, &v[..visible * hd], m, l, a);
+                    }
+                    None => {
+                        (kernels.scores)(qv, &keys[..visible * hd], s);
+                        (kernels.online)(s, &values[..visible * hd], m, l, a);
                     }
                 }
-                sum[idx] = sum[idx] * correction + block_sum;
             }
         }
     }
-    Partial { max, sum, acc }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::KvPoolSpec;
+    use crate::quant::kv::{KvCacheConfig, KvDtype, KvMode};
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 33) % 2001) as f32 / 1000.0 - 1.0
+    }
+
+    /// A sequence's attention output rows are the same bits whether its
+    /// positions are computed in one prefill, one at a time, or next to
+    /// other sequences; and they match a plain f64 softmax attention.
+    #[test]
+    fn rows_do_not_depend_on_the_batch_and_match_an_f64_reference() {
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            check_rows(dtype);
+        }
+    }
+
+    fn check_rows(dtype: KvDtype) {
+        let shape = AttnShape {
+            num_heads: 6,
+            num_kv_heads: 2,
+            head_dim: 64,
+            num_layers: 1,
+        };
+        let (hd, kv_dim, q_dim) = (64, 128, 384);
+        let block_len = 16;
+        let spec = KvPoolSpec {
+            shape,
+            config: KvCacheConfig {
+                dtype,
+                mode: KvMode::Online,
+                static_params: None,
+            },
+            num_blocks: 16,
+            block_len,
+        };
+        let mut seed = 3u64;
+        let len = 45; // three blocks, the last one partly filled
+        let rand = |n: usize, seed: &mut u64| -> Vec<f32> { (0..n).map(|_| lcg(seed)).collect() };
+        // fp16-exact keys and values, so that one reference serves both
+        // dtypes.
+        let h = |v: Vec<f32>| -> Vec<f32> {
+            v.into_iter()
+                .map(|x| half::f16::from_f32(x).to_f32())
+                .collect()
+        };
+        let (q, k, v) = (
+            rand(len * q_dim, &mut seed),
+            h(rand(len * kv_dim, &mut seed)),
+            h(rand(len * kv_dim, &mut seed)),
+        );
+        let mat = |data: Vec<f32>, cols: usize| Matrix {
+            rows: data.len() / cols,
+            data,
+            cols,
+        };
+        let run = |pool: &CpuKvPool, rows: std::ops::Range<usize>, others: usize| -> Vec<f32> {
+            // The sequence's rows `rows` after `others` rows of another
+            // sequence (blocks 8.., positions 0..others) in the batch.
+            let mut qm = rand(others * q_dim, &mut 99u64.clone());
+            qm.extend_from_slice(&q[rows.start * q_dim..rows.end * q_dim]);
+            let spans = vec![
+                SeqSpan {
+                    rows: 0..others,
+                    start_pos: 0,
+                    blocks: (8..16).collect(),
+                },
+                SeqSpan {
+                    rows: others..others + rows.len(),
+                    start_pos: rows.start,
+                    blocks: (0..8).collect(),
+                },
+            ];
+            let spans = if others == 0 {
+                spans[1..].to_vec()
+            } else {
+                spans
+            };
+            let out = paged(0, &mat(qm, q_dim), pool, &spans, &shape).expect("attention");
+            out.data[others * q_dim..].to_vec()
+        };
+        let mut pool = CpuKvPool::new(&spec).expect("pool");
+        let all = SeqSpan {
+            rows: 0..len,
+            start_pos: 0,
+            blocks: (0..8).collect(),
+        };
+        pool.write(0, &k, &v, &all).expect("write");
+        let other = SeqSpan {
+            rows: 0..30,
+            start_pos: 0,
+            blocks: (8..16).collect(),
+        };
+        let ko = rand(30 * kv_dim, &mut seed);
+        let vo = rand(30 * kv_dim, &mut seed);
+        pool.write(0, &ko, &vo, &other).expect("write");
+
+        let prefill = run(&pool, 0..len, 0);
+        let with_others = run(&pool, 0..len, 30);
+        assert_eq!(prefill, with_others);
+        for p in [0usize, 1, 15, 16, 17, 44] {
+            for others in [0usize, 7] {
+                let one = run(&pool, p..p + 1, others);
+                assert_eq!(
+                    one,
+                    prefill[p * q_dim..(p + 1) * q_dim],
+                    "position {p}, {others} others"
+                );
+            }
+        }
+        let scale = 1.0 / (hd as f64).sqrt();
+        for p in 0..len {
+            for h in 0..6 {
+                let kh = h / 3;
+                let qv = &q[p * q_dim + h * hd..p * q_dim + (h + 1) * hd];
+                let s: Vec<f64> = (0..=p)
+                    .map(|t| {
+                        (0..hd)
+                            .map(|d| qv[d] as f64 * k[t * kv_dim + kh * hd + d] as f64)
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let total: f64 = w.iter().sum();
+                for d in 0..hd {
+                    let want: f64 = (0..=p)
+                        .map(|t| w[t] * v[t * kv_dim + kh * hd + d] as f64)
+                        .sum::<f64>()
+                        / total;
+                    let got = prefill[p * q_dim + h * hd + d] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "pos {p} head {h} dim {d}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 }

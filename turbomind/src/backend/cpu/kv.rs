@@ -39,6 +39,8 @@ pub struct CpuKvPool {
     store: Store,
     /// Stored values (or code bytes) per token-head.
     per_token: usize,
+    /// fp16 bits to f32, the fastest way this CPU has.
+    widen: fn(&[u16], &mut [f32]),
 }
 
 impl CpuKvPool {
@@ -105,6 +107,7 @@ impl CpuKvPool {
             spec: spec.clone(),
             store,
             per_token,
+            widen: super::simd::best_widen_f16(),
         })
     }
 
@@ -248,6 +251,24 @@ impl CpuKvPool {
         }
     }
 
+    /// One block's head of K (`which` = 0) or V as stored, when the pool
+    /// holds fp16: `block_len × head_dim` fp16 bit patterns, for attention
+    /// to read in place.
+    pub fn f16_segment(
+        &self,
+        layer: usize,
+        which: usize,
+        block: usize,
+        head: usize,
+    ) -> Option<&[u16]> {
+        let Store::F16(buf) = &self.store else {
+            return None;
+        };
+        let len = self.spec.block_len * self.per_token;
+        let first = self.segment(block, layer, which, head) * len;
+        buf.get(first..first + len)
+    }
+
     /// Dequantizes the first `tokens` positions of one block's head into
     /// `out` (`tokens × head_dim`), as stored (smoothing not undone).
     pub fn load(
@@ -266,10 +287,7 @@ impl CpuKvPool {
         let out = &mut out[..tokens * hd];
         match &self.store {
             Store::F32(buf) => out.copy_from_slice(&buf[first * n..(first + tokens) * n]),
-            // The slice conversion uses F16C where the CPU has it.
-            Store::F16(buf) => buf[first * n..(first + tokens) * n]
-                .reinterpret_cast::<f16>()
-                .convert_to_f32_slice(out),
+            Store::F16(buf) => (self.widen)(&buf[first * n..(first + tokens) * n], out),
             Store::Quant { codes, params } => {
                 let statics = self.static_param(layer, which, head);
                 let int4 = self.spec.config.dtype == KvDtype::Int4;

@@ -1,21 +1,23 @@
 //! Linear layers on the CPU: dense weights (fp16 where that is exact, else
-//! fp32) and 4-bit AWQ weights.
-
-use rayon::prelude::*;
+//! fp32), and quantized weights in the tiled layout of `qweight.rs` (4-bit
+//! AWQ, 8-bit output projections).
 
 use half::f16;
 
-use super::simd::{DotF16Fn, DotFn, W4RowsFn};
-use super::w4::W4Weight;
+use super::pool::{pool, SyncPtr};
+use super::qkernels::QKernels;
+use super::qweight::QWeight;
+use super::simd::{DotF16Fn, DotFn};
 use super::{shape_error, Matrix};
 use crate::backend::{HostLinear, HostWeight};
 use crate::error::Result;
 
-/// Batches up to this many rows use the dot-product kernel, which streams
-/// each weight row once for all of them; wider ones use blocked GEMM. The
-/// dot kernel computes every row the same way whatever the batch, so a
-/// decode batch of up to 16 sequences gives each exactly the tokens it gets
-/// alone (batch invariance).
+/// Dense batches up to this many rows use the dot-product kernel, which
+/// streams each weight row once for all of them; wider ones use blocked
+/// GEMM. The dot kernel computes every row the same way whatever the batch,
+/// so a decode batch of up to 16 sequences gives each exactly the tokens it
+/// gets alone (batch invariance). Quantized weights use one kernel for
+/// every batch size.
 pub const SKINNY_ROWS: usize = 16;
 
 /// How a CPU linear stores its weight.
@@ -26,8 +28,8 @@ pub enum CpuWeight {
     /// (every fp16 checkpoint): half the bytes to stream per token, the
     /// same results.
     DenseF16(Vec<f16>),
-    /// 4-bit groups, repacked per output row.
-    W4(W4Weight),
+    /// 4-bit or 8-bit codes in the tiled layout.
+    Quant(QWeight),
 }
 
 /// A linear layer on the CPU.
@@ -68,7 +70,7 @@ impl CpuLinear {
                         t.out_features, t.in_features, w.out_features, w.in_features
                     )));
                 }
-                CpuWeight::W4(W4Weight::from_awq(&t))
+                CpuWeight::Quant(QWeight::from_awq(&t)?)
             }
         };
         if let Some(b) = &w.bias {
@@ -88,6 +90,26 @@ impl CpuLinear {
         })
     }
 
+    /// An 8-bit copy of a dense linear (see `qweight.rs`), for the output
+    /// projection; the bias is kept as is.
+    pub fn to_int8(&self) -> Result<CpuLinear> {
+        let (n, k) = (self.out_features, self.in_features);
+        if !self.is_dense() {
+            return Err(shape_error(
+                "only a dense linear can be requantized to int8".into(),
+            ));
+        }
+        let q = QWeight::int8_from_rows(n, k, &|o, buf| {
+            self.dense_row(o, buf);
+        })?;
+        Ok(CpuLinear {
+            weight: CpuWeight::Quant(q),
+            bias: self.bias.clone(),
+            out_features: n,
+            in_features: k,
+        })
+    }
+
     pub fn forward(&self, x: &Matrix, kernels: &Kernels) -> Result<Matrix> {
         let (k, n) = (self.in_features, self.out_features);
         if x.cols != k {
@@ -101,48 +123,61 @@ impl CpuLinear {
         if m == 0 {
             return Ok(out);
         }
-        let dequantized;
-        let dense = match &self.weight {
+        match &self.weight {
+            CpuWeight::Quant(q) => {
+                return Ok(self.add_bias(q.forward(x, &kernels.quant, kernels.exact_w4)?));
+            }
             CpuWeight::Dense(w) if m <= SKINNY_ROWS => {
                 self.skinny(w, x, &mut out, kernels.dot);
-                return Ok(self.add_bias(out));
             }
             CpuWeight::DenseF16(w) if m <= SKINNY_ROWS => {
                 self.skinny(w, x, &mut out, kernels.dot_f16);
-                return Ok(self.add_bias(out));
             }
-            CpuWeight::W4(w4) if m <= SKINNY_ROWS => {
-                w4.skinny(x, &mut out, kernels.w4_rows);
-                return Ok(self.add_bias(out));
-            }
-            CpuWeight::Dense(w) => w,
-            CpuWeight::DenseF16(w) => {
-                dequantized = widen(w);
-                &dequantized
-            }
-            CpuWeight::W4(w4) => {
-                dequantized = w4.dequantize();
-                &dequantized
-            }
-        };
-        {
-            // SAFETY: `out` is m×n with row stride n, `x` is m×k with row
-            // stride k, and the weight is n×k row-major, read as the k×n
-            // right-hand side with row stride 1 and column stride k; all
-            // three buffers are exactly that large (checked above).
+            CpuWeight::Dense(w) => self.gemm(x, &mut out, DenseRef::F32(w)),
+            CpuWeight::DenseF16(w) => self.gemm(x, &mut out, DenseRef::F16(w)),
+        }
+        Ok(self.add_bias(out))
+    }
+
+    /// Blocked GEMM (the `gemm` crate, one thread per task) over blocks of
+    /// output columns spread on the thread pool; an fp16 weight is widened
+    /// one block at a time, by the task that uses it.
+    fn gemm(&self, x: &Matrix, out: &mut Matrix, weight: DenseRef<'_>) {
+        let (m, k, n) = (x.rows, self.in_features, self.out_features);
+        let threads = pool().threads();
+        let cols = n.div_ceil(threads * 4).next_multiple_of(16).max(16);
+        let dst = SyncPtr(out.data.as_mut_ptr());
+        pool().run(n.div_ceil(cols), |task| {
+            let (n0, n1) = (task * cols, ((task + 1) * cols).min(n));
+            let widened: Vec<f32>;
+            let w = match weight {
+                DenseRef::F32(w) => &w[n0 * k..n1 * k],
+                DenseRef::F16(w) => {
+                    use half::slice::HalfFloatSliceExt;
+                    let mut buf = vec![0f32; (n1 - n0) * k];
+                    w[n0 * k..n1 * k].convert_to_f32_slice(&mut buf);
+                    widened = buf;
+                    &widened
+                }
+            };
+            // SAFETY: the destination is columns n0..n1 of the m×n output
+            // (row stride n), which only this task writes; `x` is m×k with
+            // row stride k; `w` holds rows n0..n1 of the n×k weight, read as
+            // the k×(n1−n0) right-hand side with row stride 1 and column
+            // stride k (its length is (n1−n0)·k by construction).
             unsafe {
                 gemm::gemm(
                     m,
-                    n,
+                    n1 - n0,
                     k,
-                    out.data.as_mut_ptr(),
+                    dst.get().add(n0),
                     1,
                     n as isize,
                     false,
                     x.data.as_ptr(),
                     1,
                     k as isize,
-                    dense.as_ptr(),
+                    w.as_ptr(),
                     k as isize,
                     1,
                     0.0,
@@ -150,11 +185,10 @@ impl CpuLinear {
                     false,
                     false,
                     false,
-                    gemm::Parallelism::Rayon(0),
+                    gemm::Parallelism::None,
                 );
             }
-        }
-        Ok(self.add_bias(out))
+        });
     }
 
     fn add_bias(&self, mut out: Matrix) -> Matrix {
@@ -175,11 +209,10 @@ impl CpuLinear {
         match &self.weight {
             CpuWeight::Dense(w) => dst.copy_from_slice(&w[i * k..(i + 1) * k]),
             CpuWeight::DenseF16(w) => {
-                for (d, h) in dst.iter_mut().zip(&w[i * k..(i + 1) * k]) {
-                    *d = h.to_f32();
-                }
+                use half::slice::HalfFloatSliceExt;
+                w[i * k..(i + 1) * k].convert_to_f32_slice(dst);
             }
-            CpuWeight::W4(_) => return false,
+            CpuWeight::Quant(_) => return false,
         }
         true
     }
@@ -189,13 +222,22 @@ impl CpuLinear {
         let weight = match &self.weight {
             CpuWeight::Dense(w) => w.len() * 4,
             CpuWeight::DenseF16(w) => w.len() * 2,
-            CpuWeight::W4(w4) => w4.stored_bytes(),
+            CpuWeight::Quant(q) => q.stored_bytes(),
         };
         weight + self.bias.as_ref().map_or(0, |b| b.len() * 4)
     }
 
     pub fn is_dense(&self) -> bool {
-        !matches!(self.weight, CpuWeight::W4(_))
+        !matches!(self.weight, CpuWeight::Quant(_))
+    }
+
+    /// Bits per stored weight value: 32, 16, or the quantized width.
+    pub fn weight_bits(&self) -> u32 {
+        match &self.weight {
+            CpuWeight::Dense(_) => 32,
+            CpuWeight::DenseF16(_) => 16,
+            CpuWeight::Quant(q) => q.bits(),
+        }
     }
 
     /// Output columns are split across threads; each thread streams its
@@ -209,41 +251,35 @@ impl CpuLinear {
     ) {
         let (k, n, m) = (self.in_features, self.out_features, x.rows);
         const CHUNK: usize = 64;
-        let mut transposed = vec![0f32; n * m];
-        transposed
-            .par_chunks_mut(CHUNK * m)
-            .enumerate()
-            .for_each(|(c, dst)| {
-                let first = c * CHUNK;
-                for (j, cell) in dst.chunks_exact_mut(m).enumerate() {
-                    let w = &weight[(first + j) * k..(first + j + 1) * k];
-                    for (r, o) in cell.iter_mut().enumerate() {
-                        *o = dot(w, x.row(r));
-                    }
+        let dst = SyncPtr(out.data.as_mut_ptr());
+        pool().run(n.div_ceil(CHUNK), |c| {
+            for j in c * CHUNK..((c + 1) * CHUNK).min(n) {
+                let w = &weight[j * k..(j + 1) * k];
+                for r in 0..m {
+                    let v = dot(w, x.row(r));
+                    // SAFETY: task `c` alone writes columns
+                    // 64c..64c+64 of the m×n output.
+                    unsafe { *dst.get().add(r * n + j) = v };
                 }
-            });
-        for (j, cell) in transposed.chunks_exact(m).enumerate() {
-            for (r, &v) in cell.iter().enumerate() {
-                out.data[r * n + j] = v;
             }
-        }
+        });
     }
 }
 
-/// An fp16 weight widened to fp32, for blocked GEMM on wide batches.
-fn widen(w: &[f16]) -> Vec<f32> {
-    use half::slice::HalfFloatSliceExt;
-    let mut out = vec![0f32; w.len()];
-    out.par_chunks_mut(1 << 16)
-        .zip(w.par_chunks(1 << 16))
-        .for_each(|(o, h)| h.convert_to_f32_slice(o));
-    out
+/// A dense weight as stored.
+#[derive(Clone, Copy)]
+enum DenseRef<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
 }
 
-/// The kernels chosen for this CPU at start-up.
+/// The kernels chosen for this CPU at start-up, and the numerics asked for.
 #[derive(Clone, Copy)]
 pub struct Kernels {
     pub dot: DotFn,
     pub dot_f16: DotF16Fn,
-    pub w4_rows: W4RowsFn,
+    pub quant: QKernels,
+    /// Quantized weights multiply fp32 activations (exact) instead of
+    /// int8-quantized ones.
+    pub exact_w4: bool,
 }

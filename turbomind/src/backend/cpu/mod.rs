@@ -1,23 +1,33 @@
-//! The CPU backend: fp32 activations and accumulation, rayon across cores.
+//! The CPU backend: fp32 activations and accumulation, spread over cores
+//! by a spinning thread pool (`pool.rs`).
 //!
-//! Dense linears keep their weights as fp32 `[out, in]` rows. Skinny
-//! batches (decode) go through a row-parallel dot-product kernel that reads
-//! each weight row once; wider batches (prefill) go through the `gemm`
-//! crate's blocked matrix multiply.
+//! Dense linears keep their weights as fp16 (where exact) or fp32
+//! `[out, in]` rows: skinny batches (decode) go through a row-parallel
+//! dot-product kernel that reads each weight row once, wider batches
+//! (prefill) through the `gemm` crate's blocked matrix multiply. Quantized
+//! linears (4-bit AWQ, and the optional 8-bit output projection) are
+//! repacked at load into 16-output tiles (`qweight.rs`) and multiplied by
+//! int8-quantized activations with integer dot products (`qkernels.rs`),
+//! or by fp32 activations where exact numerics are asked for
+//! ([`W4Activations::F32`]).
 
 mod attention;
+mod attn_simd;
 mod kv;
 mod linear;
+pub mod pool;
+pub mod qkernels;
+pub mod qweight;
 pub mod simd;
-mod w4;
 
-use rayon::prelude::*;
+use std::sync::Mutex;
 
 use super::{AttnShape, Backend, HostLinear, KvPoolSpec, SeqSpan};
 use crate::error::{Error, Result};
 use crate::rope::Rope;
 
 pub use linear::CpuLinear;
+pub use pool::pool as thread_pool;
 
 /// A row-major `rows × cols` fp32 matrix.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,10 +53,43 @@ impl Matrix {
 
 pub use kv::CpuKvPool;
 
+/// What quantized (4-bit and 8-bit) linears multiply their weights with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum W4Activations {
+    /// Activations quantized to int8 per weight group, integer dot
+    /// products (AVX-512 VNNI / AVX2): the fast path, as llama.cpp's
+    /// Q4_0 × Q8_0. The error this adds is measured in docs/BENCHMARKS.md
+    /// (2026-11-28, fast W4A16 on CPU).
+    #[default]
+    Int8,
+    /// fp32 activations: only the weights are quantized.
+    F32,
+}
+
+impl W4Activations {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "int8" => Ok(W4Activations::Int8),
+            "fp32" | "f32" => Ok(W4Activations::F32),
+            other => Err(Error::InvalidRequest(format!(
+                "unknown quantized-linear activation type {other:?} (expected int8 or fp32)"
+            ))),
+        }
+    }
+}
+
+/// Options of the CPU backend.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuOptions {
+    pub w4_activations: W4Activations,
+}
+
 /// The CPU implementation of [`Backend`].
 pub struct CpuBackend {
-    dot: simd::DotFn,
     kernels: linear::Kernels,
+    row_ops: simd::RowOps,
+    /// Rotary cos/sin per position, computed once (see [`RopeTable`]).
+    rope_table: Mutex<RopeTable>,
 }
 
 impl Default for CpuBackend {
@@ -57,14 +100,76 @@ impl Default for CpuBackend {
 
 impl CpuBackend {
     pub fn new() -> Self {
+        Self::with_options(CpuOptions::default())
+    }
+
+    pub fn with_options(options: CpuOptions) -> Self {
         CpuBackend {
-            dot: simd::best_dot(),
+            row_ops: simd::RowOps::best(),
             kernels: linear::Kernels {
                 dot: simd::best_dot(),
                 dot_f16: simd::best_dot_f16(),
-                w4_rows: simd::best_w4_rows(),
+                quant: qkernels::QKernels::best(),
+                exact_w4: options.w4_activations == W4Activations::F32,
             },
+            rope_table: Mutex::new(RopeTable::default()),
         }
+    }
+
+    /// An 8-bit copy of a dense linear (per-32-input symmetric groups,
+    /// fp16 scales), for the output projection: half the bytes of fp16 to
+    /// stream per decode token.
+    pub fn int8_linear(&self, w: &CpuLinear) -> Result<CpuLinear> {
+        w.to_int8()
+    }
+
+    /// Which integer kernel quantized linears use on this CPU.
+    pub fn quant_kernel_name(&self) -> &'static str {
+        self.kernels.quant.int_name
+    }
+}
+
+/// cos/sin of every channel pair for positions `0..positions`, kept for
+/// the rope in use: computing them (in f64) per call cost more than the
+/// rotation. The values are those of [`Rope::cos_sin`], so results do not
+/// change.
+#[derive(Default)]
+struct RopeTable {
+    inv_freq: Vec<f32>,
+    position_scale: f32,
+    positions: usize,
+    /// `[position][pair]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    fn cover(&mut self, rope: &Rope, positions: usize) {
+        let half = rope.head_dim / 2;
+        if self.inv_freq != rope.inv_freq
+            || self.position_scale.to_bits() != rope.position_scale.to_bits()
+        {
+            *self = RopeTable {
+                inv_freq: rope.inv_freq.clone(),
+                position_scale: rope.position_scale,
+                ..RopeTable::default()
+            };
+        }
+        if positions <= self.positions {
+            return;
+        }
+        // Grow geometrically so that a long generation does not recompute.
+        let target = positions.max(self.positions * 2).max(256);
+        self.cos.resize(target * half, 0.0);
+        self.sin.resize(target * half, 0.0);
+        for p in self.positions..target {
+            rope.cos_sin(
+                p,
+                &mut self.cos[p * half..(p + 1) * half],
+                &mut self.sin[p * half..(p + 1) * half],
+            );
+        }
+        self.positions = target;
     }
 }
 
@@ -85,11 +190,16 @@ fn same_shape(a: &Matrix, b: &Matrix, op: &str) -> Result<()> {
     Ok(())
 }
 
-fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let sum_sq: f32 = x.iter().map(|&v| v * v).sum();
-    let inv = 1.0 / (sum_sq / x.len() as f32 + eps).sqrt();
-    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
-        *o = v * inv * g;
+/// Runs `f` over blocks of `rows`: inline for a decode-sized batch (a
+/// thread-pool hand-off costs more than the work), on the pool otherwise.
+fn for_row_blocks<F: Fn(std::ops::Range<usize>) + Sync>(rows: usize, f: F) {
+    const BLOCK: usize = 16;
+    if rows <= BLOCK {
+        f(0..rows);
+    } else {
+        pool::pool().run(rows.div_ceil(BLOCK), |b| {
+            f(b * BLOCK..((b + 1) * BLOCK).min(rows))
+        });
     }
 }
 
@@ -146,10 +256,16 @@ impl Backend for CpuBackend {
 
     fn rms_norm(&self, x: &Matrix, w: &Vec<f32>, eps: f32) -> Result<Matrix> {
         let mut out = Matrix::zeros(x.rows, x.cols);
-        out.data
-            .par_chunks_mut(x.cols)
-            .zip(x.data.par_chunks(x.cols))
-            .for_each(|(o, r)| rms_norm_row(r, w, eps, o));
+        let cols = x.cols;
+        let dst = pool::SyncPtr(out.data.as_mut_ptr());
+        for_row_blocks(x.rows, |rows| {
+            for r in rows {
+                // SAFETY: each block of rows is written by one task only,
+                // and row r lies inside the rows × cols output.
+                let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(r * cols), cols) };
+                (self.row_ops.rms_norm)(x.row(r), w, eps, o);
+            }
+        });
         Ok(out)
     }
 
@@ -163,16 +279,24 @@ impl Backend for CpuBackend {
         same_shape(residual, delta, "add_rms_norm")?;
         let mut out = Matrix::zeros(residual.rows, residual.cols);
         let cols = residual.cols;
-        out.data
-            .par_chunks_mut(cols)
-            .zip(residual.data.par_chunks_mut(cols))
-            .zip(delta.data.par_chunks(cols))
-            .for_each(|((o, r), d)| {
-                for (a, &b) in r.iter_mut().zip(d) {
+        let dst = pool::SyncPtr(out.data.as_mut_ptr());
+        let res = pool::SyncPtr(residual.data.as_mut_ptr());
+        for_row_blocks(residual.rows, |rows| {
+            for r in rows {
+                // SAFETY: each block of rows is written by one task only;
+                // row r lies inside both rows × cols matrices.
+                let (o, x) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(dst.get().add(r * cols), cols),
+                        std::slice::from_raw_parts_mut(res.get().add(r * cols), cols),
+                    )
+                };
+                for (a, &b) in x.iter_mut().zip(delta.row(r)) {
                     *a += b;
                 }
-                rms_norm_row(r, w, eps, o);
-            });
+                (self.row_ops.rms_norm)(x, w, eps, o);
+            }
+        });
         Ok(out)
     }
 
@@ -198,19 +322,34 @@ impl Backend for CpuBackend {
         }
         let half = hd / 2;
         let cols = x.cols;
+        let positions = spans
+            .iter()
+            .map(|s| s.start_pos + s.len())
+            .max()
+            .unwrap_or(0);
+        let mut table = self.rope_table.lock().unwrap_or_else(|e| e.into_inner());
+        table.cover(rope, positions);
+        let table = &*table;
         for span in spans {
-            let rows = &mut x.data[span.rows.start * cols..span.rows.end * cols];
-            rows.par_chunks_mut(cols).enumerate().for_each(|(i, row)| {
-                let mut cos = vec![0f32; half];
-                let mut sin = vec![0f32; half];
-                rope.cos_sin(span.start_pos + i, &mut cos, &mut sin);
-                for head in row.chunks_exact_mut(hd) {
-                    let (a, b) = head.split_at_mut(half);
-                    for j in 0..half {
-                        let (x0, x1) = (a[j], b[j]);
-                        a[j] = x0 * cos[j] - x1 * sin[j];
-                        b[j] = x1 * cos[j] + x0 * sin[j];
-                    }
+            if span.rows.end > x.rows {
+                return Err(shape_error(format!(
+                    "rope: rows {:?} of a {}-row batch",
+                    span.rows, x.rows
+                )));
+            }
+            let first = span.rows.start;
+            let dst = pool::SyncPtr(x.data.as_mut_ptr());
+            for_row_blocks(span.len(), |rows| {
+                for i in rows {
+                    let pos = span.start_pos + i;
+                    let cos = &table.cos[pos * half..(pos + 1) * half];
+                    let sin = &table.sin[pos * half..(pos + 1) * half];
+                    // SAFETY: each block of rows is written by one task
+                    // only; row first + i is inside the batch (checked).
+                    let row = unsafe {
+                        std::slice::from_raw_parts_mut(dst.get().add((first + i) * cols), cols)
+                    };
+                    (self.row_ops.rope)(row, hd, cos, sin);
                 }
             });
         }
@@ -257,20 +396,23 @@ impl Backend for CpuBackend {
         spans: &[SeqSpan],
         shape: &AttnShape,
     ) -> Result<Matrix> {
-        attention::paged(self.dot, layer, q, pool, spans, shape)
+        attention::paged(layer, q, pool, spans, shape)
     }
 
     fn silu_mul(&self, gate: &Matrix, up: &Matrix) -> Result<Matrix> {
         same_shape(gate, up, "silu_mul")?;
         let mut out = Matrix::zeros(gate.rows, gate.cols);
-        out.data
-            .par_chunks_mut(4096)
-            .zip(gate.data.par_chunks(4096).zip(up.data.par_chunks(4096)))
-            .for_each(|(o, (g, u))| {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
-            });
+        let cols = gate.cols;
+        let dst = pool::SyncPtr(out.data.as_mut_ptr());
+        let silu = simd::best_silu_mul();
+        for_row_blocks(gate.rows, |rows| {
+            let span = rows.start * cols..rows.end * cols;
+            // SAFETY: each block of rows is written by one task only, and
+            // the span lies inside the rows × cols output.
+            let o =
+                unsafe { std::slice::from_raw_parts_mut(dst.get().add(span.start), span.len()) };
+            silu(&gate.data[span.clone()], &up.data[span], o);
+        });
         Ok(out)
     }
 

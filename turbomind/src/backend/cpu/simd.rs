@@ -1,8 +1,10 @@
-//! Dot products for the best instruction set this CPU has, chosen once at
-//! run time: AVX2+FMA intrinsics on x86-64, an auto-vectorized loop on
-//! aarch64 (NEON is baseline there), and a portable loop elsewhere. Each
-//! keeps a fixed summation order, independent of the batch, which batch
-//! invariance relies on.
+//! Small SIMD kernels for the best instruction set this CPU has, chosen
+//! once at run time: dot products (AVX2+FMA on x86-64, auto-vectorized on
+//! aarch64, portable elsewhere), the int8 activation quantizer, `exp`
+//! (SiLU, softmax), fp16 widening, and the row-wise RMS norm and rotary
+//! embedding (AVX-512 where present, portable otherwise). Each keeps a fixed
+//! summation order, independent of the batch, which batch invariance relies
+//! on.
 
 #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
 #[inline(always)]
@@ -231,354 +233,380 @@ mod tests {
     }
 }
 
-/// `Σ q[i]·x[i]` over one group of 4-bit values stored half-split: byte
-/// `j` holds `q[j]` in its low nibble and `q[j + n/2]` in its high nibble,
-/// where `n = x.len()` (a multiple of 32).
-pub type NibbleDotFn = fn(&[u8], &[f32]) -> f32;
+/// Quantizes one group of activations to int8: returns `(d, Σ q)` with
+/// `x ≈ d · q`, `d = max|x| / 127`, each `q = x · (127 / max|x|)` rounded
+/// to nearest (ties to even). A group holding a NaN or infinity gets
+/// `d = NaN`, so that the product is NaN as in fp32. Every variant computes
+/// the same values.
+pub type QuantizeGroupFn = fn(&[f32], &mut [i8]) -> (f32, i32);
 
-fn nibble_dot_portable(q: &[u8], x: &[f32]) -> f32 {
-    let half = x.len() / 2;
-    let mut acc = [0f32; 8];
-    for (j, &b) in q.iter().enumerate() {
-        acc[j % 8] += (b & 0xf) as f32 * x[j] + (b >> 4) as f32 * x[j + half];
-    }
-    acc.iter().sum()
-}
+/// Adding then subtracting 1.5·2²³ rounds an f32 below 2²² in magnitude to
+/// the nearest integer, ties to even, with plain IEEE additions (the same
+/// in scalar and SIMD code, and no libm call).
+const ROUND_MAGIC: f32 = 12_582_912.0;
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn nibble_dot_avx2(q: &[u8], x: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let half = x.len() / 2;
-    let mask = _mm_set1_epi8(0x0f);
-    let mut acc0 = _mm256_setzero_ps();
-    let mut acc1 = _mm256_setzero_ps();
-    let px = x.as_ptr();
-    let mut j = 0;
-    // SAFETY (loads below): j + 16 <= half = q.len(), and x holds 2·half
-    // values, so every 8-wide load at j, j+8, half+j, half+j+8 is in bounds.
-    while j + 16 <= half {
-        let bytes = _mm_loadu_si128(q.as_ptr().add(j) as *const __m128i);
-        let lo = _mm_and_si128(bytes, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-        let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-        acc0 = _mm256_fmadd_ps(f(lo), _mm256_loadu_ps(px.add(j)), acc0);
-        acc1 = _mm256_fmadd_ps(
-            f(_mm_srli_si128(lo, 8)),
-            _mm256_loadu_ps(px.add(j + 8)),
-            acc1,
-        );
-        acc0 = _mm256_fmadd_ps(f(hi), _mm256_loadu_ps(px.add(half + j)), acc0);
-        acc1 = _mm256_fmadd_ps(
-            f(_mm_srli_si128(hi, 8)),
-            _mm256_loadu_ps(px.add(half + j + 8)),
-            acc1,
-        );
-        j += 16;
-    }
-    let mut total = hsum_avx(_mm256_add_ps(acc0, acc1));
-    while j < half {
-        total += (q[j] & 0xf) as f32 * x[j] + (q[j] >> 4) as f32 * x[j + half];
-        j += 1;
-    }
-    total
-}
-
-/// One output row of a 4-bit weight (see `w4.rs`): its nibbles, half-split
-/// per group, and per group a scale and `-zero · scale`.
-pub struct W4Row<'a> {
-    pub nibbles: &'a [u8],
-    pub scales: &'a [f32],
-    pub neg_zero_scaled: &'a [f32],
-    pub group_size: usize,
-}
-
-/// `out[r] = Σ_g s_g · (q_g · x_r,g) + zs_g · Σx_r,g` for several input
-/// rows `xs` (each `in_features` long) with their per-group sums `gsums`.
-pub type W4RowsFn = fn(&W4Row<'_>, &[&[f32]], &[&[f32]], &mut [f32]);
-
-/// `Σ_g zs_g · gsum_g` in a fixed order: the zero-point term of one row.
+/// The scale, its inverse, or `None` for a group that is not finite.
 #[inline(always)]
-fn zero_term(neg_zero_scaled: &[f32], gsums: &[f32]) -> f32 {
-    neg_zero_scaled
-        .iter()
-        .zip(gsums)
-        .fold(0f32, |acc, (&z, &s)| z.mul_add(s, acc))
+fn group_scale(amax: f32, poison: f32) -> Option<(f32, f32)> {
+    if poison.is_nan() {
+        return None;
+    }
+    let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    Some((amax / 127.0, inv))
 }
 
-/// [`W4RowsFn`] for `R` rows at once: each run of nibbles is decoded once
-/// and multiplied into every row. A group's products are accumulated in
-/// vector lanes, scaled into a running vector (one horizontal sum per
-/// output, not per group), and the zero-point term is added at the end.
-/// Per row the operations and their order are the same for any `R`, so a
-/// row's result does not depend on how many rows share the call (batch
-/// invariance). Group sizes are multiples of 32 (the format allows 32, 64
-/// and 128), so there is no scalar tail.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn w4_rows_avx2<const R: usize>(
-    w: &W4Row<'_>,
-    xs: [&[f32]; R],
-    gsums: [&[f32]; R],
-    out: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    let g = w.group_size;
-    let half = g / 2;
-    let groups = w.scales.len();
-    let mask = _mm_set1_epi8(0x0f);
-    let mut lanes = [_mm256_setzero_ps(); R];
-    let q = w.nibbles.as_ptr();
-    let px: [*const f32; R] = std::array::from_fn(|r| xs[r].as_ptr());
-    // SAFETY (loads below): the caller guarantees nibbles hold groups·g/2
-    // bytes and every row groups·g values; j + 16 <= half keeps each load
-    // inside its group.
-    for gi in 0..groups {
-        // Four accumulators per row keep four FMA chains in flight.
-        let mut acc0 = [_mm256_setzero_ps(); R];
-        let mut acc1 = [_mm256_setzero_ps(); R];
-        let mut acc2 = [_mm256_setzero_ps(); R];
-        let mut acc3 = [_mm256_setzero_ps(); R];
-        let qg = q.add(gi * half);
-        _mm_prefetch::<_MM_HINT_T0>(qg.wrapping_add(1024) as *const i8);
-        let mut j = 0;
-        while j < half {
-            let bytes = _mm_loadu_si128(qg.add(j) as *const __m128i);
-            let lo = _mm_and_si128(bytes, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-            let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-            let (w0, w1, w2, w3) = (
-                f(lo),
-                f(_mm_srli_si128(lo, 8)),
-                f(hi),
-                f(_mm_srli_si128(hi, 8)),
-            );
-            for r in 0..R {
-                let x = px[r].add(gi * g + j);
-                acc0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), acc0[r]);
-                acc1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.add(8)), acc1[r]);
-                acc2[r] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x.add(half)), acc2[r]);
-                acc3[r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x.add(half + 8)), acc3[r]);
-            }
-            j += 16;
-        }
-        let sv = _mm256_set1_ps(*w.scales.get_unchecked(gi));
-        for r in 0..R {
-            let group = _mm256_add_ps(
-                _mm256_add_ps(acc0[r], acc2[r]),
-                _mm256_add_ps(acc1[r], acc3[r]),
-            );
-            lanes[r] = _mm256_fmadd_ps(sv, group, lanes[r]);
-        }
-    }
-    for r in 0..R {
-        out[r] = hsum_avx(lanes[r]) + zero_term(w.neg_zero_scaled, gsums[r]);
-    }
+#[inline(always)]
+fn quantize_one(v: f32, inv: f32) -> i32 {
+    let t = v * inv;
+    ((t + ROUND_MAGIC) - ROUND_MAGIC).clamp(-127.0, 127.0) as i32
 }
 
-/// [`w4_rows_avx2`] with 512-bit vectors: 16 nibbles per conversion and
-/// FMA, so about half the instructions per weight; the same structure and
-/// the same per-row order for any `R`.
+fn quantize_group_portable(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    let mut amax = 0f32;
+    // `v · 0` is NaN exactly when `v` is NaN or infinite.
+    let mut poison = 0f32;
+    for &v in x {
+        amax = amax.max(v.abs());
+        poison += v * 0.0;
+    }
+    let Some((d, inv)) = group_scale(amax, poison) else {
+        q.iter_mut().for_each(|c| *c = 0);
+        return (f32::NAN, 0);
+    };
+    let mut sum = 0;
+    for (c, &v) in q.iter_mut().zip(x) {
+        let r = quantize_one(v, inv);
+        *c = r as i8;
+        sum += r;
+    }
+    (d, sum)
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn w4_rows_avx512<const R: usize>(
-    w: &W4Row<'_>,
-    xs: [&[f32]; R],
-    gsums: [&[f32]; R],
-    out: &mut [f32],
-) {
+unsafe fn quantize_group_avx512(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     use std::arch::x86_64::*;
-    let g = w.group_size;
-    let half = g / 2;
-    let groups = w.scales.len();
-    let mask = _mm_set1_epi8(0x0f);
-    let mut lanes = [_mm512_setzero_ps(); R];
-    let q = w.nibbles.as_ptr();
-    let px: [*const f32; R] = std::array::from_fn(|r| xs[r].as_ptr());
-    // SAFETY (loads below): as in `w4_rows_avx2`.
-    for gi in 0..groups {
-        // Two accumulators per row (low and high nibbles) halve the FMA
-        // dependency chain.
-        let mut acc = [_mm512_setzero_ps(); R];
-        let mut acc_hi = [_mm512_setzero_ps(); R];
-        let qg = q.add(gi * half);
-        _mm_prefetch::<_MM_HINT_T0>(qg.wrapping_add(1024) as *const i8);
-        let mut j = 0;
-        while j < half {
-            let bytes = _mm_loadu_si128(qg.add(j) as *const __m128i);
-            let lo = _mm_and_si128(bytes, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-            let w_lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
-            let w_hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
-            for r in 0..R {
-                let x = px[r].add(gi * g + j);
-                acc[r] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(x), acc[r]);
-                acc_hi[r] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(x.add(half)), acc_hi[r]);
-            }
-            j += 16;
-        }
-        let sv = _mm512_set1_ps(*w.scales.get_unchecked(gi));
-        for r in 0..R {
-            lanes[r] = _mm512_fmadd_ps(sv, _mm512_add_ps(acc[r], acc_hi[r]), lanes[r]);
-        }
+    let n = x.len().min(q.len());
+    let full = n / 16 * 16;
+    let px = x.as_ptr();
+    let mut vmax = _mm512_setzero_ps();
+    let mut vpoison = _mm512_setzero_ps();
+    let zero = _mm512_setzero_ps();
+    // SAFETY (loads and stores below): i + 16 <= full <= n, the length of
+    // both slices.
+    let mut i = 0;
+    while i < full {
+        let v = _mm512_loadu_ps(px.add(i));
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+        vpoison = _mm512_add_ps(vpoison, _mm512_mul_ps(v, zero));
+        i += 16;
     }
-    for r in 0..R {
-        out[r] = _mm512_reduce_add_ps(lanes[r]) + zero_term(w.neg_zero_scaled, gsums[r]);
+    let mut amax = _mm512_reduce_max_ps(vmax);
+    let mut poison = _mm512_reduce_add_ps(vpoison);
+    for &v in &x[full..n] {
+        amax = amax.max(v.abs());
+        poison += v * 0.0;
     }
+    let Some((d, inv)) = group_scale(amax, poison) else {
+        q.iter_mut().for_each(|c| *c = 0);
+        return (f32::NAN, 0);
+    };
+    let vinv = _mm512_set1_ps(inv);
+    let magic = _mm512_set1_ps(ROUND_MAGIC);
+    let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    let mut vsum = _mm512_setzero_si512();
+    let pq = q.as_mut_ptr();
+    i = 0;
+    while i < full {
+        let t = _mm512_mul_ps(_mm512_loadu_ps(px.add(i)), vinv);
+        let r = _mm512_sub_ps(_mm512_add_ps(t, magic), magic);
+        let c = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
+        vsum = _mm512_add_epi32(vsum, c);
+        _mm_storeu_si128(pq.add(i) as *mut __m128i, _mm512_cvtepi32_epi8(c));
+        i += 16;
+    }
+    let mut sum = _mm512_reduce_add_epi32(vsum);
+    for (c, &v) in q[full..n].iter_mut().zip(&x[full..n]) {
+        let r = quantize_one(v, inv);
+        *c = r as i8;
+        sum += r;
+    }
+    (d, sum)
 }
 
-fn w4_rows_portable(w: &W4Row<'_>, xs: &[&[f32]], gsums: &[&[f32]], out: &mut [f32]) {
-    let g = w.group_size;
-    for ((o, x), gs) in out.iter_mut().zip(xs).zip(gsums) {
-        let mut total = 0f32;
-        for (gi, q) in w.nibbles.chunks_exact(g / 2).enumerate() {
-            let dot = nibble_dot_portable(q, &x[gi * g..(gi + 1) * g]);
-            total += w.scales[gi] * dot + w.neg_zero_scaled[gi] * gs[gi];
-        }
-        *o = total;
-    }
-}
-
-/// Picks the fastest multi-row 4-bit kernel this CPU supports.
-/// Whether a call satisfies the SIMD kernels' length contract: whole groups
-/// of a multiple of 32 values, and every row and group sum long enough.
-fn w4_call_fits(w: &W4Row<'_>, xs: &[&[f32]], gsums: &[&[f32]], out: &[f32]) -> bool {
-    let groups = w.scales.len();
-    let g = w.group_size;
-    g.is_multiple_of(32)
-        && w.nibbles.len() == groups * g / 2
-        && w.neg_zero_scaled.len() == groups
-        && xs.len() == gsums.len()
-        && out.len() >= xs.len()
-        && xs.iter().all(|x| x.len() >= groups * g)
-        && gsums.iter().all(|s| s.len() >= groups)
-}
-
-pub fn best_w4_rows() -> W4RowsFn {
+/// Picks the fastest activation quantizer this CPU supports.
+pub fn best_quantize_group() -> QuantizeGroupFn {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
-            return |w, xs, gsums, out| {
-                if !w4_call_fits(w, xs, gsums, out) {
-                    return w4_rows_portable(w, xs, gsums, out);
-                }
-                let mut r = 0;
-                while r < xs.len() {
-                    // SAFETY: returned only after checking for AVX-512F;
-                    // the lengths were checked just above.
-                    unsafe {
-                        if r + 4 <= xs.len() {
-                            w4_rows_avx512::<4>(
-                                w,
-                                [xs[r], xs[r + 1], xs[r + 2], xs[r + 3]],
-                                [gsums[r], gsums[r + 1], gsums[r + 2], gsums[r + 3]],
-                                &mut out[r..r + 4],
-                            );
-                            r += 4;
-                        } else {
-                            w4_rows_avx512::<1>(w, [xs[r]], [gsums[r]], &mut out[r..r + 1]);
-                            r += 1;
-                        }
-                    }
-                }
-            };
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return |w, xs, gsums, out| {
-                if !w4_call_fits(w, xs, gsums, out) {
-                    return w4_rows_portable(w, xs, gsums, out);
-                }
-                // Rows go four at a time, the rest singly; each row sees the
-                // same arithmetic whatever the batch.
-                let mut r = 0;
-                while r < xs.len() {
-                    // SAFETY: returned only after checking for AVX2 and FMA;
-                    // the lengths were checked just above.
-                    unsafe {
-                        if r + 4 <= xs.len() {
-                            w4_rows_avx2::<4>(
-                                w,
-                                [xs[r], xs[r + 1], xs[r + 2], xs[r + 3]],
-                                [gsums[r], gsums[r + 1], gsums[r + 2], gsums[r + 3]],
-                                &mut out[r..r + 4],
-                            );
-                            r += 4;
-                        } else {
-                            w4_rows_avx2::<1>(w, [xs[r]], [gsums[r]], &mut out[r..r + 1]);
-                            r += 1;
-                        }
-                    }
-                }
+            return |x, q| {
+                // SAFETY: returned only after checking for AVX-512F.
+                unsafe { quantize_group_avx512(x, q) }
             };
         }
     }
-    w4_rows_portable
-}
-
-/// Picks the fastest 4-bit group dot product this CPU supports.
-pub fn best_nibble_dot() -> NibbleDotFn {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return |q, x| {
-                // SAFETY: returned only after checking for AVX2 and FMA.
-                unsafe { nibble_dot_avx2(q, x) }
-            };
-        }
-    }
-    nibble_dot_portable
+    quantize_group_portable
 }
 
 #[cfg(test)]
-mod nibble_tests {
+mod quantize_tests {
     use super::*;
 
     #[test]
-    fn nibble_dot_matches_a_plain_sum() {
-        for n in [32usize, 64, 128] {
-            let q: Vec<u8> = (0..n).map(|i| ((i * 7 + 3) % 16) as u8).collect();
-            let x: Vec<f32> = (0..n)
-                .map(|i| ((i * 11 % 23) as f32 - 11.0) / 5.0)
-                .collect();
-            let packed: Vec<u8> = (0..n / 2).map(|j| q[j] | (q[j + n / 2] << 4)).collect();
-            let want: f64 = q.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
-            for f in [best_nibble_dot(), nibble_dot_portable as NibbleDotFn] {
-                let got = f(&packed, &x) as f64;
-                assert!(
-                    (got - want).abs() < 1e-3 * (1.0 + want.abs()),
-                    "n={n}: {got} vs {want}"
-                );
-            }
-            // The multi-row kernel, on one group with scale 1 and zero 0,
-            // gives every row its single result, bit for bit.
-            let rows: Vec<Vec<f32>> = (0..7)
-                .map(|r| x.iter().map(|v| v * (r as f32 + 0.5)).collect())
-                .collect();
-            let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
-            let zero = vec![0f32; 1];
-            let sums: Vec<&[f32]> = (0..7).map(|_| zero.as_slice()).collect();
-            let w = W4Row {
-                nibbles: &packed,
-                scales: &[1.0],
-                neg_zero_scaled: &[0.0],
-                group_size: n,
-            };
-            let mut out = vec![0f32; 7];
-            best_w4_rows()(&w, &refs, &sums, &mut out);
-            for (r, &got) in out.iter().enumerate() {
-                let want: f64 = q
-                    .iter()
-                    .zip(&rows[r])
-                    .map(|(&a, &b)| a as f64 * b as f64)
-                    .sum();
-                assert!(
-                    (got as f64 - want).abs() < 1e-3 * (1.0 + want.abs()),
-                    "row {r}: {got} vs {want}"
-                );
-                let mut one = [0f32];
-                best_w4_rows()(&w, &refs[r..r + 1], &sums[..1], &mut one);
-                assert_eq!(one[0].to_bits(), got.to_bits());
+    fn quantize_group_matches_the_portable_version_and_bounds_the_error() {
+        for n in [8usize, 32, 40, 64, 128] {
+            for scale in [0.0f32, 1e-3, 1.0, 300.0] {
+                let x: Vec<f32> = (0..n)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0 * scale)
+                    .collect();
+                let (mut a, mut b) = (vec![0i8; n], vec![0i8; n]);
+                let (da, sa) = best_quantize_group()(&x, &mut a);
+                let (db, sb) = quantize_group_portable(&x, &mut b);
+                assert_eq!((da.to_bits(), sa, &a), (db.to_bits(), sb, &b));
+                assert_eq!(sa, a.iter().map(|&c| c as i32).sum::<i32>());
+                for (&v, &c) in x.iter().zip(&a) {
+                    assert!(
+                        (v - da * c as f32).abs() <= 0.5001 * da + 1e-30,
+                        "{v} vs {c}·{da}"
+                    );
+                }
             }
         }
+        let mut x = vec![1.0f32; 32];
+        x[5] = f32::INFINITY;
+        let mut q = vec![0i8; 32];
+        assert!(best_quantize_group()(&x, &mut q).0.is_nan());
+        assert!(quantize_group_portable(&x, &mut q).0.is_nan());
     }
+}
+
+/// `e^x` for 16 lanes (Cephes' `expf`: a degree-5 polynomial on
+/// `x − n·ln 2`, then `·2ⁿ`), within 2 ulp of `exp` over the range that
+/// does not overflow; inputs are clamped to ±88.3 (so −∞ gives a tiny
+/// positive value rather than 0, which softmax and SiLU absorb).
+///
+/// # Safety
+///
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn exp512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let x = _mm512_min_ps(
+        _mm512_max_ps(x, _mm512_set1_ps(-88.3)),
+        _mm512_set1_ps(88.3),
+    );
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm512_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let r2 = _mm512_mul_ps(r, r);
+    let y = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+    _mm512_scalef_ps(y, n)
+}
+
+/// `out = silu(gate) · up` over equal-length slices.
+pub type SiluMulFn = fn(&[f32], &[f32], &mut [f32]);
+
+fn silu_mul_portable(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn silu_mul_avx512(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = gate.len().min(up.len()).min(out.len());
+    let full = n / 16 * 16;
+    let one = _mm512_set1_ps(1.0);
+    let mut i = 0;
+    // SAFETY (loads and stores): i + 16 <= full <= the length of all three.
+    while i < full {
+        let g = _mm512_loadu_ps(gate.as_ptr().add(i));
+        let u = _mm512_loadu_ps(up.as_ptr().add(i));
+        let e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        let s = _mm512_div_ps(g, _mm512_add_ps(one, e));
+        _mm512_storeu_ps(out.as_mut_ptr().add(i), _mm512_mul_ps(s, u));
+        i += 16;
+    }
+    silu_mul_portable(&gate[full..n], &up[full..n], &mut out[full..n]);
+}
+
+/// Picks the fastest SiLU·mul this CPU supports.
+pub fn best_silu_mul() -> SiluMulFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            return |g, u, o| {
+                // SAFETY: returned only after checking for AVX-512F.
+                unsafe { silu_mul_avx512(g, u, o) }
+            };
+        }
+    }
+    silu_mul_portable
+}
+
+#[cfg(test)]
+mod exp_tests {
+    use super::*;
+
+    #[test]
+    fn silu_mul_matches_libm() {
+        let gate: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) / 7.0).collect();
+        let up: Vec<f32> = (0..1000)
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) / 3.0)
+            .collect();
+        let mut got = vec![0f32; 1000];
+        best_silu_mul()(&gate, &up, &mut got);
+        for ((&g, &u), &o) in gate.iter().zip(&up).zip(&got) {
+            let want = g as f64 / (1.0 + (-(g as f64)).exp()) * u as f64;
+            assert!(
+                (o as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "silu({g})·{u}: {o} vs {want}"
+            );
+        }
+    }
+}
+
+/// `out = x / rms(x) · w`, one row, with the sum of squares kept in 16
+/// lanes (a fixed order) so that it vectorizes.
+#[inline(always)]
+fn rms_norm_body(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let mut lanes = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v * v;
+        }
+    }
+    let mut sum_sq = 0f32;
+    for &v in tail {
+        sum_sq += v * v;
+    }
+    let mut width = 16;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            lanes[i] += lanes[i + width];
+        }
+    }
+    sum_sq += lanes[0];
+    let inv = 1.0 / (sum_sq / x.len() as f32 + eps).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * inv * g;
+    }
+}
+
+/// Rotates each head of a row in place: channel `j` with `j + half`, by
+/// the angles whose cos/sin are given (`half` values each).
+#[inline(always)]
+fn rope_body(row: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+    let half = head_dim / 2;
+    for head in row.chunks_exact_mut(head_dim.max(1)) {
+        let (a, b) = head.split_at_mut(half);
+        for (((x, y), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+            let (x0, x1) = (*x, *y);
+            *x = x0 * c - x1 * s;
+            *y = x1 * c + x0 * s;
+        }
+    }
+}
+
+/// Row-wise ops, compiled for AVX-512 where the CPU has it (the same
+/// arithmetic, wider vectors).
+#[derive(Clone, Copy)]
+pub struct RowOps {
+    pub rms_norm: fn(&[f32], &[f32], f32, &mut [f32]),
+    pub rope: fn(&mut [f32], usize, &[f32], &[f32]),
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rms_norm_avx512(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    rms_norm_body(x, w, eps, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rope_avx512(row: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+    rope_body(row, head_dim, cos, sin)
+}
+
+impl RowOps {
+    pub fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                return RowOps {
+                    rms_norm: |x, w, eps, out| {
+                        // SAFETY: chosen after checking AVX-512F.
+                        unsafe { rms_norm_avx512(x, w, eps, out) }
+                    },
+                    rope: |row, hd, cos, sin| {
+                        // SAFETY: chosen after checking AVX-512F.
+                        unsafe { rope_avx512(row, hd, cos, sin) }
+                    },
+                };
+            }
+        }
+        RowOps {
+            rms_norm: rms_norm_body,
+            rope: rope_body,
+        }
+    }
+}
+
+/// fp16 bit patterns to f32 (`out` as long as `bits`, or shorter).
+fn widen_f16_portable(bits: &[u16], out: &mut [f32]) {
+    use half::slice::HalfBitsSliceExt;
+    let n = bits.len().min(out.len());
+    half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+        bits[..n].reinterpret_cast::<half::f16>(),
+        &mut out[..n],
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn widen_f16_avx512(bits: &[u16], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = bits.len().min(out.len());
+    let full = n / 16 * 16;
+    let mut i = 0;
+    // SAFETY (loads and stores): i + 16 <= full <= the length of both.
+    while i < full {
+        let h = _mm256_loadu_si256(bits.as_ptr().add(i) as *const __m256i);
+        _mm512_storeu_ps(out.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+        i += 16;
+    }
+    widen_f16_portable(&bits[full..n], &mut out[full..n]);
+}
+
+/// Picks the fastest fp16-to-f32 conversion this CPU supports (the KV
+/// cache's fp16 blocks; `half`'s slice conversion goes 8 values per call).
+pub fn best_widen_f16() -> fn(&[u16], &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            return |b, o| {
+                // SAFETY: returned only after checking for AVX-512F.
+                unsafe { widen_f16_avx512(b, o) }
+            };
+        }
+    }
+    widen_f16_portable
 }
