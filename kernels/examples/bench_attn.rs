@@ -139,7 +139,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         dev.context().check_err()?;
         let us = median(times);
-        let params = if storage.is_integer() { 4 } else { 0 };
+        // Per-token parameters: an fp16 scale plus a one-byte zero-point
+        // (int8) or an fp16 zero (int4).
+        let params = match storage {
+            KvStorage::Int8 => 3,
+            KvStorage::Int4 => 4,
+            _ => 0,
+        };
         let read = (BATCH * CTX * 2 * HEADS * (storage.bytes_per_token_head(HD) + params)) as f64;
         let gbs = read / (us * 1e-6) / 1e9;
         if storage == KvStorage::F16 {

@@ -9,7 +9,6 @@
 //! depend on batch composition (fixed split length, fixed merge order).
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
-use half::f16;
 
 use crate::buffer::DeviceMatrix;
 use crate::device::GpuDevice;
@@ -92,13 +91,23 @@ impl KvLayout {
     }
 }
 
+/// Bytes of online parameters one segment of `block_len` token-heads owns:
+/// an fp16 scale each, then a one-byte zero-point each (int8) or an fp16
+/// zero each (int4), padded to an even size (`param_segment_bytes` in
+/// cu/paged_attn.cu).
+pub fn param_segment_bytes(storage: KvStorage, block_len: usize) -> usize {
+    let zero_bytes = if storage == KvStorage::Int8 { 1 } else { 2 };
+    2 * block_len + (zero_bytes * block_len).next_multiple_of(2)
+}
+
 /// A pool of KV blocks resident on one GPU.
 pub struct DeviceKvPool {
     layout: KvLayout,
     data: DeviceMatrix<u8>,
-    /// fp16 (scale, zero) per token-head in online integer modes; one
-    /// unused element otherwise.
-    params: DeviceMatrix<f16>,
+    /// Online integer modes: per segment of `block_len` token-heads, their
+    /// fp16 scales then their zeros ([`param_segment_bytes`] bytes); one
+    /// unused byte otherwise.
+    params: DeviceMatrix<u8>,
     /// `[layer][K, V][head][scale, zero]` in static mode; one unused
     /// element otherwise.
     statics: DeviceMatrix<f32>,
@@ -162,7 +171,10 @@ impl DeviceKvPool {
             None => dev.zeros(1, 1)?,
         };
         let params = if layout.storage.is_integer() && !static_mode {
-            dev.zeros(token_heads, 2)?
+            let bytes = (token_heads / layout.block_len)
+                .checked_mul(param_segment_bytes(layout.storage, layout.block_len))
+                .ok_or_else(|| KernelError::shape(OP, "the pool size overflows"))?;
+            dev.zeros(bytes, 1)?
         } else {
             dev.zeros(1, 1)?
         };
@@ -181,7 +193,7 @@ impl DeviceKvPool {
 
     /// Device bytes the pool holds (codes plus parameters).
     pub fn bytes(&self) -> usize {
-        self.data.len() + 2 * self.params.len() + 4 * self.statics.len()
+        self.data.len() + self.params.len() + 4 * self.statics.len()
     }
 }
 
@@ -387,8 +399,9 @@ pub fn kv_write(
     // SAFETY: matches `kv_write` in cu/paged_attn.cu. K and V are rows ×
     // H·hd f32 (checked above); `check_meta` checked every block id of
     // `meta` against this pool's size and each table's length against its
-    // row's position; params holds 2 halves per token-head in online integer modes, which
-    // is the only case the kernel writes it; statics holds L·2·H·2 floats
+    // row's position; params holds `param_segment_bytes` per segment of
+    // block_len token-heads in online integer modes, which is the only case
+    // the kernel writes it; statics holds L·2·H·2 floats
     // in static mode, the only case it is read.
     unsafe { b.launch(cfg) }.during("launching kv_write")?;
     Ok(())

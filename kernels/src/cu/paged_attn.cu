@@ -6,7 +6,13 @@
 //   th = (((block · L + layer) · 2 + which) · H + head) · BL + token
 // owns bytes [th · bytes_per_th, +bytes_per_th) of `data` (fp32, fp16, int8
 // codes, or int4 codes two per byte with the low nibble first) and, for
-// online integer modes, the fp16 pair params[2·th] = scale, [2·th+1] = zero.
+// online integer modes, per-token parameters in `params`, grouped per
+// segment of BL tokens: segment th / BL owns bytes [seg · P, +P), its BL
+// fp16 scales first, then its BL zeros: int8 stores the zero-point zp as
+// one byte (a code q reads back as (q − zp)·scale), int4 the fp16 zero (q
+// reads back as q·scale + zero); P = 2·BL + round_up(BL · zero bytes, 2).
+// The CPU keeps the same values in two flat arrays; turbomind's
+// `OnlineParams` has the rules.
 // Static modes read `statics[((layer · 2 + which) · H + head) · 2 + {0,1}]`.
 //
 // Row metadata `meta` (int32): [row_pos[rows] | row_table[rows] | tables…].
@@ -21,6 +27,27 @@
 
 __device__ __forceinline__ int bytes_per_th(int dt, int hd) {
     return dt == DT_F32 ? 4 * hd : dt == DT_F16 ? 2 * hd : dt == DT_I8 ? hd : hd / 2;
+}
+
+// Bytes of per-token parameters one segment of BL token-heads owns.
+__device__ __forceinline__ size_t param_segment_bytes(int dt, int BL) {
+    const int zero_bytes = dt == DT_I8 ? BL : 2 * BL;
+    return 2 * (size_t)BL + (size_t)((zero_bytes + 1) & ~1);
+}
+
+// The online (scale, zero) of token-head th, so that a value reads back as
+// q·scale + zero.
+template <int DT>
+__device__ __forceinline__ void kv_token_params(const void* __restrict__ params, size_t th, int BL,
+                                                float& scale, float& zero) {
+    const unsigned char* seg = (const unsigned char*)params + (th / BL) * param_segment_bytes(DT, BL);
+    const int t = (int)(th % BL);
+    scale = __half2float(((const __half*)seg)[t]);
+    if (DT == DT_I8) {
+        zero = -(float)seg[2 * BL + t] * scale;
+    } else {
+        zero = __half2float(((const __half*)(seg + 2 * BL))[t]);
+    }
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -38,7 +65,7 @@ __device__ __forceinline__ u32 quantize_level(float x, float scale, float zero, 
 // y = which · H + head; one warp per token-head.
 extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ v,
                                     const int* __restrict__ meta, int rows,
-                                    unsigned char* __restrict__ data, __half* __restrict__ params,
+                                    unsigned char* __restrict__ data, unsigned char* __restrict__ params,
                                     const float* __restrict__ statics, int dt, int static_mode,
                                     int layer, int L, int H, int hd, int BL) {
     const int row = blockIdx.x;
@@ -75,17 +102,44 @@ extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __
         }
         lo = -warp_max(-lo);
         hi = warp_max(hi);
-        // As the CPU does it: scale = max((max − min) / levels, 1e-8), kept
-        // at or above fp16's smallest normal, both rounded to fp16; codes
-        // are made with the rounded pair.
-        const float s = fmaxf(fmaxf((hi - lo) / levels, 1e-8f), 6.103515625e-05f);
-        const __half hs = __float2half_rn(s), hz = __float2half_rn(lo);
-        if (lane == 0) {
-            params[2 * th] = hs;
-            params[2 * th + 1] = hz;
+        // As the CPU does it (turbomind's `OnlineParams::of`, which
+        // explains the rules), and codes are made with the stored pair.
+        // int4: scale = max((max − min) / 15, 1e-8) kept at or above fp16's
+        // smallest normal, zero = min, both rounded to fp16. int8: the same
+        // step, stretched to reach zero for a range that excludes it, kept
+        // at or above fp16's smallest normal and rounded up to fp16; the
+        // zero-point round(−min / scale) is clamped to 0..=255.
+        const float step = fmaxf((hi - lo) / levels, 1e-8f);
+        unsigned char* seg = params + (th / BL) * param_segment_bytes(dt, BL);
+        const int t = (int)(th % BL);
+        if (dt == DT_I8) {
+            const float top = lo + step * levels;
+            const float ideal = roundf(-lo / step);
+            float needed = step;
+            if (ideal > levels) {
+                needed = fmaxf(step, -lo / levels);
+            } else if (ideal < 0.0f) {
+                needed = fmaxf(step, top / levels);
+            }
+            const __half hs = __float2half_ru(fmaxf(needed, 6.103515625e-05f));
+            const float s = __half2float(hs);
+            const float zp = fminf(fmaxf(roundf(-lo / s), 0.0f), levels);
+            if (lane == 0) {
+                ((__half*)seg)[t] = hs;
+                seg[2 * BL + t] = (unsigned char)zp;
+            }
+            scale = s;
+            zero = -zp * s;
+        } else {
+            const __half hs = __float2half_rn(fmaxf(step, 6.103515625e-05f));
+            const __half hz = __float2half_rn(lo);
+            if (lane == 0) {
+                ((__half*)seg)[t] = hs;
+                ((__half*)(seg + 2 * BL))[t] = hz;
+            }
+            scale = __half2float(hs);
+            zero = __half2float(hz);
         }
-        scale = __half2float(hs);
-        zero = __half2float(hz);
     }
     if (dt == DT_I8) {
         for (int i = lane; i < hd; i += 32) dst[i] = (unsigned char)quantize_level(x[i], scale, zero, levels);
@@ -251,12 +305,8 @@ __device__ void paged_attn(const float* __restrict__ q, const int* __restrict__ 
                     vs = s[2 * H];
                     vz = s[2 * H + 1];
                 } else {
-                    const __half2 kp = *(const __half2*)(params + 2 * thk);
-                    const __half2 vp = *(const __half2*)(params + 2 * thv);
-                    ks = __low2float(kp);
-                    kz = __high2float(kp);
-                    vs = __low2float(vp);
-                    vz = __high2float(vp);
+                    kv_token_params<DT>(params, thk, BL, ks, kz);
+                    kv_token_params<DT>(params, thv, BL, vs, vz);
                 }
             }
             loadv<DT, VEC>(data + thk * bpt, d0, ks, kz, kv[u]);

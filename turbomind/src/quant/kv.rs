@@ -222,24 +222,108 @@ pub fn online_params(x: &[f32], levels: f32) -> (f32, f32) {
     (scale, min)
 }
 
-/// Online parameters as a KV block stores them: rounded to fp16, with the
-/// scale kept at or above fp16's smallest normal so that it never rounds to
-/// zero. Quantizing with the rounded pair keeps write and read consistent.
-pub fn online_params_f16(x: &[f32], levels: f32) -> (half::f16, half::f16) {
-    let (scale, zero) = online_params(x, levels);
-    (
-        half::f16::from_f32(scale.max(half::f16::MIN_POSITIVE.to_f32())),
-        half::f16::from_f32(zero),
-    )
+/// Online parameters as a KV block stores them: an fp16 scale, plus
+///
+/// - **int8:** an integer zero-point `zp` in one byte (`0..=255`), so that a
+///   code `q` reads back as `(q − zp)·scale`. Three bytes per token-head
+///   instead of an fp16 (scale, zero) pair: with head_dim 64 that is what
+///   lets int8 KV hold more than 1.9× the tokens of fp16 (128 / 67 bytes)
+///   rather than 1.88× (128 / 68). The scale is the asymmetric one, `(max −
+///   min) / 255`, whenever the range contains zero; a range that excludes
+///   zero is stretched to reach it (`zp` = 0 or 255), which is never coarser
+///   than symmetric int8. The scale is rounded up to fp16 and `zp =
+///   round(−min / scale)` clamped, so the grid holds `[min, max]` to within
+///   half a step at each end and every value quantizes within half a step.
+/// - **int4:** an fp16 zero (the minimum), as TurboMind stores it. With 16
+///   levels the half-step shift that an integer zero-point puts on the
+///   range's ends costs measurable perplexity (docs/QUALITY.md), and int4
+///   meets its memory ratio with the pair.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OnlineParams {
+    pub scale: half::f16,
+    pub zero: StoredZero,
+}
+
+/// The zero of [`OnlineParams`] as a block stores it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StoredZero {
+    /// int8: the zero-point, `x = (q − zp)·scale`.
+    Point(u8),
+    /// int4: the zero itself, `x = q·scale + zero`.
+    Value(half::f16),
+}
+
+impl OnlineParams {
+    /// Bytes the stored zero takes per token-head.
+    pub fn zero_bytes(dtype: KvDtype) -> usize {
+        if dtype == KvDtype::Int8 {
+            1
+        } else {
+            2
+        }
+    }
+
+    pub fn of(x: &[f32], dtype: KvDtype) -> Self {
+        let levels = dtype.levels().unwrap_or(255.0);
+        let (step, min) = online_params(x, levels);
+        let at_least = |v: f32| {
+            let v = v.max(half::f16::MIN_POSITIVE.to_f32());
+            let h = half::f16::from_f32(v);
+            if h.to_f32() < v {
+                half::f16::from_bits(h.to_bits() + 1)
+            } else {
+                h
+            }
+        };
+        if dtype != KvDtype::Int8 {
+            return OnlineParams {
+                scale: half::f16::from_f32(step.max(half::f16::MIN_POSITIVE.to_f32())),
+                zero: StoredZero::Value(half::f16::from_f32(min)),
+            };
+        }
+        let max = min + step * levels;
+        let ideal = (-min / step).round();
+        let needed = if ideal > levels {
+            // Entirely below zero: zp = 255 ends the grid at zero.
+            step.max(-min / levels)
+        } else if ideal < 0.0 {
+            // Entirely above zero: zp = 0 starts the grid at zero.
+            step.max(max / levels)
+        } else {
+            step
+        };
+        let scale = at_least(needed);
+        let zp = (-min / scale.to_f32()).round().clamp(0.0, levels);
+        OnlineParams {
+            scale,
+            zero: StoredZero::Point(zp as u8),
+        }
+    }
+
+    /// (scale, zero) in the form the readers use: `x = q·scale + zero`.
+    #[inline]
+    pub fn scale_zero(self) -> (f32, f32) {
+        let scale = self.scale.to_f32();
+        match self.zero {
+            StoredZero::Point(zp) => (scale, -(zp as f32) * scale),
+            StoredZero::Value(z) => (scale, z.to_f32()),
+        }
+    }
 }
 
 /// Bytes one token of one KV head takes in a KV block, for K or for V: its
-/// codes, plus an fp16 (scale, zero) pair where parameters are per token
-/// (online and smooth modes of the integer dtypes).
+/// codes, plus an fp16 scale and the stored zero ([`OnlineParams`]) where
+/// parameters are per token (online and smooth modes of the integer
+/// dtypes).
 pub fn bytes_per_token_head(head_dim: usize, config: &KvCacheConfig) -> usize {
     let codes = (head_dim as f32 * config.dtype.bytes_per_value()).ceil() as usize;
     let per_token_params = config.dtype.levels().is_some() && config.mode != KvMode::Static;
-    codes + if per_token_params { 4 } else { 0 }
+    codes
+        + if per_token_params {
+            2 + OnlineParams::zero_bytes(config.dtype)
+        } else {
+            0
+        }
 }
 
 /// The integer level of one value.
@@ -269,6 +353,45 @@ mod tests {
         hadamard(&mut y);
         for (a, b) in x.iter().zip(&y) {
             assert!((a - b).abs() < 1e-5);
+        }
+    }
+
+    /// The stored form keeps the half-step bound on ranges that straddle
+    /// zero, sit far from it on either side, or are a single value.
+    #[test]
+    fn stored_online_params_round_trip_within_half_a_step() {
+        let shapes: [(f32, f32); 6] = [
+            (-3.0, 2.0),
+            (10.0, 10.5),
+            (-40.0, -39.9),
+            (0.0, 1e-3),
+            (5.0, 5.0),
+            (-1e4, 3e4),
+        ];
+        for (lo, hi) in shapes {
+            let x: Vec<f32> = (0..64)
+                .map(|i| lo + (hi - lo) * ((i * 37 % 64) as f32 / 63.0))
+                .collect();
+            for dtype in [KvDtype::Int8, KvDtype::Int4] {
+                let levels = dtype.levels().expect("integer dtype");
+                let p = OnlineParams::of(&x, dtype);
+                let (scale, zero) = p.scale_zero();
+                assert!(scale > 0.0);
+                for &v in &x {
+                    let q = quantize_value(v, scale, zero, levels);
+                    let back = q as f32 * scale + zero;
+                    assert!(
+                        (back - v).abs() <= scale * 0.5 * (1.0 + 1e-3) + v.abs() * 1e-6,
+                        "[{lo}, {hi}] in {dtype:?}: {v} came back as {back} (scale {scale})"
+                    );
+                }
+                // Where the range contains zero, or for int4 always, the
+                // step is the asymmetric one, up to fp16 rounding.
+                if (lo <= 0.0 && hi >= 0.0) || dtype == KvDtype::Int4 {
+                    let step = ((hi - lo) / levels).max(half::f16::MIN_POSITIVE.to_f32());
+                    assert!(scale <= step * (1.0 + 2e-3), "[{lo}, {hi}] in {dtype:?}");
+                }
+            }
         }
     }
 

@@ -5,8 +5,9 @@
 //! Layout. A block is `[layer][K, V][kv_head][token][head_dim]`, so that
 //! attention reads one head's tokens of a block contiguously. Integer codes
 //! keep the same order (int4: two per byte, low nibble first); online
-//! parameters sit in a parallel array, one fp16 (scale, zero) pair per
-//! token and head, as TurboMind stores them. Static mode stores no
+//! parameters sit in two parallel arrays, an fp16 scale and the stored zero
+//! per token and head ([`OnlineParams`]: a one-byte zero-point for int8,
+//! an fp16 zero for int4). Static mode stores no
 //! parameters: they come from the checkpoint.
 //!
 //! The allocation is zero-initialised, which the OS maps lazily, so an
@@ -18,7 +19,7 @@ use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use super::shape_error;
 use crate::backend::{KvPoolSpec, SeqSpan};
 use crate::error::{Error, Result};
-use crate::quant::kv::{hadamard, online_params_f16, quantize_value, KvDtype, KvMode};
+use crate::quant::kv::{hadamard, quantize_value, KvDtype, KvMode, OnlineParams, StoredZero};
 
 #[derive(Clone)]
 enum Store {
@@ -27,8 +28,12 @@ enum Store {
     F16(Vec<u16>),
     Quant {
         codes: Vec<u8>,
-        /// fp16 bits of (scale, zero) per token-head; empty in static mode.
-        params: Vec<u16>,
+        /// fp16 bits of the scale per token-head; empty in static mode.
+        scales: Vec<u16>,
+        /// The stored zero per token-head ([`OnlineParams`]): one byte (the
+        /// int8 zero-point) or two (int4's fp16 zero, little-endian); empty
+        /// in static mode.
+        zeros: Vec<u8>,
     },
 }
 
@@ -96,10 +101,15 @@ impl CpuKvPool {
             KvDtype::F16 => Store::F16(vec![0; values]),
             KvDtype::Int8 | KvDtype::Int4 => Store::Quant {
                 codes: vec![0; values],
-                params: if config.mode == KvMode::Static {
+                scales: if config.mode == KvMode::Static {
                     Vec::new()
                 } else {
-                    vec![0; token_heads * 2]
+                    vec![0; token_heads]
+                },
+                zeros: if config.mode == KvMode::Static {
+                    Vec::new()
+                } else {
+                    vec![0; token_heads * OnlineParams::zero_bytes(config.dtype)]
                 },
             },
         };
@@ -225,14 +235,23 @@ impl CpuKvPool {
             Store::F16(buf) => buf[at..at + n]
                 .reinterpret_cast_mut::<f16>()
                 .convert_from_f32_slice(x),
-            Store::Quant { codes, params } => {
+            Store::Quant {
+                codes,
+                scales,
+                zeros,
+            } => {
                 let (scale, zero) = match statics {
                     Some(p) => p,
                     None => {
-                        let (s, z) = online_params_f16(x, levels);
-                        params[th * 2] = s.to_bits();
-                        params[th * 2 + 1] = z.to_bits();
-                        (s.to_f32(), z.to_f32())
+                        let p = OnlineParams::of(x, self.spec.config.dtype);
+                        scales[th] = p.scale.to_bits();
+                        match p.zero {
+                            StoredZero::Point(zp) => zeros[th] = zp,
+                            StoredZero::Value(z) => {
+                                zeros[2 * th..2 * th + 2].copy_from_slice(&z.to_le_bytes())
+                            }
+                        }
+                        p.scale_zero()
                     }
                 };
                 let dst = &mut codes[at..at + n];
@@ -288,16 +307,28 @@ impl CpuKvPool {
         match &self.store {
             Store::F32(buf) => out.copy_from_slice(&buf[first * n..(first + tokens) * n]),
             Store::F16(buf) => (self.widen)(&buf[first * n..(first + tokens) * n], out),
-            Store::Quant { codes, params } => {
+            Store::Quant {
+                codes,
+                scales,
+                zeros,
+            } => {
                 let statics = self.static_param(layer, which, head);
                 let int4 = self.spec.config.dtype == KvDtype::Int4;
                 for (t, dst) in out.chunks_exact_mut(hd).enumerate() {
                     let th = first + t;
                     let (scale, zero) = statics.unwrap_or_else(|| {
-                        (
-                            f16::from_bits(params[th * 2]).to_f32(),
-                            f16::from_bits(params[th * 2 + 1]).to_f32(),
-                        )
+                        OnlineParams {
+                            scale: f16::from_bits(scales[th]),
+                            zero: if int4 {
+                                StoredZero::Value(f16::from_le_bytes([
+                                    zeros[2 * th],
+                                    zeros[2 * th + 1],
+                                ]))
+                            } else {
+                                StoredZero::Point(zeros[th])
+                            },
+                        }
+                        .scale_zero()
                     });
                     let c = &codes[th * n..(th + 1) * n];
                     if int4 {
@@ -308,6 +339,102 @@ impl CpuKvPool {
                     } else {
                         for (d, &q) in dst.iter_mut().zip(c) {
                             *d = q as f32 * scale + zero;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::AttnShape;
+    use crate::quant::kv::KvCacheConfig;
+
+    /// Online int8/int4 rows written into the pool come back within half a
+    /// quantization step of each token-head's own range, for ranges that
+    /// straddle zero and ranges far from it on either side; and the pool
+    /// allocates exactly the bytes that the engine budgets per block.
+    #[test]
+    fn online_rows_round_trip_within_half_a_step() {
+        let shape = AttnShape {
+            num_heads: 2,
+            num_kv_heads: 2,
+            head_dim: 64,
+            num_layers: 2,
+        };
+        let (hd, kv_dim, block_len) = (64, 128, 8);
+        for dtype in [KvDtype::Int8, KvDtype::Int4] {
+            let config = KvCacheConfig {
+                dtype,
+                mode: KvMode::Online,
+                static_params: None,
+            };
+            let spec = KvPoolSpec {
+                shape,
+                config: config.clone(),
+                num_blocks: 4,
+                block_len,
+            };
+            let mut pool = CpuKvPool::new(&spec).expect("pool");
+            let Store::Quant {
+                codes,
+                scales,
+                zeros,
+            } = &pool.store
+            else {
+                panic!("an integer pool stores codes");
+            };
+            let stored = codes.len() + 2 * scales.len() + zeros.len();
+            let budget = 4 * KvPoolSpec::bytes_per_block(&shape, &config, block_len);
+            assert_eq!(stored, budget);
+
+            // Row r, head h: a range chosen per (r, h) among four kinds.
+            let rows = 11;
+            let ranges = [
+                (-3.0f32, 2.0f32),
+                (10.0, 10.5),
+                (-40.0, -39.0),
+                (-0.01, 0.02),
+            ];
+            let mut k = vec![0f32; rows * kv_dim];
+            for (i, x) in k.iter_mut().enumerate() {
+                let (r, h, d) = (i / kv_dim, i % kv_dim / hd, i % hd);
+                let (lo, hi) = ranges[(r + h) % ranges.len()];
+                *x = lo + (hi - lo) * (((d * 29 + r * 7) % 64) as f32 / 63.0);
+            }
+            let v: Vec<f32> = k.iter().map(|x| -x).collect();
+            let span = SeqSpan {
+                rows: 0..rows,
+                start_pos: 3,
+                blocks: vec![2, 0, 3],
+            };
+            pool.write(1, &k, &v, &span).expect("write");
+            let levels = dtype.levels().expect("integer dtype");
+            for (which, src) in [&k, &v].into_iter().enumerate() {
+                for h in 0..2 {
+                    for r in 0..rows {
+                        let pos = 3 + r;
+                        let mut out = vec![0f32; block_len * hd];
+                        let block = span.blocks[pos / block_len] as usize;
+                        pool.load(1, which, block, h, block_len, &mut out);
+                        let got = &out[(pos % block_len) * hd..][..hd];
+                        let want = &src[r * kv_dim + h * hd..][..hd];
+                        let (lo, hi) = want
+                            .iter()
+                            .fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+                        // The step never exceeds the asymmetric one by more
+                        // than what reaching a far-from-zero range needs.
+                        let step = ((hi - lo) / levels)
+                            .max(lo.abs().max(hi.abs()) / 120.0)
+                            .max(6.2e-5);
+                        for (g, w) in got.iter().zip(want) {
+                            assert!(
+                                (g - w).abs() <= 0.5 * step + 1e-6,
+                                "{dtype:?} which {which} head {h} row {r}: {w} read back as {g}"
+                            );
                         }
                     }
                 }
