@@ -8,14 +8,17 @@
 //!    of codes + scales/zeros streamed per call over the time, and that as a
 //!    fraction of the copy bandwidth.
 //!
-//! Timing: CUDA events around 32 back-to-back calls (one per copy), after a
-//! warm-up; the median of 20 such rounds. Each round is timed two ways: the
-//! 32 calls captured once into a CUDA graph and replayed (the GPU's own
-//! time, as an engine that captures its decode step sees it), and launched
-//! one by one from the host (adds the host's launch cost where it exceeds
-//! the kernel's). The graph time is also taken for a few forced K-split
-//! counts (warps per block) around the automatic plan, and with
-//! programmatic dependent launch on. Without a GPU it prints
+//! 3. The 7 linears of one Llama-2-7B layer (q, k, v, o, gate, up, down)
+//!    launched back to back in one CUDA graph, 32 layers of distinct weight
+//!    copies per replay: total weight bytes over total time, which is how
+//!    the ≥ 80%-of-copy target is defined.
+//!
+//! Timing: CUDA events around a CUDA-graph replay of 32 back-to-back calls
+//! (one per copy; one per layer in 3.), after a warm-up; the median of 20
+//! replays. Every launch configuration (the classic kernel and several
+//! streaming ones, see `kernel_configs`) is timed with and without
+//! programmatic dependent launch (PDL). Activations are fp16, outputs fp32
+//! (what the engine's linears use). Without a GPU it prints
 //! "skipped: no CUDA device" and exits 0.
 //!
 //! Run: `cargo run --release -p lmq-kernels --example bench_w4`
@@ -25,7 +28,7 @@ use std::sync::Arc;
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaEvent, CudaGraph, CudaStream};
 use half::f16;
-use lmq_kernels::{GpuDevice, KernelError, PackedW4, W4A16Linear};
+use lmq_kernels::{GpuDevice, KernelError, PackedW4, W4A16Linear, W4Kernel, DEFAULT_KERNEL};
 
 const COPIES: usize = 32;
 const ROUNDS: usize = 20;
@@ -93,6 +96,56 @@ fn random_packed(rng: &mut Rng, k: usize, n: usize, g: usize) -> PackedW4 {
     }
 }
 
+/// The kernel launches the benchmark compares: the classic kernel and a
+/// few streaming configurations (warps per block, ring stages, blocks per
+/// SM); the first streaming one is the default.
+fn kernel_configs() -> Vec<(String, W4Kernel)> {
+    let mut v = vec![("classic".to_string(), W4Kernel::Classic)];
+    for (warps, stages, blocks_per_sm) in [(8, 8, 1), (8, 4, 1), (4, 8, 2), (4, 8, 1), (8, 8, 2)] {
+        let k = W4Kernel::Stream {
+            warps,
+            stages,
+            blocks_per_sm,
+        };
+        let name = if k == DEFAULT_KERNEL {
+            format!("stream w{warps} s{stages} b{blocks_per_sm} (default)")
+        } else {
+            format!("stream w{warps} s{stages} b{blocks_per_sm}")
+        };
+        v.push((name, k));
+    }
+    v
+}
+
+/// Median µs of one replay of `graph` over `ROUNDS` rounds.
+fn replay_us(
+    dev: &GpuDevice,
+    start: &CudaEvent,
+    end: &CudaEvent,
+    stream: &Arc<CudaStream>,
+    graph: &CudaGraph,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    graph.launch()?;
+    let mut times = Vec::new();
+    for _ in 0..ROUNDS {
+        times.push(timed(dev, start, end, stream, || {
+            graph.launch().map_err(|e| KernelError::Driver {
+                context: "graph",
+                source: e,
+            })
+        })?);
+    }
+    Ok(median(times) * 1e3)
+}
+
+fn set_all(layers: &mut [W4A16Linear], kernel: W4Kernel, pdl: bool) -> Result<(), KernelError> {
+    for l in layers {
+        l.set_kernel_kind(kernel)?;
+        l.set_pdl(pdl);
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dev = match GpuDevice::new(0) {
         Ok(d) => d,
@@ -145,20 +198,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     drop(src);
     drop(dst);
+    let pct = |wbytes: f64, us: f64| 100.0 * wbytes / (us * 1e-6) / 1e9 / copy_gbs;
 
-    // 2. W4A16 GEMV.
+    // 2. W4A16 GEMV, per linear. All 32 copies of each shape stay resident:
+    //    the layer graph below uses them too.
     let g = 128;
-    // LMQ_BENCH_SHAPE (a substring of the linear's name) and LMQ_BENCH_M
-    // (one row count) narrow the run, e.g. for a profiler.
-    let only_shape = std::env::var("LMQ_BENCH_SHAPE").ok();
-    let shapes: Vec<(&str, usize, usize)> = [
-        ("q/k/v/o", 4096usize, 4096usize),
+    let shapes: [(&str, usize, usize); 3] = [
+        ("q/k/v/o", 4096, 4096),
         ("gate/up", 4096, 11008),
         ("down", 11008, 4096),
-    ]
-    .into_iter()
-    .filter(|(name, _, _)| only_shape.as_deref().is_none_or(|s| name.contains(s)))
-    .collect();
+    ];
     let ms_list: Vec<usize> = match std::env::var("LMQ_BENCH_M")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -166,193 +215,145 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(m) => vec![m],
         None => vec![1, 4, 16],
     };
-    let mut rows_out = Vec::new();
-    let mut per_m = vec![0.0f64; ms_list.len()];
-    let mut per_m_pdl = vec![0.0f64; ms_list.len()];
-    for &(name, k, n) in &shapes {
+    let configs = kernel_configs();
+    let mut sets: Vec<Vec<W4A16Linear>> = Vec::new();
+    for &(_, k, n) in &shapes {
         let packed = random_packed(&mut rng, k, n, g);
-        let mut layers = (0..COPIES)
-            .map(|_| W4A16Linear::new(&dev, &packed, None))
-            .collect::<Result<Vec<_>, _>>()?;
-        let wbytes = layers[0].weight_bytes();
-        for (mi, &m) in ms_list.iter().enumerate() {
+        sets.push(
+            (0..COPIES)
+                .map(|_| W4A16Linear::new(&dev, &packed, None))
+                .collect::<Result<Vec<_>, _>>()?,
+        );
+    }
+    let mut rows_out = Vec::new();
+    for (si, &(name, k, n)) in shapes.iter().enumerate() {
+        let layers = &mut sets[si];
+        let wbytes = layers[0].weight_bytes() as f64;
+        for &m in &ms_list {
             let x: Vec<f16> = (0..m * k)
                 .map(|_| f16::from_f32((rng.next() % 2001) as f32 / 1000.0 - 1.0 + 1e-4))
                 .collect();
             let xd = dev.upload(&x, m, k)?;
-            let mut out = dev.zeros::<f16>(m, n)?;
-            let auto = layers[0].plan(m)?;
-            // Split counts to try: the automatic one first.
-            // (K splits, PDL, batch depth U): the automatic plan first.
-            let mut variants = vec![(None, false, None)];
-            for s in [auto.splits / 2, auto.splits * 2, 16] {
-                if s >= 1 && s != auto.splits && s <= k.div_ceil(128) {
-                    variants.push((Some(s), false, None));
-                }
-            }
-            for u in [1, 2, 4] {
-                for s in [None, Some(auto.splits * 2)] {
-                    variants.push((s, false, Some(u)));
-                }
-            }
-            variants.push((None, true, None));
-            let mut graph_us = Vec::new();
-            let mut pdl_us = f64::NAN;
-            for &(splits, pdl, batch) in &variants {
-                let mut exists = true;
-                for l in layers.iter_mut() {
-                    l.set_pdl(pdl);
-                    exists &= l.set_batch(batch);
-                }
-                if !exists || splits.is_some_and(|s| s > 16) {
-                    continue;
-                }
-                // Warm up outside the capture.
-                let mut ok = true;
-                for l in layers.iter_mut() {
-                    if l.forward_with(&dev, &xd, &mut out, splits).is_err() {
-                        ok = false;
-                        break;
-                    }
-                }
-                if !ok {
-                    continue; // that split does not fit shared memory at this M
-                }
-                let mut plan = auto;
-                let graph = capture(&stream, || {
-                    for l in layers.iter_mut() {
-                        plan = l.forward_with(&dev, &xd, &mut out, splits)?;
-                    }
-                    Ok(())
-                })?;
-                graph.launch()?;
-                let mut times = Vec::new();
-                for _ in 0..ROUNDS {
-                    times.push(timed(&dev, &start, &end, &stream, || {
-                        graph.launch().map_err(|e| KernelError::Driver {
-                            context: "graph",
-                            source: e,
-                        })
-                    })?);
-                }
-                let us = median(times) * 1e3 / COPIES as f64;
-                if pdl {
-                    pdl_us = us;
-                } else {
-                    graph_us.push((us, plan, batch));
-                }
-            }
-            for l in layers.iter_mut() {
-                l.set_pdl(false);
-                l.set_batch(None);
-            }
-            let mut times = Vec::new();
-            for _ in 0..ROUNDS {
-                times.push(timed(&dev, &start, &end, &stream, || {
-                    for l in layers.iter_mut() {
+            let mut out = dev.zeros::<f32>(m, n)?;
+            // (config, PDL) → µs per call.
+            let mut cells = Vec::new();
+            for (cname, kernel) in &configs {
+                for pdl in [false, true] {
+                    set_all(layers, *kernel, pdl)?;
+                    for l in layers.iter() {
                         l.forward(&dev, &xd, &mut out)?;
                     }
-                    Ok(())
-                })?);
+                    let graph = capture(&stream, || {
+                        for l in layers.iter() {
+                            l.forward(&dev, &xd, &mut out)?;
+                        }
+                        Ok(())
+                    })?;
+                    let us = replay_us(&dev, &start, &end, &stream, &graph)? / COPIES as f64;
+                    cells.push((cname.clone(), pdl, us));
+                }
             }
-            let direct_us = median(times) * 1e3 / COPIES as f64;
-            let (us, plan, _) = graph_us[0];
-            let (best_us, best, best_u) = graph_us
-                .iter()
-                .copied()
-                .min_by(|a, b| a.0.total_cmp(&b.0))
-                .unwrap_or(graph_us[0]);
-            let gbs = wbytes as f64 / (us * 1e-6) / 1e9;
-            let count = if name == "q/k/v/o" {
-                4.0
-            } else if name == "gate/up" {
-                2.0
-            } else {
-                1.0
+            let plan = {
+                set_all(layers, DEFAULT_KERNEL, false)?;
+                layers[0].plan(m)?
             };
-            per_m[mi] += count * us;
-            per_m_pdl[mi] += count * pdl_us;
+            let get = |c: &str, p: bool| {
+                cells
+                    .iter()
+                    .find(|(n, pp, _)| n.starts_with(c) && *pp == p)
+                    .map_or(f64::NAN, |e| e.2)
+            };
+            let (classic, classic_pdl) = (get("classic", false), get("classic", true));
+            let (def, def_pdl) = (get("stream w8 s8 b1", false), get("stream w8 s8 b1", true));
+            let best = cells
+                .iter()
+                .filter(|c| c.1)
+                .min_by(|a, b| a.2.total_cmp(&b.2))
+                .unwrap();
             rows_out.push(format!(
-                "| {name:8} | {k:5}x{n:5} | {m:2} | {us:7.2} | {gbs:6.0} | {:5.1}% | {pdl_us:7.2} | {:5.1}% | {direct_us:7.2} | {}x{}, kc {} | {best_us:7.2} @ S={}{} |",
-                100.0 * gbs / copy_gbs,
-                100.0 * wbytes as f64 / (pdl_us * 1e-6) / 1e9 / copy_gbs,
+                "| {name:8} | {k:5}x{n:5} | {m:2} | {classic:6.2} ({:4.1}%) | {classic_pdl:6.2} ({:4.1}%) | {def:6.2} ({:4.1}%) | {def_pdl:6.2} ({:4.1}%) | {:6.0} | {}x{} ppb {} | {:.2} {} |",
+                pct(wbytes, classic),
+                pct(wbytes, classic_pdl),
+                pct(wbytes, def),
+                pct(wbytes, def_pdl),
+                wbytes / (def_pdl * 1e-6) / 1e9,
                 plan.n_blocks,
                 plan.splits,
-                plan.kc,
-                best.splits,
-                best_u.map_or(String::new(), |u| format!(" U={u}"))
+                plan.pairs_per_block,
+                best.2,
+                best.0,
             ));
+            let all: Vec<String> = cells
+                .iter()
+                .map(|(c, p, us)| format!("{c}{}: {us:.2}", if *p { "+pdl" } else { "" }))
+                .collect();
+            println!("{name} M={m}: {}", all.join(" | "));
         }
     }
-    // Batch depths U = 2 and 4 against their memory-only probes (same
-    // loads, no math): M = 1, automatic split, graph replay.
-    let mut probe_rows = Vec::new();
-    if std::env::var("LMQ_BENCH_PROBE").map_or(true, |v| v != "0") {
-        for &(name, k, n) in &shapes {
-            let packed = random_packed(&mut rng, k, n, g);
-            let mut layers = (0..COPIES)
-                .map(|_| W4A16Linear::new(&dev, &packed, None))
-                .collect::<Result<Vec<_>, _>>()?;
-            let wbytes = layers[0].weight_bytes();
-            let x: Vec<f16> = (0..k)
-                .map(|_| f16::from_f32((rng.next() % 2001) as f32 / 1000.0 - 1.0 + 1e-4))
-                .collect();
-            let xd = dev.upload(&x, 1, k)?;
-            let mut out = dev.zeros::<f16>(1, n)?;
-            let mut cells = Vec::new();
-            for v in [
-                "g128_r1_u2",
-                "g128_r1_u2_probe",
-                "g128_r1_u4",
-                "g128_r1_u4_probe",
-            ] {
-                for l in layers.iter_mut() {
-                    l.set_kernel(&dev, Some(v))?;
-                    l.forward(&dev, &xd, &mut out)?;
+
+    // 3. The 7 linears of one Llama-2-7B layer (q, k, v, o, gate, up, down)
+    //    back to back in one graph, 32 layers per replay, each layer with
+    //    distinct weight copies, activations [M][4096] and [M][11008].
+    let mut layer_rows = Vec::new();
+    for &m in &ms_list {
+        let x4: Vec<f16> = (0..m * 4096)
+            .map(|_| f16::from_f32((rng.next() % 2001) as f32 / 1000.0 - 1.0 + 1e-4))
+            .collect();
+        let x11: Vec<f16> = (0..m * 11008)
+            .map(|_| f16::from_f32((rng.next() % 2001) as f32 / 1000.0 - 1.0 + 1e-4))
+            .collect();
+        let (x4d, x11d) = (dev.upload(&x4, m, 4096)?, dev.upload(&x11, m, 11008)?);
+        let mut o4 = dev.zeros::<f32>(m, 4096)?;
+        let mut o11 = dev.zeros::<f32>(m, 11008)?;
+        let layer_bytes = 4.0 * sets[0][0].weight_bytes() as f64
+            + 2.0 * sets[1][0].weight_bytes() as f64
+            + sets[2][0].weight_bytes() as f64;
+        for (cname, kernel) in &configs {
+            for pdl in [false, true] {
+                for set in sets.iter_mut() {
+                    set_all(set, *kernel, pdl)?;
                 }
-                let graph = capture(&stream, || {
-                    for l in layers.iter_mut() {
-                        l.forward(&dev, &xd, &mut out)?;
+                let (qkvo, rest) = sets.split_at(1);
+                let (gu, dn) = rest.split_at(1);
+                let mut run = || -> Result<(), KernelError> {
+                    for c in 0..COPIES {
+                        for j in 0..4 {
+                            qkvo[0][(4 * c + j) % COPIES].forward(&dev, &x4d, &mut o4)?;
+                        }
+                        for j in 0..2 {
+                            gu[0][(2 * c + j) % COPIES].forward(&dev, &x4d, &mut o11)?;
+                        }
+                        dn[0][c].forward(&dev, &x11d, &mut o4)?;
                     }
                     Ok(())
-                })?;
-                graph.launch()?;
-                let mut times = Vec::new();
-                for _ in 0..ROUNDS {
-                    times.push(timed(&dev, &start, &end, &stream, || {
-                        graph.launch().map_err(|e| KernelError::Driver {
-                            context: "graph",
-                            source: e,
-                        })
-                    })?);
-                }
-                let us = median(times) * 1e3 / COPIES as f64;
-                let pct = 100.0 * wbytes as f64 / (us * 1e-6) / 1e9 / copy_gbs;
-                cells.push(format!("{v}: {us:.2} us {pct:.0}%"));
+                };
+                run()?;
+                let graph = capture(&stream, run)?;
+                let us = replay_us(&dev, &start, &end, &stream, &graph)? / COPIES as f64;
+                layer_rows.push(format!(
+                    "| {m:2} | {cname:28} | {:3} | {us:7.2} | {:6.0} | {:5.1}% |",
+                    if pdl { "on" } else { "off" },
+                    layer_bytes / (us * 1e-6) / 1e9,
+                    pct(layer_bytes, us)
+                ));
             }
-            probe_rows.push(format!("{name:8} M=1 | {}", cells.join(" | ")));
         }
     }
 
     println!();
-    for r in probe_rows {
-        println!("{r}");
-    }
-    println!();
-    println!("W4A16 GEMV, g = {g}, {COPIES} weight copies, median of {ROUNDS} rounds; weight bytes = codes + fp16 scales + fp16 zeros");
-    println!("us/call and GB/s from graph replay; 'launched' = the same calls launched one by one from the host;");
-    println!("'PDL' = graph replay with programmatic dependent launch (weights load while the previous call finishes);");
-    println!("'best split' = fastest graph time (no PDL) over forced K-split counts (S = warps per block) around the automatic plan");
-    println!("| linear   | in x out    |  M | us/call |  GB/s  | of copy | PDL us  | of copy | launched | grid (blocks x S) | best split |");
-    println!("|----------|-------------|----|---------|--------|---------|---------|---------|----------|-------------------|------------|");
+    println!("W4A16 GEMV, g = {g}, {COPIES} weight copies, fp16 x, fp32 out, median of {ROUNDS} graph replays of {COPIES} calls;");
+    println!("bytes = codes + fp16 scales + fp16 zeros; % = of the copy bandwidth above ({copy_gbs:.0} GB/s)");
+    println!("| linear   | in x out    |  M | classic us | classic+PDL | stream us | stream+PDL | GB/s | stream grid | best (PDL) |");
+    println!("|----------|-------------|----|------------|-------------|-----------|------------|------|-------------|------------|");
     for r in rows_out {
         println!("{r}");
     }
-    for (mi, &m) in ms_list.iter().enumerate() {
-        println!(
-            "M = {m:2}: the 7 linears of one Llama-2-7B layer take {:.1} us (graph), {:.1} us (graph + PDL)",
-            per_m[mi], per_m_pdl[mi]
-        );
+    println!();
+    println!("Llama-2-7B layer: q, k, v, o, gate, up, down back to back in one graph (32 layers of distinct weights per replay), per layer:");
+    println!("|  M | kernel                       | PDL | us/layer |  GB/s  | of copy |");
+    println!("|----|------------------------------|-----|----------|--------|---------|");
+    for r in layer_rows {
+        println!("{r}");
     }
     Ok(())
 }

@@ -38,4 +38,4 @@ pub use error::{KernelError, Result};
 pub use gemm::Blas;
 pub use ops::{add_rms_norm, embedding, rms_norm, rope, rope_inv_freq, silu_mul};
 pub use paged::{DeviceKvPool, KvLayout, KvStorage, RowMeta, RowPlace};
-pub use w4a16::{OutElement, W4A16Linear, W4Plan, MAX_ROWS};
+pub use w4a16::{OutElement, W4A16Linear, W4Kernel, W4Plan, DEFAULT_KERNEL, MAX_ROWS};

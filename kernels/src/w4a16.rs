@@ -1,7 +1,9 @@
 //! The W4A16 decode linear: `out[M][N] = x[M][K] · W[K][N] (+ bias)` for
 //! `M ≤ 16` rows of fp16 activations and 4-bit AWQ weights held in the
-//! layout of [`PackedW4`]. The kernel is `cu/w4a16.cu`; its header comment
-//! explains the work split.
+//! layout of [`PackedW4`]. The kernels are in `cu/w4a16.cu`, whose comments
+//! explain the work split: the default streaming kernel
+//! (`w4a16_stream_*`, [`W4Kernel::Stream`]) and the older register-pipelined
+//! one (`w4a16_gemv_*`, [`W4Kernel::Classic`]).
 
 use cudarc::driver::sys;
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
@@ -17,8 +19,14 @@ use crate::nvrtc::Module;
 pub const MAX_ROWS: usize = 16;
 /// Output columns one thread block owns (two 8-column tiles).
 const BLOCK_COLS: usize = 16;
-/// Most warps (K splits) in one block (the kernels' launch bound is 512).
+/// Most warps (K splits) in one block (the classic kernels' launch bound is 512).
 const MAX_SPLITS: usize = 16;
+/// Most warps in one block of the streaming kernel (its launch bound is
+/// 256 threads, two blocks per SM).
+const MAX_STREAM_WARPS: usize = 8;
+/// Dynamic shared memory the streaming kernels may use (H100/H200 allow
+/// 227 KiB per block; two blocks per SM need at most half of 228 KiB each).
+const STREAM_SMEM_LIMIT: usize = 112 * 1024;
 /// Most warps the automatic plan gives a block (H200: 8 beat 15 on
 /// 11008→4096 and matched 4 on 4096→11008).
 const AUTO_SPLITS: usize = 8;
@@ -37,15 +45,57 @@ impl OutElement for f32 {
     const IS_F32: i32 = 1;
 }
 
-/// How one launch divides the work: `n_blocks` blocks of 16 output columns,
-/// each of `splits` warps that split K into chunks of `kc` k-blocks (128
-/// inputs); the warps' partial sums meet in `smem_bytes` of shared memory.
+/// Which W4A16 kernel a call runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum W4Kernel {
+    /// `w4a16_gemv_*`: one block per 16 output columns, its warps split K
+    /// and keep their loads in registers (up to 16 warps per block).
+    Classic,
+    /// `w4a16_stream_*`: about `blocks_per_sm` blocks per SM, each walking
+    /// several 16-column pairs with `warps` (1..=8) warps that split K and
+    /// stream their weights through a cp.async ring of `stages` k-blocks
+    /// (8 exists for group size 128, 4 for every group size; a depth that
+    /// was not compiled falls back to 4).
+    Stream {
+        warps: usize,
+        stages: usize,
+        blocks_per_sm: usize,
+    },
+}
+
+/// The default kernel: one block of 8 warps per SM with an 8-deep ring, so
+/// the blocks of two consecutive linears fit on an SM together (see
+/// cu/w4a16.cu and kernels/README.md for the H200 measurements).
+pub const DEFAULT_KERNEL: W4Kernel = W4Kernel::Stream {
+    warps: 8,
+    stages: 8,
+    blocks_per_sm: 1,
+};
+
+/// How one launch divides the work: `n_blocks` blocks, each of `splits`
+/// warps that split K into chunks of `kc` k-blocks (128 inputs); the warps'
+/// partial sums meet in shared memory (`smem_bytes` in all, with the
+/// streaming kernel's ring). A classic block owns one pair of 8-column
+/// tiles (`pairs_per_block` 1, `stages` 0); a streaming block walks
+/// `pairs_per_block` pairs through a ring of `stages` k-blocks per warp.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct W4Plan {
     pub n_blocks: usize,
     pub splits: usize,
     pub kc: usize,
     pub smem_bytes: usize,
+    pub pairs_per_block: usize,
+    pub stages: usize,
+}
+
+/// The compiled (token halves, ring stages) streaming variants for group
+/// size `g` (cu/w4a16.cu's W4S_ENTRY list).
+fn stream_variants(g: usize) -> &'static [(usize, usize)] {
+    if g == 128 {
+        &[(1, 4), (2, 4), (1, 8), (2, 8)]
+    } else {
+        &[(1, 4), (2, 4)]
+    }
 }
 
 /// The compiled (token halves, batch depth) variants for group size `g`
@@ -90,6 +140,60 @@ fn plan(m: usize, kbs: usize, n: usize, splits: Option<usize>) -> Result<W4Plan>
         splits,
         kc,
         smem_bytes: splits * 32 * 4 * halves(m) * 4,
+        pairs_per_block: 1,
+        stages: 0,
+    })
+}
+
+/// Bytes of one ring stage of the streaming kernel: the codes of one
+/// k-block of two tiles, then 64 bytes of scales and zeros per group.
+fn stream_stage_bytes(g: usize) -> usize {
+    1024 + 128 / g * 64
+}
+
+/// The streaming kernel's plan: `warps` warps split K (fewer if K has
+/// fewer k-blocks), and the pairs are dealt in equal contiguous runs to at
+/// most `num_sms · blocks_per_sm` blocks (the last block may get fewer).
+#[allow(clippy::too_many_arguments)]
+fn plan_stream(
+    m: usize,
+    kbs: usize,
+    n: usize,
+    g: usize,
+    warps: usize,
+    stages: usize,
+    blocks_per_sm: usize,
+    num_sms: usize,
+) -> Result<W4Plan> {
+    if !(1..=MAX_STREAM_WARPS).contains(&warps) || blocks_per_sm == 0 || stages < 2 {
+        return Err(KernelError::invalid(
+            "W4A16 linear",
+            format!(
+                "streaming kernel: {warps} warps (1..={MAX_STREAM_WARPS}), {stages} stages, \
+                 {blocks_per_sm} blocks per SM is not a valid launch"
+            ),
+        ));
+    }
+    let want = warps.min(kbs);
+    let kc = kbs.div_ceil(want);
+    // Drop warps that would own no k-block (the kernel needs >= 1 each).
+    let splits = kbs.div_ceil(kc);
+    let pairs = n.div_ceil(BLOCK_COLS);
+    let ppb = pairs.div_ceil(num_sms.max(1) * blocks_per_sm);
+    let smem_bytes = splits * stages * stream_stage_bytes(g) + 2 * splits * 32 * 4 * halves(m) * 4;
+    if smem_bytes > STREAM_SMEM_LIMIT {
+        return Err(KernelError::invalid(
+            "W4A16 linear",
+            format!("streaming kernel needs {smem_bytes} bytes of shared memory"),
+        ));
+    }
+    Ok(W4Plan {
+        n_blocks: pairs.div_ceil(ppb),
+        splits,
+        kc,
+        smem_bytes,
+        pairs_per_block: ppb,
+        stages,
     })
 }
 
@@ -108,6 +212,11 @@ pub struct W4A16Linear {
     weight_bytes: usize,
     /// Kernels by (token halves, batch depth U): M ≤ 8 is 1 half, M > 8 two.
     funcs: Vec<((usize, usize), CudaFunction)>,
+    /// Streaming kernels by (token halves, ring stages).
+    stream_funcs: Vec<((usize, usize), CudaFunction)>,
+    /// Which kernel calls run ([`Self::set_kernel_kind`]).
+    kernel: W4Kernel,
+    num_sms: usize,
     /// Batch depth forced by [`Self::set_batch`] (tuning), else the default.
     batch: Option<usize>,
     /// Kernel forced for M ≤ 8 by [`Self::set_kernel`] (tuning only).
@@ -168,6 +277,28 @@ impl W4A16Linear {
         let stream = dev.stream();
         let g = packed.group_size;
         let pdl_ok = dev.compute_capability() >= (9, 0);
+        let stream_funcs = stream_variants(g)
+            .iter()
+            .map(|&(r, ns)| {
+                let f = dev.function(Module::W4A16, &format!("w4a16_stream_g{g}_r{r}_s{ns}"))?;
+                // More than 48 KiB of dynamic shared memory must be asked
+                // for; the largest carveout lets the blocks of two
+                // consecutive launches share an SM (a smaller one chosen
+                // for the first launch would keep the second off the SM
+                // until it drains).
+                f.set_attribute(
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    STREAM_SMEM_LIMIT as i32,
+                )
+                .during("raising the W4A16 shared-memory limit")?;
+                f.set_attribute(
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                    100,
+                )
+                .during("setting the W4A16 shared-memory carveout")?;
+                Ok(((r, ns), f))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             in_features: k,
             out_features: n,
@@ -193,11 +324,53 @@ impl W4A16Linear {
                         .map(|f| ((r, u), f))
                 })
                 .collect::<Result<Vec<_>>>()?,
+            stream_funcs,
+            kernel: DEFAULT_KERNEL,
+            num_sms: dev.num_sms() as usize,
             batch: None,
             forced: None,
             pdl: false,
             pdl_ok,
         })
+    }
+
+    /// Chooses the kernel later calls run (the default is
+    /// [`DEFAULT_KERNEL`]); fails for a streaming launch that cannot exist
+    /// (warps outside 1..=8, no blocks).
+    pub fn set_kernel_kind(&mut self, kernel: W4Kernel) -> Result<()> {
+        if let W4Kernel::Stream {
+            warps,
+            stages,
+            blocks_per_sm,
+        } = kernel
+        {
+            plan_stream(
+                1,
+                self.kbs,
+                self.out_features,
+                self.group_size,
+                warps,
+                self.stream_stages(stages),
+                blocks_per_sm,
+                self.num_sms,
+            )?;
+        }
+        self.kernel = kernel;
+        Ok(())
+    }
+
+    /// The kernel calls run.
+    pub fn kernel_kind(&self) -> W4Kernel {
+        self.kernel
+    }
+
+    /// The compiled ring depth used for a requested one.
+    fn stream_stages(&self, want: usize) -> usize {
+        if self.stream_funcs.iter().any(|((_, ns), _)| *ns == want) {
+            want
+        } else {
+            4
+        }
     }
 
     pub fn in_features(&self) -> usize {
@@ -302,7 +475,38 @@ impl W4A16Linear {
     /// The launch plan a call with `m` rows would use.
     pub fn plan(&self, m: usize) -> Result<W4Plan> {
         self.check_rows(m)?;
-        plan(m, self.kbs, self.out_features, None)
+        self.plan_with(m, None)
+    }
+
+    fn plan_with(&self, m: usize, splits: Option<usize>) -> Result<W4Plan> {
+        match self.kernel {
+            W4Kernel::Classic => plan(m, self.kbs, self.out_features, splits),
+            W4Kernel::Stream {
+                warps,
+                stages,
+                blocks_per_sm,
+            } => {
+                // A forced split count beyond the streaming kernel's 8
+                // warps runs 8.
+                let warps = match splits {
+                    Some(0) => {
+                        return Err(KernelError::invalid("W4A16 linear", "0 K splits asked for"))
+                    }
+                    Some(s) => s.min(MAX_STREAM_WARPS),
+                    None => warps,
+                };
+                plan_stream(
+                    m,
+                    self.kbs,
+                    self.out_features,
+                    self.group_size,
+                    warps,
+                    self.stream_stages(stages),
+                    blocks_per_sm,
+                    self.num_sms,
+                )
+            }
+        }
     }
 
     fn check_rows(&self, m: usize) -> Result<()> {
@@ -367,17 +571,22 @@ impl W4A16Linear {
                 "operands belong to another GpuDevice",
             ));
         }
-        let p = plan(m, self.kbs, self.out_features, splits)?;
+        let p = self.plan_with(m, splits)?;
+        let streaming = p.stages > 0;
         let (mi, ni, ki) = (m as i32, self.out_features as i32, self.in_features as i32);
-        let (kbi, kci) = (self.kbs as i32, p.kc as i32);
+        let (kbi, kci, ppbi) = (self.kbs as i32, p.kc as i32, p.pairs_per_block as i32);
         let has_bias = i32::from(self.bias.is_some());
         let out_f32 = O::IS_F32;
         let stream = dev.stream();
         let r = halves(m);
-        let func = self
-            .forced
-            .as_ref()
-            .filter(|_| r == 1)
+        let stream_func = self
+            .stream_funcs
+            .iter()
+            .find(|((fr, ns), _)| (*fr, *ns) == (r, p.stages))
+            .map(|(_, f)| f);
+        let func = stream_func
+            .filter(|_| streaming)
+            .or_else(|| self.forced.as_ref().filter(|_| r == 1))
             .or_else(|| {
                 self.batch
                     .and_then(|u| self.funcs.iter().find(|((fr, fu), _)| (*fr, *fu) == (r, u)))
@@ -397,7 +606,8 @@ impl W4A16Linear {
         let (zb_ptr, _zb_sync) = self.zeros.device_ptr(stream);
         let (bias_ptr, _bias_sync) = bias.device_ptr(stream);
         let (out_ptr, _out_sync) = out.data.device_ptr_mut(stream);
-        let mut args: [*mut std::ffi::c_void; 13] = [
+        // The streaming kernels take the pairs per block after KC.
+        let mut args: Vec<*mut std::ffi::c_void> = vec![
             &x_ptr as *const _ as *mut _,
             &qw_ptr as *const _ as *mut _,
             &sc_ptr as *const _ as *mut _,
@@ -409,9 +619,12 @@ impl W4A16Linear {
             &ki as *const _ as *mut _,
             &kbi as *const _ as *mut _,
             &kci as *const _ as *mut _,
-            &has_bias as *const _ as *mut _,
-            &out_f32 as *const _ as *mut _,
         ];
+        if streaming {
+            args.push(&ppbi as *const _ as *mut _);
+        }
+        args.push(&has_bias as *const _ as *mut _);
+        args.push(&out_f32 as *const _ as *mut _);
         // SAFETY: the value of a programmatic-serialization attribute is the
         // int `programmaticStreamSerializationAllowed`; the rest of the
         // union is padding.
@@ -434,9 +647,14 @@ impl W4A16Linear {
             .bind_to_thread()
             .during("binding the context")?;
         // SAFETY: `args` matches `w4a16_gemv_g{G}_r{R}_u{U}`'s signature in
-        // cu/w4a16.cu (six device pointers, seven ints), G being this
+        // cu/w4a16.cu (six device pointers, seven ints), or with `streaming`
+        // `w4a16_stream_g{G}_r{R}_s{NS}`'s (six pointers, eight ints, PPB
+        // after KC; NS = p.stages, which sizes smem_bytes), G being this
         // layer's group size; every pointed-to value lives until after the
-        // call, which copies them. Shapes were checked above: x holds m·K
+        // call, which copies them. The streaming plan gives every warp at
+        // least one k-block and every block at least one pair, which the
+        // kernel's block barriers rely on, and its shared memory is below
+        // the limit raised at construction. Shapes were checked above: x holds m·K
         // fp16 (K a multiple of 32), out m·N elements of the type `out_f32`
         // names, qw/scales/zeros were validated against (K, N, G) at
         // construction, bias holds N fp16 when has_bias; the block has
@@ -484,6 +702,33 @@ mod tests {
                 }
             }
         }
+        for &(k, n, g) in &[
+            (4096usize, 4096usize, 128usize),
+            (4096, 11008, 128),
+            (11008, 4096, 128),
+            (576, 200, 64),
+            (96, 24, 32),
+        ] {
+            let kbs = k.div_ceil(128);
+            for m in [1, 8, 9, 16] {
+                for (w, ns, bps) in [(8, 8, 1), (8, 4, 1), (4, 8, 2), (3, 4, 1), (1, 4, 1)] {
+                    let p = plan_stream(m, kbs, n, g, w, ns, bps, 132).unwrap();
+                    assert!(
+                        p.splits * p.kc >= kbs && (p.splits - 1) * p.kc < kbs,
+                        "{p:?}"
+                    );
+                    // Every block owns at least one pair and all pairs are owned.
+                    let pairs = n.div_ceil(BLOCK_COLS);
+                    assert!(p.n_blocks * p.pairs_per_block >= pairs, "{p:?}");
+                    assert!((p.n_blocks - 1) * p.pairs_per_block < pairs, "{p:?}");
+                    assert!(
+                        p.n_blocks <= 132 * bps && p.smem_bytes <= STREAM_SMEM_LIMIT,
+                        "{p:?}"
+                    );
+                }
+            }
+        }
+        assert!(plan_stream(1, 32, 4096, 128, 9, 4, 1, 132).is_err());
         assert!(plan(16, 86, 4096, Some(17)).is_err());
         assert!(plan(16, 86, 4096, Some(0)).is_err());
         assert_eq!(plan(1, 12, 256, Some(1)).unwrap().splits, 1);

@@ -8,7 +8,7 @@
 use half::f16;
 use lmq_kernels::{
     add_rms_norm, embedding, rms_norm, rope, rope_inv_freq, silu_mul, DeviceMatrix, Element,
-    GpuDevice, KernelError, PackedW4, W4A16Linear,
+    GpuDevice, KernelError, PackedW4, W4A16Linear, W4Kernel, DEFAULT_KERNEL,
 };
 
 fn device() -> Option<GpuDevice> {
@@ -131,8 +131,11 @@ struct W4Case {
     splits: Option<usize>,
     /// Launch with programmatic dependent launch (where the GPU has it).
     pdl: bool,
-    /// Force the kernel's batch depth (k-blocks loaded together).
+    /// Force the kernel's batch depth (k-blocks loaded together; classic
+    /// kernel only).
     batch: Option<usize>,
+    /// The kernel to run.
+    kernel: W4Kernel,
 }
 
 /// Bounds: weights are dequantized in fp16 (one rounding each, as AutoAWQ's
@@ -168,6 +171,7 @@ fn run_w4<O: Element + ToF64 + lmq_kernels::OutElement>(dev: &GpuDevice, c: W4Ca
     let packed =
         PackedW4::from_awq(&awq_pack(&q, k, n), &awq_pack(&z, groups, n), &s, k, n, g).unwrap();
     let mut layer = W4A16Linear::new(dev, &packed, bias.as_deref()).unwrap();
+    layer.set_kernel_kind(c.kernel).unwrap();
     let pdl = layer.set_pdl(c.pdl);
     assert!(
         layer.set_batch(c.batch),
@@ -179,11 +183,13 @@ fn run_w4<O: Element + ToF64 + lmq_kernels::OutElement>(dev: &GpuDevice, c: W4Ca
     let plan = layer.forward_with(dev, &xd, &mut out, c.splits).unwrap();
     let got = dev.download(&out).unwrap();
     let what = format!(
-        "w4a16 m{m} k{k} n{n} g{g} bias={} out={} splits={} pdl={pdl} batch={:?}",
+        "w4a16 m{m} k{k} n{n} g{g} bias={} out={} splits={} pdl={pdl} batch={:?} {:?} ppb={}",
         c.bias,
         O::NAME,
         plan.splits,
-        c.batch
+        c.batch,
+        c.kernel,
+        plan.pairs_per_block
     );
     let bound = if c.out_f32 {
         W4_REL_L2_F32
@@ -227,6 +233,7 @@ fn w4a16_matches_reference() {
         splits,
         pdl: false,
         batch: None,
+        kernel: W4Kernel::Classic,
     };
     let pdl = |c: W4Case| W4Case { pdl: true, ..c };
     let batch = |u, c: W4Case| W4Case {
@@ -266,6 +273,43 @@ fn w4a16_matches_reference() {
     ];
     for (i, c) in cases.into_iter().enumerate() {
         w4(&dev, c, 1000 + i as u64);
+        // The same case on the default (streaming) kernel, where it has no
+        // classic-only batch depth.
+        if c.batch.is_none() {
+            w4(
+                &dev,
+                W4Case {
+                    kernel: DEFAULT_KERNEL,
+                    ..c
+                },
+                2000 + i as u64,
+            );
+        }
+    }
+    // Streaming launches: ring depths, warps, blocks per SM, so that blocks
+    // walk several pairs (odd tile counts, a short last block, K padding,
+    // a last warp with fewer k-blocks), with and without PDL.
+    let stream = |warps, stages, blocks_per_sm, c: W4Case| W4Case {
+        kernel: W4Kernel::Stream {
+            warps,
+            stages,
+            blocks_per_sm,
+        },
+        ..c
+    };
+    let cases = [
+        stream(8, 8, 1, case(1, 4096, 4104, 128, true, true, None)),
+        stream(8, 4, 1, case(16, 4096, 4104, 128, false, false, None)),
+        stream(4, 8, 2, pdl(case(4, 11008, 4096, 128, false, true, None))),
+        stream(8, 8, 1, pdl(case(9, 11008, 2056, 128, true, true, None))),
+        stream(3, 4, 1, case(5, 1120, 8200, 32, true, true, None)),
+        stream(5, 4, 1, case(16, 2112, 4120, 64, false, true, None)),
+        stream(8, 8, 1, case(2, 4064, 2600, 32, true, false, None)),
+        stream(1, 4, 1, case(3, 576, 3096, 64, false, true, None)),
+        stream(8, 8, 1, case(1, 96, 24, 32, true, true, None)),
+    ];
+    for (i, c) in cases.into_iter().enumerate() {
+        w4(&dev, c, 3000 + i as u64);
     }
 }
 
