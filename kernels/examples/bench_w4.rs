@@ -101,7 +101,16 @@ fn random_packed(rng: &mut Rng, k: usize, n: usize, g: usize) -> PackedW4 {
 /// SM); the first streaming one is the default.
 fn kernel_configs() -> Vec<(String, W4Kernel)> {
     let mut v = vec![("classic".to_string(), W4Kernel::Classic)];
-    for (warps, stages, blocks_per_sm) in [(8, 8, 1), (8, 4, 1), (4, 8, 2), (4, 8, 1), (8, 8, 2)] {
+    for warps in [4, 6, 8] {
+        let k = W4Kernel::ClassicEarly { warps };
+        let d = if k == DEFAULT_KERNEL {
+            " (default)"
+        } else {
+            ""
+        };
+        v.push((format!("classic-early w{warps}{d}"), k));
+    }
+    for (warps, stages, blocks_per_sm) in [(8, 8, 2), (8, 4, 2), (4, 4, 4), (8, 8, 1)] {
         let k = W4Kernel::Stream {
             warps,
             stages,
@@ -264,7 +273,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .map_or(f64::NAN, |e| e.2)
             };
             let (classic, classic_pdl) = (get("classic", false), get("classic", true));
-            let (def, def_pdl) = (get("stream w8 s8 b1", false), get("stream w8 s8 b1", true));
+            let dname = configs
+                .iter()
+                .find(|(_, k)| *k == DEFAULT_KERNEL)
+                .map_or("", |c| c.0.as_str());
+            let (def, def_pdl) = (get(dname, false), get(dname, true));
             let best = cells
                 .iter()
                 .filter(|c| c.1)
@@ -343,7 +356,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!();
     println!("W4A16 GEMV, g = {g}, {COPIES} weight copies, fp16 x, fp32 out, median of {ROUNDS} graph replays of {COPIES} calls;");
     println!("bytes = codes + fp16 scales + fp16 zeros; % = of the copy bandwidth above ({copy_gbs:.0} GB/s)");
-    println!("| linear   | in x out    |  M | classic us | classic+PDL | stream us | stream+PDL | GB/s | stream grid | best (PDL) |");
+    println!("| linear   | in x out    |  M | classic us | classic+PDL | default us | default+PDL | GB/s | default grid | best (PDL) |");
     println!("|----------|-------------|----|------------|-------------|-----------|------------|------|-------------|------------|");
     for r in rows_out {
         println!("{r}");

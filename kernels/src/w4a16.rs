@@ -51,6 +51,12 @@ pub enum W4Kernel {
     /// `w4a16_gemv_*`: one block per 16 output columns, its warps split K
     /// and keep their loads in registers (up to 16 warps per block).
     Classic,
+    /// The classic kernel with at most `warps` warps per block (automatic
+    /// plan) whose blocks trigger the dependent launch at their start
+    /// (`w4a16_gemv_*_e`, group size 128; other group sizes run the
+    /// classic entry points). With PDL and few enough warps, the next
+    /// linear's blocks share the SMs and load their weights early.
+    ClassicEarly { warps: usize },
     /// `w4a16_stream_*`: about `blocks_per_sm` blocks per SM, each walking
     /// several 16-column pairs with `warps` (1..=8) warps that split K and
     /// stream their weights through a cp.async ring of `stages` k-blocks
@@ -121,9 +127,20 @@ fn halves(m: usize) -> usize {
 /// Chooses the split of K over the warps of a block: about
 /// [`KB_PER_WARP`] k-blocks per warp, at most [`AUTO_SPLITS`] warps.
 fn plan(m: usize, kbs: usize, n: usize, splits: Option<usize>) -> Result<W4Plan> {
+    plan_capped(m, kbs, n, splits, AUTO_SPLITS)
+}
+
+/// [`plan`] with at most `cap` warps in the automatic split.
+fn plan_capped(
+    m: usize,
+    kbs: usize,
+    n: usize,
+    splits: Option<usize>,
+    cap: usize,
+) -> Result<W4Plan> {
     let n_blocks = n.div_ceil(BLOCK_COLS);
     let want = match splits {
-        None => kbs.div_ceil(KB_PER_WARP).clamp(1, AUTO_SPLITS),
+        None => kbs.div_ceil(KB_PER_WARP).clamp(1, cap.clamp(1, MAX_SPLITS)),
         Some(s) if (1..=MAX_SPLITS).contains(&s) => s.min(kbs),
         Some(s) => {
             return Err(KernelError::invalid(
@@ -212,6 +229,8 @@ pub struct W4A16Linear {
     weight_bytes: usize,
     /// Kernels by (token halves, batch depth U): M ≤ 8 is 1 half, M > 8 two.
     funcs: Vec<((usize, usize), CudaFunction)>,
+    /// Early-trigger classic kernels by token halves (group size 128).
+    early_funcs: Vec<(usize, CudaFunction)>,
     /// Streaming kernels by (token halves, ring stages).
     stream_funcs: Vec<((usize, usize), CudaFunction)>,
     /// Which kernel calls run ([`Self::set_kernel_kind`]).
@@ -325,6 +344,17 @@ impl W4A16Linear {
                 })
                 .collect::<Result<Vec<_>>>()?,
             stream_funcs,
+            early_funcs: if g == 128 {
+                [
+                    (1usize, "w4a16_gemv_g128_r1_u2_e"),
+                    (2, "w4a16_gemv_g128_r2_u1_e"),
+                ]
+                .iter()
+                .map(|&(r, name)| dev.function(Module::W4A16, name).map(|f| (r, f)))
+                .collect::<Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            },
             kernel: DEFAULT_KERNEL,
             num_sms: dev.num_sms() as usize,
             batch: None,
@@ -481,6 +511,9 @@ impl W4A16Linear {
     fn plan_with(&self, m: usize, splits: Option<usize>) -> Result<W4Plan> {
         match self.kernel {
             W4Kernel::Classic => plan(m, self.kbs, self.out_features, splits),
+            W4Kernel::ClassicEarly { warps } => {
+                plan_capped(m, self.kbs, self.out_features, splits, warps)
+            }
             W4Kernel::Stream {
                 warps,
                 stages,
@@ -584,8 +617,17 @@ impl W4A16Linear {
             .iter()
             .find(|((fr, ns), _)| (*fr, *ns) == (r, p.stages))
             .map(|(_, f)| f);
+        let early_func = self
+            .early_funcs
+            .iter()
+            .find(|(fr, _)| *fr == r)
+            .map(|(_, f)| f)
+            .filter(|_| {
+                matches!(self.kernel, W4Kernel::ClassicEarly { .. }) && self.batch.is_none()
+            });
         let func = stream_func
             .filter(|_| streaming)
+            .or(early_func)
             .or_else(|| self.forced.as_ref().filter(|_| r == 1))
             .or_else(|| {
                 self.batch

@@ -284,6 +284,18 @@ fn w4a16_matches_reference() {
                 },
                 2000 + i as u64,
             );
+            for kernel in [
+                W4Kernel::ClassicEarly { warps: 4 },
+                W4Kernel::Stream {
+                    warps: 8,
+                    stages: 8,
+                    blocks_per_sm: 2,
+                },
+            ] {
+                if kernel != DEFAULT_KERNEL {
+                    w4(&dev, W4Case { kernel, ..c }, 4000 + i as u64);
+                }
+            }
         }
     }
     // Streaming launches: ring depths, warps, blocks per SM, so that blocks
