@@ -1,9 +1,10 @@
 //! The W4A16 decode linear: `out[M][N] = x[M][K] · W[K][N] (+ bias)` for
 //! `M ≤ 16` rows of fp16 activations and 4-bit AWQ weights held in the
 //! layout of [`PackedW4`]. The kernels are in `cu/w4a16.cu`, whose comments
-//! explain the work split: the default streaming kernel
-//! (`w4a16_stream_*`, [`W4Kernel::Stream`]) and the older register-pipelined
-//! one (`w4a16_gemv_*`, [`W4Kernel::Classic`]).
+//! explain the work split: the default register-pipelined kernel
+//! (`w4a16_gemv_*`, [`W4Kernel::Classic`]), its early-trigger variant and
+//! the experimental cp.async streaming kernel (`w4a16_stream_*`,
+//! [`W4Kernel::Stream`]).
 
 use cudarc::driver::sys;
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
@@ -69,14 +70,11 @@ pub enum W4Kernel {
     },
 }
 
-/// The default kernel: one block of 8 warps per SM with an 8-deep ring, so
-/// the blocks of two consecutive linears fit on an SM together (see
-/// cu/w4a16.cu and kernels/README.md for the H200 measurements).
-pub const DEFAULT_KERNEL: W4Kernel = W4Kernel::Stream {
-    warps: 8,
-    stages: 8,
-    blocks_per_sm: 1,
-};
+/// The default kernel. On an H200 (2026-11-28, kernels/README.md) the
+/// classic kernel with PDL stayed the fastest at every decode shape and M;
+/// the streaming and early-trigger kernels are kept, selectable through
+/// [`W4A16Linear::set_kernel_kind`], as the base of further work.
+pub const DEFAULT_KERNEL: W4Kernel = W4Kernel::Classic;
 
 /// How one launch divides the work: `n_blocks` blocks, each of `splits`
 /// warps that split K into chunks of `kc` k-blocks (128 inputs); the warps'

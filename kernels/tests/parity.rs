@@ -289,6 +289,11 @@ fn w4a16_matches_reference() {
                 W4Kernel::Stream {
                     warps: 8,
                     stages: 8,
+                    blocks_per_sm: 1,
+                },
+                W4Kernel::Stream {
+                    warps: 8,
+                    stages: 4,
                     blocks_per_sm: 2,
                 },
             ] {

@@ -384,7 +384,9 @@ W4_ENTRY_LD(128, 1, 2, 9, w4a16_gemv_g128_r1_u2_probe)
 W4_ENTRY_LD(128, 1, 4, 9, w4a16_gemv_g128_r1_u4_probe)
 
 // ---------------------------------------------------------------------------
-// Streaming variant (w4a16_stream_g{G}_r{R}_s{NS}): the same math and layout,
+// Streaming variant (w4a16_stream_g{G}_r{R}_s{NS}; experimental, not the
+// default: on an H200 it measured slower than the kernel above, see
+// kernels/README.md, v8): the same math and layout,
 // but the weight side goes through a per-warp ring of NS shared-memory stages
 // filled by cp.async, so the bytes in flight cost no registers and a warp
 // keeps NS − 1 k-blocks (1 KB of codes each) loading while it computes.
