@@ -106,6 +106,96 @@ pub fn silu_mul(
     Ok(())
 }
 
+/// `out = silu(gate) · up` where each row of `gate_up` is `[gate | up]`
+/// (`out` has half its columns).
+pub fn silu_mul_halves(
+    dev: &GpuDevice,
+    gate_up: &DeviceMatrix<f32>,
+    out: &mut DeviceMatrix<f32>,
+) -> Result<()> {
+    const OP: &str = "silu_mul_halves_f32";
+    if gate_up.rows() != out.rows() || gate_up.cols() != 2 * out.cols() {
+        return Err(KernelError::shape(
+            OP,
+            format!(
+                "gate_up is {}x{}, out is {}x{}: out needs the rows and half the columns",
+                gate_up.rows(),
+                gate_up.cols(),
+                out.rows(),
+                out.cols()
+            ),
+        ));
+    }
+    on_device(OP, dev, &[gate_up.is_on(dev), out.is_on(dev)])?;
+    if out.is_empty() {
+        return Ok(());
+    }
+    let (rows, n) = (out.rows() as u64, out.cols() as u64);
+    let cfg = stride_cfg(dev, out.len());
+    let f = dev.function(Module::ActF32, OP)?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&gate_up.data).arg(&mut out.data).arg(&rows).arg(&n);
+    // SAFETY: matches `silu_mul_halves_f32(const float*, float*, u64, u64)`;
+    // gate_up holds rows × 2n and out rows × n elements (checked above).
+    unsafe { b.launch(cfg) }.during("launching silu_mul_halves_f32")?;
+    Ok(())
+}
+
+/// Splits the columns of `src` into `outs` (two or three matrices with
+/// `src`'s rows, whose widths add up to its columns), left to right.
+pub fn split_cols(
+    dev: &GpuDevice,
+    src: &DeviceMatrix<f32>,
+    outs: &mut [DeviceMatrix<f32>],
+) -> Result<()> {
+    const OP: &str = "split_cols3_f32";
+    if !(2..=3).contains(&outs.len()) {
+        return Err(KernelError::invalid(
+            OP,
+            format!("splits into 2 or 3 matrices, not {}", outs.len()),
+        ));
+    }
+    let widths: Vec<usize> = outs.iter().map(|o| o.cols()).collect();
+    if outs.iter().any(|o| o.rows() != src.rows()) || widths.iter().sum::<usize>() != src.cols() {
+        return Err(KernelError::shape(
+            OP,
+            format!(
+                "{}x{} does not split into widths {widths:?} with the same rows",
+                src.rows(),
+                src.cols()
+            ),
+        ));
+    }
+    let mut flags = vec![src.is_on(dev)];
+    flags.extend(outs.iter().map(|o| o.is_on(dev)));
+    on_device(OP, dev, &flags)?;
+    if src.is_empty() {
+        return Ok(());
+    }
+    let rows = src.rows() as u64;
+    let w = |i: usize| widths.get(i).copied().unwrap_or(0) as u64;
+    let (w0, w1, w2) = (w(0), w(1), w(2));
+    let f = dev.function(Module::ActF32, OP)?;
+    let mut b = dev.stream().launch_builder(&f);
+    // With two outputs the third pointer is never written (w2 = 0): null.
+    let null: u64 = 0;
+    b.arg(&src.data);
+    let two = outs.len() == 2;
+    for o in outs.iter_mut() {
+        b.arg(&mut o.data);
+    }
+    if two {
+        b.arg(&null);
+    }
+    b.arg(&rows).arg(&w0).arg(&w1).arg(&w2);
+    // SAFETY: matches `split_cols3_f32(const float*, float*, float*, float*,
+    // u64 x4)`; src holds rows × (w0 + w1 + w2) elements and output i holds
+    // rows × w_i (checked above); the kernel writes output i only at
+    // columns below its width.
+    unsafe { b.launch(stride_cfg(dev, src.len())) }.during("launching split_cols3_f32")?;
+    Ok(())
+}
+
 fn rms_launch(
     dev: &GpuDevice,
     residual: &DeviceMatrix<f32>,

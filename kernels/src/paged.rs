@@ -69,7 +69,22 @@ pub const SPLIT_LEN: usize = 256;
 /// Query heads one block handles per KV head (`MAX_G` in the kernel): the
 /// compiled widths. A group wider than the last is split over blocks.
 const GROUP_WIDTHS: [usize; 3] = [1, 4, 8];
+/// The integer-storage kernel's width (`IG`): its MMAs take 8 query heads.
+const INT_GROUP_WIDTH: usize = 8;
 const WARPS: usize = 4;
+
+/// Shared memory of the integer-storage kernel (`IntSmem` in the kernel):
+/// per warp, NTW stages of 16 keys (padded K and V code rows and 32 decoded
+/// parameter pairs), reused afterwards for the warps' output states.
+fn int_smem_bytes(storage: KvStorage, head_dim: usize) -> usize {
+    let bpt = storage.bytes_per_token_head(head_dim);
+    let sk = bpt + if bpt / 4 >= 32 { 16 } else { 0 };
+    let sv = bpt + 16;
+    let stage = 16 * (sk + sv) + 32 * 8;
+    let ntw = (256 / bpt).clamp(1, 4);
+    let state = 2 * INT_GROUP_WIDTH + INT_GROUP_WIDTH * (head_dim + 4);
+    (WARPS * ntw * stage).max(WARPS * state * 4)
+}
 
 /// The shape of a pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -443,11 +458,15 @@ pub fn paged_attention(
     }
     let splits = meta.max_pos / SPLIT_LEN + 1;
     let group = num_heads / l.num_kv_heads;
-    let width = GROUP_WIDTHS
-        .iter()
-        .copied()
-        .find(|&w| w >= group)
-        .unwrap_or(GROUP_WIDTHS[GROUP_WIDTHS.len() - 1]);
+    let width = if l.storage.is_integer() {
+        INT_GROUP_WIDTH
+    } else {
+        GROUP_WIDTHS
+            .iter()
+            .copied()
+            .find(|&w| w >= group)
+            .unwrap_or(GROUP_WIDTHS[GROUP_WIDTHS.len() - 1])
+    };
     let chunks = group.div_ceil(width);
     // Partial states for split rows: (m, l) and the unnormalized output.
     let (mut part_ml, mut part_acc) = if splits > 1 {
@@ -458,7 +477,11 @@ pub fn paged_attention(
     } else {
         (dev.uninit::<f32>(1, 1)?, dev.uninit::<f32>(1, 1)?)
     };
-    let name = format!("paged_attn_h{hd}_{}_g{width}", l.storage.suffix());
+    let name = if l.storage.is_integer() {
+        format!("paged_attn_h{hd}_{}", l.storage.suffix())
+    } else {
+        format!("paged_attn_h{hd}_{}_g{width}", l.storage.suffix())
+    };
     let f = dev.function(Module::PagedAttn, &name)?;
     let rows = check_i32(OP, "rows", meta.rows)?;
     let (sm, li, hi, nhi, bli) = (
@@ -470,15 +493,13 @@ pub fn paged_attention(
     );
     let (split_len, splits_i) = (SPLIT_LEN as i32, check_i32(OP, "splits", splits)?);
     let scale = 1.0 / (hd as f32).sqrt();
-    // Dimensions per lane, as the kernel chooses them (`VEC`).
-    let vec = if l.storage.is_integer() && width == 1 {
-        16
+    let smem = if l.storage.is_integer() {
+        int_smem_bytes(l.storage, hd)
     } else {
-        8
+        // Per sub-group of TPK = hd / 8 lanes: m, l and the row of each head.
+        let nsg = (32 / (hd / 8)) * WARPS;
+        nsg * width * (2 + hd) * 4
     };
-    let tpk = hd / vec;
-    let nsg = (32 / tpk) * WARPS;
-    let smem = nsg * width * (2 + hd) * 4;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&q.data)
         .arg(&meta.meta.data)
@@ -505,14 +526,15 @@ pub fn paged_attention(
         block_dim: ((WARPS * 32) as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    // SAFETY: matches `paged_attn_h{hd}_{dtype}` in cu/paged_attn.cu; hd is
+    // SAFETY: matches `paged_attn_h{hd}_{dtype}_*` in cu/paged_attn.cu (every
+    // entry takes the same arguments); hd is
     // one of the compiled head dims (checked at pool creation); q and out
     // are rows × NH·hd; meta was checked (blocks inside a
     // pool of this size, tables long enough for each row's position, by
     // `check_meta`); the
     // partial buffers hold rows·NH·splits states when splits > 1, the only
     // case the kernel writes them; smem (< 48 KiB for every compiled hd)
-    // covers NSG·width·(2 + hd) floats.
+    // covers the kernel's per-warp (integer) or per-sub-group (float) state.
     unsafe { b.launch(cfg) }.during("launching paged_attn")?;
     if splits > 1 {
         let f = dev.function(Module::PagedAttn, "attn_merge")?;

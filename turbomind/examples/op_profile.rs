@@ -127,6 +127,12 @@ impl Backend for Timing {
     fn silu_mul(&self, gate: &Matrix, up: &Matrix) -> Result<Matrix> {
         timed(|| "silu_mul".into(), || self.0.silu_mul(gate, up))
     }
+    fn silu_mul_halves(&self, gate_up: &Matrix) -> Result<Matrix> {
+        timed(|| "silu_mul".into(), || self.0.silu_mul_halves(gate_up))
+    }
+    fn split_cols(&self, x: &Matrix, widths: &[usize]) -> Result<Vec<Matrix>> {
+        timed(|| "split_cols".into(), || self.0.split_cols(x, widths))
+    }
     fn gather_rows(&self, x: &Matrix, rows: &[usize]) -> Result<Matrix> {
         timed(|| "gather_rows".into(), || self.0.gather_rows(x, rows))
     }

@@ -49,16 +49,66 @@ pub struct HostLayer {
     pub down: HostLinear,
 }
 
-/// A decoder layer's weights on a backend.
+/// Linears that read one input: stacked into one product where their
+/// weights allow it ([`HostLinear::stack_outputs`]), otherwise kept apart.
+pub enum SharedInput<L> {
+    /// One linear whose output columns are the parts', `widths` wide.
+    Stacked {
+        linear: L,
+        widths: Vec<usize>,
+    },
+    Separate(Vec<L>),
+}
+
+impl<L> SharedInput<L> {
+    fn upload<B: Backend<Linear = L>>(
+        parts: Vec<HostLinear>,
+        backend: &B,
+        stack: bool,
+    ) -> Result<Self> {
+        let refs: Vec<&HostLinear> = parts.iter().collect();
+        if stack {
+            if let Some(linear) = HostLinear::stack_outputs(&refs) {
+                return Ok(SharedInput::Stacked {
+                    widths: parts.iter().map(|p| p.out_features).collect(),
+                    linear: backend.upload_linear(linear)?,
+                });
+            }
+        }
+        Ok(SharedInput::Separate(
+            parts
+                .into_iter()
+                .map(|p| backend.upload_linear(p))
+                .collect::<Result<_>>()?,
+        ))
+    }
+
+    fn linears(&self) -> Vec<&L> {
+        match self {
+            SharedInput::Stacked { linear, .. } => vec![linear],
+            SharedInput::Separate(v) => v.iter().collect(),
+        }
+    }
+
+    /// Each part's output on `x`.
+    fn forward<B: Backend<Linear = L>>(&self, b: &B, x: &B::Act) -> Result<Vec<B::Act>> {
+        match self {
+            SharedInput::Stacked { linear, widths } => b.split_cols(&b.linear(x, linear)?, widths),
+            SharedInput::Separate(v) => v.iter().map(|l| b.linear(x, l)).collect(),
+        }
+    }
+}
+
+/// A decoder layer's weights on a backend. q/k/v and gate/up are stacked
+/// into one linear each where their weights allow it (TurboMind's fused
+/// QKV and gate/up): one pass over the input and one launch instead of
+/// three or two. Each output column is the same dot product either way.
 pub struct DecoderLayer<B: Backend> {
     pub input_norm: B::Vector,
     pub post_attention_norm: B::Vector,
-    pub q: B::Linear,
-    pub k: B::Linear,
-    pub v: B::Linear,
+    pub qkv: SharedInput<B::Linear>,
     pub o: B::Linear,
-    pub gate: B::Linear,
-    pub up: B::Linear,
+    pub gate_up: SharedInput<B::Linear>,
     pub down: B::Linear,
 }
 
@@ -72,18 +122,31 @@ pub struct LayerContext<'a> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
+    /// Uploads `host`, stacking the linears that share an input.
     pub fn upload(host: HostLayer, backend: &B) -> Result<Self> {
+        Self::upload_with(host, backend, true)
+    }
+
+    /// Uploads `host`; `stack` = false keeps every linear apart (for
+    /// comparing the two forms).
+    pub fn upload_with(host: HostLayer, backend: &B, stack: bool) -> Result<Self> {
         Ok(DecoderLayer {
             input_norm: backend.upload_vector(host.input_norm)?,
             post_attention_norm: backend.upload_vector(host.post_attention_norm)?,
-            q: backend.upload_linear(host.q)?,
-            k: backend.upload_linear(host.k)?,
-            v: backend.upload_linear(host.v)?,
+            qkv: SharedInput::upload(vec![host.q, host.k, host.v], backend, stack)?,
             o: backend.upload_linear(host.o)?,
-            gate: backend.upload_linear(host.gate)?,
-            up: backend.upload_linear(host.up)?,
+            gate_up: SharedInput::upload(vec![host.gate, host.up], backend, stack)?,
             down: backend.upload_linear(host.down)?,
         })
+    }
+
+    /// Every linear the layer holds (stacked ones once).
+    pub fn linears(&self) -> Vec<&B::Linear> {
+        let mut all = self.qkv.linears();
+        all.push(&self.o);
+        all.extend(self.gate_up.linears());
+        all.push(&self.down);
+        all
     }
 
     /// The attention block on normed input `h`: q/k/v, rotary embedding,
@@ -98,9 +161,9 @@ impl<B: Backend> DecoderLayer<B> {
         observer: &mut dyn Observer<B>,
     ) -> Result<B::Act> {
         observer.observe(LinearInput::Qkv, h)?;
-        let mut q = b.linear(h, &self.q)?;
-        let mut k = b.linear(h, &self.k)?;
-        let v = b.linear(h, &self.v)?;
+        let [mut q, mut k, v]: [B::Act; 3] = self.qkv.forward(b, h)?.try_into().map_err(|_| {
+            crate::error::Error::InvalidRequest("q/k/v must be three linears".into())
+        })?;
         b.rope(&mut q, ctx.shape.num_heads, ctx.spans, ctx.rope)?;
         b.rope(&mut k, ctx.shape.num_kv_heads, ctx.spans, ctx.rope)?;
         b.write_kv(ctx.kv_layer, &k, &v, pool, ctx.spans)?;
@@ -112,10 +175,147 @@ impl<B: Backend> DecoderLayer<B> {
     /// The MLP block on normed input `h`: `down(silu(gate(h)) · up(h))`.
     pub fn mlp(&self, b: &B, h: &B::Act, observer: &mut dyn Observer<B>) -> Result<B::Act> {
         observer.observe(LinearInput::GateUp, h)?;
-        let gate = b.linear(h, &self.gate)?;
-        let up = b.linear(h, &self.up)?;
-        let act = b.silu_mul(&gate, &up)?;
+        let act = match &self.gate_up {
+            SharedInput::Stacked { linear, .. } => b.silu_mul_halves(&b.linear(h, linear)?)?,
+            SharedInput::Separate(v) => match v.as_slice() {
+                [gate, up] => b.silu_mul(&b.linear(h, gate)?, &b.linear(h, up)?)?,
+                _ => {
+                    return Err(crate::error::Error::InvalidRequest(
+                        "gate/up must be two linears".into(),
+                    ))
+                }
+            },
+        };
         observer.observe(LinearInput::Down, &act)?;
         b.linear(&act, &self.down)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::{CpuBackend, Matrix};
+    use crate::backend::{HostWeight, KvPoolSpec};
+    use crate::config::RopeScaling;
+    use crate::quant::awq::AwqTensors;
+    use crate::quant::kv::KvCacheConfig;
+    use half::f16;
+
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            (self.0 >> 33) as u32
+        }
+        fn uniform(&mut self) -> f32 {
+            (self.next() % 2001) as f32 / 1000.0 - 1.0
+        }
+    }
+
+    fn linear(rng: &mut Lcg, out: usize, inp: usize, awq: bool, bias: bool) -> HostLinear {
+        let weight = if awq {
+            let g = 32;
+            HostWeight::Awq(AwqTensors {
+                in_features: inp,
+                out_features: out,
+                group_size: g,
+                qweight: (0..inp * out / 8).map(|_| rng.next() as i32).collect(),
+                qzeros: (0..inp / g * out / 8).map(|_| rng.next() as i32).collect(),
+                scales: (0..inp / g * out)
+                    .map(|_| f16::from_f32(0.01 + 0.02 * rng.uniform().abs()))
+                    .collect(),
+            })
+        } else {
+            HostWeight::Dense((0..out * inp).map(|_| 0.1 * rng.uniform()).collect())
+        };
+        HostLinear {
+            weight,
+            out_features: out,
+            in_features: inp,
+            bias: bias.then(|| (0..out).map(|_| rng.uniform()).collect()),
+        }
+    }
+
+    /// Stacked q/k/v and gate/up compute the same attention and MLP outputs
+    /// as separate linears, bit for bit, for dense and 4-bit weights and
+    /// with a bias on only some of the parts (a stacked part without one
+    /// gets zeros).
+    #[test]
+    fn stacked_linears_match_separate_ones_bit_for_bit() {
+        let (hidden, heads, kv_heads, hd, inter) = (64, 4, 2, 16, 96);
+        let shape = AttnShape {
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: hd,
+            num_layers: 1,
+        };
+        let rope = Rope::new(hd, 10000.0, &RopeScaling::None);
+        let b = CpuBackend::new();
+        for awq in [false, true] {
+            let mut rng = Lcg(11 + awq as u64);
+            let host = HostLayer {
+                input_norm: (0..hidden).map(|_| 1.0 + 0.1 * rng.uniform()).collect(),
+                post_attention_norm: (0..hidden).map(|_| 1.0 + 0.1 * rng.uniform()).collect(),
+                q: linear(&mut rng, heads * hd, hidden, awq, true),
+                k: linear(&mut rng, kv_heads * hd, hidden, awq, false),
+                v: linear(&mut rng, kv_heads * hd, hidden, awq, true),
+                o: linear(&mut rng, hidden, heads * hd, awq, false),
+                gate: linear(&mut rng, inter, hidden, awq, false),
+                up: linear(&mut rng, inter, hidden, awq, false),
+                down: linear(&mut rng, hidden, inter, awq, false),
+            };
+            let rows = 7;
+            let x = Matrix {
+                data: (0..rows * hidden).map(|_| rng.uniform()).collect(),
+                rows,
+                cols: hidden,
+            };
+            let (spans, _) = SeqSpan::packed(&[4, 3], 4);
+            let spec = KvPoolSpec {
+                shape,
+                config: KvCacheConfig::default(),
+                num_blocks: 4,
+                block_len: 4,
+            };
+            let mut outputs = Vec::new();
+            for stack in [true, false] {
+                let layer = DecoderLayer::upload_with(host.clone(), &b, stack).expect("upload");
+                assert_eq!(
+                    matches!(layer.qkv, SharedInput::Stacked { .. }),
+                    stack,
+                    "stacking is possible for these weights"
+                );
+                let mut pool = b.new_kv_pool(&spec).expect("pool");
+                let ctx = LayerContext {
+                    kv_layer: 0,
+                    spans: &spans,
+                    rope: &rope,
+                    shape: &shape,
+                };
+                let attn = layer
+                    .attention(&b, &x, &mut pool, &ctx, &mut NoObserver)
+                    .expect("attention");
+                let mlp = layer.mlp(&b, &x, &mut NoObserver).expect("mlp");
+                outputs.push((attn.data, mlp.data));
+            }
+            assert!(outputs[0].0.iter().all(|v| v.is_finite()));
+            assert_eq!(outputs[0], outputs[1], "awq = {awq}");
+        }
+    }
+
+    /// Linears that cannot share one weight stay apart.
+    #[test]
+    fn mixed_weights_are_not_stacked() {
+        let mut rng = Lcg(5);
+        let dense = linear(&mut rng, 32, 64, false, false);
+        let awq = linear(&mut rng, 32, 64, true, false);
+        let other_input = linear(&mut rng, 32, 96, false, false);
+        assert!(HostLinear::stack_outputs(&[&dense, &awq]).is_none());
+        assert!(HostLinear::stack_outputs(&[&dense, &other_input]).is_none());
+        let both = HostLinear::stack_outputs(&[&dense, &dense]).expect("two dense parts");
+        assert_eq!((both.out_features, both.in_features), (64, 64));
     }
 }

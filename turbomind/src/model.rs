@@ -188,8 +188,8 @@ impl<B: Backend> Model<B> {
             .layers
             .iter()
             .map(|l| {
-                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
-                    .iter()
+                l.linears()
+                    .into_iter()
                     .map(|w| b.linear_bytes(w))
                     .sum::<usize>()
             })

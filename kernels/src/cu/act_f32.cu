@@ -39,6 +39,39 @@ extern "C" __global__ void silu_mul_f32(const float* __restrict__ gate, const fl
     }
 }
 
+// out = silu(gate) · up where each row of `gate_up` holds gate in its first
+// n columns and up in the last n (a fused gate/up projection's output).
+extern "C" __global__ void silu_mul_halves_f32(const float* __restrict__ gate_up,
+                                               float* __restrict__ out, u64 rows, u64 n) {
+    const u64 total = rows * n;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (u64)gridDim.x * blockDim.x) {
+        const u64 r = i / n, c = i % n;
+        const float g = gate_up[r * 2 * n + c];
+        out[i] = g / (1.0f + expf(-g)) * gate_up[r * 2 * n + n + c];
+    }
+}
+
+// Splits the columns of `src` (rows × (w0 + w1 + w2)) into three matrices
+// (a fused q/k/v projection's output into q, k and v); w2 may be 0.
+extern "C" __global__ void split_cols3_f32(const float* __restrict__ src, float* __restrict__ d0,
+                                           float* __restrict__ d1, float* __restrict__ d2, u64 rows,
+                                           u64 w0, u64 w1, u64 w2) {
+    const u64 cols = w0 + w1 + w2, total = rows * cols;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (u64)gridDim.x * blockDim.x) {
+        const u64 r = i / cols, c = i % cols;
+        const float v = src[i];
+        if (c < w0) {
+            d0[r * w0 + c] = v;
+        } else if (c < w0 + w1) {
+            d1[r * w1 + (c - w0)] = v;
+        } else {
+            d2[r * w2 + (c - w0 - w1)] = v;
+        }
+    }
+}
+
 // RMSNorm of fp32 rows, optionally after `residual += delta` (stored back).
 // One block per row.
 extern "C" __global__ void rms_norm_f32(float* __restrict__ residual, const float* __restrict__ delta,

@@ -665,11 +665,11 @@ impl CalibState {
             return Ok(None);
         }
         let b = &self.backend;
-        let dev = lmq_turbomind::layer::DecoderLayer::upload(host.clone(), b)?;
-        let h = b.rms_norm(&self.x, &dev.input_norm, self.eps)?;
-        let mut k = b.linear(&h, &dev.k)?;
+        let norm = b.upload_vector(host.input_norm.clone())?;
+        let h = b.rms_norm(&self.x, &norm, self.eps)?;
+        let mut k = b.linear(&h, &b.upload_linear(host.k.clone())?)?;
         b.rope(&mut k, self.shape.num_kv_heads, &self.spans, &self.rope)?;
-        let v = b.linear(&h, &dev.v)?;
+        let v = b.linear(&h, &b.upload_linear(host.v.clone())?)?;
         Ok(Some(KvRanges {
             k: head_ranges(&k, self.shape.num_kv_heads),
             v: head_ranges(&v, self.shape.num_kv_heads),

@@ -106,6 +106,61 @@ pub struct HostLinear {
     pub bias: Option<Vec<f32>>,
 }
 
+impl HostLinear {
+    /// One linear whose outputs are `parts`' outputs side by side (q | k |
+    /// v, or gate | up), so that a layer runs one product where it ran
+    /// several on the same input, as TurboMind fuses them. `None` where the
+    /// parts cannot share one weight: different inputs, dense beside 4-bit,
+    /// or different group sizes. A part without a bias gets zeros where
+    /// another has one.
+    pub fn stack_outputs(parts: &[&HostLinear]) -> Option<HostLinear> {
+        let first = parts.first()?;
+        let in_features = first.in_features;
+        if parts.iter().any(|p| p.in_features != in_features) {
+            return None;
+        }
+        let out_features = parts.iter().map(|p| p.out_features).sum();
+        let weight = match &first.weight {
+            HostWeight::Dense(_) => {
+                let mut w = Vec::with_capacity(out_features * in_features);
+                for p in parts {
+                    let HostWeight::Dense(d) = &p.weight else {
+                        return None;
+                    };
+                    w.extend_from_slice(d);
+                }
+                HostWeight::Dense(w)
+            }
+            HostWeight::Awq(a) => {
+                let g = a.group_size;
+                let mut awq = Vec::with_capacity(parts.len());
+                for p in parts {
+                    match &p.weight {
+                        HostWeight::Awq(t) if t.group_size == g => awq.push(t),
+                        _ => return None,
+                    }
+                }
+                HostWeight::Awq(crate::quant::awq::AwqTensors::stack_outputs(&awq))
+            }
+        };
+        let bias = parts.iter().any(|p| p.bias.is_some()).then(|| {
+            parts
+                .iter()
+                .flat_map(|p| match &p.bias {
+                    Some(b) => b.clone(),
+                    None => vec![0.0; p.out_features],
+                })
+                .collect()
+        });
+        Some(HostLinear {
+            weight,
+            out_features,
+            in_features,
+            bias,
+        })
+    }
+}
+
 /// The stored form of a linear weight.
 #[derive(Debug, Clone)]
 pub enum HostWeight {
@@ -179,6 +234,12 @@ pub trait Backend: Send + Sync {
     ) -> Result<Self::Act>;
     /// `silu(gate) * up`.
     fn silu_mul(&self, gate: &Self::Act, up: &Self::Act) -> Result<Self::Act>;
+    /// `silu(gate) · up` where each row of `gate_up` is `[gate | up]` (a
+    /// fused gate/up projection's output).
+    fn silu_mul_halves(&self, gate_up: &Self::Act) -> Result<Self::Act>;
+    /// The columns of `x` split into matrices of `widths` columns, left to
+    /// right (two or three; the widths add up to `x`'s columns).
+    fn split_cols(&self, x: &Self::Act, widths: &[usize]) -> Result<Vec<Self::Act>>;
     /// A new matrix made of the given rows.
     fn gather_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Self::Act>;
     /// Copies a matrix to the host, row-major.

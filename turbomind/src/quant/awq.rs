@@ -156,6 +156,43 @@ pub struct AwqTensors {
 }
 
 impl AwqTensors {
+    /// The tensors of one layer whose outputs are `parts`' outputs side by
+    /// side (all of one `in_features` and group size, which the caller
+    /// checks). Every tensor is `[rows, out…]` row-major with the output
+    /// axis last, so each row is the parts' rows one after another; the
+    /// packing (8 outputs per int32) never straddles parts because each
+    /// part's `out_features` is a multiple of 8.
+    pub fn stack_outputs(parts: &[&AwqTensors]) -> AwqTensors {
+        fn rows_side_by_side<T: Copy>(parts: &[(&[T], usize)], rows: usize) -> Vec<T> {
+            let mut out = Vec::with_capacity(parts.iter().map(|(d, _)| d.len()).sum());
+            for r in 0..rows {
+                for &(data, width) in parts {
+                    out.extend_from_slice(&data[r * width..(r + 1) * width]);
+                }
+            }
+            out
+        }
+        let first = parts[0];
+        let (k, g) = (first.in_features, first.group_size);
+        let packed = |f: fn(&AwqTensors) -> &[i32]| -> Vec<(&[i32], usize)> {
+            parts.iter().map(|p| (f(p), p.out_features / 8)).collect()
+        };
+        let qweight = rows_side_by_side(&packed(|p| &p.qweight), k);
+        let qzeros = rows_side_by_side(&packed(|p| &p.qzeros), k / g);
+        let scales: Vec<(&[f16], usize)> = parts
+            .iter()
+            .map(|p| (p.scales.as_slice(), p.out_features))
+            .collect();
+        AwqTensors {
+            in_features: k,
+            out_features: parts.iter().map(|p| p.out_features).sum(),
+            group_size: g,
+            qweight,
+            qzeros,
+            scales: rows_side_by_side(&scales, k / g),
+        }
+    }
+
     /// Checks that the sizes agree with the shape.
     pub fn validate(&self, name: &str, path: &Path) -> Result<()> {
         let (k, n, g) = (self.in_features, self.out_features, self.group_size);
@@ -202,6 +239,37 @@ impl AwqTensors {
 
 #[cfg(test)]
 mod tests {
+
+    /// Stacked tensors dequantize to the parts' weights one after another
+    /// (rows of the `[out, in]` layout), for parts of different widths.
+    #[test]
+    fn stacked_outputs_dequantize_to_the_parts_in_order() {
+        let (k, g) = (64, 32);
+        let mut seed = 7u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            seed
+        };
+        let parts: Vec<AwqTensors> = [16usize, 8, 24]
+            .iter()
+            .map(|&n| AwqTensors {
+                in_features: k,
+                out_features: n,
+                group_size: g,
+                qweight: (0..k * n / 8).map(|_| next() as i32).collect(),
+                qzeros: (0..k / g * n / 8).map(|_| next() as i32).collect(),
+                scales: (0..k / g * n)
+                    .map(|_| f16::from_f32((next() % 1000) as f32 / 997.0 + 0.01))
+                    .collect(),
+            })
+            .collect();
+        let refs: Vec<&AwqTensors> = parts.iter().collect();
+        let stacked = AwqTensors::stack_outputs(&refs);
+        assert_eq!(stacked.out_features, 48);
+        let want: Vec<f32> = parts.iter().flat_map(|p| p.dequantize()).collect();
+        assert_eq!(stacked.dequantize(), want);
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -416,6 +416,47 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
+    fn silu_mul_halves(&self, gate_up: &Matrix) -> Result<Matrix> {
+        if !gate_up.cols.is_multiple_of(2) {
+            return Err(shape_error(format!(
+                "silu_mul_halves: {} columns do not split into gate and up",
+                gate_up.cols
+            )));
+        }
+        let n = gate_up.cols / 2;
+        let mut out = Matrix::zeros(gate_up.rows, n);
+        let dst = pool::SyncPtr(out.data.as_mut_ptr());
+        let silu = simd::best_silu_mul();
+        for_row_blocks(gate_up.rows, |rows| {
+            for r in rows {
+                let row = &gate_up.data[r * 2 * n..(r + 1) * 2 * n];
+                // SAFETY: each row is written by one task only, and row r's
+                // n values lie inside the rows × n output.
+                let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(r * n), n) };
+                silu(&row[..n], &row[n..], o);
+            }
+        });
+        Ok(out)
+    }
+
+    fn split_cols(&self, x: &Matrix, widths: &[usize]) -> Result<Vec<Matrix>> {
+        if widths.iter().sum::<usize>() != x.cols {
+            return Err(shape_error(format!(
+                "split_cols: widths {widths:?} do not add up to {} columns",
+                x.cols
+            )));
+        }
+        let mut outs: Vec<Matrix> = widths.iter().map(|&w| Matrix::zeros(x.rows, w)).collect();
+        for r in 0..x.rows {
+            let mut at = 0;
+            for (o, &w) in outs.iter_mut().zip(widths) {
+                o.data[r * w..(r + 1) * w].copy_from_slice(&x.row(r)[at..at + w]);
+                at += w;
+            }
+        }
+        Ok(outs)
+    }
+
     fn gather_rows(&self, x: &Matrix, rows: &[usize]) -> Result<Matrix> {
         let mut out = Matrix::zeros(rows.len(), x.cols);
         for (dst, &r) in out.data.chunks_exact_mut(x.cols.max(1)).zip(rows) {

@@ -355,6 +355,29 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
+    fn silu_mul_halves(&self, gate_up: &DeviceMatrix<f32>) -> Result<DeviceMatrix<f32>> {
+        let mut out = self
+            .dev
+            .uninit(gate_up.rows(), gate_up.cols() / 2)
+            .map_err(gpu_error)?;
+        act::silu_mul_halves(&self.dev, gate_up, &mut out).map_err(gpu_error)?;
+        Ok(out)
+    }
+
+    fn split_cols(
+        &self,
+        x: &DeviceMatrix<f32>,
+        widths: &[usize],
+    ) -> Result<Vec<DeviceMatrix<f32>>> {
+        let mut outs = widths
+            .iter()
+            .map(|&w| self.dev.uninit(x.rows(), w))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(gpu_error)?;
+        act::split_cols(&self.dev, x, &mut outs).map_err(gpu_error)?;
+        Ok(outs)
+    }
+
     fn gather_rows(&self, x: &DeviceMatrix<f32>, rows: &[usize]) -> Result<DeviceMatrix<f32>> {
         act::gather_rows(&self.dev, x, rows).map_err(gpu_error)
     }
