@@ -7,6 +7,13 @@
 //! A score is always computed the same way (the same lanes, the same
 //! reduction), whatever else the task holds, so a row's attention does not
 //! depend on which rows share its task (batch invariance).
+//!
+//! On aarch64, `attn_neon.rs` holds NEON versions for head sizes 64 and 128
+//! (f32 and in-place fp16).
+
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+#[path = "attn_neon.rs"]
+mod neon;
 
 /// `scores[t] = q · keys[t]` for `t < scores.len()` (`keys` is
 /// `[t][head_dim]`, `q` one head).
@@ -116,6 +123,12 @@ impl AttnKernels {
                     }
                     _ => {}
                 }
+            }
+        }
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        {
+            if let Some(k) = neon::kernels(head_dim) {
+                return k;
             }
         }
         AttnKernels {
@@ -338,6 +351,10 @@ mod tests {
     fn kernels_match_a_plain_softmax_attention() {
         for hd in [64usize, 128, 24] {
             let k = AttnKernels::best(hd);
+            // NEON has in-place fp16 kernels for 64 and 128, so they are
+            // compared below.
+            #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+            assert_eq!(k.f16.is_some(), hd == 64 || hd == 128);
             let nt = 37;
             let q: Vec<f32> = (0..hd).map(|i| ((i * 7 % 13) as f32 - 6.0) / 9.0).collect();
             let keys: Vec<f32> = (0..nt * hd)

@@ -17,6 +17,10 @@
 //! Every row goes through the same operations in the same order whatever
 //! else is in the call, so a row's result does not depend on the batch
 //! (batch invariance).
+//!
+//! On aarch64 the NEON versions live in `qkernels_neon.rs`: the integer
+//! family with `sdot` ("neon-dotprod", when the CPU has it) or plain NEON
+//! ("neon"), both bit for bit the portable kernel, and the exact family.
 
 use std::ops::Range;
 
@@ -107,6 +111,24 @@ impl QKernels {
                 };
             }
         }
+        // NEON is part of the baseline of the usual aarch64 targets; only
+        // `sdot` (the `dotprod` extension) needs a run-time check.
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        {
+            if neon::has_dotprod() {
+                return QKernels {
+                    int: neon::int_dotprod,
+                    exact: neon::exact_neon,
+                    int_name: "neon-dotprod",
+                };
+            }
+            return QKernels {
+                int: neon::int_neon,
+                exact: neon::exact_neon,
+                int_name: "neon",
+            };
+        }
+        #[allow(unreachable_code)]
         Self::portable()
     }
 
@@ -266,6 +288,11 @@ macro_rules! by_rows {
         }
     }};
 }
+
+// Declared after `by_rows!`, which it uses.
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+#[path = "qkernels_neon.rs"]
+mod neon;
 
 #[cfg(target_arch = "x86_64")]
 fn int_vnni(t: &Tile<'_>, a: &QRows<'_>, rows: Range<usize>, out: &mut [[f32; TILE]]) {

@@ -1,7 +1,9 @@
 //! The tile kernels against f64 references written from the layout's
 //! definition, every SIMD variant this CPU has against the portable one
-//! (bit for bit for the integer family), and rows alone against rows in
-//! company.
+//! (bit for bit for the integer family, within a rounding-error bound for
+//! the exact family), and rows alone against rows in company. On aarch64
+//! that includes the NEON kernels (`neon-dotprod` where the CPU has
+//! `dotprod`).
 
 use super::*;
 
@@ -105,6 +107,13 @@ fn int_variants() -> Vec<(&'static str, IntTileFn)> {
             v.push(("vnni", int_vnni));
         }
     }
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    {
+        v.push(("neon", neon::int_neon));
+        if neon::has_dotprod() {
+            v.push(("neon-dotprod", neon::int_dotprod));
+        }
+    }
     v
 }
 
@@ -116,7 +125,20 @@ fn exact_variants() -> Vec<(&'static str, F32TileFn)> {
             v.push(("avx2", exact_avx2));
         }
     }
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    v.push(("neon", neon::exact_neon));
     v
+}
+
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+#[test]
+fn best_chooses_neon_with_dotprod_where_the_cpu_has_it() {
+    let want = if neon::has_dotprod() {
+        "neon-dotprod"
+    } else {
+        "neon"
+    };
+    assert_eq!(QKernels::best().int_name, want);
 }
 
 #[test]
@@ -209,6 +231,8 @@ fn exact_kernels_match_an_f64_reference_and_are_batch_invariant() {
             gsum: &gsum,
             k,
         };
+        let mut portable = vec![[0f32; TILE]; m];
+        exact_portable(&t.tile(), &rows, 0..m, &mut portable);
         for (name, f) in exact_variants() {
             let mut all = vec![[0f32; TILE]; m];
             f(&t.tile(), &rows, 0..m, &mut all);
@@ -223,6 +247,24 @@ fn exact_kernels_match_an_f64_reference_and_are_batch_invariant() {
                         "{name}: bits {bits} g {group} row {r} out {o}: {got} vs {reference}"
                     );
                     assert_eq!(all[r][o].to_bits(), one[0][o].to_bits(), "{name}: row {r}");
+                    // Against the portable kernel: each sums the same k
+                    // terms in another order, so each is within k·ε of
+                    // T = Σ s·(q + z)·|x| (the size of the terms before
+                    // the zero point cancels), and the two within 2·k·ε·T.
+                    let terms: f64 = (0..k)
+                        .map(|i| {
+                            let at = (i / group) * TILE + o;
+                            let s = t.scales[at].to_f64();
+                            s * (t.q[o][i] as f64 + t.zeros[at] as f64)
+                                * (x[r * k + i] as f64).abs()
+                        })
+                        .sum();
+                    let tol = 2.0 * k as f64 * f32::EPSILON as f64 * terms;
+                    let diff = (all[r][o] as f64 - portable[r][o] as f64).abs();
+                    assert!(
+                        diff <= tol,
+                        "{name} vs portable: bits {bits} g {group} row {r} out {o}: {diff} > {tol}"
+                    );
                 }
             }
         }

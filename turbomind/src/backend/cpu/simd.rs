@@ -5,6 +5,17 @@
 //! embedding (AVX-512 where present, portable otherwise). Each keeps a fixed
 //! summation order, independent of the batch, which batch invariance relies
 //! on.
+//!
+//! On aarch64, `simd_neon.rs` holds NEON versions of fp16 widening, the fp16
+//! dot product, the quantizer, `exp` and SiLU·mul; the f32 dot product, RMS
+//! norm and rotary embedding are the portable bodies, which vectorize to
+//! NEON as they are.
+
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+#[path = "simd_neon.rs"]
+mod neon;
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+pub(super) use neon::{exp4, widen_f16x8};
 
 #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
 #[inline(always)]
@@ -148,6 +159,12 @@ pub fn best_dot_f16() -> DotF16Fn {
             };
         }
     }
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    {
+        // The same order as `best_dot` here (`dot_body`).
+        return neon::dot_f16;
+    }
+    #[allow(unreachable_code)]
     dot_f16_portable
 }
 
@@ -345,6 +362,11 @@ pub fn best_quantize_group() -> QuantizeGroupFn {
             };
         }
     }
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    {
+        return neon::quantize_group;
+    }
+    #[allow(unreachable_code)]
     quantize_group_portable
 }
 
@@ -456,6 +478,11 @@ pub fn best_silu_mul() -> SiluMulFn {
             };
         }
     }
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    {
+        return neon::silu_mul;
+    }
+    #[allow(unreachable_code)]
     silu_mul_portable
 }
 
@@ -608,5 +635,10 @@ pub fn best_widen_f16() -> fn(&[u16], &mut [f32]) {
             };
         }
     }
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    {
+        return neon::widen_f16;
+    }
+    #[allow(unreachable_code)]
     widen_f16_portable
 }
