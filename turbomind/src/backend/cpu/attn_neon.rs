@@ -121,6 +121,8 @@ fn online<const HD: usize, E: Elem>(
         }
         vaddvq_f32(vsum)
     };
+    // SAFETY: as above; `out` keeps the HD accumulators in registers
+    // across keys.
     unsafe {
         let mut out: [float32x4_t; 32] = std::array::from_fn(|c| {
             if c < HD / 4 {
