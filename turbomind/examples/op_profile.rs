@@ -1,6 +1,7 @@
 //! Where the time of a forward step goes, per backend op, on the CPU:
 //! `[LM_HEAD=int8] cargo run --release -p lmq-turbomind --example op_profile
-//! -- MODEL_DIR [PROMPT_LEN] [DECODE_TOKENS] [BATCH]`.
+//! -- MODEL_DIR [PROMPT_LEN] [DECODE_TOKENS] [BATCH]`. `LMQ_STACK=1`
+//! stacks q/k/v and gate/up as the GPU does (the CPU keeps them apart).
 //!
 //! It wraps the CPU backend in a backend that times every call, runs one
 //! prefill of `PROMPT_LEN` random tokens (per sequence) and then
@@ -126,6 +127,9 @@ impl Backend for Timing {
     }
     fn silu_mul(&self, gate: &Matrix, up: &Matrix) -> Result<Matrix> {
         timed(|| "silu_mul".into(), || self.0.silu_mul(gate, up))
+    }
+    fn prefers_stacked_linears(&self) -> bool {
+        std::env::var_os("LMQ_STACK").is_some() || self.0.prefers_stacked_linears()
     }
     fn silu_mul_halves(&self, gate_up: &Matrix) -> Result<Matrix> {
         timed(|| "silu_mul".into(), || self.0.silu_mul_halves(gate_up))

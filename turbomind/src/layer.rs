@@ -122,9 +122,11 @@ pub struct LayerContext<'a> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
-    /// Uploads `host`, stacking the linears that share an input.
+    /// Uploads `host`, stacking the linears that share an input where the
+    /// backend prefers it ([`Backend::prefers_stacked_linears`]).
     pub fn upload(host: HostLayer, backend: &B) -> Result<Self> {
-        Self::upload_with(host, backend, true)
+        let stack = backend.prefers_stacked_linears();
+        Self::upload_with(host, backend, stack)
     }
 
     /// Uploads `host`; `stack` = false keeps every linear apart (for

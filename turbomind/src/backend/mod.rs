@@ -234,6 +234,13 @@ pub trait Backend: Send + Sync {
     ) -> Result<Self::Act>;
     /// `silu(gate) * up`.
     fn silu_mul(&self, gate: &Self::Act, up: &Self::Act) -> Result<Self::Act>;
+    /// Whether layers should stack q/k/v and gate/up into one linear each
+    /// on this backend (see [`crate::layer::DecoderLayer`]): where launches
+    /// dominate a decode step (a GPU) it pays; on the CPU it has measured
+    /// slower prefill (docs/BENCHMARKS.md).
+    fn prefers_stacked_linears(&self) -> bool {
+        true
+    }
     /// `silu(gate) · up` where each row of `gate_up` is `[gate | up]` (a
     /// fused gate/up projection's output).
     fn silu_mul_halves(&self, gate_up: &Self::Act) -> Result<Self::Act>;
