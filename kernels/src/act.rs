@@ -382,6 +382,76 @@ pub fn embedding(
     Ok(out)
 }
 
+/// `x` with each row divided (`divide`) or multiplied element-wise by `v`
+/// (one value per column).
+pub fn scale_cols(
+    dev: &GpuDevice,
+    x: &DeviceMatrix<f32>,
+    v: &DeviceMatrix<f32>,
+    divide: bool,
+) -> Result<DeviceMatrix<f32>> {
+    const OP: &str = "scale_cols_f32";
+    vector_len(OP, "factors", v, x.cols())?;
+    on_device(OP, dev, &[x.is_on(dev), v.is_on(dev)])?;
+    let mut out = dev.uninit::<f32>(x.rows(), x.cols())?;
+    if x.is_empty() {
+        return Ok(out);
+    }
+    let (rows, cols, div) = (x.rows() as u64, x.cols() as u64, i32::from(divide));
+    let cfg = stride_cfg(dev, x.len());
+    let f = dev.function(Module::ActF32, OP)?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&x.data)
+        .arg(&v.data)
+        .arg(&mut out.data)
+        .arg(&rows)
+        .arg(&cols)
+        .arg(&div);
+    // SAFETY: matches `scale_cols_f32(const float*, const float*, float*,
+    // u64, u64, int)`; x and out hold rows × cols values and v holds cols
+    // (checked above).
+    unsafe { b.launch(cfg) }.during("launching scale_cols_f32")?;
+    Ok(out)
+}
+
+/// The normalized Walsh-Hadamard transform of every `n`-value segment of
+/// `x`'s rows (`n` a power of two up to 256 that divides the columns),
+/// bit-identical to turbomind's `quant::kv::hadamard`.
+pub fn hadamard(dev: &GpuDevice, x: &DeviceMatrix<f32>, n: usize) -> Result<DeviceMatrix<f32>> {
+    const OP: &str = "hadamard_f32";
+    if !n.is_power_of_two() || n > 256 || !x.cols().is_multiple_of(n) {
+        return Err(KernelError::invalid(
+            OP,
+            format!(
+                "segments of {n} (a power of two up to 256) must divide {} columns",
+                x.cols()
+            ),
+        ));
+    }
+    on_device(OP, dev, &[x.is_on(dev)])?;
+    let mut out = dev.uninit::<f32>(x.rows(), x.cols())?;
+    if x.is_empty() {
+        return Ok(out);
+    }
+    let segments = check_i32(OP, "segments", x.len() / n)? as u32;
+    let ni = n as i32;
+    // As the CPU computes it: 1 / sqrt(n) in f32.
+    let norm = 1.0f32 / (n as f32).sqrt();
+    let cfg = LaunchConfig {
+        grid_dim: (segments, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let f = dev.function(Module::ActF32, OP)?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&x.data).arg(&mut out.data).arg(&ni).arg(&norm);
+    // SAFETY: matches `hadamard_f32(const float*, float*, int, float)`; x
+    // and out hold `segments` × n values (n divides the columns, checked
+    // above), and n ≤ 256 fits the kernel's shared segment.
+    unsafe { b.launch(cfg) }.during("launching hadamard_f32")?;
+    Ok(out)
+}
+
 /// A new matrix made of the given rows of `x`.
 pub fn gather_rows(
     dev: &GpuDevice,

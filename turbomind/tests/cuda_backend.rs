@@ -334,7 +334,15 @@ fn static_params(layers: usize, heads: usize, hd: usize, rng: &mut Rng) -> KvSta
         k_zero: table(rng, -1.2, -0.9),
         v_scale: table(rng, 2.0 / 255.0, 3.0 / 255.0),
         v_zero: table(rng, -1.2, -0.9),
-        k_smooth: vec![vec![1.0; heads * hd]; layers],
+        // Per-channel key factors spread over a decade, as calibrated ones
+        // are (the smooth mode divides keys by them).
+        k_smooth: (0..layers)
+            .map(|_| {
+                (0..heads * hd)
+                    .map(|_| rng.uniform(0.3, 3.0) as f32)
+                    .collect()
+            })
+            .collect(),
         levels: 255.0,
     }
 }
@@ -371,6 +379,11 @@ fn paged_attention_matches_cpu() {
             (KvDtype::Int4, KvMode::Online, 1e-3),
             (KvDtype::Int8, KvMode::Static, 1e-3),
             (KvDtype::Int4, KvMode::Static, 1e-3),
+            // The smooth mode multiplies queries by the key factors (here
+            // up to 3) before the integer kernel rounds them to fp16, so
+            // its bound is the integer modes' times 3.
+            (KvDtype::Int8, KvMode::Smooth, 3e-3),
+            (KvDtype::Int4, KvMode::Smooth, 3e-3),
         ] {
             let spec = KvPoolSpec {
                 shape,

@@ -72,6 +72,43 @@ extern "C" __global__ void split_cols3_f32(const float* __restrict__ src, float*
     }
 }
 
+// out = x ⊘ v or x ⊙ v with v broadcast over rows (v has `cols` values):
+// the `smooth` KV mode divides keys by their per-channel factors and
+// multiplies queries by them. Division, not a reciprocal, so that keys are
+// exactly the CPU's.
+extern "C" __global__ void scale_cols_f32(const float* __restrict__ x, const float* __restrict__ v,
+                                          float* __restrict__ out, u64 rows, u64 cols, int divide) {
+    const u64 total = rows * cols;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (u64)gridDim.x * blockDim.x) {
+        const float f = v[i % cols];
+        out[i] = divide ? x[i] / f : x[i] * f;
+    }
+}
+
+// The normalized Walsh-Hadamard transform of each n-value segment of x
+// (n a power of two, at most 256): one block of 32 threads per segment. The
+// butterflies run stage by stage in the CPU's order (h = 1, 2, 4, …; pair
+// (j, j + h) becomes (a + b, a − b)) and then scale by `norm`, so the
+// result is the CPU's `quant::kv::hadamard`, bit for bit.
+extern "C" __global__ void hadamard_f32(const float* __restrict__ x, float* __restrict__ out, int n,
+                                        float norm) {
+    __shared__ float seg[256];
+    const size_t base = (size_t)blockIdx.x * n;
+    for (int i = threadIdx.x; i < n; i += 32) seg[i] = x[base + i];
+    __syncwarp();
+    for (int h = 1; h < n; h *= 2) {
+        for (int p = threadIdx.x; p < n / 2; p += 32) {
+            const int j = (p / h) * 2 * h + p % h;
+            const float a = seg[j], b = seg[j + h];
+            seg[j] = a + b;
+            seg[j + h] = a - b;
+        }
+        __syncwarp();
+    }
+    for (int i = threadIdx.x; i < n; i += 32) out[base + i] = seg[i] * norm;
+}
+
 // RMSNorm of fp32 rows, optionally after `residual += delta` (stored back).
 // One block per row.
 extern "C" __global__ void rms_norm_f32(float* __restrict__ residual, const float* __restrict__ delta,

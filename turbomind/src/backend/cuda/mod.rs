@@ -6,15 +6,15 @@
 //! Numerics follow the CPU backend: activations, the residual stream, norms,
 //! rotary embedding and attention are fp32; linears round their input to
 //! fp16 and accumulate in fp32 (W4A16 kernel or cuBLAS). The KV pool has the
-//! CPU's block layout and quantization rules (online fp16 (scale, zero) per
-//! token-head, or the checkpoint's static parameters).
+//! CPU's block layout and quantization rules (online per-token parameters,
+//! or the checkpoint's static ones). The `smooth` mode runs as the CPU runs
+//! it: keys are divided by their calibrated per-channel factors and value
+//! heads Walsh-Hadamard rotated before an online write, and attention
+//! multiplies the queries by the factors and rotates its output back.
 //!
 //! Row metadata (positions and block tables) is uploaded once per step:
 //! the backend keeps the last upload and reuses it while the spans it is
 //! given are the same, which they are for every layer of a step.
-//!
-//! Not yet on this backend: the `smooth` KV mode (its Hadamard rotation is
-//! CPU-only for now), which is refused at pool creation.
 
 mod linear;
 
@@ -43,6 +43,15 @@ pub(crate) fn gpu_error(e: KernelError) -> Error {
 /// The KV block pool of the CUDA backend.
 pub struct CudaKvPool {
     pool: DeviceKvPool,
+    /// The `smooth` mode's factors, per layer.
+    smooth: Option<Vec<LayerSmoothing>>,
+}
+
+/// One layer's `smooth` factors on the device: the keys' (`kv_dim`) and the
+/// same expanded to the query heads that share each KV head (`q_dim`).
+struct LayerSmoothing {
+    keys: DeviceMatrix<f32>,
+    queries: DeviceMatrix<f32>,
 }
 
 impl CudaKvPool {
@@ -72,6 +81,45 @@ pub struct CudaBackend {
 }
 
 impl CudaBackend {
+    /// The `smooth` mode's per-layer factors for `spec`, uploaded.
+    fn smoothing(&self, spec: &KvPoolSpec) -> Result<Vec<LayerSmoothing>> {
+        let shape = &spec.shape;
+        let hd = shape.head_dim;
+        if !hd.is_power_of_two() || hd > 256 {
+            return Err(Error::InvalidRequest(format!(
+                "--kv-cache-mode smooth needs a power-of-two head_dim up to 256; this model has {hd}"
+            )));
+        }
+        let p = spec.config.static_params.as_ref().ok_or_else(|| {
+            Error::InvalidRequest(
+                "--kv-cache-mode smooth needs calibrated parameters; this checkpoint has none (quantize with --kv)".into(),
+            )
+        })?;
+        let kv_dim = shape.num_kv_heads * hd;
+        if p.k_smooth.len() < shape.num_layers || p.k_smooth.iter().any(|v| v.len() != kv_dim) {
+            return Err(Error::InvalidRequest(
+                "the checkpoint's k_smooth factors do not match the model's layers and KV width"
+                    .into(),
+            ));
+        }
+        let group = shape.num_heads / shape.num_kv_heads.max(1);
+        (0..shape.num_layers)
+            .map(|layer| {
+                let keys = &p.k_smooth[layer];
+                let queries: Vec<f32> = (0..shape.num_heads * hd)
+                    .map(|i| keys[(i / hd / group) * hd + i % hd])
+                    .collect();
+                Ok(LayerSmoothing {
+                    keys: self.dev.upload(keys, kv_dim, 1).map_err(gpu_error)?,
+                    queries: self
+                        .dev
+                        .upload(&queries, queries.len(), 1)
+                        .map_err(gpu_error)?,
+                })
+            })
+            .collect()
+    }
+
     /// Opens GPU `ordinal`, loads cuBLAS and compiles the kernels (so that
     /// a broken toolkit fails here, not mid-request).
     pub fn new(ordinal: usize) -> Result<Self> {
@@ -225,11 +273,11 @@ impl Backend for CudaBackend {
             KvDtype::Int8 => KvStorage::Int8,
             KvDtype::Int4 => KvStorage::Int4,
         };
-        if spec.config.mode == KvMode::Smooth && storage.is_integer() {
-            return Err(Error::InvalidRequest(
-                "--kv-cache-mode smooth is not supported on CUDA yet; use online or static".into(),
-            ));
-        }
+        let smooth = if spec.config.mode == KvMode::Smooth && storage.is_integer() {
+            Some(self.smoothing(spec)?)
+        } else {
+            None
+        };
         let statics = static_table(spec)?;
         let layout = KvLayout {
             num_layers: spec.shape.num_layers,
@@ -244,7 +292,7 @@ impl Backend for CudaBackend {
                 KernelError::Invalid { .. } => Error::InvalidRequest(e.to_string()),
                 other => gpu_error(other),
             })?;
-        Ok(CudaKvPool { pool })
+        Ok(CudaKvPool { pool, smooth })
     }
 
     fn free_memory(&self) -> Option<u64> {
@@ -325,7 +373,16 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         self.check_rows(k, spans, "write_kv")?;
         let meta = self.row_meta(spans)?;
-        paged::kv_write(&self.dev, &mut pool.pool, layer, k, v, &meta).map_err(gpu_error)
+        match pool.smooth.as_ref().and_then(|s| s.get(layer)) {
+            Some(sm) => {
+                let hd = pool.pool.layout().head_dim;
+                let ks = act::scale_cols(&self.dev, k, &sm.keys, true).map_err(gpu_error)?;
+                let vr = act::hadamard(&self.dev, v, hd).map_err(gpu_error)?;
+                paged::kv_write(&self.dev, &mut pool.pool, layer, &ks, &vr, &meta)
+            }
+            None => paged::kv_write(&self.dev, &mut pool.pool, layer, k, v, &meta),
+        }
+        .map_err(gpu_error)
     }
 
     fn attention(
@@ -338,8 +395,23 @@ impl Backend for CudaBackend {
     ) -> Result<DeviceMatrix<f32>> {
         self.check_rows(q, spans, "attention")?;
         let meta = self.row_meta(spans)?;
-        paged::paged_attention(&self.dev, &pool.pool, layer, q, shape.num_heads, &meta)
-            .map_err(gpu_error)
+        match pool.smooth.as_ref().and_then(|s| s.get(layer)) {
+            Some(sm) => {
+                let qs = act::scale_cols(&self.dev, q, &sm.queries, false).map_err(gpu_error)?;
+                let rotated = paged::paged_attention(
+                    &self.dev,
+                    &pool.pool,
+                    layer,
+                    &qs,
+                    shape.num_heads,
+                    &meta,
+                )
+                .map_err(gpu_error)?;
+                act::hadamard(&self.dev, &rotated, shape.head_dim).map_err(gpu_error)
+            }
+            None => paged::paged_attention(&self.dev, &pool.pool, layer, q, shape.num_heads, &meta)
+                .map_err(gpu_error),
+        }
     }
 
     fn silu_mul(
