@@ -1,0 +1,78 @@
+// Part of the paged_attn module (see kernels/src/nvrtc.rs): the split merge
+// and the extern "C" entry points of the float (paged_attn.cu) and integer
+// (paged_attn_int.cu) attention kernels.
+#line 5 "paged_attn_entry.cu"
+// Combines the splits of each (row, query head) in order. grid = (rows, NH),
+// block = hd threads (rounded up to a warp).
+extern "C" __global__ void attn_merge(const int* __restrict__ meta, int rows, int NH, int hd,
+                                      int split_len, int splits, const float* __restrict__ part_ml,
+                                      const float* __restrict__ part_acc, float* __restrict__ out) {
+    const int row = blockIdx.x, d = threadIdx.x;
+    if (d >= hd) return;
+    const size_t qh = (size_t)row * NH + blockIdx.y;
+    const int used = (meta[row] + split_len) / split_len;  // ceil((pos + 1) / split_len)
+    float mt = -LMQ_INF;
+    for (int s = 0; s < used; ++s) mt = fmaxf(mt, part_ml[(qh * splits + s) * 2]);
+    float lt = 0.0f, at = 0.0f;
+    for (int s = 0; s < used; ++s) {
+        const float w = __expf(part_ml[(qh * splits + s) * 2] - mt);
+        lt += part_ml[(qh * splits + s) * 2 + 1] * w;
+        at += part_acc[(qh * splits + s) * hd + d] * w;
+    }
+    out[qh * hd + d] = at / lt;
+}
+
+// Every entry takes the same arguments; the float kernels ignore the
+// quantization parameters.
+#define ATTN_ENTRY(HD, DT, NAME, G)                                                               \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                      \
+        paged_attn_h##HD##_##NAME##_g##G(const float* q, const int* meta, int rows,               \
+                                         const unsigned char* data, const __half* params,        \
+                                         const float* statics, int static_mode, int layer, int L, \
+                                         int H, int NH, int BL, int split_len, int splits,       \
+                                         float scale, float* out, float* part_ml,                \
+                                         float* part_acc) {                                      \
+        paged_attn<HD, DT, G>(q, meta, rows, data, layer, L, H, NH, BL, split_len, splits, scale, \
+                              out, part_ml, part_acc);                                            \
+    }
+
+#define ATTN_ENTRIES(HD, DT, NAME) \
+    ATTN_ENTRY(HD, DT, NAME, 1)    \
+    ATTN_ENTRY(HD, DT, NAME, 4)    \
+    ATTN_ENTRY(HD, DT, NAME, 8)
+
+// Integer storage: one entry per head_dim and storage, for every group width
+// (IG query heads per block). MINB = the blocks per SM that the register
+// allocation must allow (shared memory allows about five); KC = whether K
+// codes are centred before the MMA (see unpack_k).
+#define ATTN_INT_ENTRY(HD, DT, NAME, MINB) ATTN_INT_ENTRY_KC(HD, DT, NAME, MINB, true)
+#define ATTN_INT_ENTRY_KC(HD, DT, NAME, MINB, KC)                                                 \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)                                \
+        NAME(const float* q, const int* meta, int rows,                      \
+                                  const unsigned char* data, const __half* params,                \
+                                  const float* statics, int static_mode, int layer, int L, int H, \
+                                  int NH, int BL, int split_len, int splits, float scale,         \
+                                  float* out, float* part_ml, float* part_acc) {                  \
+        if (static_mode)                                                                          \
+            paged_attn_int<HD, DT, true, KC>(q, meta, rows, data, params, statics, layer, L, H, NH,   \
+                                         BL, split_len, splits, scale, out, part_ml, part_acc);   \
+        else                                                                                      \
+            paged_attn_int<HD, DT, false, KC>(q, meta, rows, data, params, statics, layer, L, H, NH,  \
+                                          BL, split_len, splits, scale, out, part_ml, part_acc);  \
+    }
+
+ATTN_ENTRIES(64, DT_F32, f32)
+ATTN_ENTRIES(64, DT_F16, f16)
+ATTN_INT_ENTRY(64, DT_I8, paged_attn_h64_i8, 5)
+ATTN_INT_ENTRY(64, DT_I4, paged_attn_h64_i4, 5)
+ATTN_ENTRIES(128, DT_F32, f32)
+ATTN_ENTRIES(128, DT_F16, f16)
+// At head_dim 128 (measured on an H200, batch 64 × 2048 positions): int8
+// runs best at 5 blocks per SM (96 registers, a few spilled: 334 µs against
+// 352 at 4), int4 with raw K halves at 4 (333 µs against 338 centred).
+ATTN_INT_ENTRY(128, DT_I8, paged_attn_h128_i8, 5)
+ATTN_INT_ENTRY_KC(128, DT_I4, paged_attn_h128_i4, 4, false)
+ATTN_ENTRIES(256, DT_F32, f32)
+ATTN_ENTRIES(256, DT_F16, f16)
+ATTN_INT_ENTRY(256, DT_I8, paged_attn_h256_i8, 2)
+ATTN_INT_ENTRY(256, DT_I4, paged_attn_h256_i4, 2)
