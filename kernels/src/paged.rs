@@ -526,7 +526,7 @@ pub fn paged_attention(
         block_dim: ((WARPS * 32) as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    // SAFETY: matches `paged_attn_h{hd}_{dtype}_*` in cu/paged_attn.cu (every
+    // SAFETY: matches `paged_attn_h{hd}_{dtype}_*` in cu/paged_attn_entry.cu (every
     // entry takes the same arguments); hd is
     // one of the compiled head dims (checked at pool creation); q and out
     // are rows × NH·hd; meta was checked (blocks inside a
