@@ -444,8 +444,11 @@ fn retries_on_another_replica_after_429_or_5xx() {
     let p = proxy(tmp.path(), &yaml);
     assert_eq!(p.get("/health").json()["healthy_nodes"], 3);
 
-    // Fill `full`'s one queue slot directly, so that it answers 429.
-    let long = json!({"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": true, "stream": true});
+    // Fill `full`'s one queue slot directly, so that it answers 429. The
+    // request must outlast the six below on a fast machine (400 tokens did
+    // not), and fit the node's 32M of KV cache (about 1450 tokens); it is
+    // cancelled at the end.
+    let long = json!({"prompt": "Once upon a time", "max_tokens": 1200, "ignore_eos": true, "stream": true});
     let mut events = full.stream("/v1/completions", &[], &long);
     events.next().expect("a first event");
     full.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 1}))
