@@ -119,6 +119,12 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
             .collect();
         eprintln!("mean AWQ alpha per group: {}", parts.join(", "));
     }
+    if let Some(r) = s.kv_smooth_error_ratio {
+        eprintln!(
+            "int4 smooth KV: searched key factors leave {:.0}% of the fixed factors' attention error on the calibration subset",
+            100.0 * r
+        );
+    }
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     eprintln!(
         "quantized {} linears at group size {} in {:.1}s; peak RSS {}; {:.1} MiB -> {:.1} MiB ({:.2}x smaller); wrote {}",

@@ -9,6 +9,7 @@
 pub mod awq;
 pub mod clip;
 pub mod groupwise;
+pub mod kv_smooth;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -32,8 +33,7 @@ use lmq_turbomind::backend::cpu::{CpuBackend, Matrix};
 use lmq_turbomind::backend::{AttnShape, Backend, HostLinear, HostWeight, SeqSpan};
 use lmq_turbomind::layer::HostLayer;
 use lmq_turbomind::quant::kv::{
-    param_tensor_name, KvCheckpointDefaults, KvDtype, KvMode, K_SMOOTH_EXPONENT, PARAM_NAMES,
-    SMOOTH_NAME,
+    param_tensor_name, KvCheckpointDefaults, KvDtype, KvMode, PARAM_NAMES, SMOOTH_NAME,
 };
 use lmq_turbomind::rope::Rope;
 use lmq_turbomind::tokenizer::Tokenizer;
@@ -88,6 +88,10 @@ pub struct QuantizeSummary {
     pub warnings: Vec<String>,
     /// Mean chosen α per scale group over layers, for the summary.
     pub mean_alpha: Vec<(String, f32)>,
+    /// With KV statistics: the int4 `smooth` attention error of the
+    /// searched key factors over that of the fixed `max|k|^0.75`, summed
+    /// over layers on the calibration subset.
+    pub kv_smooth_error_ratio: Option<f64>,
 }
 
 /// The linears of a decoder layer that are quantized, as (module, out, in).
@@ -244,12 +248,15 @@ pub fn quantize(model_dir: &Path, out_dir: &Path, cfg: &QuantizeConfig) -> Resul
     let mut quantized_linears = 0;
     let mut warnings = Vec::new();
     let mut alphas: Vec<(String, f32, usize)> = Vec::new();
+    let mut kv_loss = (0f64, 0f64);
     for layer in 0..config.num_layers {
         let mut host = reader.layer(layer)?;
         if let Some(state) = awq_state.as_mut() {
             let report = state.process_layer(layer, &mut host, &spec, &progress)?;
             if let (Some(dtype), Some(stats)) = (cfg.kv, &report.kv_ranges) {
                 write_kv_params(&mut writer, &config, layer, stats, dtype, &mut written)?;
+                kv_loss.0 += stats.smooth_loss.0;
+                kv_loss.1 += stats.smooth_loss.1;
             }
             warnings.extend(report.warnings);
             for (name, alpha) in report.alphas {
@@ -325,6 +332,7 @@ pub fn quantize(model_dir: &Path, out_dir: &Path, cfg: &QuantizeConfig) -> Resul
             .into_iter()
             .map(|(n, sum, count)| (n, sum / count as f32))
             .collect(),
+        kv_smooth_error_ratio: (kv_loss.1 > 0.0).then(|| kv_loss.0 / kv_loss.1),
     })
 }
 
@@ -409,8 +417,11 @@ struct LayerReport {
 struct KvRanges {
     k: Vec<(f32, f32)>,
     v: Vec<(f32, f32)>,
-    /// Per key channel absolute maximum.
-    k_absmax: Vec<f32>,
+    /// The `smooth` mode's per key channel factors, searched on the
+    /// calibration subset (see [`kv_smooth`]).
+    k_smooth: Vec<f32>,
+    /// The attention error of those factors and of the fixed ones.
+    smooth_loss: (f64, f64),
 }
 
 fn channel_absmax(x: &Matrix) -> Vec<f32> {
@@ -471,11 +482,7 @@ fn write_kv_params(
         )?;
         written.insert(name);
     }
-    let smooth: Vec<f32> = ranges
-        .k_absmax
-        .iter()
-        .map(|&m| m.max(1e-5).powf(K_SMOOTH_EXPONENT))
-        .collect();
+    let smooth = &ranges.k_smooth;
     if smooth.iter().any(|v| !v.is_finite()) {
         return Err(Error::Invalid {
             message: format!("layer {layer}: non-finite key statistics"),
@@ -670,10 +677,36 @@ impl CalibState {
         let mut k = b.linear(&h, &b.upload_linear(host.k.clone())?)?;
         b.rope(&mut k, self.shape.num_kv_heads, &self.spans, &self.rope)?;
         let v = b.linear(&h, &b.upload_linear(host.v.clone())?)?;
+        let mut q = b.linear(&h, &b.upload_linear(host.q.clone())?)?;
+        b.rope(&mut q, self.shape.num_heads, &self.spans, &self.rope)?;
+        let rows = self.subset_spans.last().map_or(0, |s| s.rows.end);
+        let first_rows = |m: &Matrix| Matrix {
+            data: m.data[..rows * m.cols].to_vec(),
+            rows,
+            cols: m.cols,
+        };
+        let (k_absmax, q_absmax) = (channel_absmax(&k), channel_absmax(&q));
+        let (q_sub, k_sub, v_sub) = (first_rows(&q), first_rows(&k), first_rows(&v));
+        let choice = kv_smooth::search_key_factors(
+            b,
+            self.shape,
+            &kv_smooth::KvSearchInput {
+                q: &q_sub,
+                k: &k_sub,
+                v: &v_sub,
+                spans: &self.subset_spans,
+                k_absmax: &k_absmax,
+                q_absmax: &q_absmax,
+            },
+        )?;
         Ok(Some(KvRanges {
             k: head_ranges(&k, self.shape.num_kv_heads),
             v: head_ranges(&v, self.shape.num_kv_heads),
-            k_absmax: channel_absmax(&k),
+            k_smooth: choice.factors,
+            smooth_loss: (
+                choice.loss.iter().filter(|l| l.is_finite()).sum(),
+                choice.loss_fixed.iter().filter(|l| l.is_finite()).sum(),
+            ),
         }))
     }
 }

@@ -12,8 +12,12 @@
 //! "int8"|"int4", "mode": "online"|"static"}` (the defaults the engine
 //! uses), and each layer gets F32 `[num_kv_heads]` tensors
 //! `model.layers.{i}.self_attn.kv_quant.{k_scale,k_zero,v_scale,v_zero}`,
-//! plus F32 `[num_kv_heads · head_dim]` `k_smooth` (per key channel absolute
-//! maximum), all computed from post-RoPE K and V on the calibration set.
+//! plus F32 `[num_kv_heads · head_dim]` `k_smooth` (per key channel
+//! divisors for the `smooth` mode), all computed from post-RoPE K and V on
+//! the calibration set. `lmq quantize` searches `k_smooth` per KV head as
+//! `max|k|^α / max|q|^β` (the queries' maximum over the heads sharing the
+//! KV head) for the least int4 attention error; checkpoints written before
+//! the search hold `max|k|^0.75`. The engine reads the factors as they are.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -82,9 +86,9 @@ pub enum KvMode {
     Static,
     /// Online per token and head, after two outlier-flattening transforms
     /// that are undone on read: each key channel is divided by its
-    /// calibrated `k_smooth` (absolute maximum to the power
-    /// [`K_SMOOTH_EXPONENT`]), and each value head vector is rotated by a
-    /// normalized Walsh-Hadamard transform (head_dim a power of two).
+    /// calibrated `k_smooth` factor (queries are multiplied by it), and
+    /// each value head vector is rotated by a normalized Walsh-Hadamard
+    /// transform (head_dim a power of two).
     Smooth,
 }
 
@@ -124,7 +128,7 @@ pub struct KvStaticParams {
     pub k_zero: Vec<Vec<f32>>,
     pub v_scale: Vec<Vec<f32>>,
     pub v_zero: Vec<Vec<f32>>,
-    /// `[layer][kv_dim]`: per key channel absolute maximum, for
+    /// `[layer][kv_dim]`: per key channel divisors, for
     /// [`KvMode::Smooth`].
     pub k_smooth: Vec<Vec<f32>>,
     /// The integer range the scales were written for (255 for int8, 15
@@ -139,7 +143,9 @@ pub const PARAM_NAMES: [&str; 4] = ["k_scale", "k_zero", "v_scale", "v_zero"];
 /// The per-layer `[kv_dim]` key smoothing divisor tensor.
 pub const SMOOTH_NAME: &str = "k_smooth";
 
-/// `k_smooth = absmax^K_SMOOTH_EXPONENT`. Chosen by measurement on
+/// The fixed `k_smooth = absmax^K_SMOOTH_EXPONENT` of checkpoints written
+/// before the per-head search; the search still scores it, and falls back
+/// to it where no candidate gives a finite error. Chosen by measurement on
 /// SmolLM2-135M int4 KV (docs/QUALITY.md): 1.0 and 0.5 were worse.
 pub const K_SMOOTH_EXPONENT: f32 = 0.75;
 

@@ -1,0 +1,154 @@
+//! Tests of the key-factor search: the factors returned are the ones whose
+//! loss is reported, the search beats no smoothing by a wide margin where
+//! keys have outlier channels, and a head-wide constant on the factors
+//! leaves the quantized attention unchanged (why they may be normalized).
+use super::*;
+use crate::rng::SplitMix;
+
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HD: usize = 16;
+
+fn shape() -> AttnShape {
+    AttnShape {
+        num_heads: HEADS,
+        num_kv_heads: KV_HEADS,
+        head_dim: HD,
+        num_layers: 1,
+    }
+}
+
+fn random(rng: &mut SplitMix, rows: usize, cols: usize, scale: &dyn Fn(usize) -> f32) -> Matrix {
+    let data = (0..rows * cols)
+        .map(|i| (rng.unit_f32() * 2.0 - 1.0) * scale(i % cols))
+        .collect();
+    Matrix { data, rows, cols }
+}
+
+fn absmax(m: &Matrix) -> Vec<f32> {
+    let mut out = vec![0f32; m.cols];
+    for r in 0..m.rows {
+        for (o, &v) in out.iter_mut().zip(m.row(r)) {
+            *o = o.max(v.abs());
+        }
+    }
+    out
+}
+
+/// Two sequences whose keys carry outlier channels (3 and 17, one per KV
+/// head) 30 times the others, as real post-RoPE keys do.
+fn outlier_case() -> (Matrix, Matrix, Matrix, Vec<SeqSpan>) {
+    let mut rng = SplitMix::new(7);
+    let (spans, _) = SeqSpan::packed(&[70, 50], CALIB_BLOCK_LEN);
+    let rows = 120;
+    let q = random(&mut rng, rows, HEADS * HD, &|_| 1.0);
+    let k = random(&mut rng, rows, KV_HEADS * HD, &|c| {
+        if c == 3 || c == 17 {
+            30.0
+        } else {
+            1.0
+        }
+    });
+    let v = random(&mut rng, rows, KV_HEADS * HD, &|_| 1.0);
+    (q, k, v, spans)
+}
+
+fn loss_of(input: &KvSearchInput<'_>, f: Vec<f32>, reference: &Matrix) -> Vec<f64> {
+    let params = KvStaticParams {
+        k_scale: vec![vec![1.0; KV_HEADS]],
+        k_zero: vec![vec![0.0; KV_HEADS]],
+        v_scale: vec![vec![1.0; KV_HEADS]],
+        v_zero: vec![vec![0.0; KV_HEADS]],
+        k_smooth: vec![f],
+        levels: 15.0,
+    };
+    let config = KvCacheConfig {
+        dtype: KvDtype::Int4,
+        mode: KvMode::Smooth,
+        static_params: Some(Arc::new(params)),
+    };
+    let out = attention_over(&CpuBackend::new(), shape(), config, input).unwrap();
+    head_losses(&out, reference, &shape())
+}
+
+fn reference(input: &KvSearchInput<'_>) -> Matrix {
+    let config = KvCacheConfig {
+        dtype: KvDtype::F32,
+        mode: KvMode::Online,
+        static_params: None,
+    };
+    attention_over(&CpuBackend::new(), shape(), config, input).unwrap()
+}
+
+#[test]
+fn chosen_factors_have_the_reported_loss_and_beat_no_smoothing() {
+    let (q, k, v, spans) = outlier_case();
+    let (ka, qa) = (absmax(&k), absmax(&q));
+    let input = KvSearchInput {
+        q: &q,
+        k: &k,
+        v: &v,
+        spans: &spans,
+        k_absmax: &ka,
+        q_absmax: &qa,
+    };
+    let choice = search_key_factors(&CpuBackend::new(), shape(), &input).unwrap();
+    assert_eq!(choice.factors.len(), KV_HEADS * HD);
+    assert!(choice.factors.iter().all(|f| f.is_finite() && *f > 0.0));
+
+    let reference = reference(&input);
+    let recomputed = loss_of(&input, choice.factors.clone(), &reference);
+    let none = loss_of(&input, vec![1.0; KV_HEADS * HD], &reference);
+    for h in 0..KV_HEADS {
+        // The reported loss is that of the returned factors (each head's
+        // slice was copied from the candidate that scored it).
+        assert!(
+            (recomputed[h] - choice.loss[h]).abs() <= 1e-9 * choice.loss[h].max(1.0),
+            "head {h}: reported {} recomputed {}",
+            choice.loss[h],
+            recomputed[h]
+        );
+        // α = β = 0 is a candidate, so the search can do no worse than no
+        // smoothing; with 30× outliers it must do much better.
+        assert!(
+            choice.loss[h] < 0.5 * none[h],
+            "head {h}: searched {} vs unsmoothed {}",
+            choice.loss[h],
+            none[h]
+        );
+        assert!(choice.loss[h] <= choice.loss_fixed[h]);
+        assert!(choice.exponents[h].0 > 0.0, "{:?}", choice.exponents[h]);
+    }
+}
+
+#[test]
+fn a_head_wide_constant_on_the_factors_changes_nothing() {
+    let (q, k, v, spans) = outlier_case();
+    let (ka, qa) = (absmax(&k), absmax(&q));
+    let input = KvSearchInput {
+        q: &q,
+        k: &k,
+        v: &v,
+        spans: &spans,
+        k_absmax: &ka,
+        q_absmax: &qa,
+    };
+    let reference = reference(&input);
+    let base: Vec<f32> = ka.iter().map(|m| m.sqrt()).collect();
+    // Powers of two keep the division and multiplication exact in f32.
+    let scaled: Vec<f32> = base
+        .iter()
+        .enumerate()
+        .map(|(c, f)| f * if c < HD { 8.0 } else { 0.25 })
+        .collect();
+    let a = loss_of(&input, base, &reference);
+    let b = loss_of(&input, scaled, &reference);
+    for h in 0..KV_HEADS {
+        assert!(
+            (a[h] - b[h]).abs() <= 1e-3 * a[h],
+            "head {h}: {} vs {}",
+            a[h],
+            b[h]
+        );
+    }
+}
