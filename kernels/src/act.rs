@@ -357,27 +357,46 @@ pub fn embedding(
         ));
     }
     on_device(OP, dev, &[table.is_on(dev)])?;
+    if ids.is_empty() {
+        return dev.uninit::<f32>(0, table.cols());
+    }
+    let ids_dev = dev.upload(ids, ids.len(), 1)?;
+    embedding_from_device(dev, table, &ids_dev)
+}
+
+/// [`embedding`] with the ids (`rows × 1`) already on the device, as a
+/// recorded graph reads them: the host cannot check them at launch, so an
+/// id outside the table gives a row of zeros.
+pub fn embedding_from_device(
+    dev: &GpuDevice,
+    table: &DeviceMatrix<f16>,
+    ids: &DeviceMatrix<u32>,
+) -> Result<DeviceMatrix<f32>> {
+    const OP: &str = "embedding_f32";
+    on_device(OP, dev, &[table.is_on(dev), ids.is_on(dev)])?;
     let mut out = dev.uninit::<f32>(ids.len(), table.cols())?;
     if ids.is_empty() {
         return Ok(out);
     }
     let d = check_i32(OP, "row length", table.cols())?;
     let rows = check_i32(OP, "rows", ids.len())? as u32;
-    let ids_dev = dev.upload(ids, ids.len(), 1)?;
+    let vocab = u32::try_from(table.rows())
+        .map_err(|_| KernelError::shape(OP, "the table has too many rows"))?;
     let f = dev.function(Module::ActF32, "embedding_f16_f32")?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&table.data)
-        .arg(&ids_dev.data)
+        .arg(&ids.data)
         .arg(&mut out.data)
-        .arg(&d);
+        .arg(&d)
+        .arg(&vocab);
     let cfg = LaunchConfig {
         grid_dim: (rows, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: matches `embedding_f16_f32(const half*, const u32*, float*,
-    // int)`; every id is below table.rows() (checked above) and out is
-    // ids × d.
+    // int, u32)`; ids holds `rows` entries, out is rows × d, and the kernel
+    // reads the table only at ids below `vocab` = table.rows().
     unsafe { b.launch(cfg) }.during("launching embedding_f16_f32")?;
     Ok(out)
 }

@@ -88,6 +88,7 @@ impl GpuDevice {
         cols: usize,
     ) -> Result<DeviceMatrix<T>> {
         let n = checked_len("upload", rows, cols)?;
+        self.check_not_recording("upload")?;
         if host.len() != n {
             return Err(KernelError::shape(
                 "upload",
@@ -140,6 +141,7 @@ impl GpuDevice {
         if m.is_empty() {
             return Ok(());
         }
+        self.check_not_recording("fill")?;
         let host = vec![value; m.len()];
         self.stream()
             .memcpy_htod(&host, &mut m.data)
@@ -157,9 +159,30 @@ impl GpuDevice {
         if src.is_empty() {
             return Ok(());
         }
+        self.check_not_recording("write")?;
         self.stream()
             .memcpy_htod(src, &mut dst.data)
             .during("writing a matrix")
+    }
+
+    /// Copies `src` into `dst` on the device (stream-ordered, recordable
+    /// into a graph); the shapes must match.
+    pub fn copy<T: Element>(&self, dst: &mut DeviceMatrix<T>, src: &DeviceMatrix<T>) -> Result<()> {
+        if src.rows() != dst.rows() || src.cols() != dst.cols() {
+            return Err(KernelError::shape("copy", format!("{src:?} into {dst:?}")));
+        }
+        if !src.is_on(self) || !dst.is_on(self) {
+            return Err(KernelError::invalid(
+                "copy",
+                "operands belong to another GpuDevice",
+            ));
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.stream()
+            .memcpy_dtod(&src.data, &mut dst.data)
+            .during("copying a matrix")
     }
 
     /// Copies `m` back to the host (waits for the stream).
@@ -167,6 +190,7 @@ impl GpuDevice {
         if m.is_empty() {
             return Ok(Vec::new());
         }
+        self.check_not_recording("download")?;
         self.stream()
             .clone_dtoh(&m.data)
             .during("downloading a matrix")

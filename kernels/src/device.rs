@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::CUdevice_attribute;
@@ -32,6 +33,8 @@ pub struct GpuDevice {
     num_sms: u32,
     include_dirs: Vec<PathBuf>,
     modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
+    /// Set while the stream is recorded into a graph (see `graph.rs`).
+    pub(crate) recording: AtomicBool,
 }
 
 impl std::fmt::Debug for GpuDevice {
@@ -159,6 +162,7 @@ impl GpuDevice {
             num_sms: num_sms.max(1) as u32,
             include_dirs: nvrtc::cuda_include_dirs(),
             modules: Mutex::new(HashMap::new()),
+            recording: AtomicBool::new(false),
         })
     }
 

@@ -275,8 +275,86 @@ impl RowMeta {
         })
     }
 
+    /// Metadata for `rows` rows at positions below `capacity`, each with a
+    /// block table of up to `width` entries at a fixed place, so that
+    /// [`RowMeta::rewrite`] can refill it in place for another step of the
+    /// same shape (a recorded graph reads it at a fixed address). Until
+    /// rewritten, every row sits at position 0 of block 0.
+    pub fn padded(dev: &GpuDevice, rows: usize, capacity: usize, width: usize) -> Result<Self> {
+        const OP: &str = "row metadata";
+        if rows == 0 || capacity == 0 || width == 0 {
+            return Err(KernelError::invalid(
+                OP,
+                "padded metadata needs rows, positions and table entries",
+            ));
+        }
+        check_i32(OP, "position", capacity - 1)?;
+        let len = rows
+            .checked_mul(width + 2)
+            .ok_or_else(|| KernelError::shape(OP, "the metadata size overflows"))?;
+        check_i32(OP, "table offset", len)?;
+        let mut host = vec![0i32; len];
+        for i in 0..rows {
+            host[rows + i] = (i * width) as i32;
+        }
+        Ok(Self {
+            rows,
+            max_pos: capacity - 1,
+            max_block: 0,
+            places: vec![(0, width); rows],
+            meta: dev.upload(&host, len, 1)?,
+        })
+    }
+
+    /// Refills metadata made by [`RowMeta::padded`] with `rows` (exactly
+    /// as many as it was made for, positions below its capacity, tables of
+    /// at most its width; longer tables are cut to the width, which covers
+    /// every position below the capacity when `width · block_len ≥
+    /// capacity`). `max_pos` keeps the capacity, so kernels launched with
+    /// this metadata are sized as when it was recorded.
+    pub fn rewrite(&mut self, dev: &GpuDevice, rows: &[RowPlace<'_>]) -> Result<()> {
+        const OP: &str = "row metadata";
+        let n = self.rows;
+        let width = (self.meta.len() / n).saturating_sub(2);
+        if rows.len() != n {
+            return Err(KernelError::shape(
+                OP,
+                format!("{} rows for metadata of {n}", rows.len()),
+            ));
+        }
+        let mut host = vec![0i32; self.meta.len()];
+        let mut max_block = 0u32;
+        for (i, r) in rows.iter().enumerate() {
+            if r.pos > self.max_pos {
+                return Err(KernelError::shape(
+                    OP,
+                    format!(
+                        "position {} beyond the capacity {}",
+                        r.pos,
+                        self.max_pos + 1
+                    ),
+                ));
+            }
+            host[i] = r.pos as i32;
+            host[n + i] = (i * width) as i32;
+            let used = r.table.len().min(width);
+            for (j, &b) in r.table[..used].iter().enumerate() {
+                host[2 * n + i * width + j] = check_i32(OP, "block id", b as usize)?;
+                max_block = max_block.max(b);
+            }
+            self.places[i] = (r.pos, used);
+        }
+        self.max_block = max_block;
+        dev.write(&mut self.meta, &host)
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// The largest position a launch with this metadata is sized for.
+    pub fn max_pos(&self) -> usize {
+        self.max_pos
     }
 
     /// The per-row positions (the first `rows` entries), for rotary embedding.
@@ -287,6 +365,13 @@ impl RowMeta {
     pub(crate) fn is_on(&self, dev: &GpuDevice) -> bool {
         self.meta.is_on(dev)
     }
+}
+
+/// Checks `meta` against `pool` as every KV write and attention launch
+/// does: for a recorded graph, whose launches check nothing, before each
+/// replay.
+pub fn check_rows(pool: &DeviceKvPool, meta: &RowMeta) -> Result<()> {
+    check_meta("row metadata", pool, meta)
 }
 
 /// Every block a table names must lie in the pool, and each row's table

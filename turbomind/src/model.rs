@@ -267,6 +267,59 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
+    /// The final normed hidden states of a step's rows (writing their K
+    /// and V into `pool`).
+    fn hidden(&self, pool: &mut B::KvPool, ids: &[u32], spans: &[SeqSpan]) -> Result<B::Act> {
+        let b = &self.backend;
+        let c = &self.config;
+        let mut residual = b.embedding(&self.embed, ids)?;
+        let Some(first) = self.layers.first() else {
+            return Err(Error::InvalidRequest("the model has no layers".into()));
+        };
+        let mut h = b.rms_norm(&residual, &first.input_norm, c.rms_norm_eps)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let ctx = LayerContext {
+                kv_layer: i,
+                spans,
+                rope: &self.rope,
+                shape: &self.shape,
+            };
+            let o = layer.attention(b, &h, pool, &ctx, &mut NoObserver)?;
+            h = b.add_rms_norm(
+                &mut residual,
+                &o,
+                &layer.post_attention_norm,
+                c.rms_norm_eps,
+            )?;
+            let down = layer.mlp(b, &h, &mut NoObserver)?;
+            let next_norm = match self.layers.get(i + 1) {
+                Some(next) => &next.input_norm,
+                None => &self.final_norm,
+            };
+            h = b.add_rms_norm(&mut residual, &down, next_norm, c.rms_norm_eps)?;
+        }
+        Ok(h)
+    }
+
+    /// The logits of `wanted` rows of a step, on the device. When every
+    /// row is wanted in order (a decode step) the rows are not gathered.
+    fn logits(
+        &self,
+        pool: &mut B::KvPool,
+        ids: &[u32],
+        spans: &[SeqSpan],
+        wanted: &[usize],
+    ) -> Result<B::Act> {
+        let b = &self.backend;
+        let h = self.hidden(pool, ids, spans)?;
+        let head = self.output_projection();
+        if wanted.len() == ids.len() && wanted.iter().enumerate().all(|(i, &r)| i == r) {
+            b.linear(&h, head)
+        } else {
+            b.linear(&b.gather_rows(&h, wanted)?, head)
+        }
+    }
+
     /// Runs one step over a batch of sequences and returns, per sequence,
     /// the requested logits as `rows × vocab` row-major values. On success
     /// each sequence's `kv.len` has advanced by its tokens.
@@ -301,36 +354,6 @@ impl<B: Backend> Model<B> {
             ids.extend_from_slice(seq.tokens);
         }
 
-        let mut residual = b.embedding(&self.embed, &ids)?;
-        let Some(first) = self.layers.first() else {
-            return Err(Error::InvalidRequest("the model has no layers".into()));
-        };
-        let mut h = b.rms_norm(&residual, &first.input_norm, c.rms_norm_eps)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let ctx = LayerContext {
-                kv_layer: i,
-                spans: &spans,
-                rope: &self.rope,
-                shape: &self.shape,
-            };
-            let o = layer.attention(b, &h, pool, &ctx, &mut NoObserver)?;
-            h = b.add_rms_norm(
-                &mut residual,
-                &o,
-                &layer.post_attention_norm,
-                c.rms_norm_eps,
-            )?;
-            let down = layer.mlp(b, &h, &mut NoObserver)?;
-            let next_norm = match self.layers.get(i + 1) {
-                Some(next) => &next.input_norm,
-                None => &self.final_norm,
-            };
-            h = b.add_rms_norm(&mut residual, &down, next_norm, c.rms_norm_eps)?;
-        }
-
-        for seq in batch.iter_mut() {
-            seq.kv.len += seq.tokens.len();
-        }
         let mut wanted_rows = Vec::new();
         for (seq, span) in batch.iter().zip(&spans) {
             match seq.logits {
@@ -339,12 +362,30 @@ impl<B: Backend> Model<B> {
                 LogitsWanted::All => wanted_rows.extend(span.rows.clone()),
             }
         }
+        // A decode step (one new token per sequence, each wanting its
+        // logits) goes through the backend's step hook, which may replay a
+        // recording of it.
+        let decode = batch
+            .iter()
+            .all(|s| s.tokens.len() == 1 && s.logits == LogitsWanted::Last);
+        let logits = if decode {
+            let mut body = |pool: &mut B::KvPool| self.logits(pool, &ids, &spans, &wanted_rows);
+            b.decode_step(&ids, &spans, pool, &mut body)?
+        } else {
+            let h = self.hidden(pool, &ids, &spans)?;
+            if wanted_rows.is_empty() {
+                Vec::new()
+            } else {
+                let selected = b.gather_rows(&h, &wanted_rows)?;
+                b.to_host(&b.linear(&selected, self.output_projection())?)?
+            }
+        };
+        for seq in batch.iter_mut() {
+            seq.kv.len += seq.tokens.len();
+        }
         if wanted_rows.is_empty() {
             return Ok(vec![Vec::new(); batch.len()]);
         }
-        let selected = b.gather_rows(&h, &wanted_rows)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = b.to_host(&b.linear(&selected, head)?)?;
         let vocab = c.vocab_size;
         let mut out = Vec::with_capacity(batch.len());
         let mut offset = 0;

@@ -155,11 +155,19 @@ extern "C" __global__ void rope_f32(float* __restrict__ x, const int* __restrict
 }
 
 // out[r][:] = fp32(table[ids[r]][:]); ids were range-checked on the host.
+// Ids are range-checked on the host; an id outside the table (possible only
+// when ids come from a device buffer rewritten between graph replays) gives
+// a row of zeros instead of a read outside the table.
 extern "C" __global__ void embedding_f16_f32(const __half* __restrict__ table,
                                              const u32* __restrict__ ids, float* __restrict__ out,
-                                             int d) {
+                                             int d, u32 vocab) {
     const size_t r = blockIdx.x;
-    const __half* src = table + (size_t)ids[r] * d;
+    const u32 id = ids[r];
+    if (id >= vocab) {
+        for (int i = threadIdx.x; i < d; i += blockDim.x) out[r * d + i] = 0.0f;
+        return;
+    }
+    const __half* src = table + (size_t)id * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) out[r * d + i] = __half2float(src[i]);
 }
 

@@ -251,4 +251,24 @@ pub trait Backend: Send + Sync {
     fn gather_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Self::Act>;
     /// Copies a matrix to the host, row-major.
     fn to_host(&self, x: &Self::Act) -> Result<Vec<f32>>;
+
+    /// Runs one decode step, a batch of one new token per sequence:
+    /// `body` computes, with this backend's ops, the logits of every row
+    /// (`ids.len() × vocab`) from `ids` and `spans`, writing the new
+    /// tokens' K and V into `pool`; this returns them on the host,
+    /// row-major. A backend may record `body` once per step shape and
+    /// replay the recording for later steps of that shape with their own
+    /// `ids` and `spans` (the CUDA backend's graphs), so `body` must use no
+    /// inputs other than those; the default runs it every time.
+    fn decode_step(
+        &self,
+        ids: &[u32],
+        spans: &[SeqSpan],
+        pool: &mut Self::KvPool,
+        body: &mut dyn FnMut(&mut Self::KvPool) -> Result<Self::Act>,
+    ) -> Result<Vec<f32>> {
+        let _ = (ids, spans);
+        let logits = body(pool)?;
+        self.to_host(&logits)
+    }
 }

@@ -16,9 +16,12 @@
 //! the backend keeps the last upload and reuses it while the spans it is
 //! given are the same, which they are for every layer of a step.
 
+mod graph;
 mod linear;
+mod profile;
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use lmq_kernels::{
     act, paged, Blas, DeviceKvPool, DeviceMatrix, GpuDevice, KernelError, KvLayout, KvStorage,
@@ -40,8 +43,13 @@ pub(crate) fn gpu_error(e: KernelError) -> Error {
     }
 }
 
+/// Identifies pools, so that a recorded step is replayed only on the pool
+/// it was recorded on.
+static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(1);
+
 /// The KV block pool of the CUDA backend.
 pub struct CudaKvPool {
+    id: u64,
     pool: DeviceKvPool,
     /// The `smooth` mode's factors, per layer.
     smooth: Option<Vec<LayerSmoothing>>,
@@ -71,6 +79,13 @@ struct MetaCache {
 /// device copy.
 type InvFreqCache = Option<(Vec<f32>, Arc<DeviceMatrix<f32>>)>;
 
+/// What the ops read instead of uploading while a step is recorded.
+struct Recording {
+    inputs: graph::StepInputs,
+    /// Rows of the embedding table the step looked up.
+    vocab: Option<usize>,
+}
+
 /// The CUDA implementation of [`Backend`] on one GPU.
 pub struct CudaBackend {
     dev: GpuDevice,
@@ -78,6 +93,15 @@ pub struct CudaBackend {
     meta: Mutex<Option<MetaCache>>,
     /// Rotary rates uploaded per head_dim (one model: one entry).
     inv_freq: Mutex<InvFreqCache>,
+    graphs: Mutex<graph::StepGraphs>,
+    recording: Mutex<Option<Recording>>,
+    profile: Mutex<Option<profile::StepProfile>>,
+}
+
+/// Locks `m`; a poisoned lock only means a panic elsewhere, and every
+/// value guarded here is whole between statements.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl CudaBackend {
@@ -127,10 +151,13 @@ impl CudaBackend {
         dev.compile_all().map_err(gpu_error)?;
         let blas = Blas::new(&dev).map_err(gpu_error)?;
         Ok(CudaBackend {
+            profile: Mutex::new(profile::StepProfile::from_env(&dev)),
             dev,
             blas,
             meta: Mutex::new(None),
             inv_freq: Mutex::new(None),
+            graphs: Mutex::new(graph::StepGraphs::new()),
+            recording: Mutex::new(None),
         })
     }
 
@@ -138,12 +165,30 @@ impl CudaBackend {
         &self.dev
     }
 
+    /// Turns recorded decode steps (CUDA graphs) on or off; on by default
+    /// unless `LMQ_CUDA_GRAPHS=0`.
+    pub fn set_graphs(&self, on: bool) {
+        lock(&self.graphs).set_enabled(on);
+    }
+
+    /// How many recorded decode steps the backend holds.
+    pub fn recorded_graphs(&self) -> usize {
+        lock(&self.graphs).len()
+    }
+
     /// The row metadata for `spans`, uploading it unless the last upload
     /// was for the same spans.
     fn row_meta(&self, spans: &[SeqSpan]) -> Result<Arc<RowMeta>> {
-        // A poisoned lock only means a panic elsewhere; the cache is
-        // either a complete entry or none.
-        let mut cache = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = lock(&self.recording).as_ref() {
+            let meta = r.inputs.meta.clone();
+            if meta.rows() != spans.len() || spans.iter().any(|s| s.len() != 1) {
+                return Err(shape_error(
+                    "a recorded step's spans changed while recording".into(),
+                ));
+            }
+            return Ok(meta);
+        }
+        let mut cache = lock(&self.meta);
         if let Some(c) = cache.as_ref() {
             if c.spans == spans {
                 return Ok(c.meta.clone());
@@ -174,7 +219,7 @@ impl CudaBackend {
     }
 
     fn inv_freq(&self, rope: &Rope) -> Result<Arc<DeviceMatrix<f32>>> {
-        let mut cache = self.inv_freq.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = lock(&self.inv_freq);
         if let Some((host, dev)) = cache.as_ref() {
             if *host == rope.inv_freq {
                 return Ok(dev.clone());
@@ -184,6 +229,50 @@ impl CudaBackend {
         let dev = Arc::new(self.dev.upload(&rope.inv_freq, n, 1).map_err(gpu_error)?);
         *cache = Some((rope.inv_freq.clone(), dev.clone()));
         Ok(dev)
+    }
+
+    /// Records one decode step (`body`, whose logits are `cols` wide) into
+    /// a graph that reads fresh input buffers.
+    fn record_step(
+        &self,
+        key: &graph::StepKey,
+        cols: usize,
+        pool: &mut CudaKvPool,
+        body: &mut dyn FnMut(&mut CudaKvPool) -> Result<DeviceMatrix<f32>>,
+    ) -> Result<graph::Recorded> {
+        let block_len = pool.pool.layout().block_len;
+        let inputs = graph::new_inputs(&self.dev, key, block_len)?;
+        let mut logits = self
+            .dev
+            .uninit::<f32>(inputs.ids.rows(), cols)
+            .map_err(gpu_error)?;
+        *lock(&self.recording) = Some(Recording {
+            inputs: inputs.clone(),
+            vocab: None,
+        });
+        let mut failure = None;
+        let recorded = self.dev.record(|| -> lmq_kernels::Result<()> {
+            match body(pool) {
+                // The logits leave the graph through a buffer allocated
+                // outside it; `out`, a graph allocation, is freed inside.
+                Ok(out) => self.dev.copy(&mut logits, &out),
+                Err(e) => {
+                    failure = Some(e);
+                    Err(KernelError::Invalid {
+                        op: "graph recording",
+                        detail: "the step failed".into(),
+                    })
+                }
+            }
+        });
+        let vocab = lock(&self.recording).take().and_then(|r| r.vocab);
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let (graph, ()) = recorded.map_err(gpu_error)?;
+        let vocab =
+            vocab.ok_or_else(|| shape_error("the recorded step looked up no tokens".into()))?;
+        Ok(graph::Recorded::new(graph, inputs, logits, vocab))
     }
 
     fn check_rows(&self, x: &DeviceMatrix<f32>, spans: &[SeqSpan], op: &str) -> Result<()> {
@@ -292,7 +381,11 @@ impl Backend for CudaBackend {
                 KernelError::Invalid { .. } => Error::InvalidRequest(e.to_string()),
                 other => gpu_error(other),
             })?;
-        Ok(CudaKvPool { pool, smooth })
+        Ok(CudaKvPool {
+            id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
+            pool,
+            smooth,
+        })
     }
 
     fn free_memory(&self) -> Option<u64> {
@@ -306,6 +399,15 @@ impl Backend for CudaBackend {
         let dense = table
             .dense()
             .ok_or_else(|| shape_error("embedding tables must be dense, not quantized".into()))?;
+        if let Some(r) = lock(&self.recording).as_mut() {
+            if r.inputs.ids.len() != ids.len() {
+                return Err(shape_error(
+                    "a recorded step's ids changed while recording".into(),
+                ));
+            }
+            r.vocab = Some(dense.rows());
+            return act::embedding_from_device(&self.dev, dense, &r.inputs.ids).map_err(gpu_error);
+        }
         act::embedding(&self.dev, dense, ids).map_err(|e| match e {
             KernelError::Invalid { .. } => Error::InvalidRequest(e.to_string()),
             other => gpu_error(other),
@@ -456,5 +558,71 @@ impl Backend for CudaBackend {
 
     fn to_host(&self, x: &DeviceMatrix<f32>) -> Result<Vec<f32>> {
         self.dev.download(x).map_err(gpu_error)
+    }
+
+    /// Replays a recorded graph of the step's shape, records one the
+    /// second time a shape comes (see `graph.rs`), or runs `body`.
+    fn decode_step(
+        &self,
+        ids: &[u32],
+        spans: &[SeqSpan],
+        pool: &mut CudaKvPool,
+        body: &mut dyn FnMut(&mut CudaKvPool) -> Result<DeviceMatrix<f32>>,
+    ) -> Result<Vec<f32>> {
+        let mut profile = lock(&self.profile);
+        let mut mark = profile.as_ref().map(|p| p.begin());
+        let mut queued = |p: &Option<profile::StepProfile>| {
+            if let (Some(p), Some(m)) = (p.as_ref(), mark.as_mut()) {
+                p.queued(m);
+            }
+        };
+        let mut graphs = lock(&self.graphs);
+        let key = graph::StepKey::of(pool, spans).filter(|_| graphs.enabled());
+        let mut replayed = false;
+        let logits = match key {
+            Some(key) if graphs.get(&key).is_some() => {
+                let recorded = graphs
+                    .get(&key)
+                    .ok_or_else(|| shape_error("graph vanished".into()))?;
+                recorded.replay(&self.dev, ids, spans, pool)?;
+                queued(&profile);
+                replayed = true;
+                self.dev.download(recorded.logits()).map_err(gpu_error)?
+            }
+            Some(key) => {
+                let mut done = None;
+                if let Some(cols) = graphs.seen_before(key, None) {
+                    match self.record_step(&key, cols, pool, body) {
+                        Ok(mut recorded) => {
+                            recorded.replay(&self.dev, ids, spans, pool)?;
+                            queued(&profile);
+                            replayed = true;
+                            done = Some(self.dev.download(recorded.logits()).map_err(gpu_error)?);
+                            graphs.insert(key, recorded);
+                        }
+                        Err(e) => graphs.disable(&e),
+                    }
+                }
+                match done {
+                    Some(l) => l,
+                    None => {
+                        let out = body(pool)?;
+                        queued(&profile);
+                        graphs.seen_before(key, Some(out.cols()));
+                        self.to_host(&out)?
+                    }
+                }
+            }
+            None => {
+                drop(graphs);
+                let out = body(pool)?;
+                queued(&profile);
+                self.to_host(&out)?
+            }
+        };
+        if let (Some(p), Some(m)) = (profile.as_mut(), mark) {
+            p.end(m, replayed);
+        }
+        Ok(logits)
     }
 }
