@@ -6,13 +6,18 @@
 //! (read + write, 1 GiB, measured in the same run), and the speedup over
 //! fp16.
 //!
+//! Integer storage runs every kernel variant (the tile kernel, then the
+//! streaming kernel at each compiled ring depth and several split lengths)
+//! and reports each one's largest difference from the tile kernel,
+//! relative to the largest output.
+//!
 //! Timing: CUDA events around 20 back-to-back calls, median of 7 rounds,
 //! after 3 warm-up calls. The pool is filled through `kv_write` with
 //! random values first. Run: `cargo run --release -p lmq-kernels --example
 //! bench_attn` on a GPU machine.
 
 use cudarc::driver::sys::CUevent_flags;
-use lmq_kernels::paged::{kv_write, paged_attention};
+use lmq_kernels::paged::{int2_variants, kv_write, paged_attention_with, IntAttnConfig, SPLIT_LEN};
 use lmq_kernels::{DeviceKvPool, GpuDevice, KernelError, KvLayout, KvStorage, RowMeta, RowPlace};
 
 const BATCH: usize = 64;
@@ -111,8 +116,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let v = dev.upload(&random(chunk * kv_dim), chunk, kv_dim)?;
     let q = dev.upload(&random(BATCH * kv_dim), BATCH, kv_dim)?;
 
-    println!("| KV | us/call | KV GB read | GB/s | of copy | vs fp16 |");
-    println!("|---|---|---|---|---|---|");
+    println!("| KV | kernel | us/call | KV GB read | GB/s | of copy | vs fp16 | max diff |");
+    println!("|---|---|---|---|---|---|---|---|");
     let mut fp16_us = 0.0;
     for storage in [KvStorage::F16, KvStorage::Int8, KvStorage::Int4] {
         let layout = KvLayout {
@@ -125,38 +130,81 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let mut pool = DeviceKvPool::new(&dev, layout, None)?;
         kv_write(&dev, &mut pool, 0, &k, &v, &fill_meta)?;
-        for _ in 0..3 {
-            paged_attention(&dev, &pool, 0, &q, HEADS, &meta)?;
-        }
-        let mut times = Vec::new();
-        for _ in 0..ROUNDS {
-            start.record(&stream)?;
-            for _ in 0..CALLS {
-                paged_attention(&dev, &pool, 0, &q, HEADS, &meta)?;
+        // The tile kernel at the default split first (the reference for
+        // the max difference), then every streaming variant.
+        let mut configs = vec![IntAttnConfig {
+            stream: None,
+            split_len: SPLIT_LEN,
+        }];
+        if storage.is_integer() {
+            for &v in int2_variants(storage, HD) {
+                for split_len in [256, 512, 1024] {
+                    configs.push(IntAttnConfig {
+                        stream: Some(v),
+                        split_len,
+                    });
+                }
             }
-            end.record(&stream)?;
-            times.push(start.elapsed_ms(&end)? as f64 * 1e3 / CALLS as f64);
         }
-        dev.context().check_err()?;
-        let us = median(times);
-        // Per-token parameters: an fp16 scale plus a one-byte zero-point
-        // (int8) or an fp16 zero (int4).
-        let params = match storage {
-            KvStorage::Int8 => 3,
-            KvStorage::Int4 => 4,
-            _ => 0,
-        };
-        let read = (BATCH * CTX * 2 * HEADS * (storage.bytes_per_token_head(HD) + params)) as f64;
-        let gbs = read / (us * 1e-6) / 1e9;
-        if storage == KvStorage::F16 {
-            fp16_us = us;
+        let mut reference: Option<Vec<f32>> = None;
+        for cfg in configs {
+            let run = || paged_attention_with(&dev, &pool, 0, &q, HEADS, &meta, cfg);
+            let got = dev.download(&run()?)?;
+            let diff = match &reference {
+                None => {
+                    reference = Some(got);
+                    0.0
+                }
+                Some(r) => {
+                    let scale = r.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+                    r.iter()
+                        .zip(&got)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0.0f32, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) })
+                        / scale
+                }
+            };
+            for _ in 0..3 {
+                run()?;
+            }
+            let mut times = Vec::new();
+            for _ in 0..ROUNDS {
+                start.record(&stream)?;
+                for _ in 0..CALLS {
+                    run()?;
+                }
+                end.record(&stream)?;
+                times.push(start.elapsed_ms(&end)? as f64 * 1e3 / CALLS as f64);
+            }
+            dev.context().check_err()?;
+            let us = median(times);
+            // Per-token parameters: an fp16 scale plus a one-byte zero-point
+            // (int8) or an fp16 zero (int4).
+            let params = match storage {
+                KvStorage::Int8 => 3,
+                KvStorage::Int4 => 4,
+                _ => 0,
+            };
+            let read =
+                (BATCH * CTX * 2 * HEADS * (storage.bytes_per_token_head(HD) + params)) as f64;
+            let gbs = read / (us * 1e-6) / 1e9;
+            if storage == KvStorage::F16 {
+                fp16_us = us;
+            }
+            let kernel = if !storage.is_integer() {
+                "float".to_string()
+            } else if let Some((ns, minb)) = cfg.stream {
+                format!("stream s{ns} b{minb}, split {}", cfg.split_len)
+            } else {
+                format!("tiles, split {}", cfg.split_len)
+            };
+            println!(
+                "| {storage:?} | {kernel} | {us:.1} | {:.3} | {gbs:.0} | {:.0}% | {:.2}x | {diff:.1e} |",
+                read / 1e9,
+                100.0 * gbs / copy_gbs,
+                fp16_us / us
+            );
         }
-        println!(
-            "| {storage:?} | {us:.1} | {:.3} | {gbs:.0} | {:.0}% | {:.2}x |",
-            read / 1e9,
-            100.0 * gbs / copy_gbs,
-            fp16_us / us
-        );
     }
     Ok(())
 }

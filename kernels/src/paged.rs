@@ -86,6 +86,65 @@ fn int_smem_bytes(storage: KvStorage, head_dim: usize) -> usize {
     (WARPS * ntw * stage).max(WARPS * state * 4)
 }
 
+/// Which integer-storage attention kernel runs, and over how many positions
+/// per split. Benchmarks compare variants; [`paged_attention`] uses
+/// [`IntAttnConfig::default`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntAttnConfig {
+    /// The streaming kernel (`paged_attn_int2.cu`) as (tile stages per
+    /// warp, blocks per SM its registers must allow), one of
+    /// [`int2_variants`]; `None` for the tile kernel (`paged_attn_int.cu`).
+    /// Pools whose blocks are not a multiple of 16 positions, and GPUs
+    /// before sm_80, always use the tile kernel.
+    pub stream: Option<(usize, usize)>,
+    /// Positions per split (a multiple of 16, at most [`MAX_INT2_SPLIT`] for
+    /// the streaming kernel).
+    pub split_len: usize,
+}
+
+impl Default for IntAttnConfig {
+    /// The first streaming variant compiled for the shape (`(0, 0)` stands
+    /// for it), [`SPLIT_LEN`].
+    fn default() -> Self {
+        Self {
+            stream: Some((0, 0)),
+            split_len: SPLIT_LEN,
+        }
+    }
+}
+
+/// The longest split of the streaming kernel: 32 tiles of 16 positions per
+/// warp (each lane looks up one tile's block).
+pub const MAX_INT2_SPLIT: usize = 32 * 16 * WARPS;
+
+/// The streaming kernel's compiled variants (`ATTN_INT2_ENTRY` in
+/// cu/paged_attn_entry.cu) as (stages, blocks per SM), the default first.
+pub fn int2_variants(storage: KvStorage, head_dim: usize) -> &'static [(usize, usize)] {
+    match (storage, head_dim) {
+        (KvStorage::Int8, 64) => &[(3, 4)],
+        (KvStorage::Int4, 64) => &[(4, 4)],
+        (KvStorage::Int8, 128) => &[(3, 4), (2, 4), (2, 5)],
+        (KvStorage::Int4, 128) => &[(4, 4), (3, 4), (4, 5), (3, 5)],
+        (KvStorage::Int8, 256) => &[(2, 2)],
+        (KvStorage::Int4, 256) => &[(3, 2)],
+        _ => &[],
+    }
+}
+
+/// Shared memory of the streaming kernel (`Int2Cfg::bytes` in the kernel):
+/// per warp, `stages` tile stages (padded K and V rows, the raw parameters)
+/// and 16 decoded parameter quadruples, reused afterwards for the warps'
+/// output states.
+fn int2_smem_bytes(storage: KvStorage, head_dim: usize, stages: usize) -> usize {
+    let bpt = storage.bytes_per_token_head(head_dim);
+    let zb = if storage == KvStorage::Int8 { 1 } else { 2 };
+    let rsk = if bpt / 4 == 32 { bpt + 16 } else { bpt };
+    let rsv = bpt + 16;
+    let stage = 15 * rsk + bpt + 15 * rsv + bpt + 2 * (32 + 16 * zb);
+    let state = 2 * INT_GROUP_WIDTH + INT_GROUP_WIDTH * (head_dim + 4);
+    (WARPS * (stages * stage + 256)).max(WARPS * state * 4)
+}
+
 /// The shape of a pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvLayout {
@@ -517,6 +576,28 @@ pub fn paged_attention(
     num_heads: usize,
     meta: &RowMeta,
 ) -> Result<DeviceMatrix<f32>> {
+    paged_attention_with(
+        dev,
+        pool,
+        layer,
+        q,
+        num_heads,
+        meta,
+        IntAttnConfig::default(),
+    )
+}
+
+/// [`paged_attention`] with a chosen integer-storage kernel (ignored for
+/// float storage, which always splits by [`SPLIT_LEN`]).
+pub fn paged_attention_with(
+    dev: &GpuDevice,
+    pool: &DeviceKvPool,
+    layer: usize,
+    q: &DeviceMatrix<f32>,
+    num_heads: usize,
+    meta: &RowMeta,
+    cfg: IntAttnConfig,
+) -> Result<DeviceMatrix<f32>> {
     const OP: &str = "paged_attention";
     let l = pool.layout;
     if num_heads == 0 || !num_heads.is_multiple_of(l.num_kv_heads) {
@@ -541,7 +622,43 @@ pub fn paged_attention(
     if meta.rows == 0 {
         return Ok(out);
     }
-    let splits = meta.max_pos / SPLIT_LEN + 1;
+    // The streaming integer kernel needs tiles of 16 positions inside one
+    // block, cp.async and ldmatrix (sm_80+), and a ring depth compiled for
+    // this shape.
+    let variant = match cfg.stream {
+        Some(v)
+            if l.storage.is_integer()
+                && l.block_len.is_multiple_of(16)
+                && dev.compute_capability() >= (8, 0) =>
+        {
+            let compiled = int2_variants(l.storage, l.head_dim);
+            if v == (0, 0) {
+                compiled.first().copied()
+            } else if compiled.contains(&v) {
+                Some(v)
+            } else {
+                return Err(KernelError::invalid(
+                    OP,
+                    format!("no streaming kernel {v:?} for this head_dim and storage"),
+                ));
+            }
+        }
+        _ => None,
+    };
+    let stages = variant.map_or(0, |v| v.0);
+    let split_len = if l.storage.is_integer() {
+        cfg.split_len
+    } else {
+        SPLIT_LEN
+    };
+    if split_len == 0 || !split_len.is_multiple_of(16) || (stages > 0 && split_len > MAX_INT2_SPLIT)
+    {
+        return Err(KernelError::invalid(
+            OP,
+            format!("split length {split_len} is not a multiple of 16 up to {MAX_INT2_SPLIT}"),
+        ));
+    }
+    let splits = meta.max_pos / split_len + 1;
     let group = num_heads / l.num_kv_heads;
     let width = if l.storage.is_integer() {
         INT_GROUP_WIDTH
@@ -562,7 +679,9 @@ pub fn paged_attention(
     } else {
         (dev.uninit::<f32>(1, 1)?, dev.uninit::<f32>(1, 1)?)
     };
-    let name = if l.storage.is_integer() {
+    let name = if let Some((ns, minb)) = variant {
+        format!("paged_attn2_h{hd}_{}_s{ns}_b{minb}", l.storage.suffix())
+    } else if l.storage.is_integer() {
         format!("paged_attn_h{hd}_{}", l.storage.suffix())
     } else {
         format!("paged_attn_h{hd}_{}_g{width}", l.storage.suffix())
@@ -576,9 +695,21 @@ pub fn paged_attention(
         check_i32(OP, "heads", num_heads)?,
         l.block_len as i32,
     );
-    let (split_len, splits_i) = (SPLIT_LEN as i32, check_i32(OP, "splits", splits)?);
+    let (split_len, splits_i) = (
+        check_i32(OP, "split length", split_len)?,
+        check_i32(OP, "splits", splits)?,
+    );
     let scale = 1.0 / (hd as f32).sqrt();
-    let smem = if l.storage.is_integer() {
+    let smem = if stages > 0 {
+        let bytes = int2_smem_bytes(l.storage, hd, stages);
+        // More than 48 KiB of dynamic shared memory must be asked for.
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            check_i32(OP, "shared memory", bytes)?,
+        )
+        .during("raising the attention shared-memory limit")?;
+        bytes
+    } else if l.storage.is_integer() {
         int_smem_bytes(l.storage, hd)
     } else {
         // Per sub-group of TPK = hd / 8 lanes: m, l and the row of each head.
@@ -618,8 +749,11 @@ pub fn paged_attention(
     // pool of this size, tables long enough for each row's position, by
     // `check_meta`); the
     // partial buffers hold rows·NH·splits states when splits > 1, the only
-    // case the kernel writes them; smem (< 48 KiB for every compiled hd)
-    // covers the kernel's per-warp (integer) or per-sub-group (float) state.
+    // case the kernel writes them; smem covers the kernel's stages and
+    // per-warp state (integer; the limit was raised above 48 KiB for the
+    // streaming kernel) or per-sub-group state (float). The streaming
+    // kernel's further needs were checked above: blocks of a multiple of 16
+    // positions, split_len a multiple of 16 up to MAX_INT2_SPLIT, sm_80+.
     unsafe { b.launch(cfg) }.during("launching paged_attn")?;
     if splits > 1 {
         let f = dev.function(Module::PagedAttn, "attn_merge")?;
@@ -640,7 +774,7 @@ pub fn paged_attention(
             shared_mem_bytes: 0,
         };
         // SAFETY: matches `attn_merge`; each row's used splits
-        // (ceil((pos+1)/SPLIT_LEN) ≤ splits) were all written by the
+        // (ceil((pos+1)/split_len) ≤ splits) were all written by the
         // launch above, and out is rows × NH·hd.
         unsafe { b.launch(cfg) }.during("launching attn_merge")?;
     }

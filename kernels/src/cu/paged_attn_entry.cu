@@ -76,3 +76,38 @@ ATTN_ENTRIES(256, DT_F32, f32)
 ATTN_ENTRIES(256, DT_F16, f16)
 ATTN_INT_ENTRY(256, DT_I8, paged_attn_h256_i8, 2)
 ATTN_INT_ENTRY(256, DT_I4, paged_attn_h256_i4, 2)
+
+// The streaming integer kernel (paged_attn_int2.cu), for blocks of a
+// multiple of 16 positions: one entry per head_dim, storage, ring depth NS
+// (tile stages per warp) and MINB (as above); `int2_variants` in paged.rs
+// lists them.
+#define ATTN_INT2_ENTRY(HD, DT, NAME, NS, MINB)                                                   \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)                                \
+        paged_attn2_h##HD##_##NAME##_s##NS##_b##MINB(const float* q, const int* meta, int rows,             \
+                                           const unsigned char* data, const __half* params,       \
+                                           const float* statics, int static_mode, int layer,      \
+                                           int L, int H, int NH, int BL, int split_len,           \
+                                           int splits, float scale, float* out, float* part_ml,   \
+                                           float* part_acc) {                                     \
+        const unsigned char* pb = (const unsigned char*)params;                                   \
+        if (static_mode)                                                                          \
+            paged_attn_int2<HD, DT, true, NS>(q, meta, rows, data, pb, statics, layer, L, H, NH,  \
+                                              BL, split_len, splits, scale, out, part_ml,         \
+                                              part_acc);                                          \
+        else                                                                                      \
+            paged_attn_int2<HD, DT, false, NS>(q, meta, rows, data, pb, statics, layer, L, H, NH, \
+                                               BL, split_len, splits, scale, out, part_ml,        \
+                                               part_acc);                                         \
+    }
+
+ATTN_INT2_ENTRY(64, DT_I8, i8, 3, 4)
+ATTN_INT2_ENTRY(64, DT_I4, i4, 4, 4)
+ATTN_INT2_ENTRY(128, DT_I8, i8, 3, 4)
+ATTN_INT2_ENTRY(128, DT_I8, i8, 2, 4)
+ATTN_INT2_ENTRY(128, DT_I8, i8, 2, 5)
+ATTN_INT2_ENTRY(128, DT_I4, i4, 4, 4)
+ATTN_INT2_ENTRY(128, DT_I4, i4, 3, 4)
+ATTN_INT2_ENTRY(128, DT_I4, i4, 4, 5)
+ATTN_INT2_ENTRY(128, DT_I4, i4, 3, 5)
+ATTN_INT2_ENTRY(256, DT_I8, i8, 2, 2)
+ATTN_INT2_ENTRY(256, DT_I4, i4, 3, 2)
