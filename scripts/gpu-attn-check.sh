@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Integer-KV paged attention on a CUDA machine (issue 6): the streaming
+# kernel against the tile kernel, turbomind's CPU-against-CUDA parity tests
+# (which use the default kernel), and bench_attn (every kernel variant,
+# plus BASE's bench_attn before and after, when given). No Rust there:
+# binaries are built here and carried, xz-compressed, in $BIN.
+#
+# Build and collect (on a machine with cargo), BASE optional:
+#   cargo build --release -p lmq-kernels --examples
+#   cargo test --release -p lmq-kernels --no-run
+#   cargo test --release -p lmq-turbomind --test cuda_backend --no-run
+#   BASE=/path/to/baseline/bench_attn scripts/gpu-attn-check.sh --collect
+# On the GPU machine, from the repo root: bash scripts/gpu-attn-check.sh
+# [test|bench|all]; logs go to $OUT (or /tmp/gpu-attn-check).
+set -uo pipefail
+
+BIN=${BIN:-.device/attn}
+
+if [[ "${1:-}" == "--collect" ]]; then
+    target=${CARGO_TARGET_DIR:-target}
+    mkdir -p "$BIN"
+    newest() { ls -t $1 2>/dev/null | grep -v '\.d$' | head -n1; }
+    pack() { strip -o "$BIN/$1" "$2" && xz -T2 -6 -f "$BIN/$1"; }
+    pack cuda_backend "$(newest "$target/release/deps/cuda_backend-*")"
+    pack attn_stream "$(newest "$target/release/deps/attn_stream-*")"
+    pack bench_attn "$target/release/examples/bench_attn"
+    [[ -n "${BASE:-}" ]] && pack bench_attn_base "$BASE"
+    ls -l "$BIN"
+    exit 0
+fi
+
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [[ -d "$d" ]] && LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+export LD_LIBRARY_PATH
+export LMQ_KERNEL_CACHE=${LMQ_KERNEL_CACHE:-/tmp/lmq-kernel-cache}
+LOG=${OUT:-/tmp/gpu-attn-check}
+mkdir -p "$LOG"
+RUN=/tmp/lmq-attn-bin
+mkdir -p "$RUN"
+for f in "$BIN"/*.xz; do xz -dc "$f" >"$RUN/$(basename "$f" .xz)"; chmod +x "$RUN/$(basename "$f" .xz)"; done
+date -u
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
+
+MODE=${1:-all}
+rc=0
+if [[ $MODE == all || $MODE == test ]]; then
+    timeout 180 "$RUN/attn_stream" --nocapture >"$LOG/attn_stream.log" 2>&1 || rc=1
+    grep -E "test result|panicked" "$LOG/attn_stream.log"
+    # The largest differences from the tile kernel.
+    grep -E "split [0-9]+: " "$LOG/attn_stream.log" | sort -t: -k2 -g | tail -n 3
+    timeout 300 "$RUN/cuda_backend" --test-threads=1 --nocapture >"$LOG/cuda_backend.log" 2>&1 || rc=1
+    grep -E "^attention|test result|panicked" "$LOG/cuda_backend.log"
+fi
+if [[ $MODE == all || $MODE == bench ]]; then
+    base="$RUN/bench_attn_base"
+    [[ -x $base ]] && { echo "== baseline bench_attn"; "$base" 2>&1 | tee "$LOG/bench_base.log"; }
+    echo "== bench_attn"
+    "$RUN/bench_attn" 2>&1 | tee "$LOG/bench_attn.log"
+    [[ -x $base ]] && { echo "== baseline bench_attn, again"; "$base" 2>&1 | tail -n 3 | tee -a "$LOG/bench_base.log"; }
+fi
+exit $rc
