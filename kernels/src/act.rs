@@ -402,33 +402,44 @@ pub fn embedding_from_device(
 }
 
 /// `x` with each row divided (`divide`) or multiplied element-wise by `v`
-/// (one value per column).
+/// (one value per column); when dividing, `shift` (one value per column)
+/// is subtracted first.
 pub fn scale_cols(
     dev: &GpuDevice,
     x: &DeviceMatrix<f32>,
     v: &DeviceMatrix<f32>,
+    shift: Option<&DeviceMatrix<f32>>,
     divide: bool,
 ) -> Result<DeviceMatrix<f32>> {
     const OP: &str = "scale_cols_f32";
     vector_len(OP, "factors", v, x.cols())?;
+    if let Some(s) = shift {
+        vector_len(OP, "shift", s, x.cols())?;
+        on_device(OP, dev, &[s.is_on(dev)])?;
+    }
     on_device(OP, dev, &[x.is_on(dev), v.is_on(dev)])?;
     let mut out = dev.uninit::<f32>(x.rows(), x.cols())?;
     if x.is_empty() {
         return Ok(out);
     }
     let (rows, cols, div) = (x.rows() as u64, x.cols() as u64, i32::from(divide));
+    let has_shift = i32::from(shift.is_some() && divide);
+    // Without a shift the kernel never reads its pointer; `v` stands in.
+    let shift = shift.unwrap_or(v);
     let cfg = stride_cfg(dev, x.len());
     let f = dev.function(Module::ActF32, OP)?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&x.data)
         .arg(&v.data)
+        .arg(&shift.data)
         .arg(&mut out.data)
         .arg(&rows)
         .arg(&cols)
-        .arg(&div);
-    // SAFETY: matches `scale_cols_f32(const float*, const float*, float*,
-    // u64, u64, int)`; x and out hold rows × cols values and v holds cols
-    // (checked above).
+        .arg(&div)
+        .arg(&has_shift);
+    // SAFETY: matches `scale_cols_f32(const float*, const float*, const
+    // float*, float*, u64, u64, int, int)`; x and out hold rows × cols
+    // values, v and shift hold cols each (checked above).
     unsafe { b.launch(cfg) }.during("launching scale_cols_f32")?;
     Ok(out)
 }

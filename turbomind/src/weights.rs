@@ -10,7 +10,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::layer::HostLayer;
 use crate::quant::awq::{AwqConfig, AwqTensors};
-use crate::quant::kv::{param_tensor_name, KvStaticParams, PARAM_NAMES, SMOOTH_NAME};
+use crate::quant::kv::{param_tensor_name, KvStaticParams, PARAM_NAMES, SHIFT_NAME, SMOOTH_NAME};
 
 /// Reads one model's weights and checks every shape against the config.
 pub struct WeightReader<'a> {
@@ -51,12 +51,25 @@ impl<'a> WeightReader<'a> {
         let k_smooth = (0..c.num_layers)
             .map(|i| self.f32(&param_tensor_name(&prefix(i), SMOOTH_NAME), &[c.kv_dim()]))
             .collect::<Result<Vec<_>>>()?;
+        // Offsets are optional: checkpoints written before they existed
+        // have none, and subtract nothing.
+        let k_shift = (0..c.num_layers)
+            .map(|i| {
+                let name = param_tensor_name(&prefix(i), SHIFT_NAME);
+                if self.checkpoint.contains(&name) {
+                    self.f32(&name, &[c.kv_dim()])
+                } else {
+                    Ok(Vec::new())
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Some(KvStaticParams {
             k_scale,
             k_zero,
             v_scale,
             v_zero,
             k_smooth,
+            k_shift,
             levels: c
                 .kv_cache_quant
                 .and_then(|d| d.dtype.levels())

@@ -388,6 +388,19 @@ fn static_params(layers: usize, heads: usize, hd: usize, rng: &mut Rng) -> KvSta
                     .collect()
             })
             .collect(),
+        // Key offsets on the first layer only, so that both a layer with
+        // them and one without (an older checkpoint's) are compared.
+        k_shift: (0..layers)
+            .map(|l| {
+                if l == 0 {
+                    (0..heads * hd)
+                        .map(|_| rng.uniform(-0.5, 0.5) as f32)
+                        .collect()
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect(),
         levels: 255.0,
     }
 }

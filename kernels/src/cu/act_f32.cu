@@ -72,17 +72,20 @@ extern "C" __global__ void split_cols3_f32(const float* __restrict__ src, float*
     }
 }
 
-// out = x ⊘ v or x ⊙ v with v broadcast over rows (v has `cols` values):
-// the `smooth` KV mode divides keys by their per-channel factors and
-// multiplies queries by them. Division, not a reciprocal, so that keys are
-// exactly the CPU's.
+// out = (x − shift) ⊘ v or x ⊙ v with v (and shift) broadcast over rows
+// (`cols` values each): the `smooth` KV mode subtracts its per-channel key
+// offsets (when `has_shift`) and divides keys by their per-channel factors,
+// and multiplies queries by the factors. Division, not a reciprocal, and
+// the subtraction first, so that keys are exactly the CPU's.
 extern "C" __global__ void scale_cols_f32(const float* __restrict__ x, const float* __restrict__ v,
-                                          float* __restrict__ out, u64 rows, u64 cols, int divide) {
+                                          const float* __restrict__ shift, float* __restrict__ out,
+                                          u64 rows, u64 cols, int divide, int has_shift) {
     const u64 total = rows * cols;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (u64)gridDim.x * blockDim.x) {
         const float f = v[i % cols];
-        out[i] = divide ? x[i] / f : x[i] * f;
+        const float s = has_shift ? shift[i % cols] : 0.f;
+        out[i] = divide ? (x[i] - s) / f : x[i] * f;
     }
 }
 

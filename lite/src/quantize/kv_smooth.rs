@@ -17,6 +17,12 @@
 //! over an fp32 pool. A KV head's keys and values reach only the query
 //! heads of its group, so the loss separates by KV head and each KV head
 //! keeps its own (α, β).
+//!
+//! Each candidate is also tried with the keys shifted to their per-channel
+//! midpoints first (`(k − mid) / s`, with `s` built from the half range).
+//! The shift is exact: every score of a query moves by the same `q·mid`,
+//! which the softmax cancels. It shrinks the per-token range where a
+//! channel sits far from zero, which post-RoPE low-frequency channels do.
 
 use std::sync::Arc;
 
@@ -44,6 +50,9 @@ pub struct KvSearchInput<'a> {
     pub spans: &'a [SeqSpan],
     /// `[kv_dim]`: largest |k| per key channel over all calibration tokens.
     pub k_absmax: &'a [f32],
+    /// `[kv_dim]`: (min, max) of each key channel over all calibration
+    /// tokens.
+    pub k_range: &'a [(f32, f32)],
     /// `[q_dim]`: largest |q| per query channel over all calibration tokens.
     pub q_absmax: &'a [f32],
 }
@@ -53,8 +62,12 @@ pub struct KvSearchInput<'a> {
 pub struct KvSmoothChoice {
     /// `[kv_dim]`, the checkpoint's `k_smooth`.
     pub factors: Vec<f32>,
+    /// `[kv_dim]`, the checkpoint's `k_shift` (zeros for unshifted heads).
+    pub shift: Vec<f32>,
     /// Per KV head, the chosen (α, β).
     pub exponents: Vec<(f32, f32)>,
+    /// Per KV head, whether its keys are shifted to their midpoints.
+    pub shifted: Vec<bool>,
     /// Per KV head, the attention output's squared error with the chosen
     /// factors and with the fixed `max|k|^0.75` of earlier checkpoints.
     pub loss: Vec<f64>,
@@ -151,14 +164,27 @@ fn head_losses(out: &Matrix, reference: &Matrix, shape: &AttnShape) -> Vec<f64> 
     loss
 }
 
-/// Searches the factors of one layer (`shape.num_layers` is 1) for int4
-/// `smooth` KV.
+/// A KV head's best so far: its loss, exponents and whether it is shifted.
+type HeadBest = Option<(f64, (f32, f32), bool)>;
+
+/// One scored candidate: factors and offsets for every channel.
+struct Candidate {
+    factors: Vec<f32>,
+    shift: Vec<f32>,
+    exponents: (f32, f32),
+    shifted: bool,
+}
+
+/// Searches the factors (and offsets) of one layer (`shape.num_layers` is
+/// 1) for int4 `smooth` KV.
 pub fn search_key_factors(
     backend: &CpuBackend,
     shape: AttnShape,
     input: &KvSearchInput<'_>,
 ) -> Result<KvSmoothChoice> {
     let kv_dim = shape.num_kv_heads * shape.head_dim;
+    let hd = shape.head_dim;
+    let heads = shape.num_kv_heads;
     let reference = attention_over(
         backend,
         shape,
@@ -170,14 +196,14 @@ pub fn search_key_factors(
         input,
     )?;
     let q_group = group_query_absmax(input.q_absmax, &shape);
-    let heads = shape.num_kv_heads;
-    let score = |factors: Vec<f32>| -> Result<(Vec<f64>, Vec<f32>)> {
+    let score = |c: &Candidate| -> Result<Vec<f64>> {
         let params = KvStaticParams {
             k_scale: vec![vec![1.0; heads]],
             k_zero: vec![vec![0.0; heads]],
             v_scale: vec![vec![1.0; heads]],
             v_zero: vec![vec![0.0; heads]],
-            k_smooth: vec![factors.clone()],
+            k_smooth: vec![c.factors.clone()],
+            k_shift: vec![c.shift.clone()],
             levels: 15.0,
         };
         let config = KvCacheConfig {
@@ -186,54 +212,84 @@ pub fn search_key_factors(
             static_params: Some(Arc::new(params)),
         };
         let out = attention_over(backend, shape, config, input)?;
-        Ok((head_losses(&out, &reference, &shape), factors))
+        Ok(head_losses(&out, &reference, &shape))
     };
 
-    let hd = shape.head_dim;
-    let fixed = factors(
-        input.k_absmax,
-        &vec![1.0; kv_dim],
-        hd,
-        K_SMOOTH_EXPONENT,
-        0.0,
-    );
-    let (loss_fixed, _) = score(fixed.clone())?;
-    let mut best: Vec<Option<(f64, (f32, f32))>> = vec![None; heads];
-    let mut chosen = vec![0f32; kv_dim];
-    for &alpha in &KEY_EXPONENTS {
-        for &beta in &QUERY_EXPONENTS {
-            let (loss, f) = score(factors(input.k_absmax, &q_group, hd, alpha, beta))?;
-            for h in 0..heads {
-                if !loss[h].is_finite() {
-                    continue;
-                }
-                if best[h].is_none_or(|(b, _)| loss[h] < b) {
-                    best[h] = Some((loss[h], (alpha, beta)));
-                    chosen[h * hd..(h + 1) * hd].copy_from_slice(&f[h * hd..(h + 1) * hd]);
+    let fixed = Candidate {
+        factors: factors(
+            input.k_absmax,
+            &vec![1.0; kv_dim],
+            hd,
+            K_SMOOTH_EXPONENT,
+            0.0,
+        ),
+        shift: vec![0.0; kv_dim],
+        exponents: (K_SMOOTH_EXPONENT, 0.0),
+        shifted: false,
+    };
+    let loss_fixed = score(&fixed)?;
+    // With offsets, a channel's magnitude is its half range about the
+    // midpoint, not its largest |k|.
+    let half_range: Vec<f32> = input
+        .k_range
+        .iter()
+        .map(|&(lo, hi)| 0.5 * (hi - lo))
+        .collect();
+    let mid: Vec<f32> = input
+        .k_range
+        .iter()
+        .map(|&(lo, hi)| 0.5 * (hi + lo))
+        .collect();
+    let mut chosen = Candidate {
+        factors: fixed.factors.clone(),
+        shift: vec![0.0; kv_dim],
+        exponents: (0.0, 0.0),
+        shifted: false,
+    };
+    let mut best: Vec<HeadBest> = vec![None; heads];
+    for shifted in [false, true] {
+        let (stat, shift) = if shifted {
+            (&half_range[..], mid.clone())
+        } else {
+            (input.k_absmax, vec![0.0; kv_dim])
+        };
+        for &alpha in &KEY_EXPONENTS {
+            for &beta in &QUERY_EXPONENTS {
+                let c = Candidate {
+                    factors: factors(stat, &q_group, hd, alpha, beta),
+                    shift: shift.clone(),
+                    exponents: (alpha, beta),
+                    shifted,
+                };
+                let loss = score(&c)?;
+                for h in 0..heads {
+                    if !loss[h].is_finite() || best[h].is_some_and(|(b, _, _)| loss[h] >= b) {
+                        continue;
+                    }
+                    best[h] = Some((loss[h], c.exponents, c.shifted));
+                    let head = h * hd..(h + 1) * hd;
+                    chosen.factors[head.clone()].copy_from_slice(&c.factors[head.clone()]);
+                    chosen.shift[head.clone()].copy_from_slice(&c.shift[head]);
                 }
             }
         }
     }
     let mut loss = Vec::with_capacity(heads);
     let mut exponents = Vec::with_capacity(heads);
-    for (h, b) in best.into_iter().enumerate() {
-        match b {
-            Some((l, e)) => {
-                loss.push(l);
-                exponents.push(e);
-            }
-            None => {
-                // No candidate gave a finite loss (non-finite activations):
-                // fall back to the fixed factors for this head.
-                chosen[h * hd..(h + 1) * hd].copy_from_slice(&fixed[h * hd..(h + 1) * hd]);
-                loss.push(f64::NAN);
-                exponents.push((K_SMOOTH_EXPONENT, 0.0));
-            }
-        }
+    let mut shifted = Vec::with_capacity(heads);
+    for b in best {
+        // A head where no candidate gave a finite loss (non-finite
+        // activations) keeps the fixed factors it was initialized with.
+        let (l, e, s) = b.unwrap_or((f64::NAN, fixed.exponents, false));
+        loss.push(l);
+        exponents.push(e);
+        shifted.push(s);
     }
     Ok(KvSmoothChoice {
-        factors: chosen,
+        factors: chosen.factors,
+        shift: chosen.shift,
         exponents,
+        shifted,
         loss,
         loss_fixed,
     })

@@ -25,6 +25,16 @@ fn random(rng: &mut SplitMix, rows: usize, cols: usize, scale: &dyn Fn(usize) ->
     Matrix { data, rows, cols }
 }
 
+fn ranges(m: &Matrix) -> Vec<(f32, f32)> {
+    let mut out = vec![(f32::INFINITY, f32::NEG_INFINITY); m.cols];
+    for r in 0..m.rows {
+        for (o, &v) in out.iter_mut().zip(m.row(r)) {
+            *o = (o.0.min(v), o.1.max(v));
+        }
+    }
+    out
+}
+
 fn absmax(m: &Matrix) -> Vec<f32> {
     let mut out = vec![0f32; m.cols];
     for r in 0..m.rows {
@@ -53,13 +63,14 @@ fn outlier_case() -> (Matrix, Matrix, Matrix, Vec<SeqSpan>) {
     (q, k, v, spans)
 }
 
-fn loss_of(input: &KvSearchInput<'_>, f: Vec<f32>, reference: &Matrix) -> Vec<f64> {
+fn loss_of(input: &KvSearchInput<'_>, f: Vec<f32>, shift: &[f32], reference: &Matrix) -> Vec<f64> {
     let params = KvStaticParams {
         k_scale: vec![vec![1.0; KV_HEADS]],
         k_zero: vec![vec![0.0; KV_HEADS]],
         v_scale: vec![vec![1.0; KV_HEADS]],
         v_zero: vec![vec![0.0; KV_HEADS]],
         k_smooth: vec![f],
+        k_shift: vec![shift.to_vec()],
         levels: 15.0,
     };
     let config = KvCacheConfig {
@@ -83,13 +94,14 @@ fn reference(input: &KvSearchInput<'_>) -> Matrix {
 #[test]
 fn chosen_factors_have_the_reported_loss_and_beat_no_smoothing() {
     let (q, k, v, spans) = outlier_case();
-    let (ka, qa) = (absmax(&k), absmax(&q));
+    let (ka, qa, kr) = (absmax(&k), absmax(&q), ranges(&k));
     let input = KvSearchInput {
         q: &q,
         k: &k,
         v: &v,
         spans: &spans,
         k_absmax: &ka,
+        k_range: &kr,
         q_absmax: &qa,
     };
     let choice = search_key_factors(&CpuBackend::new(), shape(), &input).unwrap();
@@ -97,8 +109,8 @@ fn chosen_factors_have_the_reported_loss_and_beat_no_smoothing() {
     assert!(choice.factors.iter().all(|f| f.is_finite() && *f > 0.0));
 
     let reference = reference(&input);
-    let recomputed = loss_of(&input, choice.factors.clone(), &reference);
-    let none = loss_of(&input, vec![1.0; KV_HEADS * HD], &reference);
+    let recomputed = loss_of(&input, choice.factors.clone(), &choice.shift, &reference);
+    let none = loss_of(&input, vec![1.0; KV_HEADS * HD], &[], &reference);
     for h in 0..KV_HEADS {
         // The reported loss is that of the returned factors (each head's
         // slice was copied from the candidate that scored it).
@@ -124,13 +136,14 @@ fn chosen_factors_have_the_reported_loss_and_beat_no_smoothing() {
 #[test]
 fn a_head_wide_constant_on_the_factors_changes_nothing() {
     let (q, k, v, spans) = outlier_case();
-    let (ka, qa) = (absmax(&k), absmax(&q));
+    let (ka, qa, kr) = (absmax(&k), absmax(&q), ranges(&k));
     let input = KvSearchInput {
         q: &q,
         k: &k,
         v: &v,
         spans: &spans,
         k_absmax: &ka,
+        k_range: &kr,
         q_absmax: &qa,
     };
     let reference = reference(&input);
@@ -141,14 +154,74 @@ fn a_head_wide_constant_on_the_factors_changes_nothing() {
         .enumerate()
         .map(|(c, f)| f * if c < HD { 8.0 } else { 0.25 })
         .collect();
-    let a = loss_of(&input, base, &reference);
-    let b = loss_of(&input, scaled, &reference);
+    let a = loss_of(&input, base, &[], &reference);
+    let b = loss_of(&input, scaled, &[], &reference);
     for h in 0..KV_HEADS {
         assert!(
             (a[h] - b[h]).abs() <= 1e-3 * a[h],
             "head {h}: {} vs {}",
             a[h],
             b[h]
+        );
+    }
+}
+
+/// The offsets are exact: adding a per-channel constant to every key
+/// changes no attention output (softmax invariance), and shifting it back
+/// out before quantization gives the same quantized attention as the keys
+/// without it.
+#[test]
+fn a_key_shift_is_exact_and_undoes_a_channel_offset() {
+    let (q, k, v, spans) = outlier_case();
+    let offset: Vec<f32> = (0..KV_HEADS * HD)
+        .map(|c| if c % 3 == 0 { 4.0 } else { -0.5 })
+        .collect();
+    let mut moved = k.clone();
+    for r in 0..moved.rows {
+        for (x, &o) in moved.data[r * moved.cols..(r + 1) * moved.cols]
+            .iter_mut()
+            .zip(&offset)
+        {
+            *x += o;
+        }
+    }
+    let (ka, qa, kr) = (absmax(&k), absmax(&q), ranges(&k));
+    let plain = KvSearchInput {
+        q: &q,
+        k: &k,
+        v: &v,
+        spans: &spans,
+        k_absmax: &ka,
+        k_range: &kr,
+        q_absmax: &qa,
+    };
+    let shifted = KvSearchInput { k: &moved, ..plain };
+    let (ref_plain, ref_moved) = (reference(&plain), reference(&shifted));
+    let worst = ref_plain
+        .data
+        .iter()
+        .zip(&ref_moved.data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-4, "fp32 attention moved by {worst}");
+
+    let factors: Vec<f32> = ka.iter().map(|m| m.sqrt()).collect();
+    let a = loss_of(&plain, factors.clone(), &[], &ref_plain);
+    let b = loss_of(&shifted, factors.clone(), &offset, &ref_plain);
+    // Without the shift the offset widens every token's range.
+    let c = loss_of(&shifted, factors, &[], &ref_plain);
+    for h in 0..KV_HEADS {
+        assert!(
+            (a[h] - b[h]).abs() <= 0.05 * a[h],
+            "head {h}: {} vs {}",
+            a[h],
+            b[h]
+        );
+        assert!(
+            c[h] > 1.3 * a[h],
+            "head {h}: unshifted {} vs {}",
+            c[h],
+            a[h]
         );
     }
 }

@@ -33,7 +33,7 @@ use lmq_turbomind::backend::cpu::{CpuBackend, Matrix};
 use lmq_turbomind::backend::{AttnShape, Backend, HostLinear, HostWeight, SeqSpan};
 use lmq_turbomind::layer::HostLayer;
 use lmq_turbomind::quant::kv::{
-    param_tensor_name, KvCheckpointDefaults, KvDtype, KvMode, PARAM_NAMES, SMOOTH_NAME,
+    param_tensor_name, KvCheckpointDefaults, KvDtype, KvMode, PARAM_NAMES, SHIFT_NAME, SMOOTH_NAME,
 };
 use lmq_turbomind::rope::Rope;
 use lmq_turbomind::tokenizer::Tokenizer;
@@ -420,6 +420,8 @@ struct KvRanges {
     /// The `smooth` mode's per key channel factors, searched on the
     /// calibration subset (see [`kv_smooth`]).
     k_smooth: Vec<f32>,
+    /// The `smooth` mode's per key channel offsets (zeros where none).
+    k_shift: Vec<f32>,
     /// The attention error of those factors and of the fixed ones.
     smooth_loss: (f64, f64),
 }
@@ -429,6 +431,18 @@ fn channel_absmax(x: &Matrix) -> Vec<f32> {
     for r in 0..x.rows {
         for (m, &v) in out.iter_mut().zip(x.row(r)) {
             *m = m.max(v.abs());
+        }
+    }
+    out
+}
+
+/// (min, max) of each column.
+fn channel_ranges(x: &Matrix) -> Vec<(f32, f32)> {
+    let mut out = vec![(f32::INFINITY, f32::NEG_INFINITY); x.cols];
+    for r in 0..x.rows {
+        for (m, &v) in out.iter_mut().zip(x.row(r)) {
+            m.0 = m.0.min(v);
+            m.1 = m.1.max(v);
         }
     }
     out
@@ -482,21 +496,25 @@ fn write_kv_params(
         )?;
         written.insert(name);
     }
-    let smooth = &ranges.k_smooth;
-    if smooth.iter().any(|v| !v.is_finite()) {
-        return Err(Error::Invalid {
-            message: format!("layer {layer}: non-finite key statistics"),
-        });
+    for (tensor, values) in [
+        (SMOOTH_NAME, &ranges.k_smooth),
+        (SHIFT_NAME, &ranges.k_shift),
+    ] {
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Invalid {
+                message: format!("layer {layer}: non-finite key statistics for {tensor}"),
+            });
+        }
+        let name = param_tensor_name(&prefix, tensor);
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        writer.push(
+            name.clone(),
+            safetensors::Dtype::F32,
+            vec![values.len()],
+            bytes,
+        )?;
+        written.insert(name);
     }
-    let name = param_tensor_name(&prefix, SMOOTH_NAME);
-    let bytes = smooth.iter().flat_map(|v| v.to_le_bytes()).collect();
-    writer.push(
-        name.clone(),
-        safetensors::Dtype::F32,
-        vec![smooth.len()],
-        bytes,
-    )?;
-    written.insert(name);
     Ok(())
 }
 
@@ -686,6 +704,7 @@ impl CalibState {
             cols: m.cols,
         };
         let (k_absmax, q_absmax) = (channel_absmax(&k), channel_absmax(&q));
+        let k_range = channel_ranges(&k);
         let (q_sub, k_sub, v_sub) = (first_rows(&q), first_rows(&k), first_rows(&v));
         let choice = kv_smooth::search_key_factors(
             b,
@@ -696,6 +715,7 @@ impl CalibState {
                 v: &v_sub,
                 spans: &self.subset_spans,
                 k_absmax: &k_absmax,
+                k_range: &k_range,
                 q_absmax: &q_absmax,
             },
         )?;
@@ -703,6 +723,7 @@ impl CalibState {
             k: head_ranges(&k, self.shape.num_kv_heads),
             v: head_ranges(&v, self.shape.num_kv_heads),
             k_smooth: choice.factors,
+            k_shift: choice.shift,
             smooth_loss: (
                 choice.loss.iter().filter(|l| l.is_finite()).sum(),
                 choice.loss_fixed.iter().filter(|l| l.is_finite()).sum(),

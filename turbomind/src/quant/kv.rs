@@ -13,7 +13,8 @@
 //! uses), and each layer gets F32 `[num_kv_heads]` tensors
 //! `model.layers.{i}.self_attn.kv_quant.{k_scale,k_zero,v_scale,v_zero}`,
 //! plus F32 `[num_kv_heads · head_dim]` `k_smooth` (per key channel
-//! divisors for the `smooth` mode), all computed from post-RoPE K and V on
+//! divisors for the `smooth` mode) and, optionally, `k_shift` (per key
+//! channel offsets subtracted before the division), all computed from post-RoPE K and V on
 //! the calibration set. `lmq quantize` searches `k_smooth` per KV head as
 //! `max|k|^α / max|q|^β` (the queries' maximum over the heads sharing the
 //! KV head) for the least int4 attention error; checkpoints written before
@@ -131,6 +132,12 @@ pub struct KvStaticParams {
     /// `[layer][kv_dim]`: per key channel divisors, for
     /// [`KvMode::Smooth`].
     pub k_smooth: Vec<Vec<f32>>,
+    /// `[layer][kv_dim]`: per key channel offsets that [`KvMode::Smooth`]
+    /// subtracts before dividing (`(k − shift) / k_smooth`); an empty
+    /// layer (or one missing from an older checkpoint) subtracts nothing.
+    /// Exact: a query's scores all move by the same `q·shift`, which the
+    /// softmax cancels, so nothing is added back on read.
+    pub k_shift: Vec<Vec<f32>>,
     /// The integer range the scales were written for (255 for int8, 15
     /// for int4); running at another dtype rescales them so the
     /// calibrated range [zero, zero + scale·levels] is kept.
@@ -142,6 +149,10 @@ pub const PARAM_NAMES: [&str; 4] = ["k_scale", "k_zero", "v_scale", "v_zero"];
 
 /// The per-layer `[kv_dim]` key smoothing divisor tensor.
 pub const SMOOTH_NAME: &str = "k_smooth";
+
+/// The optional per-layer `[kv_dim]` key offset tensor of the `smooth`
+/// mode.
+pub const SHIFT_NAME: &str = "k_shift";
 
 /// The fixed `k_smooth = absmax^K_SMOOTH_EXPONENT` of checkpoints written
 /// before the per-head search; the search still scores it, and falls back

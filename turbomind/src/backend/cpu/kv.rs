@@ -78,6 +78,22 @@ impl CpuKvPool {
                 shape.head_dim
             )));
         }
+        if let (KvMode::Smooth, Some(p)) = (config.mode, config.static_params.as_ref()) {
+            let kv_dim = shape.num_kv_heads * shape.head_dim;
+            let layers = 0..shape.num_layers;
+            let fits = |t: &Vec<Vec<f32>>, optional: bool| {
+                layers.clone().all(|l| {
+                    t.get(l)
+                        .is_some_and(|v| v.len() == kv_dim || (optional && v.is_empty()))
+                        || (optional && t.get(l).is_none())
+                })
+            };
+            if !fits(&p.k_smooth, false) || !fits(&p.k_shift, true) {
+                return Err(Error::InvalidRequest(
+                    "the checkpoint's k_smooth/k_shift tensors do not match the model's layers and KV width".into(),
+                ));
+            }
+        }
         if config.dtype == KvDtype::Int4 && !shape.head_dim.is_multiple_of(2) {
             return Err(Error::InvalidRequest(
                 "int4 KV needs an even head_dim".into(),
@@ -160,6 +176,17 @@ impl CpuKvPool {
             .map(|p| p.k_smooth[layer].as_slice())
     }
 
+    /// The key offsets of a layer (`[kv_dim]`) that smooth mode subtracts
+    /// before dividing, where the checkpoint has them.
+    pub fn key_shift(&self, layer: usize) -> Option<&[f32]> {
+        self.smoothing(layer)?;
+        let p = self.spec.config.static_params.as_ref()?;
+        p.k_shift
+            .get(layer)
+            .filter(|s| !s.is_empty())
+            .map(Vec::as_slice)
+    }
+
     /// Checks that a span's blocks cover its positions and exist.
     pub fn check_span(&self, span: &SeqSpan) -> Result<()> {
         let end = span.start_pos + span.len();
@@ -191,6 +218,7 @@ impl CpuKvPool {
         let (hd, heads) = (shape.head_dim, shape.num_kv_heads);
         let kv_dim = heads * hd;
         let smooth = self.smoothing(layer).map(<[f32]>::to_vec);
+        let shift = self.key_shift(layer).map(<[f32]>::to_vec);
         let mut row_buf = vec![0f32; kv_dim];
         for (i, (k_row, v_row)) in k
             .chunks_exact(kv_dim)
@@ -204,6 +232,9 @@ impl CpuKvPool {
                 row_buf.copy_from_slice(src);
                 if let Some(sm) = &smooth {
                     if which == 0 {
+                        if let Some(mu) = &shift {
+                            row_buf.iter_mut().zip(mu).for_each(|(x, &m)| *x -= m);
+                        }
                         row_buf.iter_mut().zip(sm).for_each(|(x, &f)| *x /= f);
                     } else {
                         row_buf.chunks_exact_mut(hd).for_each(hadamard);

@@ -60,6 +60,9 @@ pub struct CudaKvPool {
 struct LayerSmoothing {
     keys: DeviceMatrix<f32>,
     queries: DeviceMatrix<f32>,
+    /// The keys' offsets, subtracted before the division, where the
+    /// checkpoint has them.
+    key_shift: Option<DeviceMatrix<f32>>,
 }
 
 impl CudaKvPool {
@@ -120,9 +123,17 @@ impl CudaBackend {
             )
         })?;
         let kv_dim = shape.num_kv_heads * hd;
-        if p.k_smooth.len() < shape.num_layers || p.k_smooth.iter().any(|v| v.len() != kv_dim) {
+        let shift_fits = |l: usize| {
+            p.k_shift
+                .get(l)
+                .is_none_or(|v| v.is_empty() || v.len() == kv_dim)
+        };
+        if p.k_smooth.len() < shape.num_layers
+            || p.k_smooth.iter().any(|v| v.len() != kv_dim)
+            || !(0..shape.num_layers).all(shift_fits)
+        {
             return Err(Error::InvalidRequest(
-                "the checkpoint's k_smooth factors do not match the model's layers and KV width"
+                "the checkpoint's k_smooth/k_shift tensors do not match the model's layers and KV width"
                     .into(),
             ));
         }
@@ -133,7 +144,12 @@ impl CudaBackend {
                 let queries: Vec<f32> = (0..shape.num_heads * hd)
                     .map(|i| keys[(i / hd / group) * hd + i % hd])
                     .collect();
+                let key_shift = match p.k_shift.get(layer).filter(|v| !v.is_empty()) {
+                    Some(shift) => Some(self.dev.upload(shift, kv_dim, 1).map_err(gpu_error)?),
+                    None => None,
+                };
                 Ok(LayerSmoothing {
+                    key_shift,
                     keys: self.dev.upload(keys, kv_dim, 1).map_err(gpu_error)?,
                     queries: self
                         .dev
@@ -478,7 +494,8 @@ impl Backend for CudaBackend {
         match pool.smooth.as_ref().and_then(|s| s.get(layer)) {
             Some(sm) => {
                 let hd = pool.pool.layout().head_dim;
-                let ks = act::scale_cols(&self.dev, k, &sm.keys, true).map_err(gpu_error)?;
+                let ks = act::scale_cols(&self.dev, k, &sm.keys, sm.key_shift.as_ref(), true)
+                    .map_err(gpu_error)?;
                 let vr = act::hadamard(&self.dev, v, hd).map_err(gpu_error)?;
                 paged::kv_write(&self.dev, &mut pool.pool, layer, &ks, &vr, &meta)
             }
@@ -499,7 +516,8 @@ impl Backend for CudaBackend {
         let meta = self.row_meta(spans)?;
         match pool.smooth.as_ref().and_then(|s| s.get(layer)) {
             Some(sm) => {
-                let qs = act::scale_cols(&self.dev, q, &sm.queries, false).map_err(gpu_error)?;
+                let qs =
+                    act::scale_cols(&self.dev, q, &sm.queries, None, false).map_err(gpu_error)?;
                 let rotated = paged::paged_attention(
                     &self.dev,
                     &pool.pool,
