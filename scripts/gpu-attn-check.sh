@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Integer-KV paged attention on a CUDA machine (issue 6): the streaming
 # kernel against the tile kernel, turbomind's CPU-against-CUDA parity tests
-# (which use the default kernel), and bench_attn (every kernel variant,
+# (which use the default kernel, the tile kernel until the streaming one
+# has passed here and is made the default), and bench_attn (every kernel variant,
 # plus BASE's bench_attn before and after, when given). No Rust there:
 # binaries are built here and carried, xz-compressed, in $BIN.
 #
