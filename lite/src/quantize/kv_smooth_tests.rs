@@ -25,6 +25,41 @@ fn random(rng: &mut SplitMix, rows: usize, cols: usize, scale: &dyn Fn(usize) ->
     Matrix { data, rows, cols }
 }
 
+/// The per-channel statistics a search input borrows.
+struct Stats {
+    k_absmax: Vec<f32>,
+    k_range: Vec<(f32, f32)>,
+    q_absmax: Vec<f32>,
+}
+
+impl Stats {
+    fn of(q: &Matrix, k: &Matrix) -> Self {
+        Stats {
+            k_absmax: absmax(k),
+            k_range: ranges(k),
+            q_absmax: absmax(q),
+        }
+    }
+
+    fn input<'a>(
+        &'a self,
+        q: &'a Matrix,
+        k: &'a Matrix,
+        v: &'a Matrix,
+        spans: &'a [SeqSpan],
+    ) -> KvSearchInput<'a> {
+        KvSearchInput {
+            q,
+            k,
+            v,
+            spans,
+            k_absmax: &self.k_absmax,
+            k_range: &self.k_range,
+            q_absmax: &self.q_absmax,
+        }
+    }
+}
+
 fn ranges(m: &Matrix) -> Vec<(f32, f32)> {
     let mut out = vec![(f32::INFINITY, f32::NEG_INFINITY); m.cols];
     for r in 0..m.rows {
@@ -94,16 +129,8 @@ fn reference(input: &KvSearchInput<'_>) -> Matrix {
 #[test]
 fn chosen_factors_have_the_reported_loss_and_beat_no_smoothing() {
     let (q, k, v, spans) = outlier_case();
-    let (ka, qa, kr) = (absmax(&k), absmax(&q), ranges(&k));
-    let input = KvSearchInput {
-        q: &q,
-        k: &k,
-        v: &v,
-        spans: &spans,
-        k_absmax: &ka,
-        k_range: &kr,
-        q_absmax: &qa,
-    };
+    let stats = Stats::of(&q, &k);
+    let input = stats.input(&q, &k, &v, &spans);
     let choice = search_key_factors(&CpuBackend::new(), shape(), &input).unwrap();
     assert_eq!(choice.factors.len(), KV_HEADS * HD);
     assert!(choice.factors.iter().all(|f| f.is_finite() && *f > 0.0));
@@ -136,18 +163,10 @@ fn chosen_factors_have_the_reported_loss_and_beat_no_smoothing() {
 #[test]
 fn a_head_wide_constant_on_the_factors_changes_nothing() {
     let (q, k, v, spans) = outlier_case();
-    let (ka, qa, kr) = (absmax(&k), absmax(&q), ranges(&k));
-    let input = KvSearchInput {
-        q: &q,
-        k: &k,
-        v: &v,
-        spans: &spans,
-        k_absmax: &ka,
-        k_range: &kr,
-        q_absmax: &qa,
-    };
+    let stats = Stats::of(&q, &k);
+    let input = stats.input(&q, &k, &v, &spans);
     let reference = reference(&input);
-    let base: Vec<f32> = ka.iter().map(|m| m.sqrt()).collect();
+    let base: Vec<f32> = stats.k_absmax.iter().map(|m| m.sqrt()).collect();
     // Powers of two keep the division and multiplication exact in f32.
     let scaled: Vec<f32> = base
         .iter()
@@ -185,16 +204,9 @@ fn a_key_shift_is_exact_and_undoes_a_channel_offset() {
             *x += o;
         }
     }
-    let (ka, qa, kr) = (absmax(&k), absmax(&q), ranges(&k));
-    let plain = KvSearchInput {
-        q: &q,
-        k: &k,
-        v: &v,
-        spans: &spans,
-        k_absmax: &ka,
-        k_range: &kr,
-        q_absmax: &qa,
-    };
+    let stats = Stats::of(&q, &k);
+    let plain = stats.input(&q, &k, &v, &spans);
+    let ka = &stats.k_absmax;
     let shifted = KvSearchInput { k: &moved, ..plain };
     let (ref_plain, ref_moved) = (reference(&plain), reference(&shifted));
     let worst = ref_plain

@@ -480,32 +480,18 @@ fn write_kv_params(
     };
     let (k_scale, k_zero) = params(&ranges.k);
     let (v_scale, v_zero) = params(&ranges.v);
-    for (param, values) in PARAM_NAMES.iter().zip([k_scale, k_zero, v_scale, v_zero]) {
+    let per_head = PARAM_NAMES.iter().zip([k_scale, k_zero, v_scale, v_zero]);
+    let per_channel = [
+        (&SMOOTH_NAME, ranges.k_smooth.clone()),
+        (&SHIFT_NAME, ranges.k_shift.clone()),
+    ];
+    for (param, values) in per_head.chain(per_channel) {
         if values.iter().any(|v| !v.is_finite()) {
             return Err(Error::Invalid {
                 message: format!("layer {layer}: non-finite KV statistics for {param}"),
             });
         }
         let name = param_tensor_name(&prefix, param);
-        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        writer.push(
-            name.clone(),
-            safetensors::Dtype::F32,
-            vec![values.len()],
-            bytes,
-        )?;
-        written.insert(name);
-    }
-    for (tensor, values) in [
-        (SMOOTH_NAME, &ranges.k_smooth),
-        (SHIFT_NAME, &ranges.k_shift),
-    ] {
-        if values.iter().any(|v| !v.is_finite()) {
-            return Err(Error::Invalid {
-                message: format!("layer {layer}: non-finite key statistics for {tensor}"),
-            });
-        }
-        let name = param_tensor_name(&prefix, tensor);
         let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         writer.push(
             name.clone(),
