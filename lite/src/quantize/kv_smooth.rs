@@ -185,6 +185,25 @@ pub fn search_key_factors(
     let kv_dim = shape.num_kv_heads * shape.head_dim;
     let hd = shape.head_dim;
     let heads = shape.num_kv_heads;
+    if !hd.is_power_of_two() {
+        // The smooth mode cannot run at this head size (its value rotation
+        // needs a power of two), so there is nothing to score: keep the
+        // fixed factors, which stay in the checkpoint for completeness.
+        return Ok(KvSmoothChoice {
+            factors: factors(
+                input.k_absmax,
+                &vec![1.0; kv_dim],
+                hd,
+                K_SMOOTH_EXPONENT,
+                0.0,
+            ),
+            shift: vec![0.0; kv_dim],
+            exponents: vec![(K_SMOOTH_EXPONENT, 0.0); heads],
+            shifted: vec![false; heads],
+            loss: Vec::new(),
+            loss_fixed: Vec::new(),
+        });
+    }
     let reference = attention_over(
         backend,
         shape,

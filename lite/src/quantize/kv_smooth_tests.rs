@@ -237,3 +237,34 @@ fn a_key_shift_is_exact_and_undoes_a_channel_offset() {
         );
     }
 }
+
+/// A head size the smooth mode cannot run (not a power of two) gets the
+/// fixed factors and no offsets instead of an error, so `--kv` still
+/// quantizes such models (their int4 default is then the online mode).
+#[test]
+fn a_head_size_without_a_hadamard_keeps_the_fixed_factors() {
+    let shape = AttnShape {
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 12,
+        num_layers: 1,
+    };
+    let mut rng = SplitMix::new(3);
+    let (spans, _) = SeqSpan::packed(&[20], CALIB_BLOCK_LEN);
+    let q = random(&mut rng, 20, 24, &|_| 1.0);
+    let k = random(&mut rng, 20, 12, &|c| if c == 5 { 10.0 } else { 1.0 });
+    let v = random(&mut rng, 20, 12, &|_| 1.0);
+    let stats = Stats::of(&q, &k);
+    let choice =
+        search_key_factors(&CpuBackend::new(), shape, &stats.input(&q, &k, &v, &spans)).unwrap();
+    assert!(choice.shift.iter().all(|&s| s == 0.0));
+    assert!(choice.loss.is_empty());
+    // max|k|^0.75 divided by its geometric mean: the outlier channel gets
+    // the largest factor, in the ratio of the maxima to the 0.75.
+    let (big, small) = (choice.factors[5], choice.factors[0]);
+    let expected = (stats.k_absmax[5] / stats.k_absmax[0]).powf(K_SMOOTH_EXPONENT);
+    assert!(
+        (big / small - expected).abs() < 1e-4 * expected,
+        "{big} / {small} vs {expected}"
+    );
+}

@@ -304,8 +304,9 @@ pub fn quantize(model_dir: &Path, out_dir: &Path, cfg: &QuantizeConfig) -> Resul
     config_json["torch_dtype"] = Value::String("float16".into());
     if let Some(dtype) = cfg.kv {
         // The best measured mode per dtype (docs/QUALITY.md): plain online
-        // for int8, smoothed for int4.
-        let mode = if dtype == KvDtype::Int4 {
+        // for int8, smoothed for int4 where the head size allows the
+        // smooth mode's Walsh-Hadamard rotation (a power of two).
+        let mode = if dtype == KvDtype::Int4 && config.head_dim.is_power_of_two() {
             KvMode::Smooth
         } else {
             KvMode::Online
