@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# One short device call that checks a merged main on a CUDA machine before
+# anything is timed: every CUDA test binary (op parity against the CPU
+# backend, the CUDA-graph test, the streaming integer-attention kernel
+# against the tile kernel, the kernels crate's own tests), then greedy
+# output with CUDA graphs on and off on a random-weight SmolLM2-shaped
+# 4-bit model (fp16 and int8 KV), then bench_attn (skip with SKIP_BENCH=1).
+# No Rust there: binaries are built here and carried, xz-compressed, in
+# $BIN (git-ignored .device/, named in the device call's `carry`).
+#
+# Build and collect (on a machine with cargo; BASE optional, a baseline
+# bench_attn binary to time before the new one):
+#   cargo build --release && cargo build --release -p lmq-kernels --examples
+#   cargo test --release -p lmq-kernels --no-run
+#   cargo test --release -p lmq-turbomind --test cuda_backend --no-run
+#   BASE=/path/to/old/bench_attn scripts/gpu-smoke-check.sh --collect
+# On the GPU machine, from the repo root: bash scripts/gpu-smoke-check.sh
+# (logs under $OUT, else /tmp/gpu-smoke-check).
+set -uo pipefail
+
+BIN=${BIN:-.device/smoke}
+
+if [[ "${1:-}" == "--collect" ]]; then
+    target=${CARGO_TARGET_DIR:-target}
+    mkdir -p "$BIN"
+    newest() { ls -t $1 2>/dev/null | grep -v '\.d$' | head -n1; }
+    pack() { strip -o "$BIN/$1" "$2" && xz -T2 -6 -f "$BIN/$1"; }
+    pack cuda_backend "$(newest "$target/release/deps/cuda_backend-*")"
+    pack attn_stream "$(newest "$target/release/deps/attn_stream-*")"
+    pack unit "$(newest "$target/release/deps/lmq_kernels-*")"
+    pack parity "$(newest "$target/release/deps/parity-*")"
+    pack bench_attn "$target/release/examples/bench_attn"
+    pack lmq "$target/release/lmq"
+    [[ -n "${BASE:-}" ]] && pack bench_attn_base "$BASE"
+    ls -l "$BIN"
+    exit 0
+fi
+
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [[ -d "$d" ]] && LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+export LD_LIBRARY_PATH
+export LMQ_KERNEL_CACHE=${LMQ_KERNEL_CACHE:-/tmp/lmq-kernel-cache}
+LOG=${OUT:-/tmp/gpu-smoke-check}
+mkdir -p "$LOG"
+R=/tmp/lmq-smoke-bin
+mkdir -p "$R"
+for f in "$BIN"/*.xz; do xz -dc "$f" >"$R/$(basename "$f" .xz)"; chmod +x "$R/$(basename "$f" .xz)"; done
+date -u
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
+
+rc=0
+run_test() {
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name"
+    timeout "$limit" "$R/$name" "$@" >"$LOG/$name.log" 2>&1 || rc=1
+    grep -E "test result|panicked" "$LOG/$name.log"
+}
+run_test cuda_backend 200 --test-threads=1 --nocapture
+run_test attn_stream 100 --nocapture
+grep -E "split [0-9]+: " "$LOG/attn_stream.log" | sort -t: -k2 -g | tail -n 3
+run_test unit 60
+run_test parity 60
+
+echo "== greedy output, CUDA graphs on and off"
+timeout 60 "$R/lmq" synth-model --preset smollm2-135m --weights awq --out /tmp/lmq-smoke-s135 --quiet --force
+for kv in fp16 int8; do
+    gen() {
+        timeout 40 "$R/lmq" generate --model /tmp/lmq-smoke-s135 --device cuda --kv-cache-dtype "$kv" \
+            --prompt "the quick brown fox" --max-tokens 200 --ignore-eos 2>>"$LOG/generate.err"
+    }
+    gen >"$LOG/graph-$kv.txt"
+    LMQ_CUDA_GRAPHS=0 gen >"$LOG/eager-$kv.txt"
+    if cmp -s "$LOG/graph-$kv.txt" "$LOG/eager-$kv.txt" && [[ -s "$LOG/graph-$kv.txt" ]]; then
+        echo "$kv KV: graph = eager ($(wc -c <"$LOG/graph-$kv.txt") bytes)"
+    else
+        echo "$kv KV: graph and eager outputs differ (or are empty)"
+        rc=1
+    fi
+done
+
+if [[ -z "${SKIP_BENCH:-}" ]]; then
+    [[ -x "$R/bench_attn_base" ]] && { echo "== bench_attn (baseline)"; timeout 60 "$R/bench_attn_base" 2>&1 | tee "$LOG/bench_base.log" | tail -n 12; }
+    echo "== bench_attn"
+    timeout 90 "$R/bench_attn" 2>&1 | tee "$LOG/bench_attn.log" | tail -n 30
+fi
+exit $rc
