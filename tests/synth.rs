@@ -269,3 +269,79 @@ fn an_existing_folder_needs_force() {
     assert!(!dir.join("keep.txt").exists());
     assert!(dir.join("model.safetensors").exists());
 }
+
+/// `quantize --kv int4` records the `smooth` mode as the int4 default only
+/// where the model's head size allows it (a power of two, for the value
+/// rotation): a head_dim of 48 gets `online`, which the engine then runs,
+/// and a head_dim of 32 gets `smooth` with searched key factors and
+/// offsets that load and run.
+#[test]
+fn int4_kv_default_follows_the_head_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("text.txt");
+    std::fs::write(
+        &text,
+        "The quick brown fox jumps over the lazy dog near the river bank. ".repeat(40),
+    )
+    .unwrap();
+    for (head_dim, mode) in [("48", "online"), ("32", "smooth")] {
+        let fp16 = synth(
+            tmp.path(),
+            &format!("hd{head_dim}"),
+            &["--weights", "fp16", "--head-dim", head_dim],
+        );
+        let q = tmp.path().join(format!("q{head_dim}"));
+        let out = lmq(&[
+            "quantize",
+            "--model",
+            path_str(&fp16),
+            "--out",
+            path_str(&q),
+            "--method",
+            "rtn",
+            "--group-size",
+            "32",
+            "--kv",
+            "int4",
+            "--calib-data",
+            path_str(&text),
+            "--calib-samples",
+            "2",
+            "--calib-seqlen",
+            "64",
+            "--quiet",
+        ]);
+        assert!(
+            out.status.success(),
+            "head_dim {head_dim}: {}",
+            stderr(&out)
+        );
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(q.join("config.json")).unwrap()).unwrap();
+        assert_eq!(
+            config["kv_cache_quant"]["mode"], mode,
+            "head_dim {head_dim}"
+        );
+        let run = lmq(&[
+            "eval",
+            "ppl",
+            "--model",
+            path_str(&q),
+            "--text",
+            path_str(&text),
+            "--ctx",
+            "64",
+            "--max-windows",
+            "2",
+            "--json",
+        ]);
+        assert!(
+            run.status.success(),
+            "head_dim {head_dim}: {}",
+            stderr(&run)
+        );
+        let v: serde_json::Value = serde_json::from_str(stdout(&run).trim()).unwrap();
+        assert_eq!(v["kv_cache_dtype"], "int4", "head_dim {head_dim}");
+        assert!(v["ppl"].as_f64().is_some_and(f64::is_finite));
+    }
+}
