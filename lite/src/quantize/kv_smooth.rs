@@ -117,6 +117,13 @@ fn factors(
     out
 }
 
+/// The fixed `max|k|^K_SMOOTH_EXPONENT` factors of earlier checkpoints,
+/// normalized like every candidate.
+fn fixed_factors(k_absmax: &[f32], head_dim: usize) -> Vec<f32> {
+    let ones = vec![1.0; k_absmax.len()];
+    factors(k_absmax, &ones, head_dim, K_SMOOTH_EXPONENT, 0.0)
+}
+
 /// Attention of the subset's queries over a one-layer pool of `config`.
 fn attention_over(
     backend: &CpuBackend,
@@ -190,13 +197,7 @@ pub fn search_key_factors(
         // needs a power of two), so there is nothing to score: keep the
         // fixed factors, which stay in the checkpoint for completeness.
         return Ok(KvSmoothChoice {
-            factors: factors(
-                input.k_absmax,
-                &vec![1.0; kv_dim],
-                hd,
-                K_SMOOTH_EXPONENT,
-                0.0,
-            ),
+            factors: fixed_factors(input.k_absmax, hd),
             shift: vec![0.0; kv_dim],
             exponents: vec![(K_SMOOTH_EXPONENT, 0.0); heads],
             shifted: vec![false; heads],
@@ -235,13 +236,7 @@ pub fn search_key_factors(
     };
 
     let fixed = Candidate {
-        factors: factors(
-            input.k_absmax,
-            &vec![1.0; kv_dim],
-            hd,
-            K_SMOOTH_EXPONENT,
-            0.0,
-        ),
+        factors: fixed_factors(input.k_absmax, hd),
         shift: vec![0.0; kv_dim],
         exponents: (K_SMOOTH_EXPONENT, 0.0),
         shifted: false,
@@ -259,12 +254,10 @@ pub fn search_key_factors(
         .iter()
         .map(|&(lo, hi)| 0.5 * (hi + lo))
         .collect();
-    let mut chosen = Candidate {
-        factors: fixed.factors.clone(),
-        shift: vec![0.0; kv_dim],
-        exponents: (0.0, 0.0),
-        shifted: false,
-    };
+    // Every head starts from the fixed factors and no offsets, and keeps
+    // them if no candidate scores finite.
+    let mut chosen_factors = fixed.factors.clone();
+    let mut chosen_shift = vec![0.0; kv_dim];
     let mut best: Vec<HeadBest> = vec![None; heads];
     for shifted in [false, true] {
         let (stat, shift) = if shifted {
@@ -287,8 +280,8 @@ pub fn search_key_factors(
                     }
                     best[h] = Some((loss[h], c.exponents, c.shifted));
                     let head = h * hd..(h + 1) * hd;
-                    chosen.factors[head.clone()].copy_from_slice(&c.factors[head.clone()]);
-                    chosen.shift[head.clone()].copy_from_slice(&c.shift[head]);
+                    chosen_factors[head.clone()].copy_from_slice(&c.factors[head.clone()]);
+                    chosen_shift[head.clone()].copy_from_slice(&c.shift[head]);
                 }
             }
         }
@@ -305,8 +298,8 @@ pub fn search_key_factors(
         shifted.push(s);
     }
     Ok(KvSmoothChoice {
-        factors: chosen.factors,
-        shift: chosen.shift,
+        factors: chosen_factors,
+        shift: chosen_shift,
         exponents,
         shifted,
         loss,
