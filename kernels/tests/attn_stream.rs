@@ -9,38 +9,11 @@
 //!
 //! Without a CUDA GPU the test prints "skipped: no CUDA device" and passes.
 
+mod common;
+
+use common::{device, Rng};
 use lmq_kernels::paged::{int2_variants, kv_write, paged_attention_with, IntAttnConfig, SPLIT_LEN};
-use lmq_kernels::{DeviceKvPool, GpuDevice, KernelError, KvLayout, KvStorage, RowMeta, RowPlace};
-
-fn device() -> Option<GpuDevice> {
-    match GpuDevice::new(0) {
-        Ok(d) => Some(d),
-        Err(KernelError::NoDevice(msg)) => {
-            println!("skipped: no CUDA device ({msg})");
-            None
-        }
-        Err(e) => panic!("opening GPU 0 failed: {e}"),
-    }
-}
-
-/// splitmix64: small, seeded, independent of any crate version.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self, lo: f64, hi: f64) -> f32 {
-        (lo + (hi - lo) * (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) as f32
-    }
-    fn values(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f32> {
-        (0..n).map(|_| self.uniform(lo, hi)).collect()
-    }
-}
+use lmq_kernels::{DeviceKvPool, GpuDevice, KvLayout, KvStorage, RowMeta, RowPlace};
 
 /// The largest |a − b| over 1 + max|a|; NaN anywhere fails.
 fn scaled_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -95,8 +68,8 @@ fn run(dev: &GpuDevice, c: &Case, seed: u64) {
     let statics: Vec<f32> = (0..2 * 2 * c.kv_heads)
         .flat_map(|_| {
             [
-                rng.uniform(2.0 / 255.0, 3.0 / 255.0),
-                rng.uniform(-1.2, -0.9),
+                rng.uniform(2.0 / 255.0, 3.0 / 255.0) as f32,
+                rng.uniform(-1.2, -0.9) as f32,
             ]
         })
         .collect();

@@ -5,52 +5,14 @@
 //!
 //! Without a CUDA GPU every test prints "skipped: no CUDA device" and passes.
 
+mod common;
+
+use common::{device, Rng};
 use half::f16;
 use lmq_kernels::{
     add_rms_norm, embedding, rms_norm, rope, rope_inv_freq, silu_mul, DeviceMatrix, Element,
     GpuDevice, KernelError, PackedW4, W4A16Linear, W4Kernel, DEFAULT_KERNEL,
 };
-
-fn device() -> Option<GpuDevice> {
-    match GpuDevice::new(0) {
-        Ok(d) => Some(d),
-        Err(KernelError::NoDevice(msg)) => {
-            println!("skipped: no CUDA device ({msg})");
-            None
-        }
-        Err(e) => panic!("opening GPU 0 failed: {e}"),
-    }
-}
-
-/// splitmix64: small, seeded, independent of any crate version.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-    /// fp16 values uniform in [lo, hi), never exactly zero.
-    fn f16s(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f16> {
-        (0..n)
-            .map(|_| loop {
-                let v = f16::from_f64(self.uniform(lo, hi));
-                if v.to_f64() != 0.0 {
-                    break v;
-                }
-            })
-            .collect()
-    }
-}
 
 trait ToF64: Copy {
     fn f(self) -> f64;
