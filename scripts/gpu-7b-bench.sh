@@ -12,14 +12,11 @@
 #            then benchmarked with both binaries, alternating twice, and the
 #            ratio of decode speeds printed (same card, same call).
 set -uo pipefail
+. "$(dirname "$0")/gpu-lib.sh"
 BIN=${BIN:-.device/bin}
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-    [[ -d "$d" ]] && LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
-done
-export LD_LIBRARY_PATH LMQ_KERNEL_CACHE=${LMQ_KERNEL_CACHE:-/tmp/lmq-kernel-cache}
+gpu_env
 RUN=/tmp/lmq-bin
-mkdir -p "$RUN"
-for f in "$BIN"/*.xz; do xz -dc "$f" >"$RUN/$(basename "$f" .xz)"; chmod +x "$RUN/$(basename "$f" .xz)"; done
+unpack "$BIN" "$RUN"
 binaries=("$RUN/lmq")
 if [[ -n "${BASELINE:-}" ]]; then
     xz -dc "$BASELINE" >"$RUN/lmq-baseline" && chmod +x "$RUN/lmq-baseline"

@@ -14,32 +14,26 @@
 # On the GPU machine, from the repo root: bash scripts/gpu-attn-check.sh
 # [test|bench|all]; logs go to $OUT (or /tmp/gpu-attn-check).
 set -uo pipefail
+. "$(dirname "$0")/gpu-lib.sh"
 
 BIN=${BIN:-.device/attn}
 
 if [[ "${1:-}" == "--collect" ]]; then
     target=${CARGO_TARGET_DIR:-target}
     mkdir -p "$BIN"
-    newest() { ls -t $1 2>/dev/null | grep -v '\.d$' | head -n1; }
-    pack() { strip -o "$BIN/$1" "$2" && xz -T2 -6 -f "$BIN/$1"; }
-    pack cuda_backend "$(newest "$target/release/deps/cuda_backend-*")"
-    pack attn_stream "$(newest "$target/release/deps/attn_stream-*")"
-    pack bench_attn "$target/release/examples/bench_attn"
-    [[ -n "${BASE:-}" ]] && pack bench_attn_base "$BASE"
+    pack "$BIN" cuda_backend "$(newest "$target/release/deps/cuda_backend-*")"
+    pack "$BIN" attn_stream "$(newest "$target/release/deps/attn_stream-*")"
+    pack "$BIN" bench_attn "$target/release/examples/bench_attn"
+    [[ -n "${BASE:-}" ]] && pack "$BIN" bench_attn_base "$BASE"
     ls -l "$BIN"
     exit 0
 fi
 
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-    [[ -d "$d" ]] && LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
-done
-export LD_LIBRARY_PATH
-export LMQ_KERNEL_CACHE=${LMQ_KERNEL_CACHE:-/tmp/lmq-kernel-cache}
+gpu_env
 LOG=${OUT:-/tmp/gpu-attn-check}
 mkdir -p "$LOG"
 RUN=/tmp/lmq-attn-bin
-mkdir -p "$RUN"
-for f in "$BIN"/*.xz; do xz -dc "$f" >"$RUN/$(basename "$f" .xz)"; chmod +x "$RUN/$(basename "$f" .xz)"; done
+unpack "$BIN" "$RUN"
 date -u
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
 

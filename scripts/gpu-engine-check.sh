@@ -26,35 +26,29 @@
 #  4. benchmarks: paged decode attention (bench_attn), W4A16 (bench_w4),
 #     and `lmq bench --latency` on both backends.
 set -uo pipefail
+. "$(dirname "$0")/gpu-lib.sh"
 
 BIN=${BIN:-.device/bin}
 
 if [[ "${1:-}" == "--collect" ]]; then
     target=${CARGO_TARGET_DIR:-target}
     mkdir -p "$BIN"
-    newest() { ls -t $1 2>/dev/null | grep -v '\.d$' | head -n1; }
-    pack() { strip -o "$BIN/$1" "$2" && xz -T2 -6 -f "$BIN/$1"; }
-    pack lmq "$target/release/lmq"
-    pack cuda_backend "$(newest "$target/release/deps/cuda_backend-*")"
-    pack parity "$(newest "$target/release/deps/parity-*")"
-    pack unit "$(newest "$target/release/deps/lmq_kernels-*")"
-    pack bench_w4 "$target/release/examples/bench_w4"
-    pack bench_attn "$target/release/examples/bench_attn"
-    pack bench_prefill "$target/release/examples/bench_prefill"
+    pack "$BIN" lmq "$target/release/lmq"
+    pack "$BIN" cuda_backend "$(newest "$target/release/deps/cuda_backend-*")"
+    pack "$BIN" parity "$(newest "$target/release/deps/parity-*")"
+    pack "$BIN" unit "$(newest "$target/release/deps/lmq_kernels-*")"
+    pack "$BIN" bench_w4 "$target/release/examples/bench_w4"
+    pack "$BIN" bench_attn "$target/release/examples/bench_attn"
+    pack "$BIN" bench_prefill "$target/release/examples/bench_prefill"
     ls -l "$BIN"
     exit 0
 fi
 
 LOG=${OUT:-/tmp/gpu-engine-check}
 mkdir -p "$LOG"
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-    [[ -d "$d" ]] && LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
-done
-export LD_LIBRARY_PATH
-export LMQ_KERNEL_CACHE=${LMQ_KERNEL_CACHE:-/tmp/lmq-kernel-cache}
+gpu_env
 RUN=/tmp/lmq-bin
-mkdir -p "$RUN"
-for f in "$BIN"/*.xz; do xz -dc "$f" >"$RUN/$(basename "$f" .xz)"; chmod +x "$RUN/$(basename "$f" .xz)"; done
+unpack "$BIN" "$RUN"
 LMQ="$RUN/lmq"
 GGUF=${GGUF:-/tmp/lmq-model/SmolLM2-135M-Instruct.Q4_1.gguf}
 PPL_WINDOWS=${PPL_WINDOWS:-8}

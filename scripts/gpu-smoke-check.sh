@@ -17,35 +17,29 @@
 # On the GPU machine, from the repo root: bash scripts/gpu-smoke-check.sh
 # (logs under $OUT, else /tmp/gpu-smoke-check).
 set -uo pipefail
+. "$(dirname "$0")/gpu-lib.sh"
 
 BIN=${BIN:-.device/smoke}
 
 if [[ "${1:-}" == "--collect" ]]; then
     target=${CARGO_TARGET_DIR:-target}
     mkdir -p "$BIN"
-    newest() { ls -t $1 2>/dev/null | grep -v '\.d$' | head -n1; }
-    pack() { strip -o "$BIN/$1" "$2" && xz -T2 -6 -f "$BIN/$1"; }
-    pack cuda_backend "$(newest "$target/release/deps/cuda_backend-*")"
-    pack attn_stream "$(newest "$target/release/deps/attn_stream-*")"
-    pack unit "$(newest "$target/release/deps/lmq_kernels-*")"
-    pack parity "$(newest "$target/release/deps/parity-*")"
-    pack bench_attn "$target/release/examples/bench_attn"
-    pack lmq "$target/release/lmq"
-    [[ -n "${BASE:-}" ]] && pack bench_attn_base "$BASE"
+    pack "$BIN" cuda_backend "$(newest "$target/release/deps/cuda_backend-*")"
+    pack "$BIN" attn_stream "$(newest "$target/release/deps/attn_stream-*")"
+    pack "$BIN" unit "$(newest "$target/release/deps/lmq_kernels-*")"
+    pack "$BIN" parity "$(newest "$target/release/deps/parity-*")"
+    pack "$BIN" bench_attn "$target/release/examples/bench_attn"
+    pack "$BIN" lmq "$target/release/lmq"
+    [[ -n "${BASE:-}" ]] && pack "$BIN" bench_attn_base "$BASE"
     ls -l "$BIN"
     exit 0
 fi
 
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-    [[ -d "$d" ]] && LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
-done
-export LD_LIBRARY_PATH
-export LMQ_KERNEL_CACHE=${LMQ_KERNEL_CACHE:-/tmp/lmq-kernel-cache}
+gpu_env
 LOG=${OUT:-/tmp/gpu-smoke-check}
 mkdir -p "$LOG"
 R=/tmp/lmq-smoke-bin
-mkdir -p "$R"
-for f in "$BIN"/*.xz; do xz -dc "$f" >"$R/$(basename "$f" .xz)"; chmod +x "$R/$(basename "$f" .xz)"; done
+unpack "$BIN" "$R"
 date -u
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
 
