@@ -9,7 +9,8 @@
 # $BIN (git-ignored .device/, named in the device call's `carry`).
 #
 # Build and collect (on a machine with cargo; BASE optional, a baseline
-# bench_attn binary to time before the new one):
+# bench_attn binary to time before the new one; BASE_LMQ optional, a
+# baseline lmq binary whose greedy output must equal the new one's):
 #   cargo build --release && cargo build --release -p lmq-kernels --examples
 #   cargo test --release -p lmq-kernels --no-run
 #   cargo test --release -p lmq-turbomind --test cuda_backend --no-run
@@ -31,6 +32,7 @@ if [[ "${1:-}" == "--collect" ]]; then
     pack "$BIN" bench_attn "$target/release/examples/bench_attn"
     pack "$BIN" lmq "$target/release/lmq"
     [[ -n "${BASE:-}" ]] && pack "$BIN" bench_attn_base "$BASE"
+    [[ -n "${BASE_LMQ:-}" ]] && pack "$BIN" lmq_base "$BASE_LMQ"
     ls -l "$BIN"
     exit 0
 fi
@@ -71,6 +73,16 @@ for kv in fp16 int8; do
     else
         echo "$kv KV: graph and eager outputs differ (or are empty)"
         rc=1
+    fi
+    if [[ -x "$R/lmq_base" ]]; then
+        timeout 40 "$R/lmq_base" generate --model /tmp/lmq-smoke-s135 --device cuda --kv-cache-dtype "$kv" \
+            --prompt "the quick brown fox" --max-tokens 200 --ignore-eos >"$LOG/base-$kv.txt" 2>>"$LOG/generate.err"
+        if cmp -s "$LOG/graph-$kv.txt" "$LOG/base-$kv.txt"; then
+            echo "$kv KV: new = baseline binary"
+        else
+            echo "$kv KV: new and baseline binary outputs differ"
+            rc=1
+        fi
     fi
 done
 

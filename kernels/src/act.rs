@@ -1,7 +1,10 @@
 //! Row-wise ops on fp32 activations (`cu/act_f32.cu`), for the engine's
 //! CUDA backend: the residual stream, norms, rotary embedding, SiLU·mul,
 //! embedding gather and row selection stay in fp32 as on the CPU backend;
-//! [`to_f16`] rounds a linear's input for the fp16 tensor-core paths.
+//! [`to_f16`] rounds a linear's input for the fp16 tensor-core paths. The
+//! ops whose output feeds a linear (the norms, SiLU·mul) can write that
+//! fp16 copy too (`out_half`), bit for bit what [`to_f16`] would store, so
+//! that a decode step spends no launch on the conversion.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::f16;
@@ -12,6 +15,24 @@ use crate::error::{DriverContext, KernelError, Result};
 use crate::nvrtc::Module;
 use crate::ops::{check_i32, on_device, same_shape, vector_len};
 use crate::paged::RowMeta;
+
+/// The fp16 copy an op may also write: checked against the fp32 output's
+/// shape and device. Returns the launch flag (`has_half`).
+fn check_half(
+    op: &'static str,
+    dev: &GpuDevice,
+    out: &DeviceMatrix<f32>,
+    half: Option<&DeviceMatrix<f16>>,
+) -> Result<i32> {
+    match half {
+        Some(h) => {
+            same_shape(op, ("out", out), ("out_half", h))?;
+            on_device(op, dev, &[h.is_on(dev)])?;
+            Ok(1)
+        }
+        None => Ok(0),
+    }
+}
 
 /// Grid for a grid-stride loop over `n` elements.
 fn stride_cfg(dev: &GpuDevice, n: usize) -> LaunchConfig {
@@ -83,35 +104,46 @@ pub fn add_bias(
 }
 
 /// `out = silu(gate) · up`, element-wise.
+/// `out_half`, if given, gets the fp16 copy.
 pub fn silu_mul(
     dev: &GpuDevice,
     gate: &DeviceMatrix<f32>,
     up: &DeviceMatrix<f32>,
     out: &mut DeviceMatrix<f32>,
+    out_half: Option<&mut DeviceMatrix<f16>>,
 ) -> Result<()> {
     const OP: &str = "silu_mul_f32";
     same_shape(OP, ("gate", gate), ("up", up))?;
     same_shape(OP, ("gate", gate), ("out", &*out))?;
     on_device(OP, dev, &[gate.is_on(dev), up.is_on(dev), out.is_on(dev)])?;
+    let has_half = check_half(OP, dev, out, out_half.as_deref())?;
     if gate.is_empty() {
         return Ok(());
     }
     let n = gate.len() as u64;
+    let null: u64 = 0;
     let f = dev.function(Module::ActF32, "silu_mul_f32")?;
     let mut b = dev.stream().launch_builder(&f);
-    b.arg(&gate.data).arg(&up.data).arg(&mut out.data).arg(&n);
+    b.arg(&gate.data).arg(&up.data).arg(&mut out.data);
+    match out_half {
+        Some(h) => b.arg(&mut h.data),
+        None => b.arg(&null),
+    };
+    b.arg(&n).arg(&has_half);
     // SAFETY: matches `silu_mul_f32(const float*, const float*, float*,
-    // u64)`; all three hold n elements (checked above).
+    // half*, u64, int)`; gate, up, out (and out_half when has_half is 1)
+    // hold n elements (checked above); a null out_half is never written.
     unsafe { b.launch(stride_cfg(dev, n as usize)) }.during("launching silu_mul_f32")?;
     Ok(())
 }
 
 /// `out = silu(gate) · up` where each row of `gate_up` is `[gate | up]`
-/// (`out` has half its columns).
+/// (`out` has half its columns); `out_half`, if given, gets the fp16 copy.
 pub fn silu_mul_halves(
     dev: &GpuDevice,
     gate_up: &DeviceMatrix<f32>,
     out: &mut DeviceMatrix<f32>,
+    out_half: Option<&mut DeviceMatrix<f16>>,
 ) -> Result<()> {
     const OP: &str = "silu_mul_halves_f32";
     if gate_up.rows() != out.rows() || gate_up.cols() != 2 * out.cols() {
@@ -127,16 +159,25 @@ pub fn silu_mul_halves(
         ));
     }
     on_device(OP, dev, &[gate_up.is_on(dev), out.is_on(dev)])?;
+    let has_half = check_half(OP, dev, out, out_half.as_deref())?;
     if out.is_empty() {
         return Ok(());
     }
     let (rows, n) = (out.rows() as u64, out.cols() as u64);
+    let null: u64 = 0;
     let cfg = stride_cfg(dev, out.len());
     let f = dev.function(Module::ActF32, OP)?;
     let mut b = dev.stream().launch_builder(&f);
-    b.arg(&gate_up.data).arg(&mut out.data).arg(&rows).arg(&n);
-    // SAFETY: matches `silu_mul_halves_f32(const float*, float*, u64, u64)`;
-    // gate_up holds rows × 2n and out rows × n elements (checked above).
+    b.arg(&gate_up.data).arg(&mut out.data);
+    match out_half {
+        Some(h) => b.arg(&mut h.data),
+        None => b.arg(&null),
+    };
+    b.arg(&rows).arg(&n).arg(&has_half);
+    // SAFETY: matches `silu_mul_halves_f32(const float*, float*, half*,
+    // u64, u64, int)`; gate_up holds rows × 2n and out (and out_half when
+    // has_half is 1) rows × n elements (checked above); a null out_half is
+    // never written.
     unsafe { b.launch(cfg) }.during("launching silu_mul_halves_f32")?;
     Ok(())
 }
@@ -203,6 +244,7 @@ fn rms_launch(
     weight: &DeviceMatrix<f32>,
     eps: f32,
     out: &mut DeviceMatrix<f32>,
+    out_half: Option<&mut DeviceMatrix<f16>>,
 ) -> Result<()> {
     const OP: &str = "rms_norm_f32";
     same_shape(OP, ("input", residual), ("out", &*out))?;
@@ -220,6 +262,7 @@ fn rms_launch(
             delta.is_none_or(|d| d.is_on(dev)),
         ],
     )?;
+    let has_half = check_half(OP, dev, out, out_half.as_deref())?;
     if residual.is_empty() {
         return Ok(());
     }
@@ -232,41 +275,48 @@ fn rms_launch(
     let d = check_i32(OP, "row length", residual.cols())?;
     let has_delta = i32::from(delta.is_some());
     let delta = delta.unwrap_or(residual);
+    let null: u64 = 0;
     let f = dev.function(Module::ActF32, "rms_norm_f32")?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&residual.data)
         .arg(&delta.data)
         .arg(&weight.data)
-        .arg(&mut out.data)
-        .arg(&d)
-        .arg(&eps)
-        .arg(&has_delta);
+        .arg(&mut out.data);
+    match out_half {
+        Some(h) => b.arg(&mut h.data),
+        None => b.arg(&null),
+    };
+    b.arg(&d).arg(&eps).arg(&has_delta).arg(&has_half);
     let cfg = LaunchConfig {
         grid_dim: (check_i32(OP, "rows", residual.rows())? as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: matches `rms_norm_f32(float*, const float*, const float*,
-    // float*, int, float, int)`; residual, delta and out are rows×d and the
-    // weight has d elements (checked above). The kernel writes `residual`
-    // only when has_delta is 1, i.e. through `add_rms_norm`, whose caller
-    // holds it mutably.
+    // float*, half*, int, float, int, int)`; residual, delta, out (and
+    // out_half when has_half is 1; a null one is never written) are rows×d
+    // and the weight has d elements (checked above). The kernel writes
+    // `residual` only when has_delta is 1, i.e. through `add_rms_norm`,
+    // whose caller holds it mutably.
     unsafe { b.launch(cfg) }.during("launching rms_norm_f32")?;
     Ok(())
 }
 
-/// `out = x / sqrt(mean(x²) + eps) · weight`, row by row.
+/// `out = x / sqrt(mean(x²) + eps) · weight`, row by row; `out_half`, if
+/// given, gets the fp16 copy.
 pub fn rms_norm(
     dev: &GpuDevice,
     x: &DeviceMatrix<f32>,
     weight: &DeviceMatrix<f32>,
     eps: f32,
     out: &mut DeviceMatrix<f32>,
+    out_half: Option<&mut DeviceMatrix<f16>>,
 ) -> Result<()> {
-    rms_launch(dev, x, None, weight, eps, out)
+    rms_launch(dev, x, None, weight, eps, out, out_half)
 }
 
-/// `residual += delta`, then `out = rms_norm(residual) · weight`.
+/// `residual += delta`, then `out = rms_norm(residual) · weight`;
+/// `out_half` as in [`rms_norm`].
 pub fn add_rms_norm(
     dev: &GpuDevice,
     residual: &mut DeviceMatrix<f32>,
@@ -274,8 +324,9 @@ pub fn add_rms_norm(
     weight: &DeviceMatrix<f32>,
     eps: f32,
     out: &mut DeviceMatrix<f32>,
+    out_half: Option<&mut DeviceMatrix<f16>>,
 ) -> Result<()> {
-    rms_launch(dev, residual, Some(delta), weight, eps, out)
+    rms_launch(dev, residual, Some(delta), weight, eps, out, out_half)
 }
 
 /// Rotary embedding (half-split form) of `x` (`rows × heads·head_dim`) in
@@ -337,6 +388,93 @@ pub fn rope(
     // and inv_freq head_dim/2 (checked above); threads past head_dim/2
     // return at once.
     unsafe { b.launch(cfg) }.during("launching rope_f32")?;
+    Ok(())
+}
+
+/// A fused q/k/v projection's output `src` (`rows × (q + k + v)` columns)
+/// split into `q`, `k` and `v` (each `rows ×` a multiple of head_dim
+/// columns) with the rotary embedding of [`rope`] applied to `q` and `k`:
+/// one launch instead of three, and the same values.
+pub fn split_rope(
+    dev: &GpuDevice,
+    src: &DeviceMatrix<f32>,
+    outs: [&mut DeviceMatrix<f32>; 3],
+    meta: &RowMeta,
+    inv_freq: &DeviceMatrix<f32>,
+    pos_scale: f32,
+) -> Result<()> {
+    const OP: &str = "split_rope_f32";
+    let head_dim = inv_freq.len() * 2;
+    let [q, k, v] = outs;
+    if head_dim == 0 || head_dim > 2048 {
+        return Err(KernelError::invalid(
+            OP,
+            format!("head_dim {head_dim} must be 2..=2048"),
+        ));
+    }
+    let widths = [q.cols(), k.cols(), v.cols()];
+    let rows_ok = [q.rows(), k.rows(), v.rows()]
+        .iter()
+        .all(|&r| r == src.rows() && r == meta.rows());
+    let heads: Vec<usize> = widths.iter().map(|w| w / head_dim).collect();
+    if !rows_ok
+        || widths.iter().any(|w| w % head_dim != 0)
+        || widths.iter().sum::<usize>() != src.cols()
+        || heads.iter().sum::<usize>() > 65535
+    {
+        return Err(KernelError::shape(
+            OP,
+            format!(
+                "{}x{} does not split into {} rows of widths {widths:?}, each whole heads of {head_dim}",
+                src.rows(),
+                src.cols(),
+                meta.rows()
+            ),
+        ));
+    }
+    on_device(
+        OP,
+        dev,
+        &[
+            src.is_on(dev),
+            q.is_on(dev),
+            k.is_on(dev),
+            v.is_on(dev),
+            meta.is_on(dev),
+            inv_freq.is_on(dev),
+        ],
+    )?;
+    if src.is_empty() {
+        return Ok(());
+    }
+    let rows = check_i32(OP, "rows", src.rows())? as u32;
+    let (nq, nk, nv) = (heads[0] as i32, heads[1] as i32, heads[2] as i32);
+    let hdi = head_dim as i32;
+    let positions = meta.positions();
+    let f = dev.function(Module::ActF32, OP)?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&src.data)
+        .arg(&mut q.data)
+        .arg(&mut k.data)
+        .arg(&mut v.data)
+        .arg(&positions)
+        .arg(&inv_freq.data)
+        .arg(&pos_scale)
+        .arg(&nq)
+        .arg(&nk)
+        .arg(&nv)
+        .arg(&hdi);
+    let cfg = LaunchConfig {
+        grid_dim: (rows, (nq + nk + nv) as u32, 1),
+        block_dim: ((head_dim / 2).div_ceil(32) as u32 * 32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `split_rope_f32(const float*, float*, float*, float*,
+    // const int*, const float*, float, int, int, int, int)`; src is rows ×
+    // (nq + nk + nv)·head_dim, q/k/v rows × n·head_dim, positions has rows
+    // entries and inv_freq head_dim/2 (checked above); threads past
+    // head_dim/2 return at once.
+    unsafe { b.launch(cfg) }.during("launching split_rope_f32")?;
     Ok(())
 }
 

@@ -89,14 +89,6 @@ impl<L> SharedInput<L> {
             SharedInput::Separate(v) => v.iter().collect(),
         }
     }
-
-    /// Each part's output on `x`.
-    fn forward<B: Backend<Linear = L>>(&self, b: &B, x: &B::Act) -> Result<Vec<B::Act>> {
-        match self {
-            SharedInput::Stacked { linear, widths } => b.split_cols(&b.linear(x, linear)?, widths),
-            SharedInput::Separate(v) => v.iter().map(|l| b.linear(x, l)).collect(),
-        }
-    }
 }
 
 /// A decoder layer's weights on a backend. q/k/v and gate/up are stacked
@@ -163,11 +155,29 @@ impl<B: Backend> DecoderLayer<B> {
         observer: &mut dyn Observer<B>,
     ) -> Result<B::Act> {
         observer.observe(LinearInput::Qkv, h)?;
-        let [mut q, mut k, v]: [B::Act; 3] = self.qkv.forward(b, h)?.try_into().map_err(|_| {
+        let parts = match &self.qkv {
+            SharedInput::Stacked { linear, widths } => b.split_qkv_rope(
+                &b.linear(h, linear)?,
+                widths,
+                ctx.shape,
+                ctx.spans,
+                ctx.rope,
+            )?,
+            SharedInput::Separate(v) => {
+                let mut parts = v
+                    .iter()
+                    .map(|l| b.linear(h, l))
+                    .collect::<Result<Vec<_>>>()?;
+                if let [q, k, _] = parts.as_mut_slice() {
+                    b.rope(q, ctx.shape.num_heads, ctx.spans, ctx.rope)?;
+                    b.rope(k, ctx.shape.num_kv_heads, ctx.spans, ctx.rope)?;
+                }
+                parts
+            }
+        };
+        let [q, k, v]: [B::Act; 3] = parts.try_into().map_err(|_| {
             crate::error::Error::InvalidRequest("q/k/v must be three linears".into())
         })?;
-        b.rope(&mut q, ctx.shape.num_heads, ctx.spans, ctx.rope)?;
-        b.rope(&mut k, ctx.shape.num_kv_heads, ctx.spans, ctx.rope)?;
         b.write_kv(ctx.kv_layer, &k, &v, pool, ctx.spans)?;
         let attn = b.attention(ctx.kv_layer, &q, pool, ctx.spans, ctx.shape)?;
         observer.observe(LinearInput::O, &attn)?;

@@ -24,10 +24,14 @@ mod tiny;
 
 use lmq_kernels::GpuDevice;
 use lmq_turbomind::backend::cpu::{CpuOptions, Matrix, W4Activations};
-use lmq_turbomind::backend::cuda::CudaBackend;
-use lmq_turbomind::backend::{AttnShape, Backend, HostLinear, HostWeight, KvPoolSpec, SeqSpan};
+use lmq_turbomind::backend::cuda::{CudaAct, CudaBackend};
+use lmq_turbomind::backend::{
+    split_qkv_rope_apart, AttnShape, Backend, HostLinear, HostWeight, KvPoolSpec, SeqSpan,
+};
+use lmq_turbomind::config::RopeScaling;
 use lmq_turbomind::quant::awq::{pack_int4, AwqTensors};
 use lmq_turbomind::quant::kv::{KvCacheConfig, KvStaticParams};
+use lmq_turbomind::rope::Rope;
 use std::sync::Arc;
 use tiny::*;
 
@@ -39,8 +43,8 @@ fn gpu() -> Option<CudaBackend> {
     Some(CudaBackend::new(0).unwrap_or_else(|e| panic!("opening the CUDA backend: {e}")))
 }
 
-fn upload(b: &CudaBackend, m: &Matrix) -> lmq_kernels::DeviceMatrix<f32> {
-    b.device().upload(&m.data, m.rows, m.cols).unwrap()
+fn upload(b: &CudaBackend, m: &Matrix) -> CudaAct {
+    b.device().upload(&m.data, m.rows, m.cols).unwrap().into()
 }
 
 fn random_matrix(rng: &mut Rng, rows: usize, cols: usize, scale: f64) -> Matrix {
@@ -526,7 +530,7 @@ fn attention_rejects_blocks_outside_the_pool() {
         block_len: 16,
     };
     let mut pool = gpu.new_kv_pool(&spec).unwrap();
-    let k = gpu.device().zeros::<f32>(1, 64).unwrap();
+    let k: CudaAct = gpu.device().zeros::<f32>(1, 64).unwrap().into();
     for blocks in [vec![4u32], vec![]] {
         let spans = [SeqSpan {
             rows: 0..1,
@@ -597,4 +601,102 @@ fn linears_match_cpu() {
             }
         }
     }
+}
+
+/// The fused producers against the ops they replace, on the GPU, bit for
+/// bit: `split_qkv_rope` (one launch) against the split and two rotary
+/// launches, and each fp16 copy a norm or SiLU·mul writes against the
+/// linear's own conversion of the fp32 values (a linear on the act with
+/// its copy, and on the same values without it). The split and rotary
+/// values are also checked against the CPU backend (1e-5: the same
+/// formula, fp32, with the angle's sine and cosine in double).
+#[test]
+fn fused_producers_match_unfused_ops() {
+    let Some(gpu) = gpu() else { return };
+    let cpu = exact_cpu();
+    let mut rng = Rng(33);
+    let bits = |m: &[f32]| m.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let (spans, _) = batch_spans(16);
+    let rows = spans.last().map_or(0, |s| s.rows.end);
+    for (heads, kv_heads, hd) in [(9usize, 3usize, 64usize), (4, 4, 128), (6, 1, 96)] {
+        let shape = AttnShape {
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: hd,
+            num_layers: 1,
+        };
+        let rope = Rope::new(hd, 10000.0, &RopeScaling::None);
+        let widths = [heads * hd, kv_heads * hd, kv_heads * hd];
+        let x = random_matrix(&mut rng, rows, widths.iter().sum(), 2.0);
+        let fused = gpu
+            .split_qkv_rope(&upload(&gpu, &x), &widths, &shape, &spans, &rope)
+            .unwrap();
+        let apart =
+            split_qkv_rope_apart(&gpu, &upload(&gpu, &x), &widths, &shape, &spans, &rope).unwrap();
+        let on_cpu = cpu
+            .split_qkv_rope(&x, &widths, &shape, &spans, &rope)
+            .unwrap();
+        for ((f, a), c) in fused.iter().zip(&apart).zip(&on_cpu) {
+            let f = gpu.to_host(f).unwrap();
+            assert_eq!(bits(&f), bits(&gpu.to_host(a).unwrap()), "hd {hd}");
+            let err = rel_err(&f, &c.data);
+            eprintln!("split_qkv_rope {heads}/{kv_heads} hd {hd}: err vs CPU {err:.2e}");
+            assert!(
+                err <= 1e-5,
+                "split_qkv_rope differs from the CPU by {err:.2e}"
+            );
+        }
+    }
+
+    // Each producer's fp16 copy against the linear's own conversion.
+    let (k, n) = (192usize, 80usize);
+    let dense: Vec<f32> = (0..n * k).map(|_| rng.uniform(-0.1, 0.1) as f32).collect();
+    let w = gpu
+        .upload_linear(HostLinear {
+            weight: HostWeight::Dense(dense),
+            out_features: n,
+            in_features: k,
+            bias: None,
+        })
+        .unwrap();
+    let norm = gpu
+        .upload_vector((0..k).map(|_| rng.uniform(0.5, 1.5) as f32).collect())
+        .unwrap();
+    for m in [1usize, 5, 33] {
+        let x = upload(&gpu, &random_matrix(&mut rng, m, k, 3.0));
+        let gate_up = upload(&gpu, &random_matrix(&mut rng, m, 2 * k, 3.0));
+        let up = upload(&gpu, &random_matrix(&mut rng, m, k, 3.0));
+        let mut residual = upload(&gpu, &random_matrix(&mut rng, m, k, 3.0));
+        let products = [
+            ("rms_norm", gpu.rms_norm(&x, &norm, 1e-5).unwrap()),
+            (
+                "add_rms_norm",
+                gpu.add_rms_norm(&mut residual, &x, &norm, 1e-5).unwrap(),
+            ),
+            ("silu_mul", gpu.silu_mul(&x, &up).unwrap()),
+            ("silu_mul_halves", gpu.silu_mul_halves(&gate_up).unwrap()),
+        ];
+        for (name, act) in products {
+            assert!(act.half().is_some(), "{name} wrote no fp16 copy");
+            let with_copy = gpu.to_host(&gpu.linear(&act, &w).unwrap()).unwrap();
+            let plain: CudaAct = act.into_values().into();
+            let converted = gpu.to_host(&gpu.linear(&plain, &w).unwrap()).unwrap();
+            assert!(
+                with_copy.iter().all(|v| v.is_finite()),
+                "{name}: non-finite"
+            );
+            assert_eq!(bits(&with_copy), bits(&converted), "{name}, {m} rows");
+        }
+    }
+    // Writing through the values drops the copy.
+    let mut act = gpu
+        .rms_norm(
+            &upload(&gpu, &random_matrix(&mut rng, 1, k, 1.0)),
+            &norm,
+            1e-5,
+        )
+        .unwrap();
+    gpu.add_in_place(&mut act, &upload(&gpu, &random_matrix(&mut rng, 1, k, 1.0)))
+        .unwrap();
+    assert!(act.half().is_none());
 }

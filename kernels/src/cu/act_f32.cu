@@ -29,26 +29,38 @@ extern "C" __global__ void add_bias_f32(float* __restrict__ out, const float* __
     }
 }
 
-// out[i] = silu(gate[i]) · up[i].
+// Producers of a linear's input (the norms, SiLU·mul) may also write the
+// fp16 copy the linear reads (`out_h`, when `has_half`): the same
+// __float2half_rn of the same fp32 value that f32_to_f16 would store, one
+// launch fewer per linear.
+
+// out[i] = silu(gate[i]) · up[i] (and out_h[i] = fp16 of it).
 extern "C" __global__ void silu_mul_f32(const float* __restrict__ gate, const float* __restrict__ up,
-                                        float* __restrict__ out, u64 n) {
+                                        float* __restrict__ out, __half* __restrict__ out_h, u64 n,
+                                        int has_half) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (u64)gridDim.x * blockDim.x) {
         const float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
+        const float y = g / (1.0f + expf(-g)) * up[i];
+        out[i] = y;
+        if (has_half) out_h[i] = __float2half_rn(y);
     }
 }
 
 // out = silu(gate) · up where each row of `gate_up` holds gate in its first
-// n columns and up in the last n (a fused gate/up projection's output).
+// n columns and up in the last n (a fused gate/up projection's output);
+// out_h as in silu_mul_f32.
 extern "C" __global__ void silu_mul_halves_f32(const float* __restrict__ gate_up,
-                                               float* __restrict__ out, u64 rows, u64 n) {
+                                               float* __restrict__ out, __half* __restrict__ out_h,
+                                               u64 rows, u64 n, int has_half) {
     const u64 total = rows * n;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (u64)gridDim.x * blockDim.x) {
         const u64 r = i / n, c = i % n;
         const float g = gate_up[r * 2 * n + c];
-        out[i] = g / (1.0f + expf(-g)) * gate_up[r * 2 * n + n + c];
+        const float y = g / (1.0f + expf(-g)) * gate_up[r * 2 * n + n + c];
+        out[i] = y;
+        if (has_half) out_h[i] = __float2half_rn(y);
     }
 }
 
@@ -112,11 +124,13 @@ extern "C" __global__ void hadamard_f32(const float* __restrict__ x, float* __re
     for (int i = threadIdx.x; i < n; i += 32) out[base + i] = seg[i] * norm;
 }
 
-// RMSNorm of fp32 rows, optionally after `residual += delta` (stored back).
-// One block per row.
+// RMSNorm of fp32 rows, optionally after `residual += delta` (stored back),
+// and optionally with the fp16 copy (out_h, when has_half). One block per
+// row.
 extern "C" __global__ void rms_norm_f32(float* __restrict__ residual, const float* __restrict__ delta,
-                                        const float* __restrict__ w, float* __restrict__ out, int d,
-                                        float eps, int has_delta) {
+                                        const float* __restrict__ w, float* __restrict__ out,
+                                        __half* __restrict__ out_h, int d, float eps, int has_delta,
+                                        int has_half) {
     __shared__ float scratch[32];
     const size_t row = blockIdx.x;
     float* r = residual + row * d;
@@ -133,7 +147,11 @@ extern "C" __global__ void rms_norm_f32(float* __restrict__ residual, const floa
     ss = block_sum(ss, scratch);
     const float inv = 1.0f / sqrtf(ss / (float)d + eps);
     float* o = out + row * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = r[i] * inv * w[i];
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float y = r[i] * inv * w[i];
+        o[i] = y;
+        if (has_half) out_h[row * d + i] = __float2half_rn(y);
+    }
 }
 
 // Rotary embedding in place, half-split ("neox") form, as the CPU backend
@@ -155,6 +173,40 @@ extern "C" __global__ void rope_f32(float* __restrict__ x, const int* __restrict
     const float x0 = v[i], x1 = v[i + half_d];
     v[i] = x0 * cf - x1 * sf;
     v[i + half_d] = x1 * cf + x0 * sf;
+}
+
+// A fused q/k/v projection's output split into q, k and v with the rotary
+// embedding of rope_f32 applied to q and k on the way (one launch where
+// split_cols3_f32 and two rope_f32 took three; the same arithmetic, so the
+// same bits). src is [rows][(nq + nk + nv)·hd]; q, k, v are [rows][n·hd].
+// grid = (rows, nq + nk + nv): y is the head, in src's order; block = hd/2
+// threads rounded up, thread i moving the pair (i, i + hd/2).
+extern "C" __global__ void split_rope_f32(const float* __restrict__ src, float* __restrict__ q,
+                                          float* __restrict__ k, float* __restrict__ v,
+                                          const int* __restrict__ pos,
+                                          const float* __restrict__ inv_freq, float pos_scale,
+                                          int nq, int nk, int nv, int hd) {
+    const int half_d = hd >> 1;
+    const int i = threadIdx.x;
+    if (i >= half_d) return;
+    const size_t row = blockIdx.x;
+    const int h = blockIdx.y;
+    const float* s = src + (row * (size_t)(nq + nk + nv) + h) * hd;
+    const float x0 = s[i], x1 = s[i + half_d];
+    if (h >= nq + nk) {
+        float* d = v + (row * nv + (h - nq - nk)) * hd;
+        d[i] = x0;
+        d[i + half_d] = x1;
+        return;
+    }
+    float* d = h < nq ? q + (row * nq + h) * hd : k + (row * nk + (h - nq)) * hd;
+    const float p = (float)pos[row] * pos_scale;
+    const float ang = p * inv_freq[i];
+    double sn, cs;
+    sincos((double)ang, &sn, &cs);
+    const float cf = (float)cs, sf = (float)sn;
+    d[i] = x0 * cf - x1 * sf;
+    d[i + half_d] = x1 * cf + x0 * sf;
 }
 
 // out[r][:] = fp32(table[ids[r]][:]); ids were range-checked on the host.

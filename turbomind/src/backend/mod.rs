@@ -16,7 +16,7 @@ pub mod cuda;
 
 use std::ops::Range;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::quant::awq::AwqTensors;
 use crate::quant::kv::{bytes_per_token_head, KvCacheConfig};
 use crate::rope::Rope;
@@ -170,6 +170,29 @@ pub enum HostWeight {
     Awq(AwqTensors),
 }
 
+/// [`Backend::split_qkv_rope`] as three ops: the split, then the rotary
+/// embedding of q and of k.
+pub fn split_qkv_rope_apart<B: Backend>(
+    b: &B,
+    qkv: &B::Act,
+    widths: &[usize],
+    shape: &AttnShape,
+    spans: &[SeqSpan],
+    rope: &Rope,
+) -> Result<Vec<B::Act>> {
+    let mut parts = b.split_cols(qkv, widths)?;
+    if let [q, k, _] = parts.as_mut_slice() {
+        b.rope(q, shape.num_heads, spans, rope)?;
+        b.rope(k, shape.num_kv_heads, spans, rope)?;
+        Ok(parts)
+    } else {
+        Err(Error::InvalidRequest(format!(
+            "q/k/v must be three parts, not {}",
+            parts.len()
+        )))
+    }
+}
+
 /// The ops of a decoder-only transformer on one device.
 pub trait Backend: Send + Sync {
     /// A `rows × cols` activation matrix on the device.
@@ -247,6 +270,24 @@ pub trait Backend: Send + Sync {
     /// The columns of `x` split into matrices of `widths` columns, left to
     /// right (two or three; the widths add up to `x`'s columns).
     fn split_cols(&self, x: &Self::Act, widths: &[usize]) -> Result<Vec<Self::Act>>;
+    /// A stacked q/k/v projection's output split into its parts (`widths`:
+    /// q, k, v) with the rotary embedding applied to q (`shape.num_heads`
+    /// heads) and k (`shape.num_kv_heads`). A backend may fuse the three
+    /// steps; the default runs [`Backend::split_cols`] and
+    /// [`Backend::rope`] twice.
+    fn split_qkv_rope(
+        &self,
+        qkv: &Self::Act,
+        widths: &[usize],
+        shape: &AttnShape,
+        spans: &[SeqSpan],
+        rope: &Rope,
+    ) -> Result<Vec<Self::Act>>
+    where
+        Self: Sized,
+    {
+        split_qkv_rope_apart(self, qkv, widths, shape, spans, rope)
+    }
     /// A new matrix made of the given rows.
     fn gather_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Self::Act>;
     /// Copies a matrix to the host, row-major.

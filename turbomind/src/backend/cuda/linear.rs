@@ -6,8 +6,9 @@
 //! scratch fp16 matrix and run one cuBLAS GEMM, which at prefill sizes costs
 //! less than re-reading the codes once per 16 rows.
 //!
-//! Inputs are fp32 activations rounded to fp16 once per call; outputs are
-//! fp32. A bias is added in fp32, as on the CPU.
+//! Inputs are fp32 activations rounded to fp16 once per call (or the fp16
+//! copy their producer wrote, the same values); outputs are fp32. A bias
+//! is added in fp32, as on the CPU.
 
 use half::f16;
 use lmq_kernels::{act, Blas, DeviceMatrix, GpuDevice, PackedW4, W4A16Linear, MAX_ROWS};
@@ -82,12 +83,14 @@ impl CudaLinear {
         }
     }
 
-    /// `x · Wᵀ + b` for fp32 `x` (`rows × in`).
+    /// `x · Wᵀ + b` for fp32 `x` (`rows × in`); `x_half`, where the op
+    /// that made `x` wrote it, is `fp16(x)` and spares the conversion.
     pub(super) fn forward(
         &self,
         dev: &GpuDevice,
         blas: &Blas,
         x: &DeviceMatrix<f32>,
+        x_half: Option<&DeviceMatrix<f16>>,
     ) -> Result<DeviceMatrix<f32>> {
         if x.cols() != self.in_features {
             return Err(gpu_error(lmq_kernels::KernelError::Shape {
@@ -104,17 +107,25 @@ impl CudaLinear {
         if m == 0 {
             return Ok(out);
         }
-        let mut xh = dev.uninit::<f16>(m, self.in_features).map_err(gpu_error)?;
-        act::to_f16(dev, x, &mut xh).map_err(gpu_error)?;
+        let converted;
+        let xh = match x_half {
+            Some(h) if h.rows() == m && h.cols() == self.in_features => h,
+            _ => {
+                let mut h = dev.uninit::<f16>(m, self.in_features).map_err(gpu_error)?;
+                act::to_f16(dev, x, &mut h).map_err(gpu_error)?;
+                converted = h;
+                &converted
+            }
+        };
         match &self.weight {
-            Weight::Dense(w) => blas.gemm_f16(dev, &xh, w, &mut out).map_err(gpu_error)?,
-            Weight::W4(l) if m <= MAX_ROWS => l.forward(dev, &xh, &mut out).map_err(gpu_error)?,
+            Weight::Dense(w) => blas.gemm_f16(dev, xh, w, &mut out).map_err(gpu_error)?,
+            Weight::W4(l) if m <= MAX_ROWS => l.forward(dev, xh, &mut out).map_err(gpu_error)?,
             Weight::W4(l) => {
                 let mut w = dev
                     .uninit::<f16>(self.out_features, self.in_features)
                     .map_err(gpu_error)?;
                 l.dequantize_into(dev, &mut w).map_err(gpu_error)?;
-                blas.gemm_f16(dev, &xh, &w, &mut out).map_err(gpu_error)?;
+                blas.gemm_f16(dev, xh, &w, &mut out).map_err(gpu_error)?;
             }
         }
         if let Some(b) = &self.bias {

@@ -12,10 +12,16 @@
 //! heads Walsh-Hadamard rotated before an online write, and attention
 //! multiplies the queries by the factors and rotates its output back.
 //!
+//! The norms and SiLU·mul also write the fp16 copy of their output that the
+//! next linear reads ([`CudaAct`]), and a stacked q/k/v output is split and
+//! rotated in one launch ([`Backend::split_qkv_rope`]): a decode step
+//! spends its launches on work, not on conversions.
+//!
 //! Row metadata (positions and block tables) is uploaded once per step:
 //! the backend keeps the last upload and reuses it while the spans it is
 //! given are the same, which they are for every layer of a step.
 
+mod activation;
 mod graph;
 mod linear;
 mod profile;
@@ -28,11 +34,14 @@ use lmq_kernels::{
     RowMeta, RowPlace,
 };
 
-use super::{AttnShape, Backend, HostLinear, KvPoolSpec, SeqSpan};
+use half::f16;
+
+use super::{split_qkv_rope_apart, AttnShape, Backend, HostLinear, KvPoolSpec, SeqSpan};
 use crate::error::{Error, Result};
 use crate::quant::kv::{KvDtype, KvMode};
 use crate::rope::Rope;
 
+pub use activation::CudaAct;
 pub use linear::CudaLinear;
 
 /// Turns a kernel error into the engine's error type.
@@ -254,7 +263,7 @@ impl CudaBackend {
         key: &graph::StepKey,
         cols: usize,
         pool: &mut CudaKvPool,
-        body: &mut dyn FnMut(&mut CudaKvPool) -> Result<DeviceMatrix<f32>>,
+        body: &mut dyn FnMut(&mut CudaKvPool) -> Result<CudaAct>,
     ) -> Result<graph::Recorded> {
         let block_len = pool.pool.layout().block_len;
         let inputs = graph::new_inputs(&self.dev, key, block_len)?;
@@ -289,6 +298,13 @@ impl CudaBackend {
         let vocab =
             vocab.ok_or_else(|| shape_error("the recorded step looked up no tokens".into()))?;
         Ok(graph::Recorded::new(graph, inputs, logits, vocab))
+    }
+
+    /// A new fp32 matrix and its fp16 copy, for an op that writes both.
+    fn act_pair(&self, rows: usize, cols: usize) -> Result<(DeviceMatrix<f32>, DeviceMatrix<f16>)> {
+        let values = self.dev.uninit(rows, cols).map_err(gpu_error)?;
+        let half = self.dev.uninit(rows, cols).map_err(gpu_error)?;
+        Ok((values, half))
     }
 
     fn check_rows(&self, x: &DeviceMatrix<f32>, spans: &[SeqSpan], op: &str) -> Result<()> {
@@ -349,7 +365,7 @@ fn static_table(spec: &KvPoolSpec) -> Result<Option<Vec<f32>>> {
 }
 
 impl Backend for CudaBackend {
-    type Act = DeviceMatrix<f32>;
+    type Act = CudaAct;
     type Linear = CudaLinear;
     type Vector = DeviceMatrix<f32>;
     type KvPool = CudaKvPool;
@@ -411,7 +427,7 @@ impl Backend for CudaBackend {
             .map(|(free, _total)| free as u64)
     }
 
-    fn embedding(&self, table: &CudaLinear, ids: &[u32]) -> Result<DeviceMatrix<f32>> {
+    fn embedding(&self, table: &CudaLinear, ids: &[u32]) -> Result<CudaAct> {
         let dense = table
             .dense()
             .ok_or_else(|| shape_error("embedding tables must be dense, not quantized".into()))?;
@@ -422,59 +438,55 @@ impl Backend for CudaBackend {
                 ));
             }
             r.vocab = Some(dense.rows());
-            return act::embedding_from_device(&self.dev, dense, &r.inputs.ids).map_err(gpu_error);
+            return act::embedding_from_device(&self.dev, dense, &r.inputs.ids)
+                .map(CudaAct::from)
+                .map_err(gpu_error);
         }
-        act::embedding(&self.dev, dense, ids).map_err(|e| match e {
-            KernelError::Invalid { .. } => Error::InvalidRequest(e.to_string()),
-            other => gpu_error(other),
-        })
+        act::embedding(&self.dev, dense, ids)
+            .map(CudaAct::from)
+            .map_err(|e| match e {
+                KernelError::Invalid { .. } => Error::InvalidRequest(e.to_string()),
+                other => gpu_error(other),
+            })
     }
 
-    fn rms_norm(
-        &self,
-        x: &DeviceMatrix<f32>,
-        w: &DeviceMatrix<f32>,
-        eps: f32,
-    ) -> Result<DeviceMatrix<f32>> {
-        let mut out = self.dev.uninit(x.rows(), x.cols()).map_err(gpu_error)?;
-        act::rms_norm(&self.dev, x, w, eps, &mut out).map_err(gpu_error)?;
-        Ok(out)
+    fn rms_norm(&self, x: &CudaAct, w: &DeviceMatrix<f32>, eps: f32) -> Result<CudaAct> {
+        let (mut out, mut half) = self.act_pair(x.rows(), x.cols())?;
+        act::rms_norm(&self.dev, x, w, eps, &mut out, Some(&mut half)).map_err(gpu_error)?;
+        Ok(CudaAct::with_half(out, half))
     }
 
     fn add_rms_norm(
         &self,
-        residual: &mut DeviceMatrix<f32>,
-        delta: &DeviceMatrix<f32>,
+        residual: &mut CudaAct,
+        delta: &CudaAct,
         w: &DeviceMatrix<f32>,
         eps: f32,
-    ) -> Result<DeviceMatrix<f32>> {
-        let mut out = self
-            .dev
-            .uninit(residual.rows(), residual.cols())
-            .map_err(gpu_error)?;
-        act::add_rms_norm(&self.dev, residual, delta, w, eps, &mut out).map_err(gpu_error)?;
-        Ok(out)
+    ) -> Result<CudaAct> {
+        let (mut out, mut half) = self.act_pair(residual.rows(), residual.cols())?;
+        act::add_rms_norm(
+            &self.dev,
+            residual,
+            delta,
+            w,
+            eps,
+            &mut out,
+            Some(&mut half),
+        )
+        .map_err(gpu_error)?;
+        Ok(CudaAct::with_half(out, half))
     }
 
-    fn add_in_place(
-        &self,
-        residual: &mut DeviceMatrix<f32>,
-        delta: &DeviceMatrix<f32>,
-    ) -> Result<()> {
+    fn add_in_place(&self, residual: &mut CudaAct, delta: &CudaAct) -> Result<()> {
         act::add(&self.dev, residual, delta).map_err(gpu_error)
     }
 
-    fn linear(&self, x: &DeviceMatrix<f32>, w: &CudaLinear) -> Result<DeviceMatrix<f32>> {
-        w.forward(&self.dev, &self.blas, x)
+    fn linear(&self, x: &CudaAct, w: &CudaLinear) -> Result<CudaAct> {
+        w.forward(&self.dev, &self.blas, x, x.half())
+            .map(CudaAct::from)
     }
 
-    fn rope(
-        &self,
-        x: &mut DeviceMatrix<f32>,
-        heads: usize,
-        spans: &[SeqSpan],
-        rope: &Rope,
-    ) -> Result<()> {
+    fn rope(&self, x: &mut CudaAct, heads: usize, spans: &[SeqSpan], rope: &Rope) -> Result<()> {
         self.check_rows(x, spans, "rope")?;
         let meta = self.row_meta(spans)?;
         let inv_freq = self.inv_freq(rope)?;
@@ -484,8 +496,8 @@ impl Backend for CudaBackend {
     fn write_kv(
         &self,
         layer: usize,
-        k: &DeviceMatrix<f32>,
-        v: &DeviceMatrix<f32>,
+        k: &CudaAct,
+        v: &CudaAct,
         pool: &mut CudaKvPool,
         spans: &[SeqSpan],
     ) -> Result<()> {
@@ -507,11 +519,11 @@ impl Backend for CudaBackend {
     fn attention(
         &self,
         layer: usize,
-        q: &DeviceMatrix<f32>,
+        q: &CudaAct,
         pool: &CudaKvPool,
         spans: &[SeqSpan],
         shape: &AttnShape,
-    ) -> Result<DeviceMatrix<f32>> {
+    ) -> Result<CudaAct> {
         self.check_rows(q, spans, "attention")?;
         let meta = self.row_meta(spans)?;
         match pool.smooth.as_ref().and_then(|s| s.get(layer)) {
@@ -532,49 +544,76 @@ impl Backend for CudaBackend {
             None => paged::paged_attention(&self.dev, &pool.pool, layer, q, shape.num_heads, &meta)
                 .map_err(gpu_error),
         }
+        .map(CudaAct::from)
     }
 
-    fn silu_mul(
-        &self,
-        gate: &DeviceMatrix<f32>,
-        up: &DeviceMatrix<f32>,
-    ) -> Result<DeviceMatrix<f32>> {
-        let mut out = self
-            .dev
-            .uninit(gate.rows(), gate.cols())
-            .map_err(gpu_error)?;
-        act::silu_mul(&self.dev, gate, up, &mut out).map_err(gpu_error)?;
-        Ok(out)
+    fn silu_mul(&self, gate: &CudaAct, up: &CudaAct) -> Result<CudaAct> {
+        let (mut out, mut half) = self.act_pair(gate.rows(), gate.cols())?;
+        act::silu_mul(&self.dev, gate, up, &mut out, Some(&mut half)).map_err(gpu_error)?;
+        Ok(CudaAct::with_half(out, half))
     }
 
-    fn silu_mul_halves(&self, gate_up: &DeviceMatrix<f32>) -> Result<DeviceMatrix<f32>> {
-        let mut out = self
-            .dev
-            .uninit(gate_up.rows(), gate_up.cols() / 2)
-            .map_err(gpu_error)?;
-        act::silu_mul_halves(&self.dev, gate_up, &mut out).map_err(gpu_error)?;
-        Ok(out)
+    fn silu_mul_halves(&self, gate_up: &CudaAct) -> Result<CudaAct> {
+        let (mut out, mut half) = self.act_pair(gate_up.rows(), gate_up.cols() / 2)?;
+        act::silu_mul_halves(&self.dev, gate_up, &mut out, Some(&mut half)).map_err(gpu_error)?;
+        Ok(CudaAct::with_half(out, half))
     }
 
-    fn split_cols(
-        &self,
-        x: &DeviceMatrix<f32>,
-        widths: &[usize],
-    ) -> Result<Vec<DeviceMatrix<f32>>> {
+    fn split_cols(&self, x: &CudaAct, widths: &[usize]) -> Result<Vec<CudaAct>> {
         let mut outs = widths
             .iter()
             .map(|&w| self.dev.uninit(x.rows(), w))
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(gpu_error)?;
         act::split_cols(&self.dev, x, &mut outs).map_err(gpu_error)?;
-        Ok(outs)
+        Ok(outs.into_iter().map(CudaAct::from).collect())
     }
 
-    fn gather_rows(&self, x: &DeviceMatrix<f32>, rows: &[usize]) -> Result<DeviceMatrix<f32>> {
-        act::gather_rows(&self.dev, x, rows).map_err(gpu_error)
+    /// One launch (`split_rope_f32`) where the default takes three, for
+    /// the usual shape: three parts of whole heads.
+    fn split_qkv_rope(
+        &self,
+        qkv: &CudaAct,
+        widths: &[usize],
+        shape: &AttnShape,
+        spans: &[SeqSpan],
+        rope: &Rope,
+    ) -> Result<Vec<CudaAct>> {
+        let hd = rope.inv_freq.len() * 2;
+        let fused = widths.len() == 3
+            && widths[0] == shape.num_heads * hd
+            && widths[1] == shape.num_kv_heads * hd
+            && hd > 0
+            && widths[2].is_multiple_of(hd);
+        if !fused {
+            return split_qkv_rope_apart(self, qkv, widths, shape, spans, rope);
+        }
+        self.check_rows(qkv, spans, "split_qkv_rope")?;
+        let meta = self.row_meta(spans)?;
+        let inv_freq = self.inv_freq(rope)?;
+        let rows = qkv.rows();
+        let mut q = self.dev.uninit(rows, widths[0]).map_err(gpu_error)?;
+        let mut k = self.dev.uninit(rows, widths[1]).map_err(gpu_error)?;
+        let mut v = self.dev.uninit(rows, widths[2]).map_err(gpu_error)?;
+        act::split_rope(
+            &self.dev,
+            qkv,
+            [&mut q, &mut k, &mut v],
+            &meta,
+            &inv_freq,
+            rope.position_scale,
+        )
+        .map_err(gpu_error)?;
+        Ok(vec![q.into(), k.into(), v.into()])
     }
 
-    fn to_host(&self, x: &DeviceMatrix<f32>) -> Result<Vec<f32>> {
+    fn gather_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<CudaAct> {
+        act::gather_rows(&self.dev, x, rows)
+            .map(CudaAct::from)
+            .map_err(gpu_error)
+    }
+
+    fn to_host(&self, x: &CudaAct) -> Result<Vec<f32>> {
         self.dev.download(x).map_err(gpu_error)
     }
 
@@ -585,7 +624,7 @@ impl Backend for CudaBackend {
         ids: &[u32],
         spans: &[SeqSpan],
         pool: &mut CudaKvPool,
-        body: &mut dyn FnMut(&mut CudaKvPool) -> Result<DeviceMatrix<f32>>,
+        body: &mut dyn FnMut(&mut CudaKvPool) -> Result<CudaAct>,
     ) -> Result<Vec<f32>> {
         let mut profile = lock(&self.profile);
         let mut mark = profile.as_ref().map(|p| p.begin());
