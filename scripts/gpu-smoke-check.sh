@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One short device call that checks a merged main on a CUDA machine before
 # anything is timed: every CUDA test binary (op parity against the CPU
-# backend, the CUDA-graph test, the streaming integer-attention kernel
+# backend, the CUDA-graph test, device sampling against the host sampler,
+# the streaming integer-attention kernel
 # against the tile kernel, the kernels crate's own tests), then greedy
 # output with CUDA graphs on and off on a random-weight SmolLM2-shaped
 # 4-bit model (fp16 and int8 KV), then bench_attn (skip with SKIP_BENCH=1).
@@ -13,7 +14,7 @@
 # baseline lmq binary whose greedy output must equal the new one's):
 #   cargo build --release && cargo build --release -p lmq-kernels --examples
 #   cargo test --release -p lmq-kernels --no-run
-#   cargo test --release -p lmq-turbomind --test cuda_backend --no-run
+#   cargo test --release -p lmq-turbomind --test cuda_backend --test cuda_sampling --no-run
 #   BASE=/path/to/old/bench_attn scripts/gpu-smoke-check.sh --collect
 # On the GPU machine, from the repo root: bash scripts/gpu-smoke-check.sh
 # (logs under $OUT, else /tmp/gpu-smoke-check).
@@ -26,6 +27,7 @@ if [[ "${1:-}" == "--collect" ]]; then
     target=${CARGO_TARGET_DIR:-target}
     mkdir -p "$BIN"
     pack "$BIN" cuda_backend "$(newest "$target/release/deps/cuda_backend-*")"
+    pack "$BIN" cuda_sampling "$(newest "$target/release/deps/cuda_sampling-*")"
     pack "$BIN" attn_stream "$(newest "$target/release/deps/attn_stream-*")"
     pack "$BIN" unit "$(newest "$target/release/deps/lmq_kernels-*")"
     pack "$BIN" parity "$(newest "$target/release/deps/parity-*")"
@@ -54,6 +56,8 @@ run_test() {
     grep -E "test result|panicked" "$LOG/$name.log"
 }
 run_test cuda_backend 200 --test-threads=1 --nocapture
+run_test cuda_sampling 100 --nocapture
+grep -E "sampled rows on the device" "$LOG/cuda_sampling.log"
 run_test attn_stream 100 --nocapture
 grep -E "split [0-9]+: " "$LOG/attn_stream.log" | sort -t: -k2 -g | tail -n 3
 run_test unit 60
@@ -83,6 +87,23 @@ for kv in fp16 int8; do
             echo "$kv KV: new and baseline binary outputs differ"
             rc=1
         fi
+    fi
+done
+
+echo "== seeded sampling, on the device and on the host"
+for kv in fp16; do
+    sam() {
+        timeout 40 "$R/lmq" generate --model /tmp/lmq-smoke-s135 --device cuda --kv-cache-dtype "$kv" \
+            --prompt "the quick brown fox" --max-tokens 200 --ignore-eos --temperature 0.8 --top-p 0.95 \
+            --repetition-penalty 1.1 --seed 7 2>>"$LOG/generate.err"
+    }
+    sam >"$LOG/sample-device.txt"
+    LMQ_DEVICE_SAMPLING=0 sam >"$LOG/sample-host.txt"
+    if cmp -s "$LOG/sample-device.txt" "$LOG/sample-host.txt" && [[ -s "$LOG/sample-device.txt" ]]; then
+        echo "sampled output: device = host ($(wc -c <"$LOG/sample-device.txt") bytes)"
+    else
+        echo "sampled output: device and host differ (or are empty)"
+        rc=1
     fi
 done
 

@@ -23,16 +23,18 @@ pub enum Module {
     ActF32,
     PagedAttn,
     W4Dequant,
+    Sampling,
 }
 
 impl Module {
-    pub const ALL: [Module; 6] = [
+    pub const ALL: [Module; 7] = [
         Module::W4A16,
         Module::Norm,
         Module::Elementwise,
         Module::ActF32,
         Module::PagedAttn,
         Module::W4Dequant,
+        Module::Sampling,
     ];
 
     pub fn name(self) -> &'static str {
@@ -43,6 +45,7 @@ impl Module {
             Module::ActF32 => "act_f32",
             Module::PagedAttn => "paged_attn",
             Module::W4Dequant => "w4_dequant",
+            Module::Sampling => "sampling",
         }
     }
 
@@ -61,6 +64,7 @@ impl Module {
                 include_str!("cu/paged_attn_entry.cu")
             ),
             Module::W4Dequant => include_str!("cu/w4_dequant.cu"),
+            Module::Sampling => include_str!("cu/sampling.cu"),
         }
     }
 

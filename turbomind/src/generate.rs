@@ -4,10 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::backend::Backend;
+use crate::backend::{use_device_sampling, Backend, SampleRow};
 use crate::error::{Error, Result};
-use crate::model::{LogitsWanted, Model};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::model::{LogitsWanted, Model, Sampled, SeqInput};
+use crate::sampling::{sample_penalized, Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// Why generation ended.
@@ -159,12 +159,39 @@ pub fn generate<B: Backend>(
     let mut prefill_time = Duration::ZERO;
     let mut finish_reason = FinishReason::Length;
     let mut hit_stop_string = false;
+    let on_device = use_device_sampling(model.backend());
     while generated.len() < budget {
-        let mut logits = model.forward_solo(&mut cache, &next_input, LogitsWanted::Last)?;
+        let token = if on_device {
+            // The draw's number first, as the host sampler takes it.
+            let uniform = sampler.next_uniform();
+            let row = SampleRow {
+                params: sampler.params(),
+                uniform,
+                history: &history,
+                prompt_len: request.prompt_ids.len(),
+            };
+            let mut batch = [SeqInput {
+                tokens: &next_input,
+                kv: &mut cache.seq,
+                logits: LogitsWanted::Last,
+            }];
+            match model
+                .forward_sampled(&mut cache.pool, &mut batch, &[row])?
+                .pop()
+            {
+                Some(Some(Sampled::Token(t))) => t,
+                Some(Some(Sampled::Logits(l))) => {
+                    sample_penalized(sampler.params(), &l, row.uniform)
+                }
+                _ => return Err(Error::InvalidRequest("the step returned no token".into())),
+            }
+        } else {
+            let mut logits = model.forward_solo(&mut cache, &next_input, LogitsWanted::Last)?;
+            sampler.sample(&mut logits, &history, request.prompt_ids.len())
+        };
         if generated.is_empty() {
             prefill_time = t0.elapsed();
         }
-        let token = sampler.sample(&mut logits, &history, request.prompt_ids.len());
         history.push(token);
         if stop_ids.contains(&token) {
             finish_reason = FinishReason::Stop;

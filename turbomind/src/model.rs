@@ -6,7 +6,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::backend::{AttnShape, Backend, KvPoolSpec, SeqSpan};
+use crate::backend::{
+    finish_logits, AttnShape, Backend, KvPoolSpec, SampleRow, SeqSpan, StepOutput,
+};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -28,6 +30,14 @@ pub enum LogitsWanted {
 
 /// The default number of positions per KV block (`--cache-block-seq-len`).
 pub const DEFAULT_BLOCK_LEN: usize = 64;
+
+/// A sequence's next token from [`Model::forward_sampled`]: picked on the
+/// device, or its penalized logits for the host to sample.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sampled {
+    Token(u32),
+    Logits(Vec<f32>),
+}
 
 /// A sequence's place in a KV pool: its block table, and how many of its
 /// positions hold K/V.
@@ -328,6 +338,70 @@ impl<B: Backend> Model<B> {
         pool: &mut B::KvPool,
         batch: &mut [SeqInput<'_>],
     ) -> Result<Vec<Vec<f32>>> {
+        let (out, rows) = self.run(pool, batch, None)?;
+        let vocab = self.config.vocab_size;
+        let mut offset = 0;
+        Ok(rows
+            .iter()
+            .map(|&n| {
+                let part = out.logits[offset * vocab..(offset + n) * vocab].to_vec();
+                offset += n;
+                part
+            })
+            .collect())
+    }
+
+    /// Runs one step like [`Model::forward`] and picks the next token of
+    /// every sequence that wants its last logits (`sampling` has one row
+    /// per such sequence, in batch order): on the device where the backend
+    /// samples there, otherwise (or for a row the device leaves to the
+    /// host) the sequence gets its penalized logits back. `None` for
+    /// sequences that want no logits.
+    pub fn forward_sampled(
+        &self,
+        pool: &mut B::KvPool,
+        batch: &mut [SeqInput<'_>],
+        sampling: &[SampleRow<'_>],
+    ) -> Result<Vec<Option<Sampled>>> {
+        let wanting = batch
+            .iter()
+            .filter(|s| s.logits != LogitsWanted::None)
+            .count();
+        if batch.iter().any(|s| s.logits == LogitsWanted::All) || wanting != sampling.len() {
+            return Err(Error::InvalidRequest(format!(
+                "sampling needs one row per sequence that wants its last logits: {} rows for {wanting} sequences",
+                sampling.len()
+            )));
+        }
+        let (out, rows) = self.run(pool, batch, Some(sampling))?;
+        let vocab = self.config.vocab_size;
+        let mut next = 0;
+        Ok(rows
+            .iter()
+            .map(|&n| {
+                if n == 0 {
+                    return None;
+                }
+                let i = next;
+                next += 1;
+                match out.tokens.as_ref().and_then(|t| t[i]) {
+                    Some(token) => Some(Sampled::Token(token)),
+                    None => Some(Sampled::Logits(
+                        out.logits[i * vocab..(i + 1) * vocab].to_vec(),
+                    )),
+                }
+            })
+            .collect())
+    }
+
+    /// One step: the step's output and, per sequence, how many logits rows
+    /// it holds.
+    fn run(
+        &self,
+        pool: &mut B::KvPool,
+        batch: &mut [SeqInput<'_>],
+        sampling: Option<&[SampleRow<'_>]>,
+    ) -> Result<(StepOutput, Vec<usize>)> {
         let b = &self.backend;
         let c = &self.config;
         let mut ids = Vec::new();
@@ -368,36 +442,31 @@ impl<B: Backend> Model<B> {
         let decode = batch
             .iter()
             .all(|s| s.tokens.len() == 1 && s.logits == LogitsWanted::Last);
-        let logits = if decode {
+        let out = if decode {
             let mut body = |pool: &mut B::KvPool| self.logits(pool, &ids, &spans, &wanted_rows);
-            b.decode_step(&ids, &spans, pool, &mut body)?
+            b.decode_step(&ids, &spans, pool, &mut body, sampling)?
         } else {
             let h = self.hidden(pool, &ids, &spans)?;
             if wanted_rows.is_empty() {
-                Vec::new()
+                StepOutput::default()
             } else {
                 let selected = b.gather_rows(&h, &wanted_rows)?;
-                b.to_host(&b.linear(&selected, self.output_projection())?)?
+                let mut logits = b.linear(&selected, self.output_projection())?;
+                finish_logits(b, &mut logits, sampling)?
             }
         };
         for seq in batch.iter_mut() {
             seq.kv.len += seq.tokens.len();
         }
-        if wanted_rows.is_empty() {
-            return Ok(vec![Vec::new(); batch.len()]);
-        }
-        let vocab = c.vocab_size;
-        let mut out = Vec::with_capacity(batch.len());
-        let mut offset = 0;
-        for (seq, span) in batch.iter().zip(&spans) {
-            let rows = match seq.logits {
+        let rows = batch
+            .iter()
+            .zip(&spans)
+            .map(|(seq, span)| match seq.logits {
                 LogitsWanted::None => 0,
                 LogitsWanted::Last => 1,
                 LogitsWanted::All => span.len(),
-            };
-            out.push(logits[offset * vocab..(offset + rows) * vocab].to_vec());
-            offset += rows;
-        }
-        Ok(out)
+            })
+            .collect();
+        Ok((out, rows))
     }
 }

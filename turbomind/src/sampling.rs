@@ -145,56 +145,82 @@ impl Sampler {
     /// far (prompt and generated), for the repetition penalty; the
     /// generated ones start at `prompt_len`, for the OpenAI penalties.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32], prompt_len: usize) -> u32 {
+        self.apply_penalties(logits, history, prompt_len);
+        let u = self.next_uniform();
+        sample_penalized(&self.params, logits, u)
+    }
+
+    /// The penalties of [`Sampler::sample`], applied to `logits` in place.
+    pub fn apply_penalties(&self, logits: &mut [f32], history: &[u32], prompt_len: usize) {
         let p = &self.params;
         apply_repetition_penalty(logits, history, p.repetition_penalty);
         let output = history.get(prompt_len..).unwrap_or(&[]);
         apply_output_penalties(logits, output, p.presence_penalty, p.frequency_penalty);
-        if p.is_greedy() {
-            return argmax(logits);
-        }
-        let mut candidates: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, l / p.temperature))
-            .collect();
-        candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if p.top_k > 0 && p.top_k < candidates.len() {
-            candidates.truncate(p.top_k);
-        }
-        let max = candidates[0].1;
-        let mut probs: Vec<f32> = candidates.iter().map(|&(_, l)| (l - max).exp()).collect();
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= total);
-        let mut keep = probs.len();
-        if p.top_p < 1.0 {
-            let mut cumulative = 0.0;
-            for (i, &prob) in probs.iter().enumerate() {
-                cumulative += prob;
-                if cumulative >= p.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-        }
-        if p.min_p > 0.0 {
-            let threshold = p.min_p * probs[0];
-            keep = keep.min(probs.iter().take_while(|&&x| x >= threshold).count().max(1));
-        }
-        let kept_total: f32 = probs[..keep].iter().sum();
-        if !kept_total.is_finite() || kept_total <= 0.0 {
-            // Non-finite logits (or a temperature so small that l/T
-            // overflows) leave no distribution: fall back to the best token.
-            return candidates[0].0;
-        }
-        let mut r = self.rng.random::<f32>() * kept_total;
-        for i in 0..keep {
-            r -= probs[i];
-            if r <= 0.0 {
-                return candidates[i].0;
-            }
-        }
-        candidates[keep - 1].0
     }
+
+    /// The uniform number in [0, 1) of the next draw: one per sampled
+    /// token, none when greedy. It is drawn before the logits are looked
+    /// at, so that a device that samples with it and the host consume the
+    /// generator alike.
+    pub fn next_uniform(&mut self) -> f32 {
+        if self.params.is_greedy() {
+            0.0
+        } else {
+            self.rng.random::<f32>()
+        }
+    }
+}
+
+/// The token drawn from penalized `logits` with the uniform number `u`:
+/// temperature, top-k, top-p, min-p, then the first token in order of
+/// probability (descending, then by index) whose cumulative probability
+/// reaches `u` times the kept mass. Greedy parameters take the argmax.
+pub fn sample_penalized(p: &SamplingParams, logits: &[f32], u: f32) -> u32 {
+    if p.is_greedy() {
+        return argmax(logits);
+    }
+    let mut candidates: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l / p.temperature))
+        .collect();
+    candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if p.top_k > 0 && p.top_k < candidates.len() {
+        candidates.truncate(p.top_k);
+    }
+    let max = candidates[0].1;
+    let mut probs: Vec<f32> = candidates.iter().map(|&(_, l)| (l - max).exp()).collect();
+    let total: f32 = probs.iter().sum();
+    probs.iter_mut().for_each(|x| *x /= total);
+    let mut keep = probs.len();
+    if p.top_p < 1.0 {
+        let mut cumulative = 0.0;
+        for (i, &prob) in probs.iter().enumerate() {
+            cumulative += prob;
+            if cumulative >= p.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    if p.min_p > 0.0 {
+        let threshold = p.min_p * probs[0];
+        keep = keep.min(probs.iter().take_while(|&&x| x >= threshold).count().max(1));
+    }
+    let kept_total: f32 = probs[..keep].iter().sum();
+    if !kept_total.is_finite() || kept_total <= 0.0 {
+        // Non-finite logits (or a temperature so small that l/T
+        // overflows) leave no distribution: fall back to the best token.
+        return candidates[0].0;
+    }
+    let mut r = u * kept_total;
+    for i in 0..keep {
+        r -= probs[i];
+        if r <= 0.0 {
+            return candidates[i].0;
+        }
+    }
+    candidates[keep - 1].0
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::quant::awq::AwqTensors;
 use crate::quant::kv::{bytes_per_token_head, KvCacheConfig};
 use crate::rope::Rope;
+use crate::sampling::SamplingParams;
 
 /// Which rows of the batch belong to one sequence, the position of its
 /// first row, and the KV blocks that hold its positions.
@@ -170,6 +171,63 @@ pub enum HostWeight {
     Awq(AwqTensors),
 }
 
+/// One row's token choice for [`Backend::sample`]: its parameters, the
+/// uniform number of its draw ([`crate::sampling::Sampler::next_uniform`])
+/// and its tokens so far (the generated ones from `prompt_len`), for the
+/// penalties.
+#[derive(Debug, Clone, Copy)]
+pub struct SampleRow<'a> {
+    pub params: &'a SamplingParams,
+    pub uniform: f32,
+    pub history: &'a [u32],
+    pub prompt_len: usize,
+}
+
+/// What a step hands back for its logits: each row's token where the
+/// backend sampled on the device, and the logits on the host (row-major)
+/// when they are needed: no device sampling, or a row the device left to
+/// the host (`None`). Where sampling ran, the host logits are penalized.
+#[derive(Debug, Default)]
+pub struct StepOutput {
+    pub tokens: Option<Vec<Option<u32>>>,
+    pub logits: Vec<f32>,
+}
+
+/// Whether steps should pick tokens on `b`'s device: it can, and the
+/// environment does not say `LMQ_DEVICE_SAMPLING=0` (the host sampler
+/// then does all of it, for comparison).
+pub fn use_device_sampling<B: Backend>(b: &B) -> bool {
+    b.samples_on_device() && std::env::var("LMQ_DEVICE_SAMPLING").map_or(true, |v| v != "0")
+}
+
+/// The logits of a step made into its [`StepOutput`]: sampled on the
+/// device when `sampling` is given and the backend can, downloaded where
+/// a row still needs the host.
+pub fn finish_logits<B: Backend>(
+    b: &B,
+    logits: &mut B::Act,
+    sampling: Option<&[SampleRow<'_>]>,
+) -> Result<StepOutput> {
+    match sampling {
+        Some(rows) if b.samples_on_device() => {
+            let tokens = b.sample(logits, rows)?;
+            let logits = if tokens.iter().any(Option::is_none) {
+                b.to_host(logits)?
+            } else {
+                Vec::new()
+            };
+            Ok(StepOutput {
+                tokens: Some(tokens),
+                logits,
+            })
+        }
+        _ => Ok(StepOutput {
+            tokens: None,
+            logits: b.to_host(logits)?,
+        }),
+    }
+}
+
 /// [`Backend::split_qkv_rope`] as three ops: the split, then the rotary
 /// embedding of q and of k.
 pub fn split_qkv_rope_apart<B: Backend>(
@@ -293,23 +351,46 @@ pub trait Backend: Send + Sync {
     /// Copies a matrix to the host, row-major.
     fn to_host(&self, x: &Self::Act) -> Result<Vec<f32>>;
 
+    /// Whether [`Backend::sample`] picks tokens on the device.
+    fn samples_on_device(&self) -> bool {
+        false
+    }
+
+    /// Applies each row's penalties to `logits` in place and picks its
+    /// token on the device: `Some(token)`, or `None` where the host must
+    /// sample the row from the penalized logits. Backends without device
+    /// sampling ([`Backend::samples_on_device`] false) refuse.
+    fn sample(&self, logits: &mut Self::Act, rows: &[SampleRow<'_>]) -> Result<Vec<Option<u32>>> {
+        let _ = (logits, rows);
+        Err(Error::InvalidRequest(format!(
+            "the {} backend samples on the host",
+            self.name()
+        )))
+    }
+
     /// Runs one decode step, a batch of one new token per sequence:
     /// `body` computes, with this backend's ops, the logits of every row
     /// (`ids.len() × vocab`) from `ids` and `spans`, writing the new
-    /// tokens' K and V into `pool`; this returns them on the host,
-    /// row-major. A backend may record `body` once per step shape and
-    /// replay the recording for later steps of that shape with their own
-    /// `ids` and `spans` (the CUDA backend's graphs), so `body` must use no
-    /// inputs other than those; the default runs it every time.
+    /// tokens' K and V into `pool`; this returns them as
+    /// [`finish_logits`] does (sampled on the device when `sampling` is
+    /// given and the backend can). A backend may record `body` once per
+    /// step shape and replay the recording for later steps of that shape
+    /// with their own `ids` and `spans` (the CUDA backend's graphs), so
+    /// `body` must use no inputs other than those; the default runs it
+    /// every time.
     fn decode_step(
         &self,
         ids: &[u32],
         spans: &[SeqSpan],
         pool: &mut Self::KvPool,
         body: &mut dyn FnMut(&mut Self::KvPool) -> Result<Self::Act>,
-    ) -> Result<Vec<f32>> {
+        sampling: Option<&[SampleRow<'_>]>,
+    ) -> Result<StepOutput>
+    where
+        Self: Sized,
+    {
         let _ = (ids, spans);
-        let logits = body(pool)?;
-        self.to_host(&logits)
+        let mut logits = body(pool)?;
+        finish_logits(self, &mut logits, sampling)
     }
 }

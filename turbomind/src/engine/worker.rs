@@ -15,11 +15,11 @@ use super::config::EngineConfig;
 use super::handle::{Command, EngineHandle, EngineStats, ModelInfo, Shared};
 use super::request::{token_logprobs, EngineEvent, EngineRequest, FinishReason, Usage};
 use super::scheduler::{NewSequence, Scheduler, SchedulerConfig, SeqId, StepPlan, StepResult};
-use crate::backend::Backend;
+use crate::backend::{use_device_sampling, Backend, SampleRow};
 use crate::error::{Error, Result};
 use crate::generate::StopStrings;
-use crate::model::{LogitsWanted, Model, SeqInput, SeqKv};
-use crate::sampling::Sampler;
+use crate::model::{LogitsWanted, Model, Sampled, SeqInput, SeqKv};
+use crate::sampling::{sample_penalized, Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// Starts an engine thread for `model` and returns its handle. The pool is
@@ -50,7 +50,9 @@ pub fn spawn_engine<B: Backend + 'static>(
     });
     let shared = Arc::new(Shared::new(config.max_queued_requests));
     let (commands, inbox) = std::sync::mpsc::channel();
+    let device_sampling = use_device_sampling(model.backend());
     let worker = Worker {
+        device_sampling,
         model,
         tokenizer: tokenizer.clone(),
         pool,
@@ -91,8 +93,22 @@ struct Active {
     first_token: Option<Instant>,
 }
 
+/// How a sequence's next token arrives from a step.
+enum Pick {
+    /// Picked on the device.
+    Token(u32),
+    /// Left to the host by the device: penalized logits and the draw's
+    /// uniform number.
+    Penalized(Vec<f32>, f32),
+    /// Raw logits: the host sampler does everything.
+    Raw(Vec<f32>),
+}
+
 struct Worker<B: Backend> {
     model: Model<B>,
+    /// Whether steps pick tokens on the device (the backend can, and
+    /// `LMQ_DEVICE_SAMPLING` is not 0).
+    device_sampling: bool,
     tokenizer: Arc<Tokenizer>,
     pool: B::KvPool,
     scheduler: Scheduler,
@@ -312,18 +328,79 @@ impl<B: Backend> Worker<B> {
                 },
             })
             .collect();
-        let mut logits = self.model.forward(&mut self.pool, &mut batch)?;
-        let mut results = Vec::with_capacity(plan.chunks.len());
-        for (c, row) in plan.chunks.iter().zip(logits.iter_mut()) {
-            if !c.wants_logits {
-                results.push(StepResult {
-                    seq: c.seq,
-                    token: None,
-                    finished: false,
-                });
-                continue;
+        // Tokens are picked on the device where the backend can, unless a
+        // request wants log-probabilities (of the raw logits, on the host).
+        let on_device = self.device_sampling
+            && plan.chunks.iter().all(|c| {
+                !c.wants_logits
+                    || self
+                        .requests
+                        .get(&c.seq)
+                        .is_none_or(|a| a.logprobs.is_none())
+            });
+        let mut picks: Vec<Option<Pick>> = if on_device {
+            // Each sampled row draws its uniform number now, as the host
+            // sampler would at this token.
+            let mut uniforms = Vec::new();
+            for c in plan.chunks.iter().filter(|c| c.wants_logits) {
+                let u = self
+                    .requests
+                    .get_mut(&c.seq)
+                    .map(|a| a.sampler.next_uniform());
+                uniforms.push(u.unwrap_or(0.0));
             }
-            let (token, finished) = self.sample(c.seq, row)?;
+            let greedy = SamplingParams::default();
+            let rows: Vec<SampleRow<'_>> = plan
+                .chunks
+                .iter()
+                .filter(|c| c.wants_logits)
+                .zip(&uniforms)
+                .map(|(c, &uniform)| {
+                    let a = self.requests.get(&c.seq);
+                    SampleRow {
+                        params: a.map_or(&greedy, |a| a.sampler.params()),
+                        uniform,
+                        history: self.scheduler.tokens(c.seq).unwrap_or(&[]),
+                        prompt_len: a.map_or(0, |a| a.prompt_len),
+                    }
+                })
+                .collect();
+            let sampled = self
+                .model
+                .forward_sampled(&mut self.pool, &mut batch, &rows)?;
+            let mut uniform = uniforms.into_iter();
+            sampled
+                .into_iter()
+                .map(|s| {
+                    let s = s?;
+                    let u = uniform.next().unwrap_or(0.0);
+                    Some(match s {
+                        Sampled::Token(t) => Pick::Token(t),
+                        Sampled::Logits(l) => Pick::Penalized(l, u),
+                    })
+                })
+                .collect()
+        } else {
+            self.model
+                .forward(&mut self.pool, &mut batch)?
+                .into_iter()
+                .map(|l| Some(Pick::Raw(l)))
+                .collect()
+        };
+        let mut results = Vec::with_capacity(plan.chunks.len());
+        for (c, pick) in plan.chunks.iter().zip(picks.iter_mut()) {
+            let pick = match pick.take() {
+                Some(p) if c.wants_logits => p,
+                _ => {
+                    results.push(StepResult {
+                        seq: c.seq,
+                        token: None,
+                        finished: false,
+                    });
+                    continue;
+                }
+            };
+            let (token, finished) = self.sample(c.seq, pick)?;
             results.push(StepResult {
                 seq: c.seq,
                 token: Some(token),
@@ -333,16 +410,22 @@ impl<B: Backend> Worker<B> {
         Ok(results)
     }
 
-    /// Samples one sequence's next token, sends its event, and says whether
-    /// the request ended.
-    fn sample(&mut self, id: SeqId, logits: &mut [f32]) -> Result<(u32, bool)> {
+    /// Takes one sequence's next token (sampling it here unless the device
+    /// did), sends its event, and says whether the request ended.
+    fn sample(&mut self, id: SeqId, pick: Pick) -> Result<(u32, bool)> {
         let history = self.scheduler.tokens(id).unwrap_or(&[]);
         let Some(a) = self.requests.get_mut(&id) else {
             // Cancelled meanwhile: the scheduler retires it.
             return Ok((0, true));
         };
-        let raw = a.logprobs.map(|_| logits.to_vec());
-        let token = a.sampler.sample(logits, history, a.prompt_len);
+        let (token, raw) = match pick {
+            Pick::Token(t) => (t, None),
+            Pick::Penalized(logits, u) => (sample_penalized(a.sampler.params(), &logits, u), None),
+            Pick::Raw(mut logits) => {
+                let raw = a.logprobs.map(|_| logits.clone());
+                (a.sampler.sample(&mut logits, history, a.prompt_len), raw)
+            }
+        };
         a.generated += 1;
         self.stats.generation_tokens += 1;
         a.first_token.get_or_insert_with(Instant::now);

@@ -220,13 +220,14 @@ impl Recorded {
         }
     }
 
-    /// The buffer a replay leaves the logits in.
-    pub(super) fn logits(&self) -> &DeviceMatrix<f32> {
-        &self.logits
+    /// The logits buffer, for sampling in place after a replay (the next
+    /// replay overwrites it).
+    pub(super) fn logits_mut(&mut self) -> &mut DeviceMatrix<f32> {
+        &mut self.logits
     }
 
     /// Queues the recorded step on new inputs; the logits are in
-    /// [`Recorded::logits`] once the stream gets there.
+    /// [`Recorded::logits_mut`] once the stream gets there.
     pub(super) fn replay(
         &mut self,
         dev: &GpuDevice,
