@@ -5,8 +5,7 @@
 # the streaming integer-attention kernel
 # against the tile kernel, the kernels crate's own tests), then greedy
 # output with CUDA graphs on and off on a random-weight SmolLM2-shaped
-# 4-bit model (fp16 and int8 KV), seeded sampling on the device against the
-# host, then bench_attn and bench_prefill (skip both with SKIP_BENCH=1).
+# 4-bit model (fp16 and int8 KV), then bench_attn (skip with SKIP_BENCH=1).
 # No Rust there: binaries are built here and carried, xz-compressed, in
 # $BIN (git-ignored .device/, named in the device call's `carry`).
 #
@@ -33,7 +32,6 @@ if [[ "${1:-}" == "--collect" ]]; then
     pack "$BIN" unit "$(newest "$target/release/deps/lmq_kernels-*")"
     pack "$BIN" parity "$(newest "$target/release/deps/parity-*")"
     pack "$BIN" bench_attn "$target/release/examples/bench_attn"
-    pack "$BIN" bench_prefill "$target/release/examples/bench_prefill"
     pack "$BIN" lmq "$target/release/lmq"
     [[ -n "${BASE:-}" ]] && pack "$BIN" bench_attn_base "$BASE"
     [[ -n "${BASE_LMQ:-}" ]] && pack "$BIN" lmq_base "$BASE_LMQ"
@@ -113,7 +111,5 @@ if [[ -z "${SKIP_BENCH:-}" ]]; then
     [[ -x "$R/bench_attn_base" ]] && { echo "== bench_attn (baseline)"; timeout 60 "$R/bench_attn_base" 2>&1 | tee "$LOG/bench_base.log" | tail -n 12; }
     echo "== bench_attn"
     timeout 90 "$R/bench_attn" 2>&1 | tee "$LOG/bench_attn.log" | tail -n 30
-    echo "== bench_prefill"
-    timeout 60 "$R/bench_prefill" 2>&1 | tee "$LOG/bench_prefill.log" | tail -n 6
 fi
 exit $rc

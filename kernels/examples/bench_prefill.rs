@@ -45,8 +45,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         seed ^= seed << 17;
         seed
     };
-    println!("| linear | K x N | cuBLAS fp16 TFLOP/s | W4 dequant+GEMM TFLOP/s | ratio | slices of 8 / 16 / 32 MB: ratio |");
-    println!("|---|---|---|---|---|---|");
+    println!("| linear | K x N | cuBLAS fp16 TFLOP/s | W4 dequant+GEMM TFLOP/s | ratio |");
+    println!("|---|---|---|---|---|");
     for (name, k, n) in [
         ("q/k/v/o", 4096usize, 4096usize),
         ("gate/up", 4096, 11008),
@@ -86,23 +86,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             w4.dequantize_into(&dev, &mut scratch)?;
             blas.gemm_f16(&dev, &x, &scratch, &mut out)
         })?;
-        // The same product with the weight dequantized in slices of
-        // outputs, each GEMM'd while (ideally) still in L2.
-        let mut sliced = Vec::new();
-        for mb in [8usize, 16, 32] {
-            let rows = ((mb << 20) / (2 * k) / 8).max(1) * 8;
-            let ms = time(&mut || w4.forward_dequantized(&dev, &blas, &x, &mut out, Some(rows)))?;
-            sliced.push(format!("{:.2}x", dense_ms / ms));
-        }
         dev.context().check_err()?;
         let flops = 2.0 * (M * k * n) as f64;
         let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
         println!(
-            "| {name} | {k}x{n} | {:.0} | {:.0} | {:.2}x | {} |",
+            "| {name} | {k}x{n} | {:.0} | {:.0} | {:.2}x |",
             tf(dense_ms),
             tf(w4_ms),
-            dense_ms / w4_ms,
-            sliced.join(" / ")
+            dense_ms / w4_ms
         );
     }
     Ok(())

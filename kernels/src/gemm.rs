@@ -62,38 +62,13 @@ impl Blas {
         w: &DeviceMatrix<f16>,
         out: &mut DeviceMatrix<f32>,
     ) -> Result<()> {
-        if out.cols() != w.rows() {
-            return Err(KernelError::shape(
-                "gemm_f16",
-                format!(
-                    "w {}×{} into out {}×{}",
-                    w.rows(),
-                    w.cols(),
-                    out.rows(),
-                    out.cols()
-                ),
-            ));
-        }
-        self.gemm_f16_cols(dev, x, w, out, 0)
-    }
-
-    /// `out[:, col0 .. col0 + N] = x · wᵀ`: x is `[M, K]`, w `[N, K]`,
-    /// out `[M, ≥ col0 + N]` fp32; the other columns are left as they are.
-    pub fn gemm_f16_cols(
-        &self,
-        dev: &GpuDevice,
-        x: &DeviceMatrix<f16>,
-        w: &DeviceMatrix<f16>,
-        out: &mut DeviceMatrix<f32>,
-        col0: usize,
-    ) -> Result<()> {
         const OP: &str = "gemm_f16";
         let (m, k, n) = (x.rows(), x.cols(), w.rows());
-        if w.cols() != k || out.rows() != m || col0.checked_add(n).is_none_or(|e| e > out.cols()) {
+        if w.cols() != k || out.rows() != m || out.cols() != n {
             return Err(KernelError::shape(
                 OP,
                 format!(
-                    "x {m}×{k} · wᵀ with w {}×{} into columns {col0}.. of out {}×{}",
+                    "x {m}×{k} · wᵀ with w {}×{} into out {}×{}",
                     w.rows(),
                     w.cols(),
                     out.rows(),
@@ -111,11 +86,10 @@ impl Blas {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let (mi, ki, ni, ldo) = (
+        let (mi, ki, ni) = (
             check_i32(OP, "M", m)?,
             check_i32(OP, "K", k)?,
             check_i32(OP, "N", n)?,
-            check_i32(OP, "out columns", out.cols())?,
         );
         // The engine calls from its own thread: cuBLAS works in the
         // thread's current context, so make it this device's.
@@ -130,17 +104,13 @@ impl Blas {
         let (x_ptr, _xs) = x.data.device_ptr(stream);
         let (w_ptr, _ws) = w.data.device_ptr(stream);
         let (o_ptr, _os) = out.data.device_ptr_mut(stream);
-        // Row-major out[M][C] is column-major outᵀ (C × M, leading
-        // dimension C), and its rows col0 .. col0 + N are outᵀ's block =
-        // W · xᵀ where W's row-major [N][K] is column-major K × N (so op T)
-        // and x's row-major [M][K] is column-major K × M (op N).
-        let o_ptr = o_ptr + (col0 * std::mem::size_of::<f32>()) as u64;
+        // Row-major out[M][N] is column-major outᵀ (N × M), and outᵀ = W ·
+        // xᵀ where W's row-major [N][K] is column-major K × N (so op T) and
+        // x's row-major [M][K] is column-major K × M (op N).
         // SAFETY: the pointers are live device buffers of this stream with
-        // the sizes checked above (x M·K, w N·K halves, out M·C floats with
-        // col0 + N <= C, so the block written, rows col0 .. col0 + N of
-        // each of the M columns of length C, lies inside out); alpha and
-        // beta are host floats, the handle's default pointer mode; the sync
-        // guards keep the buffers' stream order until they drop.
+        // the sizes checked above (x M·K, w N·K halves, out M·N floats);
+        // alpha and beta are host floats, the handle's default pointer mode;
+        // the sync guards keep the buffers' stream order until they drop.
         unsafe {
             blas::gemm_ex(
                 *self.handle.handle(),
@@ -159,7 +129,7 @@ impl Blas {
                 (&beta as *const f32).cast(),
                 o_ptr as *mut _,
                 sys::cudaDataType::CUDA_R_32F,
-                ldo,
+                ni,
                 sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )

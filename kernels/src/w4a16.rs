@@ -447,31 +447,15 @@ impl W4A16Linear {
     /// Writes the dense fp16 weights `[out][in]` (`(q − z) · s`, the
     /// products the GEMV kernel forms) into `out`, for a cuBLAS GEMM.
     pub fn dequantize_into(&self, dev: &GpuDevice, out: &mut DeviceMatrix<f16>) -> Result<()> {
-        self.dequantize_rows_into(dev, 0..self.out_features, out)
-    }
-
-    /// Rows `rows` of the dense fp16 weight (outputs `rows`, all inputs)
-    /// into `out` (`rows.len() × in`).
-    pub fn dequantize_rows_into(
-        &self,
-        dev: &GpuDevice,
-        rows: std::ops::Range<usize>,
-        out: &mut DeviceMatrix<f16>,
-    ) -> Result<()> {
         const OP: &str = "W4 dequantize";
-        if rows.start > rows.end
-            || rows.end > self.out_features
-            || out.rows() != rows.len()
-            || out.cols() != self.in_features
-        {
+        if out.rows() != self.out_features || out.cols() != self.in_features {
             return Err(KernelError::shape(
                 OP,
                 format!(
-                    "rows {rows:?} of {} into out {}×{}, expected {}×{}",
-                    self.out_features,
+                    "out is {}×{}, expected {}×{}",
                     out.rows(),
                     out.cols(),
-                    rows.len(),
+                    self.out_features,
                     self.in_features
                 ),
             ));
@@ -482,14 +466,9 @@ impl W4A16Linear {
                 "operands belong to another GpuDevice",
             ));
         }
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let words = rows.len() * self.kbs * 16;
-        let (ni, n0, nr, ki, kbi, gi) = (
+        let words = self.out_features * self.kbs * 16;
+        let (ni, ki, kbi, gi) = (
             self.out_features as i32,
-            rows.start as i32,
-            rows.len() as i32,
             self.in_features as i32,
             self.kbs as i32,
             self.group_size as i32,
@@ -501,8 +480,6 @@ impl W4A16Linear {
             .arg(&self.zeros)
             .arg(&mut out.data)
             .arg(&ni)
-            .arg(&n0)
-            .arg(&nr)
             .arg(&ki)
             .arg(&kbi)
             .arg(&gi);
@@ -513,59 +490,13 @@ impl W4A16Linear {
             shared_mem_bytes: 0,
         };
         // SAFETY: matches `w4_dequant_f16(const u32*, const half*, const
-        // half*, half*, int, int, int, int, int, int)`; qw holds N·kbs·16
-        // words (the kernel reads word (((n/8)·kbs + kb)·32 + lane)·4 + i
-        // < that for n < n_begin + n_rows <= N, checked above) and
+        // half*, half*, int, int, int, int)`; qw holds N·kbs·16 words (the
+        // kernel reads word (((n/8)·kbs + kb)·32 + lane)·4 + i < that) and
         // scales/zeros (K/g)·N halves (validated at construction); out is
-        // n_rows×K (checked above), inputs past K are skipped, and 16-byte
+        // N×K (checked above), inputs past K are skipped, and 16-byte
         // stores are used only when K is a multiple of 8 (rows stay
         // 16-byte aligned).
         unsafe { b.launch(cfg) }.during("launching w4_dequant_f16")?;
-        Ok(())
-    }
-
-    /// The slice of outputs [`Self::forward_dequantized`] takes by
-    /// default: `LMQ_PREFILL_SLICE_MB` megabytes of fp16 weight per slice
-    /// when that is set to a positive number, else the whole weight (one
-    /// slice), which is what docs/BENCHMARKS.md measured last.
-    pub fn default_prefill_slice(&self) -> Option<usize> {
-        static SLICE_MB: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-        let mb = (*SLICE_MB.get_or_init(|| {
-            std::env::var("LMQ_PREFILL_SLICE_MB")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .filter(|&mb| mb > 0)
-        }))?;
-        // Whole tiles of 8 outputs, at least one.
-        let rows = (mb << 20) / (2 * self.in_features.max(1));
-        Some((rows / 8).max(1) * 8)
-    }
-
-    /// `out = x · Wᵀ` for many rows (prefill): the weight dequantized
-    /// into fp16 in slices of `slice_rows` outputs (all of them when
-    /// `None`), each multiplied by cuBLAS into its columns of `out` while
-    /// it is, ideally, still in L2.
-    pub fn forward_dequantized(
-        &self,
-        dev: &GpuDevice,
-        blas: &crate::Blas,
-        x: &DeviceMatrix<f16>,
-        out: &mut DeviceMatrix<f32>,
-        slice_rows: Option<usize>,
-    ) -> Result<()> {
-        let n = self.out_features;
-        let slice = slice_rows.unwrap_or(n).clamp(1, n.max(1));
-        let mut scratch = dev.uninit::<f16>(slice, self.in_features)?;
-        let mut n0 = 0;
-        while n0 < n {
-            let rows = slice.min(n - n0);
-            if rows != scratch.rows() {
-                scratch = dev.uninit::<f16>(rows, self.in_features)?;
-            }
-            self.dequantize_rows_into(dev, n0..n0 + rows, &mut scratch)?;
-            blas.gemm_f16_cols(dev, x, &scratch, out, n0)?;
-            n0 += rows;
-        }
         Ok(())
     }
 

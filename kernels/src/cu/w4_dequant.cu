@@ -9,22 +9,17 @@
 // 128kb + 32i + 8t + 2(p & 3) + (p >> 2)). Threads are numbered so that
 // t, then i, then kb vary fastest for a fixed output n: a warp writes 256
 // consecutive inputs of one row as 16-byte stores.
-//
-// Rows n_begin .. n_begin + n_rows of the weight (of n_out outputs) go to
-// rows 0 .. n_rows of `out`: the prefill path may dequantize a linear in
-// slices small enough to stay in L2 while their GEMM reads them.
 extern "C" __global__ void w4_dequant_f16(const u32* __restrict__ qw, const __half* __restrict__ scales,
                                           const __half* __restrict__ zeros, __half* __restrict__ out,
-                                          int n_out, int n_begin, int n_rows, int k_in, int kbs, int g) {
-    const u64 words = (u64)n_rows * kbs * 16;
+                                          int n_out, int k_in, int kbs, int g) {
+    const u64 words = (u64)n_out * kbs * 16;
     for (u64 w = (u64)blockIdx.x * blockDim.x + threadIdx.x; w < words;
          w += (u64)gridDim.x * blockDim.x) {
         const int t = (int)(w & 3);
         const int i = (int)((w >> 2) & 3);
-        const u64 rest = w >> 4;  // row · kbs + kb
+        const u64 rest = w >> 4;  // n · kbs + kb
         const int kb = (int)(rest % kbs);
-        const int row = (int)(rest / kbs);
-        const int n = n_begin + row;
+        const int n = (int)(rest / kbs);
         const int k0 = kb * 128 + 32 * i + 8 * t;
         if (k0 >= k_in) continue;
         const int lane = 4 * (n & 7) + t;
@@ -40,9 +35,9 @@ extern "C" __global__ void w4_dequant_f16(const u32* __restrict__ qw, const __ha
             vals[2 * (p & 3) + (p >> 2)] = __float2half_rn((q - z) * s);
         }
         if (k0 + 8 <= k_in && (k_in & 7) == 0) {
-            *(uint4*)(out + (size_t)row * k_in + k0) = *(const uint4*)vals;
+            *(uint4*)(out + (size_t)n * k_in + k0) = *(const uint4*)vals;
         } else {
-            for (int j = 0; j < 8 && k0 + j < k_in; ++j) out[(size_t)row * k_in + k0 + j] = vals[j];
+            for (int j = 0; j < 8 && k0 + j < k_in; ++j) out[(size_t)n * k_in + k0 + j] = vals[j];
         }
     }
 }

@@ -120,9 +120,13 @@ impl CudaLinear {
         match &self.weight {
             Weight::Dense(w) => blas.gemm_f16(dev, xh, w, &mut out).map_err(gpu_error)?,
             Weight::W4(l) if m <= MAX_ROWS => l.forward(dev, xh, &mut out).map_err(gpu_error)?,
-            Weight::W4(l) => l
-                .forward_dequantized(dev, blas, xh, &mut out, l.default_prefill_slice())
-                .map_err(gpu_error)?,
+            Weight::W4(l) => {
+                let mut w = dev
+                    .uninit::<f16>(self.out_features, self.in_features)
+                    .map_err(gpu_error)?;
+                l.dequantize_into(dev, &mut w).map_err(gpu_error)?;
+                blas.gemm_f16(dev, xh, &w, &mut out).map_err(gpu_error)?;
+            }
         }
         if let Some(b) = &self.bias {
             act::add_bias(dev, &mut out, b).map_err(gpu_error)?;
