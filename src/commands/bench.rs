@@ -26,6 +26,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
 use lmq_turbomind::engine::{EngineEvent, EngineHandle, EngineRequest};
+use lmq_turbomind::sampling::SamplingParams;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -58,6 +59,13 @@ pub struct BenchArgs {
     latency: bool,
     #[arg(long, default_value_t = 3)]
     iterations: usize,
+    /// Sampling temperature of every request (0: greedy), to measure
+    /// sampled workloads; each request gets its own seed.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus (top-p) sampling of every request (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
     /// Also measure this machine's memory read bandwidth (all threads) and
     /// state batch-1 decode as a fraction of the bandwidth bound.
     #[arg(long)]
@@ -120,9 +128,15 @@ fn prompt(rng: &mut StdRng, len: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-fn request(prompt: Vec<u32>, output: usize) -> EngineRequest {
+fn request(args: &BenchArgs, prompt: Vec<u32>, output: usize, seed: u64) -> EngineRequest {
     EngineRequest {
         ignore_eos: true,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            seed,
+            ..SamplingParams::default()
+        },
         ..EngineRequest::greedy(prompt, output)
     }
 }
@@ -197,7 +211,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .map(|s| prompt(&mut rng, s.input, vocab))
         .collect();
     // One short request first, so that one-time costs stay out of the run.
-    traced(&handle, request(prompt(&mut rng, 16, vocab), 4))?;
+    traced(&handle, request(&args, prompt(&mut rng, 16, vocab), 4, 0))?;
     if args.latency {
         return latency(&args, &handle, &prompts[0], shapes[0]);
     }
@@ -213,7 +227,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         let Some(shape) = shapes.get(i) else {
                             return Ok(());
                         };
-                        let t = traced(&handle, request(prompts[i].clone(), shape.output))?;
+                        let t = traced(
+                            &handle,
+                            request(&args, prompts[i].clone(), shape.output, i as u64),
+                        )?;
                         traces
                             .lock()
                             .map_err(|_| anyhow!("a bench thread panicked"))?
@@ -298,7 +315,7 @@ fn latency(args: &BenchArgs, handle: &EngineHandle, prompt: &[u32], shape: Shape
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
     for i in 0..=args.iterations.max(1) {
-        let t = traced(handle, request(prompt.to_vec(), shape.output))?;
+        let t = traced(handle, request(args, prompt.to_vec(), shape.output, 0))?;
         if i == 0 {
             continue; // warm-up at the measured size
         }
