@@ -102,18 +102,22 @@ pub struct IntAttnConfig {
     pub split_len: usize,
 }
 
+/// Positions per split of the streaming kernel by default: at batch 64 ×
+/// 2048 positions (H100, 2026-12-06) 512 ran within 1% of 1024 and 2-10%
+/// ahead of 256, and it keeps twice 1024's parallelism for short batches.
+pub const INT2_SPLIT_LEN: usize = 512;
+
 impl Default for IntAttnConfig {
-    /// The tile kernel, [`SPLIT_LEN`]. The streaming kernel is selectable
-    /// (`stream: Some((0, 0))` picks the first variant compiled for the
-    /// shape) but not the default: no GPU could be started in the session
-    /// that wrote it, so it has not yet run, let alone passed its parity
-    /// test (`tests/attn_stream.rs`) or been timed. Make it the default
-    /// once both are done (docs/BENCHMARKS.md, "Integer-KV attention,
-    /// session 5").
+    /// The streaming kernel (its first variant compiled for the shape),
+    /// [`INT2_SPLIT_LEN`] positions per split: it passed its parity test
+    /// against the tile kernel and the CPU and ran 1.86× (int8) and 3.30×
+    /// (int4) faster than fp16 KV where the tile kernel ran 1.71× and 2.10×
+    /// (docs/BENCHMARKS.md, "Session 6"). Shapes it does not cover fall
+    /// back to the tile kernel, at [`SPLIT_LEN`].
     fn default() -> Self {
         Self {
-            stream: None,
-            split_len: SPLIT_LEN,
+            stream: Some((0, 0)),
+            split_len: INT2_SPLIT_LEN,
         }
     }
 }
@@ -651,7 +655,9 @@ pub fn paged_attention_with(
         _ => None,
     };
     let stages = variant.map_or(0, |v| v.0);
-    let split_len = if l.storage.is_integer() {
+    // A streaming kernel asked for but not available for this pool falls
+    // back to the tile kernel at the tile kernel's own split.
+    let split_len = if l.storage.is_integer() && (stages > 0 || cfg.stream.is_none()) {
         cfg.split_len
     } else {
         SPLIT_LEN
