@@ -55,25 +55,33 @@ pub struct PenaltyEntry {
     pub seen: bool,
 }
 
-fn check_params(op: &'static str, r: &RowSampling) -> Result<()> {
-    let finite = [
-        r.temperature,
-        r.top_p,
-        r.min_p,
-        r.uniform,
-        r.repetition_penalty,
-        r.presence_penalty,
-        r.frequency_penalty,
-    ]
-    .iter()
-    .all(|v| v.is_finite());
-    if !finite || r.temperature < 0.0 || !(0.0..1.0).contains(&r.uniform) {
-        return Err(KernelError::invalid(
-            op,
-            format!("sampling parameters out of range: {r:?}"),
-        ));
+impl RowSampling {
+    /// The row of the kernel's parameter table, in `cu/sampling.cu`'s
+    /// order, checked: finite values, temperature ≥ 0, u in [0, 1). top_k
+    /// travels as a float: exact, since it is clamped to the vocabulary
+    /// (< 2^24 tokens).
+    fn table_row(&self, op: &'static str, vocab: usize) -> Result<[f32; PARAMS_PER_ROW]> {
+        let row = [
+            self.temperature,
+            self.top_k.min(vocab) as f32,
+            self.top_p,
+            self.min_p,
+            self.uniform,
+            self.repetition_penalty,
+            self.presence_penalty,
+            self.frequency_penalty,
+        ];
+        if !row.iter().all(|v| v.is_finite())
+            || self.temperature < 0.0
+            || !(0.0..1.0).contains(&self.uniform)
+        {
+            return Err(KernelError::invalid(
+                op,
+                format!("sampling parameters out of range: {self:?}"),
+            ));
+        }
+        Ok(row)
     }
-    Ok(())
 }
 
 /// Applies the penalties to `logits` (`rows × vocab`) in place and picks a
@@ -106,20 +114,7 @@ pub fn sample_rows(
     }
     let mut table = Vec::with_capacity(rows.len() * PARAMS_PER_ROW);
     for r in rows {
-        check_params(OP, r)?;
-        // top_k travels as a float: exact, since it is clamped to the
-        // vocabulary (< 2^24 tokens).
-        let top_k = r.top_k.min(logits.cols()) as f32;
-        table.extend_from_slice(&[
-            r.temperature,
-            top_k,
-            r.top_p,
-            r.min_p,
-            r.uniform,
-            r.repetition_penalty,
-            r.presence_penalty,
-            r.frequency_penalty,
-        ]);
+        table.extend_from_slice(&r.table_row(OP, logits.cols())?);
     }
     let params = dev.upload(&table, rows.len(), PARAMS_PER_ROW)?;
     if !penalties.is_empty() {

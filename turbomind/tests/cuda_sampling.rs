@@ -111,10 +111,7 @@ fn f64_walk_allows(p: &SamplingParams, logits: &[f32], u: f32, token: u32, tol: 
         let count = |thr: f64| probs.iter().take_while(|&&x| x >= thr).count().max(1);
         let thr = p.min_p as f64 * probs[0];
         let (lo, hi) = (count(thr * (1.0 + tol)), count(thr * (1.0 - tol)));
-        keeps = keeps
-            .iter()
-            .flat_map(|&k| [k.min(lo), k.min(hi)])
-            .collect();
+        keeps = keeps.iter().flat_map(|&k| [k.min(lo), k.min(hi)]).collect();
     }
     keeps.iter().any(|&keep| {
         let kept: f64 = probs[..keep].iter().sum();
@@ -244,5 +241,8 @@ fn f64_walk_accepts_host_draws() {
             }
         }
     }
-    assert!(rejected_far > 20, "the reference rejected only {rejected_far} far tokens");
+    assert!(
+        rejected_far > 20,
+        "the reference rejected only {rejected_far} far tokens"
+    );
 }
