@@ -4,8 +4,14 @@
 // fp16 GEMM with fp32 accumulation). That keeps the GPU's tokens close to
 // the CPU's.
 
+// The kernels that feed a linear (the conversion, the norms, SiLU·mul)
+// call grid_dep_launch first: a W4A16 linear launched next with
+// programmatic dependent launch then starts at once and streams its
+// weights while they run, waiting only before it reads their output.
+
 // y[i] = fp16(x[i]) over n elements.
 extern "C" __global__ void f32_to_f16(const float* __restrict__ x, __half* __restrict__ y, u64 n) {
+    grid_dep_launch();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (u64)gridDim.x * blockDim.x) {
         y[i] = __float2half_rn(x[i]);
@@ -38,6 +44,7 @@ extern "C" __global__ void add_bias_f32(float* __restrict__ out, const float* __
 extern "C" __global__ void silu_mul_f32(const float* __restrict__ gate, const float* __restrict__ up,
                                         float* __restrict__ out, __half* __restrict__ out_h, u64 n,
                                         int has_half) {
+    grid_dep_launch();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (u64)gridDim.x * blockDim.x) {
         const float g = gate[i];
@@ -53,6 +60,7 @@ extern "C" __global__ void silu_mul_f32(const float* __restrict__ gate, const fl
 extern "C" __global__ void silu_mul_halves_f32(const float* __restrict__ gate_up,
                                                float* __restrict__ out, __half* __restrict__ out_h,
                                                u64 rows, u64 n, int has_half) {
+    grid_dep_launch();
     const u64 total = rows * n;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (u64)gridDim.x * blockDim.x) {
@@ -131,6 +139,7 @@ extern "C" __global__ void rms_norm_f32(float* __restrict__ residual, const floa
                                         const float* __restrict__ w, float* __restrict__ out,
                                         __half* __restrict__ out_h, int d, float eps, int has_delta,
                                         int has_half) {
+    grid_dep_launch();
     __shared__ float scratch[32];
     const size_t row = blockIdx.x;
     float* r = residual + row * d;

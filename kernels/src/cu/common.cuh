@@ -27,3 +27,20 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 
 // +∞ as a float (NVRTC has no <math.h>, hence no INFINITY).
 #define LMQ_INF __int_as_float(0x7f800000)
+
+// Programmatic dependent launch (sm_90+; no-ops before): `grid_dep_wait`
+// returns once the grids this one depends on have completed and their
+// writes are visible; `grid_dep_launch` lets a grid launched after this
+// one with the programmatic-serialization attribute start now (its own
+// wait still holds it before it reads what this grid writes).
+__device__ __forceinline__ void grid_dep_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void grid_dep_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}

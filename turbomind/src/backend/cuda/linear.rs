@@ -50,9 +50,12 @@ impl CudaLinear {
                     t.group_size,
                 )
                 .map_err(gpu_error)?;
-                Weight::W4(Box::new(
-                    W4A16Linear::new(dev, &packed, None).map_err(gpu_error)?,
-                ))
+                let mut linear = W4A16Linear::new(dev, &packed, None).map_err(gpu_error)?;
+                // Programmatic dependent launch (sm_90+): the kernel
+                // streams its weights while the op before it (which lets
+                // it launch early) still runs, and waits only to read x.
+                linear.set_pdl(true);
+                Weight::W4(Box::new(linear))
             }
         };
         let bias = match &w.bias {
