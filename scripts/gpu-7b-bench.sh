@@ -24,7 +24,7 @@ if [[ -n "${BASELINE:-}" ]]; then
 fi
 M=/tmp/lmq-synth
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-copy=$("$RUN/bench_attn" | tee /dev/stderr | sed -n 's/^copy: \([0-9]*\) GB\/s.*/\1/p')
+copy=$(LMQ_BENCH_COPY_ONLY=1 "$RUN/bench_attn" | tee /dev/stderr | sed -n 's/^copy: \([0-9]*\) GB\/s.*/\1/p')
 for preset in ${PRESETS:-llama2-7b}; do
     for w in ${WEIGHTS:-awq fp16}; do
         /usr/bin/time -f "synth $preset $w: %e s" "$RUN/lmq" synth-model --preset "$preset" --weights "$w" --out "$M-$w" --quiet --force
