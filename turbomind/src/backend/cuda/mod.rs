@@ -30,6 +30,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use lmq_kernels::paged::IntAttnConfig;
 use lmq_kernels::{
     act, paged, sample_rows, Blas, DeviceKvPool, DeviceMatrix, GpuDevice, KernelError, KvLayout,
     KvStorage, PenaltyEntry, RowMeta, RowPlace, RowSampling,
@@ -608,13 +609,23 @@ impl Backend for CudaBackend {
             Some(sm) => {
                 let qs =
                     act::scale_cols(&self.dev, q, &sm.queries, None, false).map_err(gpu_error)?;
-                let rotated = paged::paged_attention(
+                // The tile kernel: with smooth-mode inputs (queries scaled
+                // by the key factors, keys divided by them) the streaming
+                // kernel, the default elsewhere, left int4 up to 3.2e-3 from
+                // the CPU on an H100 (head_dim 256), past the 3e-3 bound the
+                // tile kernel meets (2.1e-3); docs/BENCHMARKS.md, session 6.
+                let tile = IntAttnConfig {
+                    stream: None,
+                    split_len: paged::SPLIT_LEN,
+                };
+                let rotated = paged::paged_attention_with(
                     &self.dev,
                     &pool.pool,
                     layer,
                     &qs,
                     shape.num_heads,
                     &meta,
+                    tile,
                 )
                 .map_err(gpu_error)?;
                 act::hadamard(&self.dev, &rotated, shape.head_dim).map_err(gpu_error)
