@@ -112,8 +112,9 @@ impl Default for IntAttnConfig {
     /// [`INT2_SPLIT_LEN`] positions per split: it passed its parity test
     /// against the tile kernel and the CPU and ran 1.86× (int8) and 3.30×
     /// (int4) faster than fp16 KV where the tile kernel ran 1.71× and 2.10×
-    /// (docs/BENCHMARKS.md, "Session 6"). Shapes it does not cover fall
-    /// back to the tile kernel, at [`SPLIT_LEN`].
+    /// (docs/BENCHMARKS.md, "CUDA, session 6"). Shapes it does not cover
+    /// fall back to the tile kernel, at [`SPLIT_LEN`]. (turbomind's
+    /// `smooth` KV mode asks for the tile kernel: see its CUDA backend.)
     fn default() -> Self {
         Self {
             stream: Some((0, 0)),
