@@ -152,10 +152,7 @@ impl Sampler {
 
     /// The penalties of [`Sampler::sample`], applied to `logits` in place.
     pub fn apply_penalties(&self, logits: &mut [f32], history: &[u32], prompt_len: usize) {
-        let p = &self.params;
-        apply_repetition_penalty(logits, history, p.repetition_penalty);
-        let output = history.get(prompt_len..).unwrap_or(&[]);
-        apply_output_penalties(logits, output, p.presence_penalty, p.frequency_penalty);
+        apply_penalties(&self.params, logits, history, prompt_len);
     }
 
     /// The uniform number in [0, 1) of the next draw: one per sampled
@@ -169,6 +166,14 @@ impl Sampler {
             self.rng.random::<f32>()
         }
     }
+}
+
+/// `p`'s penalties applied to `logits` in place: the repetition penalty
+/// over `history`, OpenAI's over its generated part (from `prompt_len`).
+pub fn apply_penalties(p: &SamplingParams, logits: &mut [f32], history: &[u32], prompt_len: usize) {
+    apply_repetition_penalty(logits, history, p.repetition_penalty);
+    let output = history.get(prompt_len..).unwrap_or(&[]);
+    apply_output_penalties(logits, output, p.presence_penalty, p.frequency_penalty);
 }
 
 /// The token drawn from penalized `logits` with the uniform number `u`:

@@ -4,6 +4,8 @@
 //! plan as one batched forward pass, samples, and sends events.
 
 use std::collections::HashMap;
+
+use rayon::prelude::*;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,7 +21,7 @@ use crate::backend::{use_device_sampling, Backend, SampleRow};
 use crate::error::{Error, Result};
 use crate::generate::StopStrings;
 use crate::model::{LogitsWanted, Model, Sampled, SeqInput, SeqKv};
-use crate::sampling::{sample_penalized, Sampler, SamplingParams};
+use crate::sampling::{apply_penalties, sample_penalized, Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// Starts an engine thread for `model` and returns its handle. The pool is
@@ -91,6 +93,18 @@ struct Active {
     cached_tokens: Option<usize>,
     submitted: Instant,
     first_token: Option<Instant>,
+}
+
+/// One row's host-side token choice (see `Worker::choose_tokens`).
+struct HostJob {
+    pick: Pick,
+    seq: SeqId,
+    params: SamplingParams,
+    prompt_len: usize,
+    keep_raw: bool,
+    /// The draw's uniform number (for `Pick::Raw`; `Pick::Penalized`
+    /// carries its own).
+    uniform: f32,
 }
 
 /// How a sequence's next token arrives from a step.
@@ -387,20 +401,18 @@ impl<B: Backend> Worker<B> {
                 .map(|l| Some(Pick::Raw(l)))
                 .collect()
         };
+        let chosen = self.choose_tokens(plan, &mut picks);
         let mut results = Vec::with_capacity(plan.chunks.len());
-        for (c, pick) in plan.chunks.iter().zip(picks.iter_mut()) {
-            let pick = match pick.take() {
-                Some(p) if c.wants_logits => p,
-                _ => {
-                    results.push(StepResult {
-                        seq: c.seq,
-                        token: None,
-                        finished: false,
-                    });
-                    continue;
-                }
+        for (c, choice) in plan.chunks.iter().zip(chosen) {
+            let Some((token, raw)) = choice else {
+                results.push(StepResult {
+                    seq: c.seq,
+                    token: None,
+                    finished: false,
+                });
+                continue;
             };
-            let (token, finished) = self.sample(c.seq, pick)?;
+            let (token, finished) = self.accept(c.seq, token, raw)?;
             results.push(StepResult {
                 seq: c.seq,
                 token: Some(token),
@@ -410,21 +422,67 @@ impl<B: Backend> Worker<B> {
         Ok(results)
     }
 
-    /// Takes one sequence's next token (sampling it here unless the device
-    /// did), sends its event, and says whether the request ended.
-    fn sample(&mut self, id: SeqId, pick: Pick) -> Result<(u32, bool)> {
-        let history = self.scheduler.tokens(id).unwrap_or(&[]);
+    /// Each chunk's next token (with its raw logits where the request wants
+    /// logprobs), `None` for chunks that want none. Uniform numbers are
+    /// drawn here in chunk order, as one row at a time would draw them;
+    /// the host sampling itself (penalties, selections over the
+    /// vocabulary) then runs on rayon's threads, one row each.
+    fn choose_tokens(
+        &mut self,
+        plan: &StepPlan,
+        picks: &mut [Option<Pick>],
+    ) -> Vec<Option<(u32, Option<Vec<f32>>)>> {
+        let greedy = SamplingParams::default();
+        let mut jobs = Vec::with_capacity(picks.len());
+        for (c, pick) in plan.chunks.iter().zip(picks.iter_mut()) {
+            let job = match pick.take() {
+                Some(p) if c.wants_logits => {
+                    let a = self.requests.get_mut(&c.seq);
+                    let uniform = match (&p, a) {
+                        (Pick::Raw(_), Some(a)) => a.sampler.next_uniform(),
+                        (Pick::Penalized(_, u), _) => *u,
+                        _ => 0.0,
+                    };
+                    let a = self.requests.get(&c.seq);
+                    Some(HostJob {
+                        pick: p,
+                        seq: c.seq,
+                        params: a.map_or(greedy.clone(), |a| a.sampler.params().clone()),
+                        prompt_len: a.map_or(0, |a| a.prompt_len),
+                        keep_raw: a.is_some_and(|a| a.logprobs.is_some()),
+                        uniform,
+                    })
+                }
+                _ => None,
+            };
+            jobs.push(job);
+        }
+        let scheduler = &self.scheduler;
+        jobs.into_par_iter()
+            .map(|job| {
+                let job = job?;
+                Some(match job.pick {
+                    Pick::Token(t) => (t, None),
+                    Pick::Penalized(logits, u) => (sample_penalized(&job.params, &logits, u), None),
+                    Pick::Raw(mut logits) => {
+                        let raw = job.keep_raw.then(|| logits.clone());
+                        let history = scheduler.tokens(job.seq).unwrap_or(&[]);
+                        apply_penalties(&job.params, &mut logits, history, job.prompt_len);
+                        let token = sample_penalized(&job.params, &logits, job.uniform);
+                        (token, raw)
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// Takes one sequence's next token (`raw`: its logits before
+    /// penalties, where it wants logprobs), sends its event, and says
+    /// whether the request ended.
+    fn accept(&mut self, id: SeqId, token: u32, raw: Option<Vec<f32>>) -> Result<(u32, bool)> {
         let Some(a) = self.requests.get_mut(&id) else {
             // Cancelled meanwhile: the scheduler retires it.
             return Ok((0, true));
-        };
-        let (token, raw) = match pick {
-            Pick::Token(t) => (t, None),
-            Pick::Penalized(logits, u) => (sample_penalized(a.sampler.params(), &logits, u), None),
-            Pick::Raw(mut logits) => {
-                let raw = a.logprobs.map(|_| logits.clone());
-                (a.sampler.sample(&mut logits, history, a.prompt_len), raw)
-            }
         };
         a.generated += 1;
         self.stats.generation_tokens += 1;
