@@ -102,7 +102,7 @@ struct HostJob {
     params: SamplingParams,
     prompt_len: usize,
     keep_raw: bool,
-    /// The draw's uniform number (for `Pick::Raw`; `Pick::Penalized`
+    /// The draw's uniform number for `Pick::Raw` (`Pick::Penalized`
     /// carries its own).
     uniform: f32,
 }
@@ -437,10 +437,9 @@ impl<B: Backend> Worker<B> {
         for (c, pick) in plan.chunks.iter().zip(picks.iter_mut()) {
             let job = match pick.take() {
                 Some(p) if c.wants_logits => {
-                    let a = self.requests.get_mut(&c.seq);
-                    let uniform = match (&p, a) {
+                    // Raw logits draw now; device picks drew before the step.
+                    let uniform = match (&p, self.requests.get_mut(&c.seq)) {
                         (Pick::Raw(_), Some(a)) => a.sampler.next_uniform(),
-                        (Pick::Penalized(_, u), _) => *u,
                         _ => 0.0,
                     };
                     let a = self.requests.get(&c.seq);
