@@ -25,15 +25,15 @@ mod activation;
 mod graph;
 mod linear;
 mod profile;
+mod sample;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use lmq_kernels::paged::IntAttnConfig;
 use lmq_kernels::{
-    act, paged, sample_rows, Blas, DeviceKvPool, DeviceMatrix, GpuDevice, KernelError, KvLayout,
-    KvStorage, PenaltyEntry, RowMeta, RowPlace, RowSampling,
+    act, paged, Blas, DeviceKvPool, DeviceMatrix, GpuDevice, KernelError, KvLayout, KvStorage,
+    RowMeta, RowPlace,
 };
 
 use half::f16;
@@ -305,31 +305,6 @@ impl CudaBackend {
         Ok(graph::Recorded::new(graph, inputs, logits, vocab))
     }
 
-    /// A recorded step's logits made into its output, as
-    /// [`finish_logits`] does for an act.
-    fn finish_matrix(
-        &self,
-        logits: &mut DeviceMatrix<f32>,
-        sampling: Option<&[SampleRow<'_>]>,
-    ) -> Result<StepOutput> {
-        let Some(rows) = sampling else {
-            return Ok(StepOutput {
-                tokens: None,
-                logits: self.dev.download(logits).map_err(gpu_error)?,
-            });
-        };
-        let tokens = sample_matrix(&self.dev, logits, rows)?;
-        let logits = if tokens.iter().any(Option::is_none) {
-            self.dev.download(logits).map_err(gpu_error)?
-        } else {
-            Vec::new()
-        };
-        Ok(StepOutput {
-            tokens: Some(tokens),
-            logits,
-        })
-    }
-
     /// A new fp32 matrix and its fp16 copy, for an op that writes both.
     fn act_pair(&self, rows: usize, cols: usize) -> Result<(DeviceMatrix<f32>, DeviceMatrix<f16>)> {
         let values = self.dev.uninit(rows, cols).map_err(gpu_error)?;
@@ -347,55 +322,6 @@ impl CudaBackend {
         }
         Ok(())
     }
-}
-
-/// Penalties and token choice on the device for `rows` of `logits`
-/// (`lmq_kernels::sample_rows`): each row's history becomes one penalty
-/// entry per distinct token (seen anywhere, counted in the output).
-fn sample_matrix(
-    dev: &GpuDevice,
-    logits: &mut DeviceMatrix<f32>,
-    rows: &[SampleRow<'_>],
-) -> Result<Vec<Option<u32>>> {
-    let mut params = Vec::with_capacity(rows.len());
-    let mut penalties = Vec::new();
-    for (row, r) in rows.iter().enumerate() {
-        let p = r.params;
-        params.push(RowSampling {
-            temperature: p.temperature,
-            top_k: p.top_k,
-            top_p: p.top_p,
-            min_p: p.min_p,
-            uniform: r.uniform,
-            repetition_penalty: p.repetition_penalty,
-            presence_penalty: p.presence_penalty,
-            frequency_penalty: p.frequency_penalty,
-        });
-        let wants_repetition = p.repetition_penalty != 1.0;
-        let wants_output = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
-        if !wants_repetition && !wants_output {
-            continue;
-        }
-        let mut counts: HashMap<u32, (u32, bool)> = HashMap::new();
-        for (i, &t) in r.history.iter().enumerate() {
-            let e = counts.entry(t).or_default();
-            e.1 = true;
-            if i >= r.prompt_len {
-                e.0 += 1;
-            }
-        }
-        penalties.extend(
-            counts
-                .into_iter()
-                .map(|(token, (generated, seen))| PenaltyEntry {
-                    row,
-                    token,
-                    generated,
-                    seen: seen && wants_repetition,
-                }),
-        );
-    }
-    sample_rows(dev, logits, &params, &penalties).map_err(gpu_error)
 }
 
 fn shape_error(message: String) -> Error {
@@ -711,7 +637,7 @@ impl Backend for CudaBackend {
     }
 
     fn sample(&self, logits: &mut CudaAct, rows: &[SampleRow<'_>]) -> Result<Vec<Option<u32>>> {
-        sample_matrix(&self.dev, logits, rows)
+        sample::sample_matrix(&self.dev, logits, rows)
     }
 
     /// Replays a recorded graph of the step's shape, records one the
@@ -742,7 +668,7 @@ impl Backend for CudaBackend {
                 recorded.replay(&self.dev, ids, spans, pool)?;
                 queued(&profile);
                 replayed = true;
-                self.finish_matrix(recorded.logits_mut(), sampling)?
+                sample::finish_matrix(&self.dev, recorded.logits_mut(), sampling)?
             }
             Some(key) => {
                 let mut done = None;
@@ -752,7 +678,11 @@ impl Backend for CudaBackend {
                             recorded.replay(&self.dev, ids, spans, pool)?;
                             queued(&profile);
                             replayed = true;
-                            done = Some(self.finish_matrix(recorded.logits_mut(), sampling)?);
+                            done = Some(sample::finish_matrix(
+                                &self.dev,
+                                recorded.logits_mut(),
+                                sampling,
+                            )?);
                             graphs.insert(key, recorded);
                         }
                         Err(e) => graphs.disable(&e),

@@ -1,0 +1,85 @@
+//! Token choice on the GPU for the CUDA backend: a step's logits turned
+//! into its [`StepOutput`] by the kernels of `lmq_kernels::sampling`, with
+//! each row's penalties built from its history.
+
+use std::collections::HashMap;
+
+use lmq_kernels::{sample_rows, DeviceMatrix, GpuDevice, PenaltyEntry, RowSampling};
+
+use super::gpu_error;
+use crate::backend::{SampleRow, StepOutput};
+use crate::error::Result;
+
+/// A recorded step's logits made into its output, as
+/// [`crate::backend::finish_logits`] does for an act.
+pub(super) fn finish_matrix(
+    dev: &GpuDevice,
+    logits: &mut DeviceMatrix<f32>,
+    sampling: Option<&[SampleRow<'_>]>,
+) -> Result<StepOutput> {
+    let Some(rows) = sampling else {
+        return Ok(StepOutput {
+            tokens: None,
+            logits: dev.download(logits).map_err(gpu_error)?,
+        });
+    };
+    let tokens = sample_matrix(dev, logits, rows)?;
+    let logits = if tokens.iter().any(Option::is_none) {
+        dev.download(logits).map_err(gpu_error)?
+    } else {
+        Vec::new()
+    };
+    Ok(StepOutput {
+        tokens: Some(tokens),
+        logits,
+    })
+}
+
+/// Penalties and token choice on the device for `rows` of `logits`
+/// (`lmq_kernels::sample_rows`): each row's history becomes one penalty
+/// entry per distinct token (seen anywhere, counted in the output).
+pub(super) fn sample_matrix(
+    dev: &GpuDevice,
+    logits: &mut DeviceMatrix<f32>,
+    rows: &[SampleRow<'_>],
+) -> Result<Vec<Option<u32>>> {
+    let mut params = Vec::with_capacity(rows.len());
+    let mut penalties = Vec::new();
+    for (row, r) in rows.iter().enumerate() {
+        let p = r.params;
+        params.push(RowSampling {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            uniform: r.uniform,
+            repetition_penalty: p.repetition_penalty,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+        });
+        let wants_repetition = p.repetition_penalty != 1.0;
+        let wants_output = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        if !wants_repetition && !wants_output {
+            continue;
+        }
+        let mut counts: HashMap<u32, (u32, bool)> = HashMap::new();
+        for (i, &t) in r.history.iter().enumerate() {
+            let e = counts.entry(t).or_default();
+            e.1 = true;
+            if i >= r.prompt_len {
+                e.0 += 1;
+            }
+        }
+        penalties.extend(
+            counts
+                .into_iter()
+                .map(|(token, (generated, seen))| PenaltyEntry {
+                    row,
+                    token,
+                    generated,
+                    seen: seen && wants_repetition,
+                }),
+        );
+    }
+    sample_rows(dev, logits, &params, &penalties).map_err(gpu_error)
+}
