@@ -140,6 +140,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut configs = vec![IntAttnConfig {
             stream: None,
             split_len: SPLIT_LEN,
+            centre_keys: false,
         }];
         if storage.is_integer() {
             for &v in int2_variants(storage, HD) {
@@ -147,8 +148,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     configs.push(IntAttnConfig {
                         stream: Some(v),
                         split_len,
+                        centre_keys: false,
                     });
                 }
+            }
+            // The default variant with centred keys (the `smooth` mode's).
+            if let Some(&v) = int2_variants(storage, HD).first() {
+                configs.push(IntAttnConfig {
+                    stream: Some(v),
+                    split_len: 512,
+                    centre_keys: true,
+                });
             }
         }
         let mut reference: Option<Vec<f32>> = None;
@@ -199,7 +209,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let kernel = if !storage.is_integer() {
                 "float".to_string()
             } else if let Some((ns, minb)) = cfg.stream {
-                format!("stream s{ns} b{minb}, split {}", cfg.split_len)
+                let kc = if cfg.centre_keys { " centred" } else { "" };
+                format!("stream s{ns} b{minb}{kc}, split {}", cfg.split_len)
             } else {
                 format!("tiles, split {}", cfg.split_len)
             };

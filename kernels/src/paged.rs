@@ -100,6 +100,14 @@ pub struct IntAttnConfig {
     /// Positions per split (a multiple of 16, at most [`MAX_INT2_SPLIT`] for
     /// the streaming kernel).
     pub split_len: usize,
+    /// The streaming kernel with keys centred before the MMA (compiled for
+    /// the first of [`int2_variants`] only): one subtraction per key
+    /// register, for scores that keep their precision with large queries.
+    /// Selectable, not yet used: it has not run on a GPU. It is meant for
+    /// turbomind's `smooth` mode, which keeps the tile kernel until this
+    /// passes `paged_attention_matches_cpu` there (docs/BENCHMARKS.md,
+    /// "CUDA, session 6").
+    pub centre_keys: bool,
 }
 
 /// Positions per split of the streaming kernel by default: at batch 64 ×
@@ -119,6 +127,7 @@ impl Default for IntAttnConfig {
         Self {
             stream: Some((0, 0)),
             split_len: INT2_SPLIT_LEN,
+            centre_keys: false,
         }
     }
 }
@@ -642,8 +651,13 @@ pub fn paged_attention_with(
                 && dev.compute_capability() >= (8, 0) =>
         {
             let compiled = int2_variants(l.storage, l.head_dim);
-            if v == (0, 0) {
+            if v == (0, 0) || (cfg.centre_keys && compiled.first() == Some(&v)) {
                 compiled.first().copied()
+            } else if cfg.centre_keys {
+                return Err(KernelError::invalid(
+                    OP,
+                    format!("centred keys are compiled for {:?} only", compiled.first()),
+                ));
             } else if compiled.contains(&v) {
                 Some(v)
             } else {
@@ -692,7 +706,8 @@ pub fn paged_attention_with(
         (dev.uninit::<f32>(1, 1)?, dev.uninit::<f32>(1, 1)?)
     };
     let name = if let Some((ns, minb)) = variant {
-        format!("paged_attn2_h{hd}_{}_s{ns}_b{minb}", l.storage.suffix())
+        let kc = if cfg.centre_keys { "_kc" } else { "" };
+        format!("paged_attn2_h{hd}_{}_s{ns}_b{minb}{kc}", l.storage.suffix())
     } else if l.storage.is_integer() {
         format!("paged_attn_h{hd}_{}", l.storage.suffix())
     } else {

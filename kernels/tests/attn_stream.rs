@@ -116,17 +116,22 @@ fn run(dev: &GpuDevice, c: &Case, seed: u64) {
     let tiles = IntAttnConfig {
         stream: None,
         split_len: SPLIT_LEN,
+        centre_keys: false,
     };
     let want = dev
         .download(
             &paged_attention_with(dev, &pool, layer, &q, c.heads, &meta, tiles).expect("tiles"),
         )
         .expect("download");
-    for &variant in int2_variants(c.storage, c.head_dim) {
+    let variants = int2_variants(c.storage, c.head_dim);
+    // Every variant, then the first with centred keys.
+    let centred = variants.first().map(|&v| (v, true));
+    for (variant, centre_keys) in variants.iter().map(|&v| (v, false)).chain(centred) {
         for split_len in [256, 512, 1024] {
             let cfg = IntAttnConfig {
                 stream: Some(variant),
                 split_len,
+                centre_keys,
             };
             let got = dev
                 .download(
@@ -136,13 +141,14 @@ fn run(dev: &GpuDevice, c: &Case, seed: u64) {
                 .expect("download");
             let diff = scaled_diff(&want, &got);
             println!(
-                "hd {} {}/{} block {} {:?}{} stream {variant:?} split {split_len}: {diff:.2e}",
+                "hd {} {}/{} block {} {:?}{} stream {variant:?}{} split {split_len}: {diff:.2e}",
                 c.head_dim,
                 c.heads,
                 c.kv_heads,
                 c.block_len,
                 c.storage,
                 if c.static_mode { " static" } else { "" },
+                if centre_keys { " centred" } else { "" },
             );
             assert!(diff <= 1e-3, "streaming kernel differs by {diff:.2e}");
         }

@@ -81,33 +81,38 @@ ATTN_INT_ENTRY(256, DT_I4, paged_attn_h256_i4, 2)
 // multiple of 16 positions: one entry per head_dim, storage, ring depth NS
 // (tile stages per warp) and MINB (as above); `int2_variants` in paged.rs
 // lists them.
-#define ATTN_INT2_ENTRY(HD, DT, NAME, NS, MINB)                                                   \
+#define ATTN_INT2_ENTRY(HD, DT, NAME, NS, MINB) ATTN_INT2_ENTRY_KC(HD, DT, NAME, NS, MINB, false, )
+// The first variant of each (head_dim, storage), `int2_variants`' default,
+// also with centred keys (KC, see paged_attn_int2.cu; entry suffix _kc).
+#define ATTN_INT2_ENTRY_AND_KC(HD, DT, NAME, NS, MINB)                                            \
+    ATTN_INT2_ENTRY_KC(HD, DT, NAME, NS, MINB, false, )                                           \
+    ATTN_INT2_ENTRY_KC(HD, DT, NAME, NS, MINB, true, _kc)
+#define ATTN_INT2_ENTRY_KC(HD, DT, NAME, NS, MINB, KC, SUF)                                       \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)                                \
-        paged_attn2_h##HD##_##NAME##_s##NS##_b##MINB(const float* q, const int* meta, int rows,             \
-                                           const unsigned char* data, const __half* params,       \
-                                           const float* statics, int static_mode, int layer,      \
-                                           int L, int H, int NH, int BL, int split_len,           \
-                                           int splits, float scale, float* out, float* part_ml,   \
-                                           float* part_acc) {                                     \
+        paged_attn2_h##HD##_##NAME##_s##NS##_b##MINB##SUF(                                        \
+            const float* q, const int* meta, int rows, const unsigned char* data,                  \
+            const __half* params, const float* statics, int static_mode, int layer, int L, int H,  \
+            int NH, int BL, int split_len, int splits, float scale, float* out, float* part_ml,    \
+            float* part_acc) {                                                                     \
         const unsigned char* pb = (const unsigned char*)params;                                   \
         if (static_mode)                                                                          \
-            paged_attn_int2<HD, DT, true, NS>(q, meta, rows, data, pb, statics, layer, L, H, NH,  \
-                                              BL, split_len, splits, scale, out, part_ml,         \
-                                              part_acc);                                          \
+            paged_attn_int2<HD, DT, true, NS, KC>(q, meta, rows, data, pb, statics, layer, L, H,  \
+                                                  NH, BL, split_len, splits, scale, out, part_ml, \
+                                                  part_acc);                                      \
         else                                                                                      \
-            paged_attn_int2<HD, DT, false, NS>(q, meta, rows, data, pb, statics, layer, L, H, NH, \
-                                               BL, split_len, splits, scale, out, part_ml,        \
-                                               part_acc);                                         \
+            paged_attn_int2<HD, DT, false, NS, KC>(q, meta, rows, data, pb, statics, layer, L, H, \
+                                                   NH, BL, split_len, splits, scale, out,         \
+                                                   part_ml, part_acc);                            \
     }
 
-ATTN_INT2_ENTRY(64, DT_I8, i8, 3, 4)
-ATTN_INT2_ENTRY(64, DT_I4, i4, 4, 4)
-ATTN_INT2_ENTRY(128, DT_I8, i8, 3, 4)
+ATTN_INT2_ENTRY_AND_KC(64, DT_I8, i8, 3, 4)
+ATTN_INT2_ENTRY_AND_KC(64, DT_I4, i4, 4, 4)
+ATTN_INT2_ENTRY_AND_KC(128, DT_I8, i8, 3, 4)
 ATTN_INT2_ENTRY(128, DT_I8, i8, 2, 4)
 ATTN_INT2_ENTRY(128, DT_I8, i8, 2, 5)
-ATTN_INT2_ENTRY(128, DT_I4, i4, 4, 4)
+ATTN_INT2_ENTRY_AND_KC(128, DT_I4, i4, 4, 4)
 ATTN_INT2_ENTRY(128, DT_I4, i4, 3, 4)
 ATTN_INT2_ENTRY(128, DT_I4, i4, 4, 5)
 ATTN_INT2_ENTRY(128, DT_I4, i4, 3, 5)
-ATTN_INT2_ENTRY(256, DT_I8, i8, 2, 2)
-ATTN_INT2_ENTRY(256, DT_I4, i4, 3, 2)
+ATTN_INT2_ENTRY_AND_KC(256, DT_I8, i8, 2, 2)
+ATTN_INT2_ENTRY_AND_KC(256, DT_I4, i4, 3, 2)

@@ -16,7 +16,11 @@
 //    fp32 sum per head of the same rounded weights (Σ (1024 + zp)·B for
 //    int8, Σ B and Σ p·vz for int4), so that 1024 cancels exactly.
 //  * K codes enter raw as well (1024 + c), their offset leaves through the
-//    score: s = ks·(d − 1024·ΣB_q) + kz·Σq.
+//    score: s = ks·(d − 1024·ΣB_q) + kz·Σq. With KC (centred keys) the
+//    1024 is subtracted from each K half first (exact: c or 16·c), so the
+//    fp32 sums hold Σ q·c without the 1024·Σq they would then cancel:
+//    one HSUB2 per K register for scores that keep their precision when
+//    |q| is large (the `smooth` mode scales queries up).
 //  * V fragments come from ldmatrix.trans, which pairs the bytes of two
 //    keys for free; int8 then needs one byte permute per two values.
 //  * int4 codes become halves with one mask each: a nibble at bit 4 of a
@@ -119,7 +123,7 @@ __device__ __forceinline__ int vdim(int i, int r, int g) {
 // split_len multiples of 16 and at most 32 tiles per warp and split (the
 // host checks both); otherwise the contract, grid and outputs of
 // `paged_attn_int`. Warp w takes the tiles w, w + WARPS, … of its split.
-template <int HD, int DT, bool STATIC, int NS>
+template <int HD, int DT, bool STATIC, int NS, bool KC>
 __device__ void paged_attn_int2(const float* __restrict__ q, const int* __restrict__ meta, int rows,
                                 const unsigned char* __restrict__ data,
                                 const unsigned char* __restrict__ params,
@@ -221,8 +225,8 @@ __device__ void paged_attn_int2(const float* __restrict__ q, const int* __restri
     if (STATIC) {
         const float* st = statics + ((size_t)layer * 2 * H + head) * 2;
         sks = st[0];
-        cst0 = st[1] * qsum0 - 1024.0f * st[0] * qs0;
-        cst1 = st[1] * qsum1 - 1024.0f * st[0] * qs1;
+        cst0 = st[1] * qsum0 - (KC ? 0.0f : 1024.0f * st[0] * qs0);
+        cst1 = st[1] * qsum1 - (KC ? 0.0f : 1024.0f * st[0] * qs1);
         svs = st[2 * H];
         svz = st[2 * H + 1];
     }
@@ -367,6 +371,11 @@ __device__ void paged_attn_int2(const float* __restrict__ q, const int* __restri
                         a[h] = (w & 0x000f000fu) | 0x64006400u;
                         a[2 + h] = (w & 0x00f000f0u) | 0x64006400u;
                     }
+                    if (KC) {
+                        const __half2 k1024 = bits_h2(0x64006400u);
+                        a[h] = h2_bits(__hsub2(bits_h2(a[h]), k1024));
+                        a[2 + h] = h2_bits(__hsub2(bits_h2(a[2 + h]), k1024));
+                    }
                 }
                 if (s & 1)
                     mma16816(d2, a, qb[s], d2);
@@ -384,7 +393,7 @@ __device__ void paged_attn_int2(const float* __restrict__ q, const int* __restri
         }
         float sc[4];  // (key g, head 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
         {
-            const float dq0 = 1024.0f * qs0, dq1 = 1024.0f * qs1;
+            const float dq0 = KC ? 0.0f : 1024.0f * qs0, dq1 = KC ? 0.0f : 1024.0f * qs1;
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const float4 pk = h ? pg8 : pg;
