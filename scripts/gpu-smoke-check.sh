@@ -56,6 +56,10 @@ run_test() {
     grep -E "test result|panicked" "$LOG/$name.log"
 }
 run_test cuda_backend 200 --test-threads=1 --nocapture
+echo "== cuda_backend, norms and whole models with LMQ_VECTOR_NORMS=1 (not yet the default)"
+LMQ_VECTOR_NORMS=1 timeout 120 "$R/cuda_backend" norms whole_model --test-threads=1 --nocapture \
+    >"$LOG/cuda_backend_vector_norms.log" 2>&1 || rc=1
+grep -E "test result|panicked" "$LOG/cuda_backend_vector_norms.log"
 run_test cuda_sampling 100 --nocapture
 grep -E "sampled rows on the device" "$LOG/cuda_sampling.log"
 run_test attn_stream 100 --nocapture

@@ -237,6 +237,15 @@ pub fn split_cols(
     Ok(())
 }
 
+/// Whether RMSNorm takes `rms_norm_f32_v` where it can: `LMQ_VECTOR_NORMS=1`.
+/// Written without a GPU (session 6); make it the default once
+/// `rms_norms_match_cpu` and the whole-model tests pass with it and it is
+/// timed faster, then remove the switch.
+fn vector_norms() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LMQ_VECTOR_NORMS").is_ok_and(|v| v == "1"))
+}
+
 fn rms_launch(
     dev: &GpuDevice,
     residual: &DeviceMatrix<f32>,
@@ -276,7 +285,22 @@ fn rms_launch(
     let has_delta = i32::from(delta.is_some());
     let delta = delta.unwrap_or(residual);
     let null: u64 = 0;
-    let f = dev.function(Module::ActF32, "rms_norm_f32")?;
+    // Rows of whole float4s up to 4 per thread of 1024 may take the vector
+    // kernel, one thread per float4 (whole warps): opt-in
+    // (`LMQ_VECTOR_NORMS=1`) until it has run on a GPU.
+    let n4 = residual.cols() / 4;
+    let vector = vector_norms() && residual.cols().is_multiple_of(4) && n4 <= 4 * 1024;
+    let threads = if vector {
+        (n4.div_ceil(32) * 32).clamp(32, 1024) as u32
+    } else {
+        256
+    };
+    let name = if vector {
+        "rms_norm_f32_v"
+    } else {
+        "rms_norm_f32"
+    };
+    let f = dev.function(Module::ActF32, name)?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&residual.data)
         .arg(&delta.data)
@@ -289,11 +313,14 @@ fn rms_launch(
     b.arg(&d).arg(&eps).arg(&has_delta).arg(&has_half);
     let cfg = LaunchConfig {
         grid_dim: (check_i32(OP, "rows", residual.rows())? as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: matches `rms_norm_f32(float*, const float*, const float*,
-    // float*, half*, int, float, int, int)`; residual, delta, out (and
+    // SAFETY: matches `rms_norm_f32` / `rms_norm_f32_v(float*, const
+    // float*, const float*, float*, half*, int, float, int, int)`; the
+    // vector kernel only for d a multiple of 4 (rows of whole, 16-byte
+    // aligned float4s in these whole allocations) with at most 4 float4s
+    // per thread of the block launched; residual, delta, out (and
     // out_half when has_half is 1; a null one is never written) are rows×d
     // and the weight has d elements (checked above). The kernel writes
     // `residual` only when has_delta is 1, i.e. through `add_rms_norm`,

@@ -700,3 +700,50 @@ fn fused_producers_match_unfused_ops() {
         .unwrap();
     assert!(act.half().is_none());
 }
+
+/// RMSNorm and the fused residual add, on row lengths that take the vector
+/// kernel (multiples of 4 up to 16384, with `LMQ_VECTOR_NORMS=1`) and the
+/// loop kernel (the others, or all without it), against the CPU backend: values within 1e-5 (fp32, other summation
+/// order), the residual updated the same, the fp16 copy the rounding of
+/// the values.
+#[test]
+fn rms_norms_match_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let cpu = exact_cpu();
+    let mut rng = Rng(47);
+    for &d in &[33usize, 576, 1000, 4096, 8192, 16388] {
+        for rows in [1usize, 3] {
+            let x = random_matrix(&mut rng, rows, d, 2.0);
+            let delta = random_matrix(&mut rng, rows, d, 1.0);
+            let w: Vec<f32> = (0..d).map(|_| rng.uniform(0.5, 1.5) as f32).collect();
+            let (cw, gw) = (
+                cpu.upload_vector(w.clone()).unwrap(),
+                gpu.upload_vector(w).unwrap(),
+            );
+            let want = cpu.rms_norm(&x, &cw, 1e-5).unwrap();
+            let got = gpu.rms_norm(&upload(&gpu, &x), &gw, 1e-5).unwrap();
+            let err = rel_err(&gpu.to_host(&got).unwrap(), &want.data);
+            assert!(err <= 1e-5, "rms_norm d {d} rows {rows}: {err:.2e}");
+            let mut cpu_res = x.clone();
+            let want = cpu.add_rms_norm(&mut cpu_res, &delta, &cw, 1e-5).unwrap();
+            let mut gpu_res = upload(&gpu, &x);
+            let got = gpu
+                .add_rms_norm(&mut gpu_res, &upload(&gpu, &delta), &gw, 1e-5)
+                .unwrap();
+            let values = gpu.to_host(&got).unwrap();
+            let err = rel_err(&values, &want.data);
+            let res_err = rel_err(&gpu.to_host(&gpu_res).unwrap(), &cpu_res.data);
+            eprintln!("rms norms d {d} rows {rows}: {err:.2e}, residual {res_err:.2e}");
+            assert!(err <= 1e-5, "add_rms_norm d {d} rows {rows}: {err:.2e}");
+            assert!(res_err == 0.0, "residual d {d} rows {rows}: {res_err:.2e}");
+            let half = gpu
+                .device()
+                .download(got.half().expect("a norm writes the fp16 copy"))
+                .unwrap();
+            assert!(values
+                .iter()
+                .zip(&half)
+                .all(|(v, h)| half::f16::from_f32(*v).to_bits() == h.to_bits()));
+        }
+    }
+}
