@@ -79,7 +79,7 @@ ATTN_INT_ENTRY(256, DT_I4, paged_attn_h256_i4, 2)
 
 // The streaming integer kernel (paged_attn_int2.cu), for blocks of a
 // multiple of 16 positions: one entry per head_dim, storage, ring depth NS
-// (tile stages per warp) and MINB (as above); `int2_variants` in paged.rs
+// (tile stages per warp) and MINB (as above); `int2_variants` in paged/mod.rs
 // lists them.
 #define ATTN_INT2_ENTRY(HD, DT, NAME, NS, MINB) ATTN_INT2_ENTRY_KC(HD, DT, NAME, NS, MINB, false, )
 // The first variant of each (head_dim, storage), `int2_variants`' default,
