@@ -11,8 +11,6 @@
 //! back as `None`: the caller samples it on the host from the penalized
 //! logits, which this leaves in place.
 
-use std::collections::HashSet;
-
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::buffer::DeviceMatrix;
@@ -45,8 +43,11 @@ pub struct RowSampling {
 
 /// A token of one row's history that the penalties touch: `seen` (in the
 /// prompt or the output) for the repetition penalty, `generated` (times
-/// in the output) for the presence and frequency penalties. At most one
-/// entry per (row, token).
+/// in the output) for the presence and frequency penalties. The caller
+/// gives at most one entry per (row, token) (it counts the history, so its
+/// entries are unique by construction; a repeated one would penalize twice
+/// but stays inside the logits: the kernel skips tokens past the
+/// vocabulary, and rows are checked).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PenaltyEntry {
     pub row: usize,
@@ -118,13 +119,12 @@ pub fn sample_rows(
     }
     let params = dev.upload(&table, rows.len(), PARAMS_PER_ROW)?;
     if !penalties.is_empty() {
-        let mut seen = HashSet::with_capacity(penalties.len());
         let mut entries = Vec::with_capacity(4 * penalties.len());
         for e in penalties {
-            if e.row >= rows.len() || !seen.insert((e.row, e.token)) {
+            if e.row >= rows.len() {
                 return Err(KernelError::invalid(
                     OP,
-                    format!("penalty entry {e:?}: row out of range or (row, token) repeated"),
+                    format!("penalty entry {e:?}: row out of range"),
                 ));
             }
             entries.extend_from_slice(&[
