@@ -251,6 +251,9 @@ impl<B: Backend> Worker<B> {
         };
         let now = Instant::now();
         let first = a.first_token.unwrap_or(now);
+        // A client that sees its request end must also see its tokens
+        // counted in the metrics, so the counters go out first.
+        self.publish_stats();
         let _ = a.events.send(EngineEvent::Finished {
             reason,
             text,
