@@ -11,6 +11,9 @@
 #   BASELINE an xz-compressed lmq binary of another commit: each model is
 #            then benchmarked with both binaries, alternating twice, and the
 #            ratio of decode speeds printed (same card, same call).
+#   ENVS     space-separated environment settings (e.g. "LMQ_VECTOR_NORMS=0
+#            LMQ_VECTOR_NORMS=1"): each binary then runs once under each,
+#            the list repeated twice, so a switch is compared in one call.
 set -uo pipefail
 . "$(dirname "$0")/gpu-lib.sh"
 BIN=${BIN:-.device/bin}
@@ -28,11 +31,21 @@ copy=$(LMQ_BENCH_COPY_ONLY=1 "$RUN/bench_attn" | tee /dev/stderr | sed -n 's/^co
 for preset in ${PRESETS:-llama2-7b}; do
     for w in ${WEIGHTS:-awq fp16}; do
         /usr/bin/time -f "synth $preset $w: %e s" "$RUN/lmq" synth-model --preset "$preset" --weights "$w" --out "$M-$w" --quiet --force
+        runs=()
         for bin in "${binaries[@]}"; do
-            out=$("$bin" bench --model "$M-$w" --latency --input-len 128 --output-len 128 --iterations 3 \
+            if [[ -n "${ENVS:-}" ]]; then
+                for e in $ENVS $ENVS; do runs+=("$e|$bin"); done
+            else
+                runs+=("|$bin")
+            fi
+        done
+        for run in "${runs[@]}"; do
+            setting=${run%%|*} bin=${run#*|}
+            out=$(env $setting "$bin" bench --model "$M-$w" --latency --input-len 128 --output-len 128 --iterations 3 \
                 --device cuda --kv-cache-bytes 8GiB --json)
-            echo "$preset $w $(basename "$bin"): $out"
-            python3 - "$preset" "$w" "$(basename "$bin")" "$copy" "$out" <<'PY'
+            name="$(basename "$bin")${setting:+ $setting}"
+            echo "$preset $w $name: $out"
+            python3 - "$preset" "$w" "$name" "$copy" "$out" <<'PY'
 import json, sys
 preset, w, name, copy, r = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), json.loads(sys.argv[5])
 bound = copy * 1e9 / r["decode_bytes_per_token"]

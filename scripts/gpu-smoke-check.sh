@@ -13,7 +13,7 @@
 # bench_attn binary to time before the new one; BASE_LMQ optional, a
 # baseline lmq binary whose greedy output must equal the new one's):
 #   cargo build --release && cargo build --release -p lmq-kernels --examples
-#   cargo test --release -p lmq-kernels --no-run
+#   cargo test --release -p lmq-kernels --no-run   (includes attn_prefill)
 #   cargo test --release -p lmq-turbomind --test cuda_backend --test cuda_sampling --no-run
 #   BASE=/path/to/old/bench_attn scripts/gpu-smoke-check.sh --collect
 # On the GPU machine, from the repo root: bash scripts/gpu-smoke-check.sh
@@ -29,9 +29,12 @@ if [[ "${1:-}" == "--collect" ]]; then
     pack "$BIN" cuda_backend "$(newest "$target/release/deps/cuda_backend-*")"
     pack "$BIN" cuda_sampling "$(newest "$target/release/deps/cuda_sampling-*")"
     pack "$BIN" attn_stream "$(newest "$target/release/deps/attn_stream-*")"
+    pack "$BIN" attn_prefill "$(newest "$target/release/deps/attn_prefill-*")"
+    pack "$BIN" bench_attn_prefill "$target/release/examples/bench_attn_prefill"
     pack "$BIN" unit "$(newest "$target/release/deps/lmq_kernels-*")"
     pack "$BIN" parity "$(newest "$target/release/deps/parity-*")"
     pack "$BIN" bench_attn "$target/release/examples/bench_attn"
+    pack "$BIN" bench_w4 "$target/release/examples/bench_w4"
     pack "$BIN" lmq "$target/release/lmq"
     [[ -n "${BASE:-}" ]] && pack "$BIN" bench_attn_base "$BASE"
     [[ -n "${BASE_LMQ:-}" ]] && pack "$BIN" lmq_base "$BASE_LMQ"
@@ -60,13 +63,25 @@ echo "== cuda_backend, norms and whole models with LMQ_VECTOR_NORMS=1 (not yet t
 LMQ_VECTOR_NORMS=1 timeout 120 "$R/cuda_backend" norms whole_model --test-threads=1 --nocapture \
     >"$LOG/cuda_backend_vector_norms.log" 2>&1 || rc=1
 grep -E "test result|panicked" "$LOG/cuda_backend_vector_norms.log"
+echo "== cuda_backend, attention with LMQ_SMOOTH_CENTRED=1 (smooth mode on the centred streaming kernel)"
+LMQ_SMOOTH_CENTRED=1 timeout 120 "$R/cuda_backend" paged_attention --test-threads=1 --nocapture \
+    >"$LOG/cuda_backend_smooth_centred.log" 2>&1 || rc=1
+grep -E "test result|panicked|smooth" "$LOG/cuda_backend_smooth_centred.log" | head -n 20
 run_test cuda_sampling 100 --nocapture
 grep -E "sampled rows on the device" "$LOG/cuda_sampling.log"
 run_test attn_stream 100 --nocapture
 grep -E "split [0-9]+: " "$LOG/attn_stream.log" | sort -t: -k2 -g | tail -n 3
+run_test attn_prefill 100 --nocapture
+grep -E "prefill vs decode" "$LOG/attn_prefill.log" | sort -k2 -t: -g | tail -n 3
+echo "== cuda_backend, attention and whole models with LMQ_PREFILL_ATTN=1 (the prefill kernel, not yet the default)"
+LMQ_PREFILL_ATTN=1 timeout 120 "$R/cuda_backend" paged_attention whole_model --test-threads=1 --nocapture \
+    >"$LOG/cuda_backend_prefill.log" 2>&1 || rc=1
+grep -E "test result|panicked|attention" "$LOG/cuda_backend_prefill.log" | head -n 40
 run_test unit 60
 run_test parity 60
 
+# Long enough (over 16 tokens) for the prefill kernel to take the prompt.
+LONG_PROMPT="It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness, it was the epoch of belief, it was the epoch of incredulity"
 echo "== greedy output, CUDA graphs on and off"
 timeout 60 "$R/lmq" synth-model --preset smollm2-135m --weights awq --out /tmp/lmq-smoke-s135 --quiet --force
 for kv in fp16 int8; do
@@ -81,6 +96,23 @@ for kv in fp16 int8; do
     else
         echo "$kv KV: graph and eager outputs differ (or are empty)"
         rc=1
+    fi
+    # Another reduction order (or rounding) may change near-tied
+    # random-weight picks, so these are reported, not required.
+    LMQ_PREFILL_ATTN=1 timeout 40 "$R/lmq" generate --model /tmp/lmq-smoke-s135 --device cuda --kv-cache-dtype "$kv" \
+        --prompt "$LONG_PROMPT" --max-tokens 100 --ignore-eos >"$LOG/prefill-$kv.txt" 2>>"$LOG/generate.err"
+    timeout 40 "$R/lmq" generate --model /tmp/lmq-smoke-s135 --device cuda --kv-cache-dtype "$kv" \
+        --prompt "$LONG_PROMPT" --max-tokens 100 --ignore-eos >"$LOG/long-$kv.txt" 2>>"$LOG/generate.err"
+    if cmp -s "$LOG/prefill-$kv.txt" "$LOG/long-$kv.txt" && [[ -s "$LOG/long-$kv.txt" ]]; then
+        echo "$kv KV, long prompt: LMQ_PREFILL_ATTN=1 = default ($(wc -c <"$LOG/long-$kv.txt") bytes)"
+    else
+        echo "$kv KV, long prompt: LMQ_PREFILL_ATTN=1 differs from the default after $(cmp "$LOG/prefill-$kv.txt" "$LOG/long-$kv.txt" | sed -n 's/.*byte \([0-9]*\).*/\1/p') bytes"
+    fi
+    LMQ_VECTOR_NORMS=1 gen >"$LOG/vector-$kv.txt"
+    if cmp -s "$LOG/graph-$kv.txt" "$LOG/vector-$kv.txt"; then
+        echo "$kv KV: LMQ_VECTOR_NORMS=1 = default"
+    else
+        echo "$kv KV: LMQ_VECTOR_NORMS=1 differs from the default after $(cmp "$LOG/graph-$kv.txt" "$LOG/vector-$kv.txt" | sed -n 's/.*byte \([0-9]*\).*/\1/p') bytes"
     fi
     if [[ -x "$R/lmq_base" ]]; then
         timeout 40 "$R/lmq_base" generate --model /tmp/lmq-smoke-s135 --device cuda --kv-cache-dtype "$kv" \
@@ -115,5 +147,7 @@ if [[ -z "${SKIP_BENCH:-}" ]]; then
     [[ -x "$R/bench_attn_base" ]] && { echo "== bench_attn (baseline)"; timeout 60 "$R/bench_attn_base" 2>&1 | tee "$LOG/bench_base.log" | tail -n 12; }
     echo "== bench_attn"
     timeout 90 "$R/bench_attn" 2>&1 | tee "$LOG/bench_attn.log" | tail -n 30
+    echo "== bench_attn_prefill"
+    timeout 120 "$R/bench_attn_prefill" 2>&1 | tee "$LOG/bench_attn_prefill.log" | tail -n 20
 fi
 exit $rc

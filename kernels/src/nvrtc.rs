@@ -55,12 +55,14 @@ impl Module {
             Module::Norm => include_str!("cu/norm.cu"),
             Module::Elementwise => include_str!("cu/elementwise.cu"),
             Module::ActF32 => include_str!("cu/act_f32.cu"),
-            // One module in three files by concern: layout, KV write and the
-            // float kernel; the integer tensor-core kernels; the entry points.
+            // One module in files by concern: layout, KV write and the
+            // float kernel; the integer tensor-core kernels (tile, then
+            // streaming); the prefill kernel; the entry points.
             Module::PagedAttn => concat!(
                 include_str!("cu/paged_attn.cu"),
                 include_str!("cu/paged_attn_int.cu"),
                 include_str!("cu/paged_attn_int2.cu"),
+                include_str!("cu/paged_attn_prefill.cu"),
                 include_str!("cu/paged_attn_entry.cu")
             ),
             Module::W4Dequant => include_str!("cu/w4_dequant.cu"),

@@ -434,9 +434,17 @@ fn paged_attention_matches_cpu() {
             num_layers: 2,
         };
         let statics = Arc::new(static_params(2, kv_heads, hd, &mut rng));
+        // With LMQ_PREFILL_ATTN=1 the 290-row prompt below goes to the
+        // prefill kernel, which rounds q and the softmax weights to fp16 as
+        // the integer kernels do: fp16 storage then meets their bound.
+        let f16_tol = if std::env::var("LMQ_PREFILL_ATTN").is_ok_and(|v| v == "1") {
+            1e-3
+        } else {
+            1e-4
+        };
         for (dtype, mode, tol) in [
             (KvDtype::F32, KvMode::Online, 1e-4),
-            (KvDtype::F16, KvMode::Online, 1e-4),
+            (KvDtype::F16, KvMode::Online, f16_tol),
             (KvDtype::Int8, KvMode::Online, 1e-3),
             (KvDtype::Int4, KvMode::Online, 1e-3),
             (KvDtype::Int8, KvMode::Static, 1e-3),

@@ -178,6 +178,13 @@ __device__ __forceinline__ void load8(const unsigned char* __restrict__ base, in
 
 #define WARPS 4
 
+// The row a decode block attends for: blockIdx.x itself, or, when prefill
+// tiles (paged_attn_prefill.cu) take some rows of the batch, entry
+// blockIdx.x of the list of the other rows at meta[rows_at] (rows_at ≥ 0).
+__device__ __forceinline__ int decode_row(const int* __restrict__ meta, int rows_at) {
+    return rows_at < 0 ? (int)blockIdx.x : meta[rows_at + blockIdx.x];
+}
+
 // Causal attention over fp32 or fp16 storage (integer storage has its own
 // kernel, `paged_attn_int`, below). Each row attends over its sequence's
 // positions 0..=row_pos,
@@ -201,14 +208,14 @@ __device__ void paged_attn(const float* __restrict__ q, const int* __restrict__ 
                            const unsigned char* __restrict__ data,
                            int layer, int L, int H, int NH, int BL,
                            int split_len, int splits, float softmax_scale, float* __restrict__ out,
-                           float* __restrict__ part_ml, float* __restrict__ part_acc) {
+                           float* __restrict__ part_ml, float* __restrict__ part_acc, int rows_at) {
     constexpr int VEC = 8;
     constexpr int TPK = HD / VEC;
     constexpr int SPW = 32 / TPK;  // sub-groups per warp
     constexpr int NSG = SPW * WARPS;
     extern __shared__ float smem[];
 
-    const int row = blockIdx.x;
+    const int row = decode_row(meta, rows_at);
     const int G = NH / H;
     const int chunks = (G + MAX_G - 1) / MAX_G;
     const int head = blockIdx.y / chunks;

@@ -23,7 +23,7 @@ extern "C" __global__ void attn_merge(const int* __restrict__ meta, int rows, in
 }
 
 // Every entry takes the same arguments; the float kernels ignore the
-// quantization parameters.
+// quantization parameters. `rows_at`: see decode_row in paged_attn.cu.
 #define ATTN_ENTRY(HD, DT, NAME, G)                                                               \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                      \
         paged_attn_h##HD##_##NAME##_g##G(const float* q, const int* meta, int rows,               \
@@ -31,9 +31,9 @@ extern "C" __global__ void attn_merge(const int* __restrict__ meta, int rows, in
                                          const float* statics, int static_mode, int layer, int L, \
                                          int H, int NH, int BL, int split_len, int splits,       \
                                          float scale, float* out, float* part_ml,                \
-                                         float* part_acc) {                                      \
+                                         float* part_acc, int rows_at) {                         \
         paged_attn<HD, DT, G>(q, meta, rows, data, layer, L, H, NH, BL, split_len, splits, scale, \
-                              out, part_ml, part_acc);                                            \
+                              out, part_ml, part_acc, rows_at);                                   \
     }
 
 #define ATTN_ENTRIES(HD, DT, NAME) \
@@ -52,13 +52,15 @@ extern "C" __global__ void attn_merge(const int* __restrict__ meta, int rows, in
                                   const unsigned char* data, const __half* params,                \
                                   const float* statics, int static_mode, int layer, int L, int H, \
                                   int NH, int BL, int split_len, int splits, float scale,         \
-                                  float* out, float* part_ml, float* part_acc) {                  \
+                                  float* out, float* part_ml, float* part_acc, int rows_at) {     \
         if (static_mode)                                                                          \
             paged_attn_int<HD, DT, true, KC>(q, meta, rows, data, params, statics, layer, L, H, NH,   \
-                                         BL, split_len, splits, scale, out, part_ml, part_acc);   \
+                                         BL, split_len, splits, scale, out, part_ml, part_acc,    \
+                                         rows_at);                                                \
         else                                                                                      \
             paged_attn_int<HD, DT, false, KC>(q, meta, rows, data, params, statics, layer, L, H, NH,  \
-                                          BL, split_len, splits, scale, out, part_ml, part_acc);  \
+                                          BL, split_len, splits, scale, out, part_ml, part_acc,   \
+                                          rows_at);                                               \
     }
 
 ATTN_ENTRIES(64, DT_F32, f32)
@@ -93,16 +95,16 @@ ATTN_INT_ENTRY(256, DT_I4, paged_attn_h256_i4, 2)
             const float* q, const int* meta, int rows, const unsigned char* data,                  \
             const __half* params, const float* statics, int static_mode, int layer, int L, int H,  \
             int NH, int BL, int split_len, int splits, float scale, float* out, float* part_ml,    \
-            float* part_acc) {                                                                     \
+            float* part_acc, int rows_at) {                                                        \
         const unsigned char* pb = (const unsigned char*)params;                                   \
         if (static_mode)                                                                          \
             paged_attn_int2<HD, DT, true, NS, KC>(q, meta, rows, data, pb, statics, layer, L, H,  \
                                                   NH, BL, split_len, splits, scale, out, part_ml, \
-                                                  part_acc);                                      \
+                                                  part_acc, rows_at);                             \
         else                                                                                      \
             paged_attn_int2<HD, DT, false, NS, KC>(q, meta, rows, data, pb, statics, layer, L, H, \
                                                    NH, BL, split_len, splits, scale, out,         \
-                                                   part_ml, part_acc);                            \
+                                                   part_ml, part_acc, rows_at);                   \
     }
 
 ATTN_INT2_ENTRY_AND_KC(64, DT_I8, i8, 3, 4)
@@ -116,3 +118,37 @@ ATTN_INT2_ENTRY(128, DT_I4, i4, 4, 5)
 ATTN_INT2_ENTRY(128, DT_I4, i4, 3, 5)
 ATTN_INT2_ENTRY_AND_KC(256, DT_I8, i8, 2, 2)
 ATTN_INT2_ENTRY_AND_KC(256, DT_I4, i4, 3, 2)
+
+// The prefill kernel (paged_attn_prefill.cu): head_dim 64 and 128, fp16
+// storage and int8/int4 with online or static parameters. The arguments are
+// the decode entries' with `tiles_at` (where the tile list starts in meta)
+// in place of `rows_at`.
+#define ATTN_PREFILL_ARGS                                                                         \
+    const float *q, const int *meta, int rows, const unsigned char *data, const __half *params,   \
+        const float *statics, int static_mode, int layer, int L, int H, int NH, int BL,          \
+        int split_len, int splits, float scale, float *out, float *part_ml, float *part_acc,     \
+        int tiles_at
+#define ATTN_PREFILL_CALL(HD, DT, ST)                                                             \
+    paged_attn_prefill<HD, DT, ST>(q, meta, rows, tiles_at, data, (const unsigned char*)params,   \
+                                   statics, layer, L, H, NH, BL, split_len, splits, scale, out,   \
+                                   part_ml, part_acc)
+#define ATTN_PREFILL_F16_ENTRY(HD)                                                                \
+    extern "C" __global__ void __launch_bounds__(PF_WARPS * 32)                                   \
+        paged_attn_prefill_h##HD##_f16(ATTN_PREFILL_ARGS) {                                      \
+        ATTN_PREFILL_CALL(HD, DT_F16, false);                                                     \
+    }
+#define ATTN_PREFILL_INT_ENTRY(HD, DT, NAME)                                                      \
+    extern "C" __global__ void __launch_bounds__(PF_WARPS * 32)                                   \
+        paged_attn_prefill_h##HD##_##NAME(ATTN_PREFILL_ARGS) {                                   \
+        if (static_mode)                                                                          \
+            ATTN_PREFILL_CALL(HD, DT, true);                                                      \
+        else                                                                                      \
+            ATTN_PREFILL_CALL(HD, DT, false);                                                     \
+    }
+
+ATTN_PREFILL_F16_ENTRY(64)
+ATTN_PREFILL_F16_ENTRY(128)
+ATTN_PREFILL_INT_ENTRY(64, DT_I8, i8)
+ATTN_PREFILL_INT_ENTRY(64, DT_I4, i4)
+ATTN_PREFILL_INT_ENTRY(128, DT_I8, i8)
+ATTN_PREFILL_INT_ENTRY(128, DT_I4, i4)

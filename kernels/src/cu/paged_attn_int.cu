@@ -269,7 +269,7 @@ __device__ void paged_attn_int(const float* __restrict__ q, const int* __restric
                                const float* __restrict__ statics, int layer, int L, int H, int NH,
                                int BL, int split_len, int splits, float softmax_scale,
                                float* __restrict__ out, float* __restrict__ part_ml,
-                               float* __restrict__ part_acc) {
+                               float* __restrict__ part_acc, int rows_at) {
     using S = IntSmem<HD, DT>;
     constexpr int KS = HD / 16;  // k-steps of K·Qᵀ, m-tiles of Vᵀ·Pᵀ
     constexpr int BPT = S::BPT;
@@ -281,7 +281,7 @@ __device__ void paged_attn_int(const float* __restrict__ q, const int* __restric
     constexpr int NTW = S::NTW;
     extern __shared__ float smem[];
 
-    const int row = blockIdx.x;
+    const int row = decode_row(meta, rows_at);
     const int G = NH / H;
     const int chunks = (G + IG - 1) / IG;
     const int head = blockIdx.y / chunks;

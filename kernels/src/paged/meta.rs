@@ -7,6 +7,7 @@ use crate::device::GpuDevice;
 use crate::error::{KernelError, Result};
 use crate::ops::check_i32;
 
+use super::prefill::{plan_prefill, prefill_min_run};
 use super::DeviceKvPool;
 
 /// Where each row of a batch sits: its position and its sequence's block
@@ -20,8 +21,22 @@ pub struct RowMeta {
     /// Per row: (position, table length), to check tables against a pool's
     /// block length before a launch.
     places: Vec<(usize, usize)>,
-    /// `[row_pos[rows] | row_table[rows] | tables…]`.
+    /// `[row_pos[rows] | row_table[rows] | tables… | prefill tiles (first
+    /// row, rows, last position)… | decode rows…]`, the last two only with
+    /// a prefill plan.
     pub(super) meta: DeviceMatrix<i32>,
+    /// Where the prefill tiles and the remaining rows sit in `meta`, when
+    /// some rows go to the prefill kernel.
+    pub(super) prefill: Option<PrefillIndex>,
+}
+
+/// The prefill plan's place in the uploaded metadata.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PrefillIndex {
+    pub tiles_at: usize,
+    pub tiles: usize,
+    pub rows_at: usize,
+    pub decode_rows: usize,
 }
 
 /// One row's place, on the host.
@@ -34,8 +49,18 @@ pub struct RowPlace<'a> {
 
 impl RowMeta {
     /// Uploads the metadata of `rows`. Consecutive rows with the same
-    /// table (one sequence's prefill rows) share one copy of it.
+    /// table (one sequence's prefill rows) share one copy of it. With
+    /// `LMQ_PREFILL_ATTN=1`, runs of such rows also go to the prefill
+    /// attention kernel (see [`RowMeta::with_prefill`]).
     pub fn new(dev: &GpuDevice, rows: &[RowPlace<'_>]) -> Result<Self> {
+        Self::with_prefill(dev, rows, prefill_min_run().unwrap_or(0))
+    }
+
+    /// [`RowMeta::new`] with runs of at least `min_run` consecutive rows
+    /// sharing a table given to the prefill attention kernel, in tiles of
+    /// [`super::PREFILL_TILE_ROWS`] (where the pool and device support it;
+    /// `min_run` 0: none).
+    pub fn with_prefill(dev: &GpuDevice, rows: &[RowPlace<'_>], min_run: usize) -> Result<Self> {
         const OP: &str = "row metadata";
         let n = rows.len();
         let mut host: Vec<i32> = Vec::with_capacity(2 * n + n.min(64) * 4);
@@ -62,6 +87,32 @@ impl RowMeta {
             host[n + i] = check_i32(OP, "table offset", offset)?;
             max_pos = max_pos.max(r.pos);
         }
+        let keyed: Vec<(usize, (*const u32, usize))> = rows
+            .iter()
+            .map(|r| (r.pos, (r.table.as_ptr(), r.table.len())))
+            .collect();
+        let plan = plan_prefill(&keyed, min_run);
+        let prefill = if plan.tiles.is_empty() {
+            None
+        } else {
+            let tiles_at = host.len();
+            for t in &plan.tiles {
+                host.push(check_i32(OP, "tile row", t.first)?);
+                host.push(check_i32(OP, "tile rows", t.rows)?);
+                host.push(check_i32(OP, "tile position", t.last_pos)?);
+            }
+            let rows_at = host.len();
+            for &r in &plan.decode_rows {
+                host.push(check_i32(OP, "row", r)?);
+            }
+            check_i32(OP, "metadata length", host.len())?;
+            Some(PrefillIndex {
+                tiles_at,
+                tiles: plan.tiles.len(),
+                rows_at,
+                decode_rows: plan.decode_rows.len(),
+            })
+        };
         let len = host.len();
         Ok(Self {
             rows: n,
@@ -69,6 +120,7 @@ impl RowMeta {
             max_block,
             places: rows.iter().map(|r| (r.pos, r.table.len())).collect(),
             meta: dev.upload(&host, len, 1)?,
+            prefill,
         })
     }
 
@@ -100,6 +152,7 @@ impl RowMeta {
             max_block: 0,
             places: vec![(0, width); rows],
             meta: dev.upload(&host, len, 1)?,
+            prefill: None,
         })
     }
 
@@ -142,6 +195,8 @@ impl RowMeta {
             self.places[i] = (r.pos, used);
         }
         self.max_block = max_block;
+        // The padded layout has no room for a prefill plan.
+        self.prefill = None;
         dev.write(&mut self.meta, &host)
     }
 

@@ -17,9 +17,12 @@ use crate::nvrtc::Module;
 use crate::ops::{check_i32, on_device};
 
 mod meta;
+mod prefill;
 
 use meta::check_meta;
 pub use meta::{check_rows, RowMeta, RowPlace};
+pub use prefill::{plan_prefill, PrefillPlan, PrefillTile, PREFILL_MIN_RUN, PREFILL_TILE_ROWS};
+use prefill::{prefill_smem_bytes, prefill_supported};
 
 /// How the pool stores each value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -527,6 +530,13 @@ pub fn paged_attention_with(
     };
     let f = dev.function(Module::PagedAttn, &name)?;
     let rows = check_i32(OP, "rows", meta.rows)?;
+    // Rows the prefill kernel takes (a plan, and a pool it is compiled for)
+    // leave the decode launch; it then runs over the list of the others.
+    let prefill = meta.prefill.filter(|_| prefill_supported(dev, &l));
+    let (decode_rows, rows_at) = match prefill {
+        Some(p) => (p.decode_rows, check_i32(OP, "row list", p.rows_at)?),
+        None => (meta.rows, -1),
+    };
     let (sm, li, hi, nhi, bli) = (
         i32::from(pool.static_mode),
         l.num_layers as i32,
@@ -555,45 +565,85 @@ pub fn paged_attention_with(
         let nsg = (32 / (hd / 8)) * WARPS;
         nsg * width * (2 + hd) * 4
     };
-    let mut b = dev.stream().launch_builder(&f);
-    b.arg(&q.data)
-        .arg(&meta.meta.data)
-        .arg(&rows)
-        .arg(&pool.data.data)
-        .arg(&pool.params.data)
-        .arg(&pool.statics.data)
-        .arg(&sm)
-        .arg(&layer)
-        .arg(&li)
-        .arg(&hi)
-        .arg(&nhi)
-        .arg(&bli)
-        .arg(&split_len)
-        .arg(&splits_i)
-        .arg(&scale)
-        .arg(&mut out.data)
-        .arg(&mut part_ml.data)
-        .arg(&mut part_acc.data);
-    let grid_y = u32::try_from(l.num_kv_heads * chunks)
-        .map_err(|_| KernelError::shape(OP, "too many heads"))?;
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, grid_y, splits as u32),
-        block_dim: ((WARPS * 32) as u32, 1, 1),
-        shared_mem_bytes: smem as u32,
+    // Every entry, decode or prefill, takes these arguments and then one
+    // more: `rows_at` or `tiles_at`.
+    let launch = |f: &cudarc::driver::CudaFunction,
+                  cfg: LaunchConfig,
+                  at: i32,
+                  out: &mut DeviceMatrix<f32>,
+                  part_ml: &mut DeviceMatrix<f32>,
+                  part_acc: &mut DeviceMatrix<f32>|
+     -> Result<()> {
+        let mut b = dev.stream().launch_builder(f);
+        b.arg(&q.data)
+            .arg(&meta.meta.data)
+            .arg(&rows)
+            .arg(&pool.data.data)
+            .arg(&pool.params.data)
+            .arg(&pool.statics.data)
+            .arg(&sm)
+            .arg(&layer)
+            .arg(&li)
+            .arg(&hi)
+            .arg(&nhi)
+            .arg(&bli)
+            .arg(&split_len)
+            .arg(&splits_i)
+            .arg(&scale)
+            .arg(&mut out.data)
+            .arg(&mut part_ml.data)
+            .arg(&mut part_acc.data)
+            .arg(&at);
+        // SAFETY: matches `paged_attn_h{hd}_{dtype}_*`,
+        // `paged_attn2_h{hd}_*` and `paged_attn_prefill_h{hd}_{dtype}` in
+        // cu/paged_attn_entry.cu (every entry takes these arguments); hd is
+        // one of the compiled head dims (checked at pool creation); q and
+        // out are rows × NH·hd; meta was checked (blocks inside a pool of
+        // this size, tables long enough for each row's position, by
+        // `check_meta`), and its row list and tile list (at `at`, written
+        // by `RowMeta::with_prefill` from the same rows) name rows below
+        // `rows` only; the partial buffers hold rows·NH·splits states when
+        // splits > 1, the only case the kernels write them; smem covers
+        // each kernel's stages and state (the caller raised the limit where
+        // it passes 48 KiB). The streaming and prefill kernels' further
+        // needs were checked by the caller: blocks of a multiple of 16
+        // positions, split_len a multiple of 16 up to MAX_INT2_SPLIT, sm_80+
+        // (streaming); head_dim 64 or 128, fp16/int8/int4 storage, sm_80+
+        // (prefill).
+        unsafe { b.launch(cfg) }.during("launching paged_attn")?;
+        Ok(())
     };
-    // SAFETY: matches `paged_attn_h{hd}_{dtype}_*` in cu/paged_attn_entry.cu (every
-    // entry takes the same arguments); hd is
-    // one of the compiled head dims (checked at pool creation); q and out
-    // are rows × NH·hd; meta was checked (blocks inside a
-    // pool of this size, tables long enough for each row's position, by
-    // `check_meta`); the
-    // partial buffers hold rows·NH·splits states when splits > 1, the only
-    // case the kernel writes them; smem covers the kernel's stages and
-    // per-warp state (integer; the limit was raised above 48 KiB for the
-    // streaming kernel) or per-sub-group state (float). The streaming
-    // kernel's further needs were checked above: blocks of a multiple of 16
-    // positions, split_len a multiple of 16 up to MAX_INT2_SPLIT, sm_80+.
-    unsafe { b.launch(cfg) }.during("launching paged_attn")?;
+    if decode_rows > 0 {
+        let grid_y = u32::try_from(l.num_kv_heads * chunks)
+            .map_err(|_| KernelError::shape(OP, "too many heads"))?;
+        let cfg = LaunchConfig {
+            grid_dim: (decode_rows as u32, grid_y, splits as u32),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        launch(&f, cfg, rows_at, &mut out, &mut part_ml, &mut part_acc)?;
+    }
+    if let Some(p) = prefill {
+        let name = format!("paged_attn_prefill_h{hd}_{}", l.storage.suffix());
+        let f = dev.function(Module::PagedAttn, &name)?;
+        let bytes = prefill_smem_bytes(l.storage, hd);
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            check_i32(OP, "shared memory", bytes)?,
+        )
+        .during("raising the prefill attention shared-memory limit")?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                check_i32(OP, "prefill tiles", p.tiles)? as u32,
+                num_heads as u32,
+                splits as u32,
+            ),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: bytes as u32,
+        };
+        let tiles_at = check_i32(OP, "tile list", p.tiles_at)?;
+        launch(&f, cfg, tiles_at, &mut out, &mut part_ml, &mut part_acc)?;
+    }
     if splits > 1 {
         let f = dev.function(Module::PagedAttn, "attn_merge")?;
         let hdi = hd as i32;

@@ -1,0 +1,200 @@
+//! Prefill tiles: which rows of a batch the prefill attention kernel
+//! (`cu/paged_attn_prefill.cu`) takes, 64 consecutive rows of one block
+//! table at a time, and which stay with the per-row (decode) kernels.
+//!
+//! The plan is made on the host with the row metadata and uploaded with it;
+//! it is pure logic, tested here without a GPU. Correctness never depends
+//! on it: every row is attended exactly once, by one kernel or the other,
+//! and the prefill kernel masks each row at its own position.
+
+use crate::device::GpuDevice;
+
+use super::{KvLayout, KvStorage};
+
+/// Rows one prefill tile (one block of the kernel) holds: 4 warps of 16.
+pub const PREFILL_TILE_ROWS: usize = 64;
+
+/// The shortest run of rows sharing a block table that goes to the prefill
+/// kernel when it is on: shorter runs gain little from sharing key tiles
+/// and keep the decode kernels' finer parallelism. Not yet tuned on a GPU.
+pub const PREFILL_MIN_RUN: usize = 16;
+
+/// Whether [`super::RowMeta::new`] plans prefill tiles: `LMQ_PREFILL_ATTN=1`.
+/// Written without a GPU (session 7); make it the default once
+/// `tests/attn_prefill.rs` and turbomind's `paged_attention_matches_cpu`
+/// have passed with it and it has been timed against the decode kernels
+/// (`LMQ_BENCH_PREFILL=1 bench_attn`), then remove the switch.
+pub(super) fn prefill_min_run() -> Option<usize> {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    ON.get_or_init(|| std::env::var("LMQ_PREFILL_ATTN").is_ok_and(|v| v == "1"))
+        .then_some(PREFILL_MIN_RUN)
+}
+
+/// One tile: `rows` consecutive rows from `first`, sharing a block table;
+/// `last_pos` is the largest of their positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefillTile {
+    pub first: usize,
+    pub rows: usize,
+    pub last_pos: usize,
+}
+
+/// The split of a batch between the two kernels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrefillPlan {
+    pub tiles: Vec<PrefillTile>,
+    /// The rows no tile holds, in order.
+    pub decode_rows: Vec<usize>,
+}
+
+/// Plans tiles over `rows`, each `(position, table key)`: every maximal run
+/// of consecutive rows with the same table key and at least `min_run` rows
+/// is cut into tiles of [`PREFILL_TILE_ROWS`]; all other rows are decode
+/// rows. Table keys are compared for equality only (the caller passes an
+/// identity of the table's contents). `min_run` 0 plans no tiles.
+pub fn plan_prefill<K: PartialEq>(rows: &[(usize, K)], min_run: usize) -> PrefillPlan {
+    let mut plan = PrefillPlan::default();
+    let mut start = 0;
+    while start < rows.len() {
+        let mut end = start + 1;
+        while end < rows.len() && rows[end].1 == rows[start].1 {
+            end += 1;
+        }
+        if min_run > 0 && end - start >= min_run {
+            for first in (start..end).step_by(PREFILL_TILE_ROWS) {
+                let n = PREFILL_TILE_ROWS.min(end - first);
+                let last_pos = rows[first..first + n]
+                    .iter()
+                    .map(|r| r.0)
+                    .max()
+                    .unwrap_or(0);
+                plan.tiles.push(PrefillTile {
+                    first,
+                    rows: n,
+                    last_pos,
+                });
+            }
+        } else {
+            plan.decode_rows.extend(start..end);
+        }
+        start = end;
+    }
+    plan
+}
+
+/// Whether the prefill kernel is compiled for this pool on this device:
+/// head_dim 64 or 128, fp16, int8 or int4 storage, ldmatrix and cp.async
+/// (sm_80+). Elsewhere every row takes the decode kernels.
+pub(super) fn prefill_supported(dev: &GpuDevice, l: &KvLayout) -> bool {
+    matches!(l.head_dim, 64 | 128)
+        && matches!(
+            l.storage,
+            KvStorage::F16 | KvStorage::Int8 | KvStorage::Int4
+        )
+        && dev.compute_capability() >= (8, 0)
+}
+
+/// Dynamic shared memory of the prefill kernel (`PrefillSmem` in the
+/// kernel): K and V tiles of 64 rows of head_dim + 8 halves, two stages for
+/// fp16 storage (copied asynchronously), one for integer storage.
+pub(super) fn prefill_smem_bytes(storage: KvStorage, head_dim: usize) -> usize {
+    let stages = if storage == KvStorage::F16 { 2 } else { 1 };
+    stages * 2 * 64 * (head_dim + 8) * 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every row is in exactly one tile or in the decode list; tiles hold
+    /// consecutive rows of one key, at most 64, and their largest position.
+    fn check(rows: &[(usize, u32)], min_run: usize, plan: &PrefillPlan) {
+        let mut seen = vec![0; rows.len()];
+        for t in &plan.tiles {
+            assert!(t.rows >= 1 && t.rows <= PREFILL_TILE_ROWS, "{t:?}");
+            let run = &rows[t.first..t.first + t.rows];
+            assert!(run.iter().all(|r| r.1 == run[0].1), "{t:?} mixes tables");
+            assert_eq!(t.last_pos, run.iter().map(|r| r.0).max().unwrap());
+            for s in &mut seen[t.first..t.first + t.rows] {
+                *s += 1;
+            }
+        }
+        for &r in &plan.decode_rows {
+            seen[r] += 1;
+        }
+        assert!(seen.iter().all(|&s| s == 1), "{seen:?}");
+        // Runs of at least min_run rows go to tiles, shorter ones do not.
+        for &r in &plan.decode_rows {
+            let key = rows[r].1;
+            let (mut a, mut b) = (r, r + 1);
+            while a > 0 && rows[a - 1].1 == key {
+                a -= 1;
+            }
+            while b < rows.len() && rows[b].1 == key {
+                b += 1;
+            }
+            assert!(
+                b - a < min_run || min_run == 0,
+                "row {r} in a run of {}",
+                b - a
+            );
+        }
+    }
+
+    #[test]
+    fn runs_become_tiles_and_the_rest_decode_rows() {
+        // A decode row, a 150-row prompt at positions 10.., a 5-row chunk,
+        // two decode rows, a 64-row prompt, a 16-row prompt.
+        let mut rows: Vec<(usize, u32)> = vec![(700, 0)];
+        rows.extend((0..150).map(|i| (10 + i, 1)));
+        rows.extend((0..5).map(|i| (i, 2)));
+        rows.extend([(3, 3), (9, 4)]);
+        rows.extend((0..64).map(|i| (i, 5)));
+        rows.extend((0..16).map(|i| (100 + i, 6)));
+        let plan = plan_prefill(&rows, 16);
+        check(&rows, 16, &plan);
+        let sizes: Vec<(usize, usize, usize)> = plan
+            .tiles
+            .iter()
+            .map(|t| (t.first, t.rows, t.last_pos))
+            .collect();
+        assert_eq!(
+            sizes,
+            [
+                (1, 64, 73),
+                (65, 64, 137),
+                (129, 22, 159),
+                (158, 64, 63),
+                (222, 16, 115)
+            ]
+        );
+        assert_eq!(plan.decode_rows, [0, 151, 152, 153, 154, 155, 156, 157]);
+    }
+
+    #[test]
+    fn plans_cover_every_row_once() {
+        // Pseudo-random batches of runs of 1 to 200 rows.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        for _ in 0..200 {
+            let mut rows = Vec::new();
+            for key in 0..next(12) as u32 {
+                let len = 1 + next(200) as usize;
+                let start = next(1000) as usize;
+                rows.extend((0..len).map(|i| (start + i, key)));
+            }
+            for min_run in [0, 1, 2, 16, 64] {
+                check(&rows, min_run, &plan_prefill(&rows, min_run));
+            }
+        }
+        assert_eq!(plan_prefill::<u32>(&[], 16), PrefillPlan::default());
+        // min_run 0 means no tiles at all.
+        let rows: Vec<(usize, u32)> = (0..100).map(|i| (i, 0)).collect();
+        assert!(plan_prefill(&rows, 0).tiles.is_empty());
+    }
+}

@@ -1,0 +1,186 @@
+//! The prefill attention kernel (`cu/paged_attn_prefill.cu`) against the
+//! per-row decode kernels (themselves checked against the CPU backend by
+//! turbomind's cuda_backend tests) on the same pool and queries: fp16, int8
+//! and int4 storage, online and static parameters, head_dim 64 and 128, GQA
+//! groups of 1, 3 and 12, blocks of 16, 24 and 64 positions, and batches
+//! that mix decode rows with prompts from position 0, a chunk after a long
+//! history (several splits), runs shorter than a tile and exactly a tile.
+//!
+//! The prefill kernel rounds q and the softmax weights to fp16 (the float
+//! decode kernel keeps q in fp32), so the two agree to about 1e-3 of the
+//! output scale; the bound is 2e-3. Rows left to the decode kernels must be
+//! bit-identical with and without the plan (the row-list indirection).
+//!
+//! Without a CUDA GPU the test prints "skipped: no CUDA device" and passes.
+
+mod common;
+
+use common::{device, Rng};
+use lmq_kernels::paged::{kv_write, paged_attention, plan_prefill, PREFILL_MIN_RUN};
+use lmq_kernels::{DeviceKvPool, GpuDevice, KvLayout, KvStorage, RowMeta, RowPlace};
+
+/// The largest |a − b| over 1 + max|a|; NaN anywhere fails.
+fn scaled_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = a.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| {
+        assert!(x.is_finite() && y.is_finite(), "non-finite output: {x} {y}");
+        m.max((x - y).abs())
+    }) / scale
+}
+
+struct Case {
+    head_dim: usize,
+    kv_heads: usize,
+    heads: usize,
+    block_len: usize,
+    storage: KvStorage,
+    static_mode: bool,
+}
+
+/// The batch: (first position, rows) per sequence, in batch order.
+const BATCH: [(usize, usize); 7] = [
+    (700, 1),   // a decode row
+    (0, 150),   // a prompt: two whole tiles and a partial one
+    (1000, 40), // a chunk after a long history: several splits
+    (3, 5),     // a chunk shorter than PREFILL_MIN_RUN: decode rows
+    (9, 1),     // a decode row
+    (0, 64),    // exactly one tile
+    (100, 16),  // the shortest run that takes a tile
+];
+
+fn run(dev: &GpuDevice, c: &Case, seed: u64) {
+    let mut rng = Rng(seed);
+    let blocks_per_seq: Vec<usize> = BATCH
+        .iter()
+        .map(|&(p, n)| (p + n).div_ceil(c.block_len))
+        .collect();
+    let num_blocks: usize = blocks_per_seq.iter().sum::<usize>() + 3;
+    // Tables in reversed, interleaved order: never the logical one.
+    let mut next = num_blocks as u32;
+    let tables: Vec<Vec<u32>> = blocks_per_seq
+        .iter()
+        .map(|&n| {
+            (0..n)
+                .map(|_| {
+                    next -= 1;
+                    next
+                })
+                .collect()
+        })
+        .collect();
+    let layout = KvLayout {
+        num_layers: 2,
+        num_kv_heads: c.kv_heads,
+        head_dim: c.head_dim,
+        block_len: c.block_len,
+        num_blocks,
+        storage: c.storage,
+    };
+    let statics = c.static_mode.then(|| {
+        let levels = if c.storage == KvStorage::Int8 {
+            255.0
+        } else {
+            15.0
+        };
+        (0..2 * 2 * c.kv_heads)
+            .flat_map(|_| {
+                [
+                    (rng.uniform(2.0 / 255.0, 3.0 / 255.0) * 255.0 / levels) as f32,
+                    rng.uniform(-1.2, -0.9) as f32,
+                ]
+            })
+            .collect::<Vec<f32>>()
+    });
+    let mut pool = DeviceKvPool::new(dev, layout, statics.as_deref()).expect("pool");
+    // Every position up to each sequence's last, written once.
+    let fill: Vec<RowPlace> = BATCH
+        .iter()
+        .zip(&tables)
+        .flat_map(|(&(p, n), t)| (0..p + n).map(move |q| RowPlace { pos: q, table: t }))
+        .collect();
+    let fill_meta = RowMeta::with_prefill(dev, &fill, 0).expect("fill meta");
+    let kd = c.kv_heads * c.head_dim;
+    let layer = 1;
+    let k = dev
+        .upload(&rng.values(fill.len() * kd, -1.0, 1.0), fill.len(), kd)
+        .expect("k");
+    let v = dev
+        .upload(&rng.values(fill.len() * kd, -1.0, 1.0), fill.len(), kd)
+        .expect("v");
+    kv_write(dev, &mut pool, layer, &k, &v, &fill_meta).expect("kv_write");
+
+    let rows: Vec<RowPlace> = BATCH
+        .iter()
+        .zip(&tables)
+        .flat_map(|(&(p, n), t)| (p..p + n).map(move |q| RowPlace { pos: q, table: t }))
+        .collect();
+    let qd = c.heads * c.head_dim;
+    let q = dev
+        .upload(&rng.values(rows.len() * qd, -1.5, 1.5), rows.len(), qd)
+        .expect("q");
+    let per_row = RowMeta::with_prefill(dev, &rows, 0).expect("meta");
+    let tiled = RowMeta::with_prefill(dev, &rows, PREFILL_MIN_RUN).expect("meta");
+    let want = dev
+        .download(&paged_attention(dev, &pool, layer, &q, c.heads, &per_row).expect("decode"))
+        .expect("download");
+    let got = dev
+        .download(&paged_attention(dev, &pool, layer, &q, c.heads, &tiled).expect("prefill"))
+        .expect("download");
+    // The same plan on the host says which rows the decode kernels kept.
+    let keyed: Vec<(usize, *const u32)> = rows.iter().map(|r| (r.pos, r.table.as_ptr())).collect();
+    let plan = plan_prefill(&keyed, PREFILL_MIN_RUN);
+    assert_eq!(plan.tiles.len(), 6, "{plan:?}");
+    for &r in &plan.decode_rows {
+        assert_eq!(
+            want[r * qd..(r + 1) * qd],
+            got[r * qd..(r + 1) * qd],
+            "decode row {r} changed under the row list"
+        );
+    }
+    let diff = scaled_diff(&want, &got);
+    println!(
+        "hd {} {}/{} block {} {:?}{}: prefill vs decode kernels {diff:.2e}",
+        c.head_dim,
+        c.heads,
+        c.kv_heads,
+        c.block_len,
+        c.storage,
+        if c.static_mode { " static" } else { "" },
+    );
+    assert!(diff <= 2e-3, "prefill kernel differs by {diff:.2e}");
+}
+
+#[test]
+fn prefill_attention_matches_decode_kernels() {
+    let Some(dev) = device() else { return };
+    if dev.compute_capability() < (8, 0) {
+        println!("skipped: the prefill kernel needs sm_80");
+        return;
+    }
+    let mut seed = 1;
+    for head_dim in [64, 128] {
+        for (kv_heads, heads) in [(2, 2), (3, 9), (1, 12)] {
+            for block_len in [16, 24, 64] {
+                for (storage, static_mode) in [
+                    (KvStorage::F16, false),
+                    (KvStorage::Int8, false),
+                    (KvStorage::Int8, true),
+                    (KvStorage::Int4, false),
+                    (KvStorage::Int4, true),
+                ] {
+                    let c = Case {
+                        head_dim,
+                        kv_heads,
+                        heads,
+                        block_len,
+                        storage,
+                        static_mode,
+                    };
+                    run(&dev, &c, seed);
+                    seed += 1;
+                }
+            }
+        }
+    }
+}
