@@ -73,8 +73,8 @@ run_test attn_stream 100 --nocapture
 grep -E "split [0-9]+: " "$LOG/attn_stream.log" | sort -t: -k2 -g | tail -n 3
 run_test attn_prefill 100 --nocapture
 grep -E "prefill vs decode" "$LOG/attn_prefill.log" | sort -k2 -t: -g | tail -n 3
-echo "== cuda_backend, attention and whole models with LMQ_PREFILL_ATTN=1 (the prefill kernel, not yet the default)"
-LMQ_PREFILL_ATTN=1 timeout 120 "$R/cuda_backend" paged_attention whole_model --test-threads=1 --nocapture \
+echo "== cuda_backend, attention and whole models with LMQ_PREFILL_ATTN=always (the prefill kernel, not yet the default)"
+LMQ_PREFILL_ATTN=always timeout 120 "$R/cuda_backend" paged_attention whole_model --test-threads=1 --nocapture \
     >"$LOG/cuda_backend_prefill.log" 2>&1 || rc=1
 grep -E "test result|panicked|attention" "$LOG/cuda_backend_prefill.log" | head -n 40
 run_test unit 60

@@ -4,12 +4,17 @@
 //! and int4 storage, online and static parameters, head_dim 64 and 128, GQA
 //! groups of 1, 3 and 12, blocks of 16, 24 and 64 positions, and batches
 //! that mix decode rows with prompts from position 0, a chunk after a long
-//! history (several splits), runs shorter than a tile and exactly a tile.
+//! history, runs shorter than a tile and exactly a tile. The decode rows
+//! split (up to 5 splits of 256 positions), so the row list, the partial
+//! states by launch slot and the merge over the list are covered too.
 //!
-//! The prefill kernel rounds q and the softmax weights to fp16 (the float
-//! decode kernel keeps q in fp32), so the two agree to about 1e-3 of the
-//! output scale; the bound is 2e-3. Rows left to the decode kernels must be
-//! bit-identical with and without the plan (the row-list indirection).
+//! The prefill kernel rounds q and the softmax weights (and integer keys
+//! and values) to fp16; the float decode kernel keeps q in fp32. A
+//! lane-by-lane numpy emulation of the kernel (session 7) came within
+//! 8.2e-4 (fp16) and 1.4e-3 (int8/int4) of exact attention, and the integer
+//! decode kernels within 4.5e-4 of the CPU, so the bounds are 2e-3 (fp16)
+//! and 3e-3 (integer storage) of max(1, max|out|). Rows left to the decode
+//! kernels must be bit-identical with and without the plan.
 //!
 //! Without a CUDA GPU the test prints "skipped: no CUDA device" and passes.
 
@@ -42,7 +47,7 @@ struct Case {
 const BATCH: [(usize, usize); 7] = [
     (700, 1),   // a decode row
     (0, 150),   // a prompt: two whole tiles and a partial one
-    (1000, 40), // a chunk after a long history: several splits
+    (1000, 40), // a chunk after a long history
     (3, 5),     // a chunk shorter than PREFILL_MIN_RUN: decode rows
     (9, 1),     // a decode row
     (0, 64),    // exactly one tile
@@ -148,7 +153,12 @@ fn run(dev: &GpuDevice, c: &Case, seed: u64) {
         c.storage,
         if c.static_mode { " static" } else { "" },
     );
-    assert!(diff <= 2e-3, "prefill kernel differs by {diff:.2e}");
+    let bound = if c.storage == KvStorage::F16 {
+        2e-3
+    } else {
+        3e-3
+    };
+    assert!(diff <= bound, "prefill kernel differs by {diff:.2e}");
 }
 
 #[test]

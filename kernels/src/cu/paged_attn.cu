@@ -343,13 +343,16 @@ __device__ void paged_attn(const float* __restrict__ q, const int* __restrict__ 
             at += smem[s * STRIDE + 2 * MAX_G + g * HD + d] * w;
         }
         const size_t qh = (size_t)row * NH + qh0 + g;
+        // Partial states by launch slot (blockIdx.x), not row: a launch over a
+        // row list needs them for its own rows only.
+        const size_t qp = ((size_t)blockIdx.x * NH + qh0 + g) * splits + split;
         if (splits == 1) {
             out[qh * HD + d] = at / lt;
         } else {
-            part_acc[(qh * splits + split) * HD + d] = at;
+            part_acc[qp * HD + d] = at;
             if (d == 0) {
-                part_ml[(qh * splits + split) * 2] = mt;
-                part_ml[(qh * splits + split) * 2 + 1] = lt;
+                part_ml[qp * 2] = mt;
+                part_ml[qp * 2 + 1] = lt;
             }
         }
     }

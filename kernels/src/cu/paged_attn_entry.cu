@@ -2,22 +2,27 @@
 // and the extern "C" entry points of the float (paged_attn.cu) and integer
 // (paged_attn_int.cu) attention kernels.
 #line 5 "paged_attn_entry.cu"
-// Combines the splits of each (row, query head) in order. grid = (rows, NH),
-// block = hd threads (rounded up to a warp).
+// Combines the splits of each (row, query head) in order. grid = (launch
+// slots, NH), block = hd threads (rounded up to a warp); slot x is the row
+// the attention launch's block x took (see decode_row), and its partial
+// states sit at slot x.
 extern "C" __global__ void attn_merge(const int* __restrict__ meta, int rows, int NH, int hd,
                                       int split_len, int splits, const float* __restrict__ part_ml,
-                                      const float* __restrict__ part_acc, float* __restrict__ out) {
-    const int row = blockIdx.x, d = threadIdx.x;
+                                      const float* __restrict__ part_acc, float* __restrict__ out,
+                                      int rows_at) {
+    const int d = threadIdx.x;
     if (d >= hd) return;
+    const int row = decode_row(meta, rows_at);
     const size_t qh = (size_t)row * NH + blockIdx.y;
+    const size_t qp = (size_t)blockIdx.x * NH + blockIdx.y;
     const int used = (meta[row] + split_len) / split_len;  // ceil((pos + 1) / split_len)
     float mt = -LMQ_INF;
-    for (int s = 0; s < used; ++s) mt = fmaxf(mt, part_ml[(qh * splits + s) * 2]);
+    for (int s = 0; s < used; ++s) mt = fmaxf(mt, part_ml[(qp * splits + s) * 2]);
     float lt = 0.0f, at = 0.0f;
     for (int s = 0; s < used; ++s) {
-        const float w = __expf(part_ml[(qh * splits + s) * 2] - mt);
-        lt += part_ml[(qh * splits + s) * 2 + 1] * w;
-        at += part_acc[(qh * splits + s) * hd + d] * w;
+        const float w = __expf(part_ml[(qp * splits + s) * 2] - mt);
+        lt += part_ml[(qp * splits + s) * 2 + 1] * w;
+        at += part_acc[(qp * splits + s) * hd + d] * w;
     }
     out[qh * hd + d] = at / lt;
 }
@@ -122,7 +127,8 @@ ATTN_INT2_ENTRY_AND_KC(256, DT_I4, i4, 3, 2)
 // The prefill kernel (paged_attn_prefill.cu): head_dim 64 and 128, fp16
 // storage and int8/int4 with online or static parameters. The arguments are
 // the decode entries' with `tiles_at` (where the tile list starts in meta)
-// in place of `rows_at`.
+// in place of `rows_at`; it does not split (split_len, splits and the
+// partial buffers are unused).
 #define ATTN_PREFILL_ARGS                                                                         \
     const float *q, const int *meta, int rows, const unsigned char *data, const __half *params,   \
         const float *statics, int static_mode, int layer, int L, int H, int NH, int BL,          \
@@ -130,8 +136,7 @@ ATTN_INT2_ENTRY_AND_KC(256, DT_I4, i4, 3, 2)
         int tiles_at
 #define ATTN_PREFILL_CALL(HD, DT, ST)                                                             \
     paged_attn_prefill<HD, DT, ST>(q, meta, rows, tiles_at, data, (const unsigned char*)params,   \
-                                   statics, layer, L, H, NH, BL, split_len, splits, scale, out,   \
-                                   part_ml, part_acc)
+                                   statics, layer, L, H, NH, BL, scale, out)
 #define ATTN_PREFILL_F16_ENTRY(HD)                                                                \
     extern "C" __global__ void __launch_bounds__(PF_WARPS * 32)                                   \
         paged_attn_prefill_h##HD##_f16(ATTN_PREFILL_ARGS) {                                      \

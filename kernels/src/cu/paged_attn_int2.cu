@@ -561,13 +561,16 @@ __device__ void paged_attn_int2(const float* __restrict__ q, const int* __restri
             at += sw[C::at_(gg, dd)] * wt;
         }
         const size_t qh = (size_t)row * NH + qh0 + gg;
+        // Partial states by launch slot (blockIdx.x), not row: a launch over a
+        // row list needs them for its own rows only.
+        const size_t qp = ((size_t)blockIdx.x * NH + qh0 + gg) * splits + split;
         if (splits == 1) {
             out[qh * HD + dd] = at / lt;
         } else {
-            part_acc[(qh * splits + split) * HD + dd] = at;
+            part_acc[qp * HD + dd] = at;
             if (dd == 0) {
-                part_ml[(qh * splits + split) * 2] = mt * 0.6931471805599453f;
-                part_ml[(qh * splits + split) * 2 + 1] = lt;
+                part_ml[qp * 2] = mt * 0.6931471805599453f;
+                part_ml[qp * 2 + 1] = lt;
             }
         }
     }

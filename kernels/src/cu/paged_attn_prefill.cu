@@ -13,10 +13,10 @@
 // Tiles: the host lists them in `meta` at `tiles_at` as (first row, rows,
 // largest position) triples, one per block (grid.x); every row of a tile
 // shares its block table, and each row attends over positions 0..=its own.
-// grid = (tiles, NH, splits); block = 4 warps. Split z covers positions
-// [z·split_len, min((z+1)·split_len, largest position + 1)), exactly as
-// the decode kernels split, so both write the same partial states and
-// `attn_merge` combines them.
+// grid = (tiles, NH); block = 4 warps. No split: each block writes its rows'
+// outputs, so no partial state grows with the prompt (rows × heads ×
+// splits × head_dim floats, quadratic in its length); the host sends a
+// batch here only when its tiles alone fill the GPU (see paged/prefill.rs).
 //
 // Math (m16n8k16 fp16 MMAs, fp32 accumulation), per warp of 16 rows:
 //  * S = Q·Kᵀ: A = the warp's queries (times the softmax scale, rounded to
@@ -139,9 +139,7 @@ __device__ void paged_attn_prefill(const float* __restrict__ q, const int* __res
                                    int rows, int tiles_at, const unsigned char* __restrict__ data,
                                    const unsigned char* __restrict__ params,
                                    const float* __restrict__ statics, int layer, int L, int H,
-                                   int NH, int BL, int split_len, int splits,
-                                   float softmax_scale, float* __restrict__ out,
-                                   float* __restrict__ part_ml, float* __restrict__ part_acc) {
+                                   int NH, int BL, float softmax_scale, float* __restrict__ out) {
     using S = PrefillSmem<HD, DT>;
     constexpr int KS = HD / 16;     // k-steps of Q·Kᵀ
     constexpr int NT = PF_KT / 8;   // key n-tiles of S
@@ -153,10 +151,7 @@ __device__ void paged_attn_prefill(const float* __restrict__ q, const int* __res
     const int row0 = tile[0], nrows = tile[1], maxpos = tile[2];
     const int qh = blockIdx.y;
     const int head = qh / (NH / H);
-    const int split = blockIdx.z;
-    const int begin = split * split_len;
-    const int end = min(begin + split_len, maxpos + 1);
-    if (begin >= end) return;
+    const int begin = 0, end = maxpos + 1;
     const int* blocks = meta + 2 * rows + meta[rows + row0];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -307,7 +302,8 @@ __device__ void paged_attn_prefill(const float* __restrict__ q, const int* __res
     }
 
     // Row sums over the 4 threads of a row, then the rows' outputs: thread
-    // (g, t) holds dims 8d + 2t, + 1 of rows g (o[d][0..1]) and g + 8.
+    // (g, t) holds dims 8d + 2t, + 1 of rows g (o[d][0..1]) and g + 8. Every
+    // row of the tile has key 0, so l ≥ 1.
 #pragma unroll
     for (int x = 1; x < 4; x <<= 1) {
         l[0] += __shfl_xor_sync(0xffffffffu, l[0], x);
@@ -316,25 +312,11 @@ __device__ void paged_attn_prefill(const float* __restrict__ q, const int* __res
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int r = h == 0 ? ra : rb;
-        const int pos = h == 0 ? pos_a : pos_b;
-        // Rows past the tile, and rows with no key in this split (which
-        // attn_merge never reads), write nothing.
-        if (r >= nrows || pos < begin) continue;
+        if (r >= nrows) continue;  // past the tile
         const size_t qi = (size_t)(row0 + r) * NH + qh;
-        if (splits == 1) {
-            const float inv = 1.0f / l[h];
+        const float inv = 1.0f / l[h];
 #pragma unroll
-            for (int d = 0; d < DTL; ++d)
-                *(float2*)(out + qi * HD + 8 * d + 2 * t) = make_float2(o[d][2 * h] * inv, o[d][2 * h + 1] * inv);
-        } else {
-            const size_t ps = qi * splits + split;
-#pragma unroll
-            for (int d = 0; d < DTL; ++d)
-                *(float2*)(part_acc + ps * HD + 8 * d + 2 * t) = make_float2(o[d][2 * h], o[d][2 * h + 1]);
-            if (t == 0) {
-                part_ml[ps * 2] = m[h];
-                part_ml[ps * 2 + 1] = l[h];
-            }
-        }
+        for (int d = 0; d < DTL; ++d)
+            *(float2*)(out + qi * HD + 8 * d + 2 * t) = make_float2(o[d][2 * h] * inv, o[d][2 * h + 1] * inv);
     }
 }

@@ -7,7 +7,7 @@ use crate::device::GpuDevice;
 use crate::error::{KernelError, Result};
 use crate::ops::check_i32;
 
-use super::prefill::{plan_prefill, prefill_min_run};
+use super::prefill::{plan_prefill, prefill_from_env};
 use super::DeviceKvPool;
 
 /// Where each row of a batch sits: its position and its sequence's block
@@ -37,6 +37,9 @@ pub(super) struct PrefillIndex {
     pub tiles: usize,
     pub rows_at: usize,
     pub decode_rows: usize,
+    /// Use the tiles even when they do not fill the GPU (see
+    /// `use_prefill_tiles`).
+    pub always: bool,
 }
 
 /// One row's place, on the host.
@@ -53,14 +56,25 @@ impl RowMeta {
     /// `LMQ_PREFILL_ATTN=1`, runs of such rows also go to the prefill
     /// attention kernel (see [`RowMeta::with_prefill`]).
     pub fn new(dev: &GpuDevice, rows: &[RowPlace<'_>]) -> Result<Self> {
-        Self::with_prefill(dev, rows, prefill_min_run().unwrap_or(0))
+        let (min_run, always) = prefill_from_env().unwrap_or((0, false));
+        Self::planned(dev, rows, min_run, always)
     }
 
     /// [`RowMeta::new`] with runs of at least `min_run` consecutive rows
     /// sharing a table given to the prefill attention kernel, in tiles of
-    /// [`super::PREFILL_TILE_ROWS`] (where the pool and device support it;
-    /// `min_run` 0: none).
+    /// [`super::PREFILL_TILE_ROWS`], wherever the pool and device support it
+    /// (`min_run` 0: none). For tests and benchmarks: unlike
+    /// `LMQ_PREFILL_ATTN=1`, the tiles are used even when few.
     pub fn with_prefill(dev: &GpuDevice, rows: &[RowPlace<'_>], min_run: usize) -> Result<Self> {
+        Self::planned(dev, rows, min_run, true)
+    }
+
+    fn planned(
+        dev: &GpuDevice,
+        rows: &[RowPlace<'_>],
+        min_run: usize,
+        always: bool,
+    ) -> Result<Self> {
         const OP: &str = "row metadata";
         let n = rows.len();
         let mut host: Vec<i32> = Vec::with_capacity(2 * n + n.min(64) * 4);
@@ -111,6 +125,7 @@ impl RowMeta {
                 tiles: plan.tiles.len(),
                 rows_at,
                 decode_rows: plan.decode_rows.len(),
+                always,
             })
         };
         let len = host.len();

@@ -22,7 +22,7 @@ mod prefill;
 use meta::check_meta;
 pub use meta::{check_rows, RowMeta, RowPlace};
 pub use prefill::{plan_prefill, PrefillPlan, PrefillTile, PREFILL_MIN_RUN, PREFILL_TILE_ROWS};
-use prefill::{prefill_smem_bytes, prefill_supported};
+use prefill::{prefill_smem_bytes, prefill_supported, use_prefill_tiles};
 
 /// How the pool stores each value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -511,11 +511,23 @@ pub fn paged_attention_with(
             .unwrap_or(GROUP_WIDTHS[GROUP_WIDTHS.len() - 1])
     };
     let chunks = group.div_ceil(width);
-    // Partial states for split rows: (m, l) and the unnormalized output.
-    let (mut part_ml, mut part_acc) = if splits > 1 {
+    // Rows the prefill kernel takes (a plan, a pool it is compiled for, and
+    // enough tiles) leave the decode launch, which then runs over the list
+    // of the others.
+    let prefill = meta.prefill.filter(|p| {
+        prefill_supported(dev, &l)
+            && use_prefill_tiles(p.always, p.tiles, num_heads, dev.num_sms() as usize)
+    });
+    let (decode_rows, rows_at) = match prefill {
+        Some(p) => (p.decode_rows, check_i32(OP, "row list", p.rows_at)?),
+        None => (meta.rows, -1),
+    };
+    // Partial states of the decode launch's split rows, by launch slot:
+    // (m, l) and the unnormalized output.
+    let (mut part_ml, mut part_acc) = if splits > 1 && decode_rows > 0 {
         (
-            dev.uninit::<f32>(meta.rows * num_heads * splits, 2)?,
-            dev.uninit::<f32>(meta.rows * num_heads * splits, hd)?,
+            dev.uninit::<f32>(decode_rows * num_heads * splits, 2)?,
+            dev.uninit::<f32>(decode_rows * num_heads * splits, hd)?,
         )
     } else {
         (dev.uninit::<f32>(1, 1)?, dev.uninit::<f32>(1, 1)?)
@@ -530,13 +542,6 @@ pub fn paged_attention_with(
     };
     let f = dev.function(Module::PagedAttn, &name)?;
     let rows = check_i32(OP, "rows", meta.rows)?;
-    // Rows the prefill kernel takes (a plan, and a pool it is compiled for)
-    // leave the decode launch; it then runs over the list of the others.
-    let prefill = meta.prefill.filter(|_| prefill_supported(dev, &l));
-    let (decode_rows, rows_at) = match prefill {
-        Some(p) => (p.decode_rows, check_i32(OP, "row list", p.rows_at)?),
-        None => (meta.rows, -1),
-    };
     let (sm, li, hi, nhi, bli) = (
         i32::from(pool.static_mode),
         l.num_layers as i32,
@@ -601,9 +606,10 @@ pub fn paged_attention_with(
         // out are rows × NH·hd; meta was checked (blocks inside a pool of
         // this size, tables long enough for each row's position, by
         // `check_meta`), and its row list and tile list (at `at`, written
-        // by `RowMeta::with_prefill` from the same rows) name rows below
-        // `rows` only; the partial buffers hold rows·NH·splits states when
-        // splits > 1, the only case the kernels write them; smem covers
+        // by `RowMeta::planned` from the same rows) name rows below `rows`
+        // only; the partial buffers hold (launched rows)·NH·splits states
+        // when splits > 1, the only case the decode kernels write them
+        // (indexed by launch slot; the prefill kernel never does); smem covers
         // each kernel's stages and state (the caller raised the limit where
         // it passes 48 KiB). The streaming and prefill kernels' further
         // needs were checked by the caller: blocks of a multiple of 16
@@ -636,7 +642,7 @@ pub fn paged_attention_with(
             grid_dim: (
                 check_i32(OP, "prefill tiles", p.tiles)? as u32,
                 num_heads as u32,
-                splits as u32,
+                1,
             ),
             block_dim: ((WARPS * 32) as u32, 1, 1),
             shared_mem_bytes: bytes as u32,
@@ -644,7 +650,7 @@ pub fn paged_attention_with(
         let tiles_at = check_i32(OP, "tile list", p.tiles_at)?;
         launch(&f, cfg, tiles_at, &mut out, &mut part_ml, &mut part_acc)?;
     }
-    if splits > 1 {
+    if splits > 1 && decode_rows > 0 {
         let f = dev.function(Module::PagedAttn, "attn_merge")?;
         let hdi = hd as i32;
         let mut b = dev.stream().launch_builder(&f);
@@ -656,15 +662,17 @@ pub fn paged_attention_with(
             .arg(&splits_i)
             .arg(&part_ml.data)
             .arg(&part_acc.data)
-            .arg(&mut out.data);
+            .arg(&mut out.data)
+            .arg(&rows_at);
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, num_heads as u32, 1),
+            grid_dim: (decode_rows as u32, num_heads as u32, 1),
             block_dim: (hd.div_ceil(32) as u32 * 32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: matches `attn_merge`; each row's used splits
-        // (ceil((pos+1)/split_len) ≤ splits) were all written by the
-        // launch above, and out is rows × NH·hd.
+        // SAFETY: matches `attn_merge`; it runs over the decode launch's
+        // slots (the same row list), each slot's used splits
+        // (ceil((pos+1)/split_len) ≤ splits) were all written by that
+        // launch, and out is rows × NH·hd.
         unsafe { b.launch(cfg) }.during("launching attn_merge")?;
     }
     Ok(out)

@@ -19,15 +19,30 @@ pub const PREFILL_TILE_ROWS: usize = 64;
 /// and keep the decode kernels' finer parallelism. Not yet tuned on a GPU.
 pub const PREFILL_MIN_RUN: usize = 16;
 
-/// Whether [`super::RowMeta::new`] plans prefill tiles: `LMQ_PREFILL_ATTN=1`.
-/// Written without a GPU (session 7); make it the default once
-/// `tests/attn_prefill.rs` and turbomind's `paged_attention_matches_cpu`
-/// have passed with it and it has been timed against the decode kernels
-/// (`LMQ_BENCH_PREFILL=1 bench_attn`), then remove the switch.
-pub(super) fn prefill_min_run() -> Option<usize> {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    ON.get_or_init(|| std::env::var("LMQ_PREFILL_ATTN").is_ok_and(|v| v == "1"))
-        .then_some(PREFILL_MIN_RUN)
+/// Whether [`super::RowMeta::new`] plans prefill tiles, and whether they
+/// are used even when they do not fill the GPU: `LMQ_PREFILL_ATTN=1` plans
+/// them (used where `tiles × query heads` reaches the SM count),
+/// `LMQ_PREFILL_ATTN=always` also uses them below that (for tests on small
+/// shapes). Written without a GPU (session 7); make the plan the default
+/// once `tests/attn_prefill.rs` and turbomind's `paged_attention_matches_cpu`
+/// have passed with it and `bench_attn_prefill` has timed it against the
+/// decode kernels, then remove the switch.
+pub(super) fn prefill_from_env() -> Option<(usize, bool)> {
+    static ON: std::sync::OnceLock<Option<(usize, bool)>> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| match std::env::var("LMQ_PREFILL_ATTN").as_deref() {
+        Ok("1") => Some((PREFILL_MIN_RUN, false)),
+        Ok("always") => Some((PREFILL_MIN_RUN, true)),
+        _ => None,
+    })
+}
+
+/// Whether a launch uses its prefill tiles: always when asked, else when
+/// they alone give every SM a block. The prefill kernel does not split
+/// positions (its partial states would grow with the square of the
+/// prompt), so a few tiles over a long history (a short chunk late in a
+/// long prompt) run faster as decode rows, which split.
+pub(super) fn use_prefill_tiles(always: bool, tiles: usize, heads: usize, sms: usize) -> bool {
+    always || tiles.saturating_mul(heads) >= sms
 }
 
 /// One tile: `rows` consecutive rows from `first`, sharing a block table;
@@ -169,6 +184,17 @@ mod tests {
             ]
         );
         assert_eq!(plan.decode_rows, [0, 151, 152, 153, 154, 155, 156, 157]);
+    }
+
+    #[test]
+    fn tiles_are_used_when_they_fill_the_gpu() {
+        // A 2048-token prompt of a 32-head model on 132 SMs: 32 × 32 blocks.
+        assert!(use_prefill_tiles(false, 32, 32, 132));
+        // One 64-row chunk of a 32-head model: 32 blocks, decode rows.
+        assert!(!use_prefill_tiles(false, 1, 32, 132));
+        assert!(use_prefill_tiles(true, 1, 32, 132));
+        assert!(use_prefill_tiles(false, 15, 9, 132));
+        assert!(!use_prefill_tiles(false, 14, 9, 132));
     }
 
     #[test]

@@ -208,24 +208,40 @@ pub fn finish_logits<B: Backend>(
     logits: &mut B::Act,
     sampling: Option<&[SampleRow<'_>]>,
 ) -> Result<StepOutput> {
-    match sampling {
-        Some(rows) if b.samples_on_device() => {
-            let tokens = b.sample(logits, rows)?;
-            let logits = if tokens.iter().any(Option::is_none) {
-                b.to_host(logits)?
-            } else {
-                Vec::new()
-            };
-            Ok(StepOutput {
-                tokens: Some(tokens),
-                logits,
-            })
-        }
-        _ => Ok(StepOutput {
+    let sampling = sampling.filter(|_| b.samples_on_device());
+    finish_step(
+        logits,
+        sampling,
+        |l: &mut B::Act, rows| b.sample(l, rows),
+        |l| b.to_host(l),
+    )
+}
+
+/// The shape of every step's output: `sample` picks the rows' tokens on
+/// the device where `sampling` is given, and `download` fetches the logits
+/// only where some row (or all, without sampling) needs the host.
+pub fn finish_step<L>(
+    logits: &mut L,
+    sampling: Option<&[SampleRow<'_>]>,
+    sample: impl FnOnce(&mut L, &[SampleRow<'_>]) -> Result<Vec<Option<u32>>>,
+    download: impl FnOnce(&L) -> Result<Vec<f32>>,
+) -> Result<StepOutput> {
+    let Some(rows) = sampling else {
+        return Ok(StepOutput {
             tokens: None,
-            logits: b.to_host(logits)?,
-        }),
-    }
+            logits: download(logits)?,
+        });
+    };
+    let tokens = sample(logits, rows)?;
+    let logits = if tokens.iter().any(Option::is_none) {
+        download(logits)?
+    } else {
+        Vec::new()
+    };
+    Ok(StepOutput {
+        tokens: Some(tokens),
+        logits,
+    })
 }
 
 /// [`Backend::split_qkv_rope`] as three ops: the split, then the rotary

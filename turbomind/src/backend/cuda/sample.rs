@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use lmq_kernels::{sample_rows, DeviceMatrix, GpuDevice, PenaltyEntry, RowSampling};
 
 use super::gpu_error;
-use crate::backend::{SampleRow, StepOutput};
+use crate::backend::{finish_step, SampleRow, StepOutput};
 use crate::error::Result;
 
 /// A recorded step's logits made into its output, as
@@ -17,22 +17,12 @@ pub(super) fn finish_matrix(
     logits: &mut DeviceMatrix<f32>,
     sampling: Option<&[SampleRow<'_>]>,
 ) -> Result<StepOutput> {
-    let Some(rows) = sampling else {
-        return Ok(StepOutput {
-            tokens: None,
-            logits: dev.download(logits).map_err(gpu_error)?,
-        });
-    };
-    let tokens = sample_matrix(dev, logits, rows)?;
-    let logits = if tokens.iter().any(Option::is_none) {
-        dev.download(logits).map_err(gpu_error)?
-    } else {
-        Vec::new()
-    };
-    Ok(StepOutput {
-        tokens: Some(tokens),
+    finish_step(
         logits,
-    })
+        sampling,
+        |l, rows| sample_matrix(dev, l, rows),
+        |l| dev.download(l).map_err(gpu_error),
+    )
 }
 
 /// Penalties and token choice on the device for `rows` of `logits`
