@@ -11,6 +11,8 @@
 #   BASELINE an xz-compressed lmq binary of another commit: each model is
 #            then benchmarked with both binaries, alternating twice, and the
 #            ratio of decode speeds printed (same card, same call).
+#   INPUT_LEN prompt tokens per request (default 128; prefill runs its
+#            linears at this many rows)
 #   ENVS     space-separated environment settings (e.g. "LMQ_VECTOR_NORMS=0
 #            LMQ_VECTOR_NORMS=1"): each binary then runs once under each,
 #            the list repeated twice, so a switch is compared in one call.
@@ -41,7 +43,7 @@ for preset in ${PRESETS:-llama2-7b}; do
         done
         for run in "${runs[@]}"; do
             setting=${run%%|*} bin=${run#*|}
-            out=$(env $setting "$bin" bench --model "$M-$w" --latency --input-len 128 --output-len 128 --iterations 3 \
+            out=$(env $setting "$bin" bench --model "$M-$w" --latency --input-len "${INPUT_LEN:-128}" --output-len 128 --iterations 3 \
                 --device cuda --kv-cache-bytes 8GiB --json)
             name="$(basename "$bin")${setting:+ $setting}"
             echo "$preset $w $name: $out"

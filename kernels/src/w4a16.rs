@@ -447,7 +447,35 @@ impl W4A16Linear {
     /// Writes the dense fp16 weights `[out][in]` (`(q − z) · s`, the
     /// products the GEMV kernel forms) into `out`, for a cuBLAS GEMM.
     pub fn dequantize_into(&self, dev: &GpuDevice, out: &mut DeviceMatrix<f16>) -> Result<()> {
+        self.dequantize_on(dev, dev.stream(), out)
+    }
+
+    /// [`W4A16Linear::dequantize_into`] queued on `side`, a side stream of
+    /// `dev` (weights and `out` still belong to `dev`). The caller orders
+    /// `side` after `out`'s allocation and every use of `out` after this
+    /// write ([`GpuDevice::mark`], [`GpuDevice::join`]).
+    pub fn dequantize_on_side(
+        &self,
+        dev: &GpuDevice,
+        side: &crate::SideStream,
+        out: &mut DeviceMatrix<f16>,
+    ) -> Result<()> {
+        self.dequantize_on(dev, side.stream(), out)
+    }
+
+    fn dequantize_on(
+        &self,
+        dev: &GpuDevice,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        out: &mut DeviceMatrix<f16>,
+    ) -> Result<()> {
         const OP: &str = "W4 dequantize";
+        if stream.context() != dev.context() {
+            return Err(KernelError::invalid(
+                OP,
+                "the stream belongs to another CUDA context",
+            ));
+        }
         if out.rows() != self.out_features || out.cols() != self.in_features {
             return Err(KernelError::shape(
                 OP,
@@ -474,7 +502,7 @@ impl W4A16Linear {
             self.group_size as i32,
         );
         let f = dev.function(Module::W4Dequant, "w4_dequant_f16")?;
-        let mut b = dev.stream().launch_builder(&f);
+        let mut b = stream.launch_builder(&f);
         b.arg(&self.qw)
             .arg(&self.scales)
             .arg(&self.zeros)

@@ -4,22 +4,29 @@
 //! [`lmq_kernels::MAX_ROWS`] rows (decode) stream the 4-bit codes through
 //! the W4A16 kernel; more rows (prefill) dequantize the weights into a
 //! scratch fp16 matrix and run one cuBLAS GEMM, which at prefill sizes costs
-//! less than re-reading the codes once per 16 rows.
+//! less than re-reading the codes once per 16 rows (with
+//! `LMQ_PREFILL_PREFETCH=1` the next weight is dequantized during this
+//! GEMM: see `prefetch.rs`).
 //!
 //! Inputs are fp32 activations rounded to fp16 once per call (or the fp16
 //! copy their producer wrote, the same values); outputs are fp32. A bias
 //! is added in fp32, as on the CPU.
 
+use std::sync::{Arc, Mutex};
+
 use half::f16;
 use lmq_kernels::{act, Blas, DeviceMatrix, GpuDevice, PackedW4, W4A16Linear, MAX_ROWS};
 
-use super::gpu_error;
+use super::prefetch::Prefetch;
+use super::{gpu_error, lock};
 use crate::backend::{HostLinear, HostWeight};
 use crate::error::Result;
 
 enum Weight {
     Dense(DeviceMatrix<f16>),
-    W4(Box<W4A16Linear>),
+    /// The kernel's layout, and the linear's id in the prefetcher when
+    /// prefill dequantizes ahead.
+    W4(Arc<W4A16Linear>, Option<usize>),
 }
 
 /// A linear layer resident on the GPU.
@@ -31,7 +38,11 @@ pub struct CudaLinear {
 }
 
 impl CudaLinear {
-    pub(super) fn upload(dev: &GpuDevice, w: HostLinear) -> Result<Self> {
+    pub(super) fn upload(
+        dev: &GpuDevice,
+        w: HostLinear,
+        prefetch: Option<&Mutex<Prefetch>>,
+    ) -> Result<Self> {
         let weight = match w.weight {
             HostWeight::Dense(values) => {
                 let halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
@@ -55,7 +66,9 @@ impl CudaLinear {
                 // streams its weights while the op before it (which lets
                 // it launch early) still runs, and waits only to read x.
                 linear.set_pdl(true);
-                Weight::W4(Box::new(linear))
+                let linear = Arc::new(linear);
+                let id = prefetch.map(|p| lock(p).register(linear.clone()));
+                Weight::W4(linear, id)
             }
         };
         let bias = match &w.bias {
@@ -74,7 +87,7 @@ impl CudaLinear {
     pub fn stored_bytes(&self) -> usize {
         match &self.weight {
             Weight::Dense(w) => 2 * w.len(),
-            Weight::W4(l) => l.weight_bytes(),
+            Weight::W4(l, _) => l.weight_bytes(),
         }
     }
 
@@ -82,18 +95,20 @@ impl CudaLinear {
     pub(super) fn dense(&self) -> Option<&DeviceMatrix<f16>> {
         match &self.weight {
             Weight::Dense(w) => Some(w),
-            Weight::W4(_) => None,
+            Weight::W4(..) => None,
         }
     }
 
     /// `x · Wᵀ + b` for fp32 `x` (`rows × in`); `x_half`, where the op
     /// that made `x` wrote it, is `fp16(x)` and spares the conversion.
+    /// 4-bit prefill goes through `prefetch` when the backend has one.
     pub(super) fn forward(
         &self,
         dev: &GpuDevice,
         blas: &Blas,
         x: &DeviceMatrix<f32>,
         x_half: Option<&DeviceMatrix<f16>>,
+        prefetch: Option<&Mutex<Prefetch>>,
     ) -> Result<DeviceMatrix<f32>> {
         if x.cols() != self.in_features {
             return Err(gpu_error(lmq_kernels::KernelError::Shape {
@@ -122,14 +137,17 @@ impl CudaLinear {
         };
         match &self.weight {
             Weight::Dense(w) => blas.gemm_f16(dev, xh, w, &mut out).map_err(gpu_error)?,
-            Weight::W4(l) if m <= MAX_ROWS => l.forward(dev, xh, &mut out).map_err(gpu_error)?,
-            Weight::W4(l) => {
-                let mut w = dev
-                    .uninit::<f16>(self.out_features, self.in_features)
-                    .map_err(gpu_error)?;
-                l.dequantize_into(dev, &mut w).map_err(gpu_error)?;
-                blas.gemm_f16(dev, xh, &w, &mut out).map_err(gpu_error)?;
-            }
+            Weight::W4(l, _) if m <= MAX_ROWS => l.forward(dev, xh, &mut out).map_err(gpu_error)?,
+            Weight::W4(l, id) => match (prefetch, id) {
+                (Some(p), Some(id)) => lock(p).gemm(dev, blas, *id, xh, &mut out)?,
+                _ => {
+                    let mut w = dev
+                        .uninit::<f16>(self.out_features, self.in_features)
+                        .map_err(gpu_error)?;
+                    l.dequantize_into(dev, &mut w).map_err(gpu_error)?;
+                    blas.gemm_f16(dev, xh, &w, &mut out).map_err(gpu_error)?;
+                }
+            },
         }
         if let Some(b) = &self.bias {
             act::add_bias(dev, &mut out, b).map_err(gpu_error)?;

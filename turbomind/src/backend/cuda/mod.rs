@@ -24,6 +24,7 @@
 mod activation;
 mod graph;
 mod linear;
+mod prefetch;
 mod profile;
 mod sample;
 
@@ -113,6 +114,8 @@ pub struct CudaBackend {
     graphs: Mutex<graph::StepGraphs>,
     recording: Mutex<Option<Recording>>,
     profile: Mutex<Option<profile::StepProfile>>,
+    /// Dequantization ahead of prefill GEMMs, when on (`prefetch.rs`).
+    prefetch: Option<Mutex<prefetch::Prefetch>>,
 }
 
 /// Locks `m`; a poisoned lock only means a panic elsewhere, and every
@@ -177,10 +180,23 @@ impl CudaBackend {
     /// Opens GPU `ordinal`, loads cuBLAS and compiles the kernels (so that
     /// a broken toolkit fails here, not mid-request).
     pub fn new(ordinal: usize) -> Result<Self> {
+        Self::with_prefill_prefetch(ordinal, prefetch::prefetch_enabled())
+    }
+
+    /// [`CudaBackend::new`] with the dequantization ahead of 4-bit prefill
+    /// GEMMs on or off (`prefetch.rs`; off by default until it has run on a
+    /// GPU, `LMQ_PREFILL_PREFETCH=1` turns it on).
+    pub fn with_prefill_prefetch(ordinal: usize, prefetch: bool) -> Result<Self> {
         let dev = GpuDevice::new(ordinal).map_err(gpu_error)?;
         dev.compile_all().map_err(gpu_error)?;
         let blas = Blas::new(&dev).map_err(gpu_error)?;
+        let prefetch = if prefetch {
+            Some(Mutex::new(prefetch::Prefetch::new(&dev)?))
+        } else {
+            None
+        };
         Ok(CudaBackend {
+            prefetch,
             profile: Mutex::new(profile::StepProfile::from_env(&dev)),
             dev,
             blas,
@@ -380,7 +396,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload_linear(&self, w: HostLinear) -> Result<CudaLinear> {
-        CudaLinear::upload(&self.dev, w)
+        CudaLinear::upload(&self.dev, w, self.prefetch.as_ref())
     }
 
     fn linear_bytes(&self, w: &CudaLinear) -> usize {
@@ -487,7 +503,7 @@ impl Backend for CudaBackend {
     }
 
     fn linear(&self, x: &CudaAct, w: &CudaLinear) -> Result<CudaAct> {
-        w.forward(&self.dev, &self.blas, x, x.half())
+        w.forward(&self.dev, &self.blas, x, x.half(), self.prefetch.as_ref())
             .map(CudaAct::from)
     }
 

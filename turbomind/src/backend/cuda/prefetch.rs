@@ -1,0 +1,153 @@
+//! Dequantization ahead of the prefill GEMMs (opt-in: `LMQ_PREFILL_PREFETCH=1`,
+//! written without a GPU in session 7; see kernels/README.md).
+//!
+//! A 4-bit linear with more rows than the decode kernel takes dequantizes
+//! its weight into a scratch fp16 matrix, then multiplies through cuBLAS.
+//! The dequantization is bound by memory bandwidth and the GEMM by the
+//! tensor cores, and at 2048 rows the first costs about a fifth of the
+//! second (docs/BENCHMARKS.md, prefill linears), so they overlap well: the
+//! prefetcher learns which 4-bit linear follows which in prefill (a model
+//! calls them in a fixed order) and, while one GEMM runs, dequantizes the
+//! next weight on a side stream into a second scratch matrix.
+//!
+//! Ordering (by hand: cudarc's event tracking is off for this device):
+//! - The next weight's scratch is allocated on the main stream, and an
+//!   event recorded right after the allocation, before the current GEMM is
+//!   queued, is all the side stream waits for: the dequantization overlaps
+//!   the GEMM and never waits for it.
+//! - The main stream joins the side stream before it uses a prefetched
+//!   matrix, and before it drops one it will not use: a scratch matrix is
+//!   freed in main-stream order, so the side's writes must be done first.
+//! - Only one prefetch is in flight, so joining the side stream waits for
+//!   nothing else.
+//!
+//! A wrong guess (another order of linears) costs one unused
+//! dequantization, never a wrong result: the matrix is used only by the
+//! linear it was made for.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use half::f16;
+use lmq_kernels::{Blas, DeviceMatrix, GpuDevice, SideStream, W4A16Linear};
+
+use super::gpu_error;
+use crate::error::{Error, Result};
+
+/// The prefetcher's state, one per backend (the engine's thread uses it).
+pub(super) struct Prefetch {
+    side: SideStream,
+    /// Every 4-bit linear of the model, by the id it was registered under.
+    linears: Vec<Arc<W4A16Linear>>,
+    /// The linear that followed each one in the last prefill.
+    next: HashMap<usize, usize>,
+    last: Option<usize>,
+    /// The weight dequantized ahead, and for which linear.
+    ready: Option<(usize, DeviceMatrix<f16>)>,
+}
+
+/// Whether prefill dequantizes ahead: `LMQ_PREFILL_PREFETCH=1`, until the
+/// prefetcher has run on a GPU (the whole-model tests with it on, and
+/// `lmq bench` prefill against it off).
+pub(super) fn prefetch_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LMQ_PREFILL_PREFETCH").is_ok_and(|v| v == "1"))
+}
+
+impl Prefetch {
+    pub fn new(dev: &GpuDevice) -> Result<Self> {
+        let side = dev.side_stream().map_err(gpu_error)?;
+        Ok(Self {
+            side,
+            linears: Vec::new(),
+            next: HashMap::new(),
+            last: None,
+            ready: None,
+        })
+    }
+
+    /// Registers a 4-bit linear; its id is what [`Prefetch::gemm`] takes.
+    pub fn register(&mut self, linear: Arc<W4A16Linear>) -> usize {
+        self.linears.push(linear);
+        self.linears.len() - 1
+    }
+
+    /// `out = x · Wᵀ` for the linear registered as `id`, through a dense
+    /// fp16 copy of its weight: the one dequantized ahead if it is this
+    /// linear's, else one made now; then the next linear's copy is started
+    /// on the side stream.
+    pub fn gemm(
+        &mut self,
+        dev: &GpuDevice,
+        blas: &Blas,
+        id: usize,
+        x: &DeviceMatrix<f16>,
+        out: &mut DeviceMatrix<f32>,
+    ) -> Result<()> {
+        let linear = self
+            .linears
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::Backend {
+                backend: "cuda",
+                message: format!("no prefetch entry for linear {id}"),
+            })?;
+        if let Some(prev) = self.last.replace(id) {
+            if prev != id {
+                self.next.insert(prev, id);
+            }
+        }
+        let weight = match self.ready.take() {
+            Some((for_id, w)) if for_id == id => {
+                dev.join(&self.side).map_err(gpu_error)?;
+                w
+            }
+            other => {
+                if let Some((_, stale)) = other {
+                    // The side may still be writing it: wait before its
+                    // free is queued on the main stream.
+                    dev.join(&self.side).map_err(gpu_error)?;
+                    drop(stale);
+                }
+                let mut w = dev
+                    .uninit::<f16>(linear.out_features(), linear.in_features())
+                    .map_err(gpu_error)?;
+                linear.dequantize_into(dev, &mut w).map_err(gpu_error)?;
+                w
+            }
+        };
+        // The next weight's scratch, allocated before this GEMM is queued.
+        let ahead = match self.next.get(&id) {
+            Some(&n) if n != id => {
+                let nl = &self.linears[n];
+                let m = dev
+                    .uninit::<f16>(nl.out_features(), nl.in_features())
+                    .map_err(gpu_error)?;
+                let allocated = dev.mark().map_err(gpu_error)?;
+                Some((n, m, allocated))
+            }
+            _ => None,
+        };
+        blas.gemm_f16(dev, x, &weight, out).map_err(gpu_error)?;
+        // Freed in main-stream order, after the GEMM.
+        drop(weight);
+        if let Some((n, mut m, allocated)) = ahead {
+            self.side.wait(&allocated).map_err(gpu_error)?;
+            self.linears[n]
+                .dequantize_on_side(dev, &self.side, &mut m)
+                .map_err(gpu_error)?;
+            self.ready = Some((n, m));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        // A matrix still being written on the side stream must not be
+        // freed before the write ends.
+        if self.ready.is_some() {
+            let _ = self.side.synchronize();
+        }
+    }
+}
