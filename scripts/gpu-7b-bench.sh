@@ -14,7 +14,8 @@
 #   INPUT_LEN prompt tokens per request (default 128; prefill runs its
 #            linears at this many rows)
 #   ENVS     space-separated environment settings (e.g. "LMQ_VECTOR_NORMS=0
-#            LMQ_VECTOR_NORMS=1"): each binary then runs once under each,
+#            LMQ_VECTOR_NORMS=1"; commas join several variables into one
+#            setting: "A=1,B=1"): each binary then runs once under each,
 #            the list repeated twice, so a switch is compared in one call.
 set -uo pipefail
 . "$(dirname "$0")/gpu-lib.sh"
@@ -43,7 +44,7 @@ for preset in ${PRESETS:-llama2-7b}; do
         done
         for run in "${runs[@]}"; do
             setting=${run%%|*} bin=${run#*|}
-            out=$(env $setting "$bin" bench --model "$M-$w" --latency --input-len "${INPUT_LEN:-128}" --output-len 128 --iterations 3 \
+            out=$(env ${setting//,/ } "$bin" bench --model "$M-$w" --latency --input-len "${INPUT_LEN:-128}" --output-len 128 --iterations 3 \
                 --device cuda --kv-cache-bytes 8GiB --json)
             name="$(basename "$bin")${setting:+ $setting}"
             echo "$preset $w $name: $out"
