@@ -17,9 +17,10 @@
 #     the kernels are the same as AWQ's) with static int8 KV parameters;
 #  2. op-level parity: kernels crate tests and turbomind's cuda_backend;
 #  3. whole model, CPU backend against CUDA backend on the same machine
-#     (the CPU on its exact path, `--w4-activations fp32 --lm-head-dtype
-#     fp16`, the numerics the GPU implements; its default int8-activation
-#     path is a different quantization):
+#     (the CPU on the numerics the GPU implements, `--w4-activations fp16
+#     --lm-head-dtype fp16`: every linear's input rounded to fp16, fp32
+#     products and sums; CPU_ACTIVATIONS=fp32 for its exact fp32 inputs;
+#     its default int8-activation path is a different quantization):
 #     greedy tokens for 5 prompts × 64 tokens, and perplexity (eval.txt,
 #     ctx 512, $PPL_WINDOWS windows), for fp16 and 4-bit weights with fp16,
 #     int8 and int4 KV (online), plus int8 static on the 4-bit checkpoint;
@@ -92,7 +93,9 @@ for w in fp16 w4; do
         set -- $kv
         [[ $w == fp16 && $2 == static ]] && continue
         flags=(--kv-cache-dtype "$1" --kv-cache-mode "$2")
-        exact=(--w4-activations fp32 --lm-head-dtype fp16)
+        # The CPU with the GPU's numerics: every linear's input rounded to
+        # fp16 (CPU_ACTIVATIONS=fp32 keeps its exact fp32 inputs instead).
+        exact=(--w4-activations "${CPU_ACTIVATIONS:-fp16}" --lm-head-dtype fp16)
         same=0
         for i in "${!prompts[@]}"; do
             a=$("$LMQ" generate --model "$M/$w" --prompt "${prompts[$i]}" --max-tokens 64 --ignore-eos "${flags[@]}" "${exact[@]}" --device cpu 2>/dev/null)

@@ -359,7 +359,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     //    4096 -> 12288 linear and gate/up into one 4096 -> 22016 (as vLLM's
     //    and TurboMind's merged linears), so 4 launches per layer, the
     //    default kernel only.
-    let stacked_shapes = [(4096usize, 12288usize), (4096, 4096), (4096, 22016), (11008, 4096)];
+    let stacked_shapes = [
+        (4096usize, 12288usize),
+        (4096, 4096),
+        (4096, 22016),
+        (11008, 4096),
+    ];
     let mut stacked: Vec<Vec<W4A16Linear>> = Vec::new();
     for &(k, n) in &stacked_shapes {
         let packed = random_packed(&mut rng, k, n, g);

@@ -40,8 +40,9 @@ pub struct EngineArgs {
     /// 4-bit checkpoints, fp16 otherwise).
     #[arg(long, default_value = "auto")]
     pub lm_head_dtype: String,
-    /// CPU: activations of 4-bit linears, `int8` (integer dot products) or
-    /// `fp32` (exact; slower).
+    /// CPU: activations of 4-bit linears, `int8` (integer dot products),
+    /// `fp32` (exact; slower) or `fp16` (every linear's input rounded to
+    /// fp16 as the CUDA backend does, for CPU-vs-GPU comparisons).
     #[arg(long, default_value = "int8")]
     pub w4_activations: String,
 }

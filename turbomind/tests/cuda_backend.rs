@@ -118,108 +118,14 @@ fn exact_cpu() -> CpuBackend {
     })
 }
 
-/// The CPU backend with every linear's input rounded to fp16 first: what
-/// the CUDA backend computes (fp16 × fp16 products, fp32 sums), emulated on
-/// the CPU, to tell a GPU bug from the cost of rounding activations.
-struct Fp16InputCpu(CpuBackend);
-
-impl Backend for Fp16InputCpu {
-    type Act = Matrix;
-    type Linear = <CpuBackend as Backend>::Linear;
-    type Vector = Vec<f32>;
-    type KvPool = CpuKvPool;
-    fn name(&self) -> &'static str {
-        "cpu-fp16-inputs"
-    }
-    fn upload_linear(&self, w: HostLinear) -> lmq_turbomind::error::Result<Self::Linear> {
-        self.0.upload_linear(w)
-    }
-    fn linear_bytes(&self, w: &Self::Linear) -> usize {
-        self.0.linear_bytes(w)
-    }
-    fn upload_vector(&self, v: Vec<f32>) -> lmq_turbomind::error::Result<Vec<f32>> {
-        self.0.upload_vector(v)
-    }
-    fn new_kv_pool(&self, spec: &KvPoolSpec) -> lmq_turbomind::error::Result<CpuKvPool> {
-        self.0.new_kv_pool(spec)
-    }
-    fn free_memory(&self) -> Option<u64> {
-        self.0.free_memory()
-    }
-    fn embedding(&self, t: &Self::Linear, ids: &[u32]) -> lmq_turbomind::error::Result<Matrix> {
-        self.0.embedding(t, ids)
-    }
-    fn rms_norm(&self, x: &Matrix, w: &Vec<f32>, eps: f32) -> lmq_turbomind::error::Result<Matrix> {
-        self.0.rms_norm(x, w, eps)
-    }
-    fn add_rms_norm(
-        &self,
-        r: &mut Matrix,
-        d: &Matrix,
-        w: &Vec<f32>,
-        eps: f32,
-    ) -> lmq_turbomind::error::Result<Matrix> {
-        self.0.add_rms_norm(r, d, w, eps)
-    }
-    fn add_in_place(&self, r: &mut Matrix, d: &Matrix) -> lmq_turbomind::error::Result<()> {
-        self.0.add_in_place(r, d)
-    }
-    fn linear(&self, x: &Matrix, w: &Self::Linear) -> lmq_turbomind::error::Result<Matrix> {
-        let mut rounded = x.clone();
-        rounded
-            .data
-            .iter_mut()
-            .for_each(|v| *v = f16::from_f32(*v).to_f32());
-        self.0.linear(&rounded, w)
-    }
-    fn rope(
-        &self,
-        x: &mut Matrix,
-        heads: usize,
-        spans: &[SeqSpan],
-        rope: &lmq_turbomind::rope::Rope,
-    ) -> lmq_turbomind::error::Result<()> {
-        self.0.rope(x, heads, spans, rope)
-    }
-    fn write_kv(
-        &self,
-        layer: usize,
-        k: &Matrix,
-        v: &Matrix,
-        pool: &mut CpuKvPool,
-        spans: &[SeqSpan],
-    ) -> lmq_turbomind::error::Result<()> {
-        self.0.write_kv(layer, k, v, pool, spans)
-    }
-    fn attention(
-        &self,
-        layer: usize,
-        q: &Matrix,
-        pool: &CpuKvPool,
-        spans: &[SeqSpan],
-        shape: &AttnShape,
-    ) -> lmq_turbomind::error::Result<Matrix> {
-        self.0.attention(layer, q, pool, spans, shape)
-    }
-    fn silu_mul(&self, g: &Matrix, u: &Matrix) -> lmq_turbomind::error::Result<Matrix> {
-        self.0.silu_mul(g, u)
-    }
-    fn silu_mul_halves(&self, gu: &Matrix) -> lmq_turbomind::error::Result<Matrix> {
-        self.0.silu_mul_halves(gu)
-    }
-    fn split_cols(
-        &self,
-        x: &Matrix,
-        widths: &[usize],
-    ) -> lmq_turbomind::error::Result<Vec<Matrix>> {
-        self.0.split_cols(x, widths)
-    }
-    fn gather_rows(&self, x: &Matrix, rows: &[usize]) -> lmq_turbomind::error::Result<Matrix> {
-        self.0.gather_rows(x, rows)
-    }
-    fn to_host(&self, x: &Matrix) -> lmq_turbomind::error::Result<Vec<f32>> {
-        self.0.to_host(x)
-    }
+/// The CPU backend with every linear's input rounded to fp16 first
+/// (`W4Activations::F16`): what the CUDA backend computes (fp16 × fp16
+/// products, fp32 sums), emulated on the CPU, to tell a GPU bug from the
+/// cost of rounding activations.
+fn fp16_input_cpu() -> CpuBackend {
+    CpuBackend::with_options(CpuOptions {
+        w4_activations: W4Activations::F16,
+    })
 }
 
 /// Runs a tiny model (prefill all but 3 tokens, then decode them) and
@@ -263,7 +169,7 @@ fn fp16_input_rounding_noise() {
     for (spec, len) in tiny_specs() {
         let fx = fixture(spec);
         let tokens = Rng(3).tokens(len, 301);
-        let emul = run_tiny(fx.dir.path(), Fp16InputCpu(exact_cpu()), &tokens);
+        let emul = run_tiny(fx.dir.path(), fp16_input_cpu(), &tokens);
         let exact = run_tiny(fx.dir.path(), exact_cpu(), &tokens);
         let noise = scale_err(&emul, &exact);
         eprintln!(
@@ -287,7 +193,7 @@ fn whole_model_matches_cpu_emulation() {
         let fx = fixture(spec);
         let tokens = Rng(3).tokens(len, 301);
         let want = reference_logits(&fx.spec, &fx.weights, None, &tokens).concat();
-        let emul = run_tiny(fx.dir.path(), Fp16InputCpu(exact_cpu()), &tokens);
+        let emul = run_tiny(fx.dir.path(), fp16_input_cpu(), &tokens);
         let got = run_tiny(fx.dir.path(), CudaBackend::new(0).unwrap(), &tokens);
         let exact = run_tiny(fx.dir.path(), exact_cpu(), &tokens);
         let vs_emul = scale_err(&got, &emul);

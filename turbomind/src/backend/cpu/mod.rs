@@ -9,7 +9,8 @@
 //! repacked at load into 16-output tiles (`qweight.rs`) and multiplied by
 //! int8-quantized activations with integer dot products (`qkernels.rs`),
 //! or by fp32 activations where exact numerics are asked for
-//! ([`W4Activations::F32`]).
+//! ([`W4Activations::F32`]; [`W4Activations::F16`] also rounds every
+//! linear's input to fp16, the CUDA backend's numerics).
 
 mod attention;
 mod attn_simd;
@@ -64,6 +65,11 @@ pub enum W4Activations {
     Int8,
     /// fp32 activations: only the weights are quantized.
     F32,
+    /// Every linear's input (dense ones too) rounded to fp16, then fp32
+    /// products and sums: what the CUDA backend computes (fp16 × fp16
+    /// tensor-core products, fp32 accumulation), so that CPU and GPU runs
+    /// can be compared with the same numerics (parity checks, not speed).
+    F16,
 }
 
 impl W4Activations {
@@ -71,8 +77,9 @@ impl W4Activations {
         match s.to_ascii_lowercase().as_str() {
             "int8" => Ok(W4Activations::Int8),
             "fp32" | "f32" => Ok(W4Activations::F32),
+            "fp16" | "f16" => Ok(W4Activations::F16),
             other => Err(Error::InvalidRequest(format!(
-                "unknown quantized-linear activation type {other:?} (expected int8 or fp32)"
+                "unknown quantized-linear activation type {other:?} (expected int8, fp32 or fp16)"
             ))),
         }
     }
@@ -87,6 +94,8 @@ pub struct CpuOptions {
 /// The CPU implementation of [`Backend`].
 pub struct CpuBackend {
     kernels: linear::Kernels,
+    /// Round every linear's input to fp16 first ([`W4Activations::F16`]).
+    fp16_inputs: bool,
     row_ops: simd::RowOps,
     /// Rotary cos/sin per position, computed once (see [`RopeTable`]).
     rope_table: Mutex<RopeTable>,
@@ -110,8 +119,9 @@ impl CpuBackend {
                 dot: simd::best_dot(),
                 dot_f16: simd::best_dot_f16(),
                 quant: qkernels::QKernels::best(),
-                exact_w4: options.w4_activations == W4Activations::F32,
+                exact_w4: options.w4_activations != W4Activations::Int8,
             },
+            fp16_inputs: options.w4_activations == W4Activations::F16,
             rope_table: Mutex::new(RopeTable::default()),
         }
     }
@@ -309,6 +319,13 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &Matrix, w: &CpuLinear) -> Result<Matrix> {
+        if self.fp16_inputs {
+            let mut rounded = x.clone();
+            for v in &mut rounded.data {
+                *v = half::f16::from_f32(*v).to_f32();
+            }
+            return w.forward(&rounded, &self.kernels);
+        }
         w.forward(x, &self.kernels)
     }
 
@@ -487,5 +504,56 @@ impl Backend for CpuBackend {
 
     fn to_host(&self, x: &Matrix) -> Result<Vec<f32>> {
         Ok(x.data.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{HostLinear, HostWeight};
+
+    /// `W4Activations::F16` is the exact path on inputs rounded to fp16:
+    /// bit for bit the same as the fp32 path given the rounded inputs, and
+    /// not the same as the fp32 path given the raw ones (dense weights
+    /// here; the rounding sits in front of every linear).
+    #[test]
+    fn fp16_inputs_round_every_linear_input() {
+        let (k, n, m) = (64, 24, 3);
+        let mut state = 7u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let weights: Vec<f32> = (0..n * k).map(|_| next() * 0.1).collect();
+        let x = Matrix {
+            data: (0..m * k).map(|_| next() + 1.0 / 3.0).collect(),
+            rows: m,
+            cols: k,
+        };
+        let mut rounded = x.clone();
+        for v in &mut rounded.data {
+            *v = half::f16::from_f32(*v).to_f32();
+        }
+        let host = HostLinear {
+            weight: HostWeight::Dense(weights),
+            out_features: n,
+            in_features: k,
+            bias: None,
+        };
+        let backend = |a| CpuBackend::with_options(CpuOptions { w4_activations: a });
+        let (f16b, f32b) = (backend(W4Activations::F16), backend(W4Activations::F32));
+        let (w16, w32) = (
+            f16b.upload_linear(host.clone()).unwrap(),
+            f32b.upload_linear(host).unwrap(),
+        );
+        let got = f16b.linear(&x, &w16).unwrap();
+        let want = f32b.linear(&rounded, &w32).unwrap();
+        let raw = f32b.linear(&x, &w32).unwrap();
+        assert_eq!(got.data, want.data);
+        assert_ne!(got.data, raw.data);
+        assert_eq!(W4Activations::parse("fp16").unwrap(), W4Activations::F16);
+        assert!(W4Activations::parse("bf16").is_err());
     }
 }
