@@ -17,9 +17,12 @@
 //! bench_attn` on a GPU machine; `LMQ_BENCH_COPY_ONLY=1` prints the copy
 //! bandwidth alone.
 
-use cudarc::driver::sys::CUevent_flags;
 use lmq_kernels::paged::{int2_variants, kv_write, paged_attention_with, IntAttnConfig, SPLIT_LEN};
-use lmq_kernels::{DeviceKvPool, GpuDevice, KernelError, KvLayout, KvStorage, RowMeta, RowPlace};
+use lmq_kernels::{DeviceKvPool, KvLayout, KvStorage, RowMeta, RowPlace};
+
+#[path = "bench_common/mod.rs"]
+mod bench_common;
+use bench_common::{median, open_device, timing_events};
 
 const BATCH: usize = 64;
 const CTX: usize = 2048;
@@ -29,33 +32,12 @@ const BLOCK: usize = 64;
 const CALLS: usize = 20;
 const ROUNDS: usize = 7;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dev = match GpuDevice::new(0) {
-        Ok(d) => d,
-        Err(KernelError::NoDevice(msg)) => {
-            println!("skipped: no CUDA device ({msg})");
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
+    let Some(dev) = open_device()? else {
+        return Ok(());
     };
-    println!(
-        "device: {} ({}, {} SMs)",
-        dev.name(),
-        dev.arch(),
-        dev.num_sms()
-    );
     let stream = dev.stream().clone();
-    let start = dev
-        .context()
-        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-    let end = dev
-        .context()
-        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let (start, end) = timing_events(&dev)?;
 
     // Copy bandwidth, the ceiling.
     let bytes = 1usize << 30;

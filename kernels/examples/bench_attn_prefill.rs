@@ -14,20 +14,18 @@
 //! after 2 warm-up calls. Run: `cargo run --release -p lmq-kernels
 //! --example bench_attn_prefill` on a GPU machine.
 
-use cudarc::driver::sys::CUevent_flags;
 use lmq_kernels::paged::{kv_write, paged_attention, PREFILL_MIN_RUN};
-use lmq_kernels::{DeviceKvPool, GpuDevice, KernelError, KvLayout, KvStorage, RowMeta, RowPlace};
+use lmq_kernels::{DeviceKvPool, KvLayout, KvStorage, RowMeta, RowPlace};
+
+#[path = "bench_common/mod.rs"]
+mod bench_common;
+use bench_common::{median, open_device, timing_events};
 
 const HD: usize = 128;
 const HEADS: usize = 32;
 const BLOCK: usize = 64;
 const CALLS: usize = 10;
 const ROUNDS: usize = 5;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 struct Xorshift(u64);
 impl Xorshift {
@@ -44,27 +42,11 @@ impl Xorshift {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dev = match GpuDevice::new(0) {
-        Ok(d) => d,
-        Err(KernelError::NoDevice(msg)) => {
-            println!("skipped: no CUDA device ({msg})");
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
+    let Some(dev) = open_device()? else {
+        return Ok(());
     };
-    println!(
-        "device: {} ({}, {} SMs)",
-        dev.name(),
-        dev.arch(),
-        dev.num_sms()
-    );
     let stream = dev.stream().clone();
-    let start = dev
-        .context()
-        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-    let end = dev
-        .context()
-        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let (start, end) = timing_events(&dev)?;
     let mut rng = Xorshift(0x2545_f491_4f6c_dd1d);
 
     // (name, sequences as (history, new rows)).

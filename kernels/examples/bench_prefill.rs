@@ -7,37 +7,24 @@
 //! Timing: CUDA events around 10 back-to-back calls, median of 7 rounds,
 //! after warm-up. `cargo run --release -p lmq-kernels --example bench_prefill`.
 
-use cudarc::driver::sys::CUevent_flags;
 use half::f16;
-use lmq_kernels::{Blas, GpuDevice, KernelError, PackedW4, W4A16Linear};
+use lmq_kernels::{Blas, KernelError, PackedW4, W4A16Linear};
+
+#[path = "bench_common/mod.rs"]
+mod bench_common;
+use bench_common::{median, open_device, timing_events};
 
 const M: usize = 2048;
 const CALLS: usize = 10;
 const ROUNDS: usize = 7;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dev = match GpuDevice::new(0) {
-        Ok(d) => d,
-        Err(KernelError::NoDevice(msg)) => {
-            println!("skipped: no CUDA device ({msg})");
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
+    let Some(dev) = open_device()? else {
+        return Ok(());
     };
-    println!("device: {} ({})", dev.name(), dev.arch());
     let blas = Blas::new(&dev)?;
     let stream = dev.stream().clone();
-    let start = dev
-        .context()
-        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-    let end = dev
-        .context()
-        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let (start, end) = timing_events(&dev)?;
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
         seed ^= seed << 13;

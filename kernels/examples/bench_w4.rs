@@ -27,10 +27,14 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaEvent, CudaGraph, CudaStream};
 use half::f16;
 use lmq_kernels::{GpuDevice, KernelError, PackedW4, W4A16Linear, W4Kernel, DEFAULT_KERNEL};
+
+#[path = "bench_common/mod.rs"]
+mod bench_common;
+use bench_common::{median, open_device, timing_events};
 
 const COPIES: usize = 32;
 const ROUNDS: usize = 20;
@@ -43,11 +47,6 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn timed(
@@ -158,28 +157,12 @@ fn set_all(layers: &mut [W4A16Linear], kernel: W4Kernel, pdl: bool) -> Result<()
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dev = match GpuDevice::new(0) {
-        Ok(d) => d,
-        Err(KernelError::NoDevice(msg)) => {
-            println!("skipped: no CUDA device ({msg})");
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
+    let Some(dev) = open_device()? else {
+        return Ok(());
     };
-    println!(
-        "device: {} ({}, {} SMs)",
-        dev.name(),
-        dev.arch(),
-        dev.num_sms()
-    );
     dev.compile_all()?;
     let stream = dev.stream().clone();
-    let start = dev
-        .context()
-        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-    let end = dev
-        .context()
-        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let (start, end) = timing_events(&dev)?;
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
 
     // 1. Copy bandwidth.

@@ -20,28 +20,9 @@
 
 mod common;
 
-use common::{device, Rng};
-use lmq_kernels::paged::{kv_write, paged_attention, plan_prefill, PREFILL_MIN_RUN};
-use lmq_kernels::{DeviceKvPool, GpuDevice, KvLayout, KvStorage, RowMeta, RowPlace};
-
-/// The largest |a − b| over 1 + max|a|; NaN anywhere fails.
-fn scaled_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = a.iter().fold(1.0f32, |m, x| m.max(x.abs()));
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| {
-        assert!(x.is_finite() && y.is_finite(), "non-finite output: {x} {y}");
-        m.max((x - y).abs())
-    }) / scale
-}
-
-struct Case {
-    head_dim: usize,
-    kv_heads: usize,
-    heads: usize,
-    block_len: usize,
-    storage: KvStorage,
-    static_mode: bool,
-}
+use common::{device, filled_pool, scaled_diff, AttnCase, FilledPool, Rng};
+use lmq_kernels::paged::{paged_attention, plan_prefill, PREFILL_MIN_RUN};
+use lmq_kernels::{GpuDevice, KvStorage, RowMeta, RowPlace};
 
 /// The batch: (first position, rows) per sequence, in batch order.
 const BATCH: [(usize, usize); 7] = [
@@ -54,66 +35,12 @@ const BATCH: [(usize, usize); 7] = [
     (100, 16),  // the shortest run that takes a tile
 ];
 
-fn run(dev: &GpuDevice, c: &Case, seed: u64) {
+fn run(dev: &GpuDevice, c: &AttnCase, seed: u64) {
     let mut rng = Rng(seed);
-    let blocks_per_seq: Vec<usize> = BATCH
-        .iter()
-        .map(|&(p, n)| (p + n).div_ceil(c.block_len))
-        .collect();
-    let num_blocks: usize = blocks_per_seq.iter().sum::<usize>() + 3;
-    // Tables in reversed, interleaved order: never the logical one.
-    let mut next = num_blocks as u32;
-    let tables: Vec<Vec<u32>> = blocks_per_seq
-        .iter()
-        .map(|&n| {
-            (0..n)
-                .map(|_| {
-                    next -= 1;
-                    next
-                })
-                .collect()
-        })
-        .collect();
-    let layout = KvLayout {
-        num_layers: 2,
-        num_kv_heads: c.kv_heads,
-        head_dim: c.head_dim,
-        block_len: c.block_len,
-        num_blocks,
-        storage: c.storage,
-    };
-    let statics = c.static_mode.then(|| {
-        let levels = if c.storage == KvStorage::Int8 {
-            255.0
-        } else {
-            15.0
-        };
-        (0..2 * 2 * c.kv_heads)
-            .flat_map(|_| {
-                [
-                    (rng.uniform(2.0 / 255.0, 3.0 / 255.0) * 255.0 / levels) as f32,
-                    rng.uniform(-1.2, -0.9) as f32,
-                ]
-            })
-            .collect::<Vec<f32>>()
-    });
-    let mut pool = DeviceKvPool::new(dev, layout, statics.as_deref()).expect("pool");
     // Every position up to each sequence's last, written once.
-    let fill: Vec<RowPlace> = BATCH
-        .iter()
-        .zip(&tables)
-        .flat_map(|(&(p, n), t)| (0..p + n).map(move |q| RowPlace { pos: q, table: t }))
-        .collect();
-    let fill_meta = RowMeta::with_prefill(dev, &fill, 0).expect("fill meta");
-    let kd = c.kv_heads * c.head_dim;
+    let lens: Vec<usize> = BATCH.iter().map(|&(p, n)| p + n).collect();
+    let FilledPool { pool, tables } = filled_pool(dev, c, &lens, &mut rng);
     let layer = 1;
-    let k = dev
-        .upload(&rng.values(fill.len() * kd, -1.0, 1.0), fill.len(), kd)
-        .expect("k");
-    let v = dev
-        .upload(&rng.values(fill.len() * kd, -1.0, 1.0), fill.len(), kd)
-        .expect("v");
-    kv_write(dev, &mut pool, layer, &k, &v, &fill_meta).expect("kv_write");
 
     let rows: Vec<RowPlace> = BATCH
         .iter()
@@ -179,7 +106,7 @@ fn prefill_attention_matches_decode_kernels() {
                     (KvStorage::Int4, false),
                     (KvStorage::Int4, true),
                 ] {
-                    let c = Case {
+                    let c = AttnCase {
                         head_dim,
                         kv_heads,
                         heads,

@@ -11,98 +11,18 @@
 
 mod common;
 
-use common::{device, Rng};
-use lmq_kernels::paged::{int2_variants, kv_write, paged_attention_with, IntAttnConfig, SPLIT_LEN};
-use lmq_kernels::{DeviceKvPool, GpuDevice, KvLayout, KvStorage, RowMeta, RowPlace};
+use common::{device, filled_pool, scaled_diff, AttnCase, FilledPool, Rng};
+use lmq_kernels::paged::{int2_variants, paged_attention_with, IntAttnConfig, SPLIT_LEN};
+use lmq_kernels::{GpuDevice, KvStorage, RowMeta, RowPlace};
 
-/// The largest |a − b| over 1 + max|a|; NaN anywhere fails.
-fn scaled_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = a.iter().fold(1.0f32, |m, x| m.max(x.abs()));
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| {
-        assert!(x.is_finite() && y.is_finite(), "non-finite output: {x} {y}");
-        m.max((x - y).abs())
-    }) / scale
-}
-
-struct Case {
-    head_dim: usize,
-    kv_heads: usize,
-    heads: usize,
-    block_len: usize,
-    storage: KvStorage,
-    static_mode: bool,
-}
-
-fn run(dev: &GpuDevice, c: &Case, seed: u64) {
+fn run(dev: &GpuDevice, c: &AttnCase, seed: u64) {
     let mut rng = Rng(seed);
     // Rows at these positions, each its own sequence: one tile, a partial
     // tile, several splits with a partial last tile, exactly two splits.
     let positions = [0usize, 5, 17, 300, 700, 1023, 1100];
-    let blocks_per_seq: Vec<usize> = positions
-        .iter()
-        .map(|p| (p + 1).div_ceil(c.block_len))
-        .collect();
-    let num_blocks: usize = blocks_per_seq.iter().sum::<usize>() + 3;
-    // Tables in reversed, interleaved order: never the logical one.
-    let mut next = num_blocks as u32;
-    let tables: Vec<Vec<u32>> = blocks_per_seq
-        .iter()
-        .map(|&n| {
-            (0..n)
-                .map(|_| {
-                    next -= 1;
-                    next
-                })
-                .collect()
-        })
-        .collect();
-    let layout = KvLayout {
-        num_layers: 2,
-        num_kv_heads: c.kv_heads,
-        head_dim: c.head_dim,
-        block_len: c.block_len,
-        num_blocks,
-        storage: c.storage,
-    };
-    let statics: Vec<f32> = (0..2 * 2 * c.kv_heads)
-        .flat_map(|_| {
-            [
-                rng.uniform(2.0 / 255.0, 3.0 / 255.0) as f32,
-                rng.uniform(-1.2, -0.9) as f32,
-            ]
-        })
-        .collect();
-    let statics = if c.static_mode {
-        let levels = if c.storage == KvStorage::Int8 {
-            255.0
-        } else {
-            15.0
-        };
-        let s: Vec<f32> = statics
-            .chunks(2)
-            .flat_map(|p| [p[0] * 255.0 / levels, p[1]])
-            .collect();
-        Some(s)
-    } else {
-        None
-    };
-    let mut pool = DeviceKvPool::new(dev, layout, statics.as_deref()).expect("pool");
-    let fill: Vec<RowPlace> = positions
-        .iter()
-        .zip(&tables)
-        .flat_map(|(&p, t)| (0..=p).map(move |q| RowPlace { pos: q, table: t }))
-        .collect();
-    let fill_meta = RowMeta::new(dev, &fill).expect("fill meta");
-    let kd = c.kv_heads * c.head_dim;
+    let lens: Vec<usize> = positions.iter().map(|p| p + 1).collect();
+    let FilledPool { pool, tables } = filled_pool(dev, c, &lens, &mut rng);
     let layer = 1;
-    let k = dev
-        .upload(&rng.values(fill.len() * kd, -1.0, 1.0), fill.len(), kd)
-        .expect("k");
-    let v = dev
-        .upload(&rng.values(fill.len() * kd, -1.0, 1.0), fill.len(), kd)
-        .expect("v");
-    kv_write(dev, &mut pool, layer, &k, &v, &fill_meta).expect("kv_write");
     let rows: Vec<RowPlace> = positions
         .iter()
         .zip(&tables)
@@ -164,7 +84,7 @@ fn streaming_int_attention_matches_tile_kernel() {
             for block_len in [16, 64] {
                 for storage in [KvStorage::Int8, KvStorage::Int4] {
                     for static_mode in [false, true] {
-                        let c = Case {
+                        let c = AttnCase {
                             head_dim,
                             kv_heads,
                             heads,

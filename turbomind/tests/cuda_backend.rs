@@ -226,28 +226,11 @@ fn prefill_prefetch_matches_plain_prefill() {
     let shapes = [(256usize, 768usize), (256, 256), (256, 1024), (512, 256)];
     let hosts: Vec<HostLinear> = shapes
         .iter()
-        .map(|&(k, n)| {
-            let g = 64;
-            let codes: Vec<u8> = (0..k * n).map(|_| (rng.next_u64() % 16) as u8).collect();
-            let zeros: Vec<u8> = (0..(k / g) * n)
-                .map(|_| (rng.next_u64() % 16) as u8)
-                .collect();
-            let scales: Vec<f16> = (0..(k / g) * n)
-                .map(|_| f16::from_f64(rng.uniform(0.002, 0.02)))
-                .collect();
-            HostLinear {
-                weight: HostWeight::Awq(AwqTensors {
-                    in_features: k,
-                    out_features: n,
-                    group_size: g,
-                    qweight: pack_int4(&codes, k, n),
-                    qzeros: pack_int4(&zeros, k / g, n),
-                    scales,
-                }),
-                out_features: n,
-                in_features: k,
-                bias: None,
-            }
+        .map(|&(k, n)| HostLinear {
+            weight: HostWeight::Awq(random_awq(&mut rng, k, n, 64)),
+            out_features: n,
+            in_features: k,
+            bias: None,
         })
         .collect();
     let x = random_matrix(&mut rng, 40, 256, 1.0);
@@ -534,6 +517,26 @@ fn attention_rejects_blocks_outside_the_pool() {
     assert!(gpu.write_kv(0, &k, &k, &mut pool, &spans).is_err());
 }
 
+/// A random 4-bit AWQ weight `k → n` in groups of `g`: codes and zeros
+/// uniform in 0..16, scales in [0.002, 0.02).
+fn random_awq(rng: &mut Rng, k: usize, n: usize, g: usize) -> AwqTensors {
+    let codes: Vec<u8> = (0..k * n).map(|_| (rng.next_u64() % 16) as u8).collect();
+    let zeros: Vec<u8> = (0..(k / g) * n)
+        .map(|_| (rng.next_u64() % 16) as u8)
+        .collect();
+    let scales: Vec<f16> = (0..(k / g) * n)
+        .map(|_| f16::from_f64(rng.uniform(0.002, 0.02)))
+        .collect();
+    AwqTensors {
+        in_features: k,
+        out_features: n,
+        group_size: g,
+        qweight: pack_int4(&codes, k, n),
+        qzeros: pack_int4(&zeros, k / g, n),
+        scales,
+    }
+}
+
 /// The W4 linear (decode kernel at 1..=16 rows, dequantize + cuBLAS above)
 /// and a dense fp16 linear, against the CPU backend, with odd row counts.
 #[test]
@@ -547,22 +550,8 @@ fn linears_match_cpu() {
         (256, 200, 128),
         (320, 96, 32),
     ] {
-        let codes: Vec<u8> = (0..k * n).map(|_| (rng.next_u64() % 16) as u8).collect();
-        let zeros: Vec<u8> = (0..(k / g) * n)
-            .map(|_| (rng.next_u64() % 16) as u8)
-            .collect();
-        let scales: Vec<f16> = (0..(k / g) * n)
-            .map(|_| f16::from_f64(rng.uniform(0.002, 0.02)))
-            .collect();
+        let awq = random_awq(&mut rng, k, n, g);
         let bias: Vec<f32> = (0..n).map(|_| rng.uniform(-0.5, 0.5) as f32).collect();
-        let awq = AwqTensors {
-            in_features: k,
-            out_features: n,
-            group_size: g,
-            qweight: pack_int4(&codes, k, n),
-            qzeros: pack_int4(&zeros, k / g, n),
-            scales,
-        };
         let dense: Vec<f32> = (0..n * k)
             .map(|_| rng.uniform(-0.05, 0.05) as f32)
             .collect();

@@ -50,3 +50,96 @@ impl Rng {
         (0..n).map(|_| self.uniform(lo, hi) as f32).collect()
     }
 }
+
+/// The shape and storage of a paged-attention test case.
+pub struct AttnCase {
+    pub head_dim: usize,
+    pub kv_heads: usize,
+    pub heads: usize,
+    pub block_len: usize,
+    pub storage: lmq_kernels::KvStorage,
+    pub static_mode: bool,
+}
+
+/// A two-layer pool whose sequence i holds positions `0..lens[i]` of random
+/// K and V in [-1, 1) at layer 1, written by `kv_write`; `tables[i]` is
+/// sequence i's block table, in reversed, interleaved order (never the
+/// logical one). Static parameters (scale 2/255 to 3/255 in int8 units,
+/// zero −1.2 to −0.9) are drawn whatever the mode, so the draws that
+/// follow do not depend on it.
+pub struct FilledPool {
+    pub pool: lmq_kernels::DeviceKvPool,
+    pub tables: Vec<Vec<u32>>,
+}
+
+pub fn filled_pool(dev: &GpuDevice, c: &AttnCase, lens: &[usize], rng: &mut Rng) -> FilledPool {
+    use lmq_kernels::paged::kv_write;
+    use lmq_kernels::{DeviceKvPool, KvLayout, KvStorage, RowMeta, RowPlace};
+    let blocks_per_seq: Vec<usize> = lens.iter().map(|n| n.div_ceil(c.block_len)).collect();
+    let num_blocks: usize = blocks_per_seq.iter().sum::<usize>() + 3;
+    let mut next = num_blocks as u32;
+    let tables: Vec<Vec<u32>> = blocks_per_seq
+        .iter()
+        .map(|&n| {
+            (0..n)
+                .map(|_| {
+                    next -= 1;
+                    next
+                })
+                .collect()
+        })
+        .collect();
+    let layout = KvLayout {
+        num_layers: 2,
+        num_kv_heads: c.kv_heads,
+        head_dim: c.head_dim,
+        block_len: c.block_len,
+        num_blocks,
+        storage: c.storage,
+    };
+    let statics: Vec<f32> = (0..2 * 2 * c.kv_heads)
+        .flat_map(|_| {
+            [
+                rng.uniform(2.0 / 255.0, 3.0 / 255.0) as f32,
+                rng.uniform(-1.2, -0.9) as f32,
+            ]
+        })
+        .collect();
+    let statics = c.static_mode.then(|| {
+        let levels = if c.storage == KvStorage::Int8 {
+            255.0
+        } else {
+            15.0
+        };
+        statics
+            .chunks(2)
+            .flat_map(|p| [p[0] * 255.0 / levels, p[1]])
+            .collect::<Vec<f32>>()
+    });
+    let mut pool = DeviceKvPool::new(dev, layout, statics.as_deref()).expect("pool");
+    let fill: Vec<RowPlace> = lens
+        .iter()
+        .zip(&tables)
+        .flat_map(|(&n, t)| (0..n).map(move |q| RowPlace { pos: q, table: t }))
+        .collect();
+    let fill_meta = RowMeta::with_prefill(dev, &fill, 0).expect("fill meta");
+    let kd = c.kv_heads * c.head_dim;
+    let k = dev
+        .upload(&rng.values(fill.len() * kd, -1.0, 1.0), fill.len(), kd)
+        .expect("k");
+    let v = dev
+        .upload(&rng.values(fill.len() * kd, -1.0, 1.0), fill.len(), kd)
+        .expect("v");
+    kv_write(dev, &mut pool, 1, &k, &v, &fill_meta).expect("kv_write");
+    FilledPool { pool, tables }
+}
+
+/// The largest |a − b| over max(1, max|a|); NaN anywhere fails.
+pub fn scaled_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = a.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| {
+        assert!(x.is_finite() && y.is_finite(), "non-finite output: {x} {y}");
+        m.max((x - y).abs())
+    }) / scale
+}

@@ -1,0 +1,45 @@
+//! What the benchmark examples share: GPU 0 opened (or the run reported as
+//! skipped), a pair of timing events, and the median of repeated timings.
+#![allow(dead_code)] // each example uses a part
+
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::CudaEvent;
+use lmq_kernels::{GpuDevice, KernelError};
+
+/// GPU 0, its name, architecture and SM count printed; `None` after
+/// printing "skipped: no CUDA device (…)" where there is none.
+pub fn open_device() -> Result<Option<GpuDevice>, KernelError> {
+    match GpuDevice::new(0) {
+        Ok(dev) => {
+            println!(
+                "device: {} ({}, {} SMs)",
+                dev.name(),
+                dev.arch(),
+                dev.num_sms()
+            );
+            Ok(Some(dev))
+        }
+        Err(KernelError::NoDevice(msg)) => {
+            println!("skipped: no CUDA device ({msg})");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Start and end events that record timestamps.
+pub fn timing_events(
+    dev: &GpuDevice,
+) -> Result<(CudaEvent, CudaEvent), Box<dyn std::error::Error>> {
+    let new = || {
+        dev.context()
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+    };
+    Ok((new()?, new()?))
+}
+
+/// The median (the upper one of an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
