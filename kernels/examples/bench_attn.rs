@@ -22,7 +22,7 @@ use lmq_kernels::{DeviceKvPool, KvLayout, KvStorage, RowMeta, RowPlace};
 
 #[path = "bench_common/mod.rs"]
 mod bench_common;
-use bench_common::{median, open_device, timing_events};
+use bench_common::{median, open_device, timing_events, Timing};
 
 const BATCH: usize = 64;
 const CTX: usize = 2048;
@@ -38,6 +38,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let stream = dev.stream().clone();
     let (start, end) = timing_events(&dev)?;
+    let timing = Timing {
+        dev: &dev,
+        start: &start,
+        end: &end,
+        warmup: 3,
+        rounds: ROUNDS,
+        calls: CALLS,
+    };
 
     // Copy bandwidth, the ceiling.
     let bytes = 1usize << 30;
@@ -161,20 +169,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         / scale
                 }
             };
-            for _ in 0..3 {
-                run()?;
-            }
-            let mut times = Vec::new();
-            for _ in 0..ROUNDS {
-                start.record(&stream)?;
-                for _ in 0..CALLS {
-                    run()?;
-                }
-                end.record(&stream)?;
-                times.push(start.elapsed_ms(&end)? as f64 * 1e3 / CALLS as f64);
-            }
-            dev.context().check_err()?;
-            let us = median(times);
+            let us = timing.us(run)?;
             // Per-token parameters: an fp16 scale plus a one-byte zero-point
             // (int8) or an fp16 zero (int4).
             let params = match storage {

@@ -19,7 +19,7 @@ use lmq_kernels::{DeviceKvPool, KvLayout, KvStorage, RowMeta, RowPlace};
 
 #[path = "bench_common/mod.rs"]
 mod bench_common;
-use bench_common::{median, open_device, timing_events};
+use bench_common::{open_device, timing_events, Timing};
 
 const HD: usize = 128;
 const HEADS: usize = 32;
@@ -45,8 +45,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let Some(dev) = open_device()? else {
         return Ok(());
     };
-    let stream = dev.stream().clone();
     let (start, end) = timing_events(&dev)?;
+    let timing = Timing {
+        dev: &dev,
+        start: &start,
+        end: &end,
+        warmup: 2,
+        rounds: ROUNDS,
+        calls: CALLS,
+    };
     let mut rng = Xorshift(0x2545_f491_4f6c_dd1d);
 
     // (name, sequences as (history, new rows)).
@@ -102,20 +109,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let time = |meta: &RowMeta| -> Result<(f64, Vec<f32>), Box<dyn std::error::Error>> {
                     let run = || paged_attention(&dev, &pool, 0, &q, HEADS, meta);
                     let out = dev.download(&run()?)?;
-                    for _ in 0..2 {
-                        run()?;
-                    }
-                    let mut times = Vec::new();
-                    for _ in 0..ROUNDS {
-                        start.record(&stream)?;
-                        for _ in 0..CALLS {
-                            run()?;
-                        }
-                        end.record(&stream)?;
-                        times.push(start.elapsed_ms(&end)? as f64 * 1e3 / CALLS as f64);
-                    }
-                    dev.context().check_err()?;
-                    Ok((median(times), out))
+                    Ok((timing.us(run)?, out))
                 };
                 let (row_us, want) = time(&per_row)?;
                 let (tile_us, got) = time(&tiled)?;

@@ -12,7 +12,7 @@ use lmq_kernels::{Blas, KernelError, PackedW4, W4A16Linear};
 
 #[path = "bench_common/mod.rs"]
 mod bench_common;
-use bench_common::{median, open_device, timing_events};
+use bench_common::{open_device, timing_events, Timing};
 
 const M: usize = 2048;
 const CALLS: usize = 10;
@@ -23,8 +23,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     };
     let blas = Blas::new(&dev)?;
-    let stream = dev.stream().clone();
     let (start, end) = timing_events(&dev)?;
+    let timing = Timing {
+        dev: &dev,
+        start: &start,
+        end: &end,
+        warmup: 3,
+        rounds: ROUNDS,
+        calls: CALLS,
+    };
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
         seed ^= seed << 13;
@@ -53,20 +60,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         w4.dequantize_into(&dev, &mut dense)?;
         let mut scratch = dev.uninit::<f16>(n, k)?;
         let mut out = dev.uninit::<f32>(M, n)?;
+        // Milliseconds per call.
         let time = |f: &mut dyn FnMut() -> Result<(), KernelError>| -> Result<f64, Box<dyn std::error::Error>> {
-            for _ in 0..3 {
-                f()?;
-            }
-            let mut times = Vec::new();
-            for _ in 0..ROUNDS {
-                start.record(&stream)?;
-                for _ in 0..CALLS {
-                    f()?;
-                }
-                end.record(&stream)?;
-                times.push(start.elapsed_ms(&end)? as f64 / CALLS as f64);
-            }
-            Ok(median(times))
+            Ok(timing.us(f)? * 1e-3)
         };
         let dense_ms = time(&mut || blas.gemm_f16(&dev, &x, &dense, &mut out))?;
         let w4_ms = time(&mut || {

@@ -43,3 +43,38 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
+
+/// How a benchmark times one call: `warmup` calls, then `rounds` rounds of
+/// `calls` back-to-back calls between the two events.
+pub struct Timing<'a> {
+    pub dev: &'a GpuDevice,
+    pub start: &'a CudaEvent,
+    pub end: &'a CudaEvent,
+    pub warmup: usize,
+    pub rounds: usize,
+    pub calls: usize,
+}
+
+impl Timing<'_> {
+    /// Microseconds per call: the median round over its calls.
+    pub fn us<R, E: Into<Box<dyn std::error::Error>>>(
+        &self,
+        mut call: impl FnMut() -> Result<R, E>,
+    ) -> Result<f64, Box<dyn std::error::Error>> {
+        let stream = self.dev.stream();
+        for _ in 0..self.warmup {
+            call().map_err(Into::into)?;
+        }
+        let mut times = Vec::with_capacity(self.rounds);
+        for _ in 0..self.rounds {
+            self.start.record(stream)?;
+            for _ in 0..self.calls {
+                call().map_err(Into::into)?;
+            }
+            self.end.record(stream)?;
+            times.push(self.start.elapsed_ms(self.end)? as f64 * 1e3 / self.calls as f64);
+        }
+        self.dev.context().check_err()?;
+        Ok(median(times))
+    }
+}
