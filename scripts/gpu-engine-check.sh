@@ -120,8 +120,8 @@ tail -n 5 "$LOG/generate-cuda.err" "$LOG/eval-cuda.err" 2>/dev/null
 # 4. Benchmarks.
 [[ "${ONLY_MODEL:-0}" == 1 ]] && exit "$model_ok"
 if command -v cuobjdump >/dev/null; then
-    for f in "$LMQ_KERNEL_CACHE"/paged_attn*.cubin; do
-        cuobjdump -res-usage "$f" 2>/dev/null | grep -A1 -E "paged_attn_h(64|128)_(f16|i4)_g(1|4)" | grep -E "Function|REG" | sed 's/^/  /'
+    for f in "$LMQ_KERNEL_CACHE"/paged_attn*.cubin "$LMQ_KERNEL_CACHE"/attn_*.cubin; do
+        cuobjdump -res-usage "$f" 2>/dev/null | grep -A1 -E "paged_attn_h(64|128)_(f16_g(1|4)|i8|i4)" | grep -E "Function|REG" | sed 's/^/  /'
     done >"$LOG/resources.txt"
     head -n 16 "$LOG/resources.txt"
 fi

@@ -6,7 +6,7 @@
 //!
 //! `cargo run --release -p lmq-kernels --example compile_kernels -- sm_90`
 
-use lmq_kernels::nvrtc::{compile, cuda_include_dirs, Module};
+use lmq_kernels::nvrtc::{compile_parallel, cuda_include_dirs, Module};
 
 fn main() {
     let mut archs: Vec<String> = std::env::args().skip(1).collect();
@@ -16,8 +16,10 @@ fn main() {
     let includes = cuda_include_dirs();
     let mut failed = false;
     for arch in &archs {
-        for m in Module::ALL {
-            match compile(m, arch, &includes) {
+        // As `GpuDevice::compile_all` does: every module on its own thread.
+        let start = std::time::Instant::now();
+        for (m, result) in compile_parallel(&Module::ALL, arch, &includes) {
+            match result {
                 Ok(cubin) => println!("{arch} {}: ok ({} bytes)", m.name(), cubin.len()),
                 Err(e) => {
                     failed = true;
@@ -25,6 +27,7 @@ fn main() {
                 }
             }
         }
+        println!("{arch}: {:.1} s", start.elapsed().as_secs_f64());
     }
     if failed {
         std::process::exit(1);

@@ -217,11 +217,18 @@ impl GpuDevice {
     /// first use). Useful to surface NVRTC errors early.
     /// The W4A16 kernel needs sm_80+ and is skipped below that.
     pub fn compile_all(&self) -> Result<()> {
-        for m in Module::ALL {
-            if m == Module::W4A16 && !self.supports_w4a16() {
-                continue;
-            }
-            self.module(m)?;
+        let arch = self.arch();
+        let wanted: Vec<Module> = {
+            let cache = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+            Module::ALL
+                .into_iter()
+                .filter(|&m| m != Module::W4A16 || self.supports_w4a16())
+                .filter(|m| !cache.contains_key(m))
+                .collect()
+        };
+        // Compiled in parallel; loaded on this thread.
+        for (m, cubin) in nvrtc::compile_parallel(&wanted, &arch, &self.include_dirs) {
+            self.install(m, cubin?)?;
         }
         Ok(())
     }
@@ -235,12 +242,27 @@ impl GpuDevice {
     fn module(&self, m: Module) -> Result<Arc<CudaModule>> {
         // A poisoned lock only means another thread panicked while holding
         // it; the map itself is always in a consistent state.
+        if let Some(module) = self
+            .modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&m)
+        {
+            return Ok(module.clone());
+        }
+        let cubin = nvrtc::compile(m, &self.arch(), &self.include_dirs)?;
+        self.install(m, cubin)
+    }
+
+    /// Loads `cubin` (module `m`, compiled or read from the disk cache) into
+    /// the context and keeps it; a cubin the driver rejects (a stale or
+    /// corrupt cache entry) is dropped from the cache and built afresh.
+    fn install(&self, m: Module, cubin: Vec<u8>) -> Result<Arc<CudaModule>> {
         let mut cache = self.modules.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(module) = cache.get(&m) {
             return Ok(module.clone());
         }
         let arch = self.arch();
-        let cubin = nvrtc::compile(m, &arch, &self.include_dirs)?;
         let module = match self.ctx.load_module(Ptx::from_binary(cubin)) {
             Ok(module) => module,
             Err(_) => {

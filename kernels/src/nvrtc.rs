@@ -21,18 +21,28 @@ pub enum Module {
     Norm,
     Elementwise,
     ActF32,
+    /// The KV write, the float attention kernel and the split merge.
     PagedAttn,
+    /// The integer tile attention kernel.
+    AttnInt,
+    /// The streaming integer attention kernel.
+    AttnStream,
+    /// The prefill attention kernel.
+    AttnPrefill,
     W4Dequant,
     Sampling,
 }
 
 impl Module {
-    pub const ALL: [Module; 7] = [
+    pub const ALL: [Module; 10] = [
         Module::W4A16,
         Module::Norm,
         Module::Elementwise,
         Module::ActF32,
         Module::PagedAttn,
+        Module::AttnInt,
+        Module::AttnStream,
+        Module::AttnPrefill,
         Module::W4Dequant,
         Module::Sampling,
     ];
@@ -44,6 +54,9 @@ impl Module {
             Module::Elementwise => "elementwise",
             Module::ActF32 => "act_f32",
             Module::PagedAttn => "paged_attn",
+            Module::AttnInt => "attn_int",
+            Module::AttnStream => "attn_stream",
+            Module::AttnPrefill => "attn_prefill",
             Module::W4Dequant => "w4_dequant",
             Module::Sampling => "sampling",
         }
@@ -55,15 +68,34 @@ impl Module {
             Module::Norm => include_str!("cu/norm.cu"),
             Module::Elementwise => include_str!("cu/elementwise.cu"),
             Module::ActF32 => include_str!("cu/act_f32.cu"),
-            // One module in files by concern: layout, KV write and the
-            // float kernel; the integer tensor-core kernels (tile, then
-            // streaming); the prefill kernel; the entry points.
+            // The attention kernels share their sources by concern (the
+            // layout, KV write and float kernel; the integer tile kernel and
+            // its MMA helpers; the streaming kernel; the prefill kernel) but
+            // are four modules, each instantiating only its own entry
+            // points, so that `GpuDevice::compile_all` builds them in
+            // parallel (they were one module that took most of a cold
+            // start's compile time).
             Module::PagedAttn => concat!(
+                include_str!("cu/paged_attn.cu"),
+                include_str!("cu/paged_attn_entry.cu")
+            ),
+            Module::AttnInt => concat!(
+                include_str!("cu/paged_attn.cu"),
+                include_str!("cu/paged_attn_int.cu"),
+                include_str!("cu/attn_int_entry.cu")
+            ),
+            Module::AttnStream => concat!(
+                include_str!("cu/paged_attn.cu"),
+                include_str!("cu/paged_attn_int.cu"),
+                include_str!("cu/paged_attn_int2.cu"),
+                include_str!("cu/attn_stream_entry.cu")
+            ),
+            Module::AttnPrefill => concat!(
                 include_str!("cu/paged_attn.cu"),
                 include_str!("cu/paged_attn_int.cu"),
                 include_str!("cu/paged_attn_int2.cu"),
                 include_str!("cu/paged_attn_prefill.cu"),
-                include_str!("cu/paged_attn_entry.cu")
+                include_str!("cu/attn_prefill_entry.cu")
             ),
             Module::W4Dequant => include_str!("cu/w4_dequant.cu"),
             Module::Sampling => include_str!("cu/sampling.cu"),
@@ -162,6 +194,33 @@ pub fn compile(module: Module, arch: &str, include_dirs: &[PathBuf]) -> Result<V
         store(p, &cubin);
     }
     Ok(cubin)
+}
+
+/// [`compile`] for each of `modules`, one thread each: NVRTC's API is
+/// thread-safe, so a cold start takes about the longest module's time
+/// rather than the sum. Results come back in the order of `modules`.
+pub fn compile_parallel(
+    modules: &[Module],
+    arch: &str,
+    include_dirs: &[PathBuf],
+) -> Vec<(Module, Result<Vec<u8>>)> {
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = modules
+            .iter()
+            .map(|&m| (m, s.spawn(move || compile(m, arch, include_dirs))))
+            .collect();
+        jobs.into_iter()
+            .map(|(m, job)| {
+                let cubin = job.join().unwrap_or_else(|_| {
+                    Err(KernelError::invalid(
+                        "compile",
+                        format!("the NVRTC thread for {} panicked", m.name()),
+                    ))
+                });
+                (m, cubin)
+            })
+            .collect()
+    })
 }
 
 fn compile_options(arch: &str, include_dirs: &[PathBuf]) -> Vec<String> {

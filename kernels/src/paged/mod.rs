@@ -540,7 +540,14 @@ pub fn paged_attention_with(
     } else {
         format!("paged_attn_h{hd}_{}_g{width}", l.storage.suffix())
     };
-    let f = dev.function(Module::PagedAttn, &name)?;
+    let module = if variant.is_some() {
+        Module::AttnStream
+    } else if l.storage.is_integer() {
+        Module::AttnInt
+    } else {
+        Module::PagedAttn
+    };
+    let f = dev.function(module, &name)?;
     let rows = check_i32(OP, "rows", meta.rows)?;
     let (sm, li, hi, nhi, bli) = (
         i32::from(pool.static_mode),
@@ -631,7 +638,7 @@ pub fn paged_attention_with(
     }
     if let Some(p) = prefill {
         let name = format!("paged_attn_prefill_h{hd}_{}", l.storage.suffix());
-        let f = dev.function(Module::PagedAttn, &name)?;
+        let f = dev.function(Module::AttnPrefill, &name)?;
         let bytes = prefill_smem_bytes(l.storage, hd);
         f.set_attribute(
             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
