@@ -68,22 +68,34 @@ __device__ __forceinline__ void ldsm_x4(u32* r, const unsigned char* p) {
 #endif
 }
 
+// A token-head of the tile being loaded: where it is and (integer
+// storage) how its codes read back.
+struct PrefillKey {
+    unsigned long long th;
+    float scale, zero;
+};
+
 // Shared memory of one block: NST stages, each a K tile then a V tile of
 // PF_KT rows of HD halves padded by 8 (16 bytes), so that the 8 rows of an
-// ldmatrix fall in distinct bank groups.
+// ldmatrix fall in distinct bank groups; then the 2·PF_KT token-heads of the
+// tile being loaded.
 template <int HD, int DT>
 struct PrefillSmem {
     static constexpr int RS = HD + 8;  // halves per row
     static constexpr int TILE = PF_KT * RS;  // halves per K (or V) tile
     static constexpr int NST = DT == DT_F16 ? 2 : 1;
-    static constexpr int BYTES = NST * 2 * TILE * 2;
+    static constexpr int KEYS_AT = NST * 2 * TILE * 2;  // bytes
+    static constexpr int BYTES = KEYS_AT + 2 * PF_KT * (int)sizeof(PrefillKey);
 };
 
 // The key tile [kt0, kt0 + PF_KT) of `head` (keys at or past `end` read key
 // end − 1), K then V, into `stage`: fp16 storage by cp.async (committed as
 // one group by the caller), integer storage dequantized through registers.
+// First one thread per token-head finds it (a block-table lookup and, for
+// integer storage, its parameters) for the others: each token-head is 8 to
+// 16 chunks of 8 values, copied by as many threads.
 template <int HD, int DT, bool STATIC>
-__device__ __forceinline__ void prefill_load_tile(__half* stage, int kt0, int end,
+__device__ __forceinline__ void prefill_load_tile(__half* stage, PrefillKey* keys, int kt0, int end,
                                                   const int* __restrict__ blocks,
                                                   const unsigned char* __restrict__ data,
                                                   const unsigned char* __restrict__ params,
@@ -92,26 +104,38 @@ __device__ __forceinline__ void prefill_load_tile(__half* stage, int kt0, int en
     using S = PrefillSmem<HD, DT>;
     constexpr int CPK = HD / 8;  // chunks of 8 values per token-head
     constexpr int CHUNKS = 2 * PF_KT * CPK;
-    const size_t vstep = (size_t)H * BL;
+    static_assert(2 * PF_KT <= PF_WARPS * 32, "one thread per token-head of a tile");
+    if (threadIdx.x < 2 * PF_KT) {
+        const int which = threadIdx.x / PF_KT, key = threadIdx.x % PF_KT;
+        const int p = min(kt0 + key, end - 1);
+        PrefillKey k;
+        k.th = key_th(blocks, p, layer, L, H, head, BL) + (size_t)which * H * BL;
+        k.scale = 1.0f;
+        k.zero = 0.0f;
+        if (DT != DT_F16) {
+            if (STATIC) {
+                const float* st = statics + (((size_t)layer * 2 + which) * H + head) * 2;
+                k.scale = st[0];
+                k.zero = st[1];
+            } else {
+                kv_token_params<DT>(params, k.th, BL, k.scale, k.zero);
+            }
+        }
+        keys[threadIdx.x] = k;
+    }
+    __syncthreads();
     for (int c = threadIdx.x; c < CHUNKS; c += PF_WARPS * 32) {
         const int which = c / (PF_KT * CPK);
         const int key = (c / CPK) % PF_KT;
         const int part = c % CPK;
-        const int p = min(kt0 + key, end - 1);
-        const size_t th = key_th(blocks, p, layer, L, H, head, BL) + which * vstep;
+        const PrefillKey k = keys[which * PF_KT + key];
+        const size_t th = k.th;
         __half* dst = stage + which * S::TILE + key * S::RS + part * 8;
         if (DT == DT_F16) {
             copy16_async(dst, data + th * (2 * HD) + part * 16);
             continue;
         }
-        float scale, zero;
-        if (STATIC) {
-            const float* st = statics + (((size_t)layer * 2 + which) * H + head) * 2;
-            scale = st[0];
-            zero = st[1];
-        } else {
-            kv_token_params<DT>(params, th, BL, scale, zero);
-        }
+        const float scale = k.scale, zero = k.zero;
         float x[8];
         if (DT == DT_I8) {
             const uint2 w = *(const uint2*)(data + th * HD + part * 8);
@@ -146,6 +170,7 @@ __device__ void paged_attn_prefill(const float* __restrict__ q, const int* __res
     constexpr int DTL = HD / 8;     // dim n-tiles of O
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __half* smem = (__half*)smem_raw;
+    PrefillKey* keys = (PrefillKey*)(smem_raw + S::KEYS_AT);
 
     const int* tile = meta + tiles_at + 3 * blockIdx.x;
     const int row0 = tile[0], nrows = tile[1], maxpos = tile[2];
@@ -191,7 +216,7 @@ __device__ void paged_attn_prefill(const float* __restrict__ q, const int* __res
 
     const int ntiles = (end - begin + PF_KT - 1) / PF_KT;
     if (DT == DT_F16) {
-        prefill_load_tile<HD, DT, STATIC>(smem, begin, end, blocks, data, params, statics, layer, L, H,
+        prefill_load_tile<HD, DT, STATIC>(smem, keys, begin, end, blocks, data, params, statics, layer, L, H,
                                           head, BL);
         copy_commit();
     }
@@ -203,7 +228,7 @@ __device__ void paged_attn_prefill(const float* __restrict__ q, const int* __res
             // stage was last read in iteration it − 1, before the barrier
             // that ended it.
             if (it + 1 < ntiles) {
-                prefill_load_tile<HD, DT, STATIC>(smem + ((it + 1) & 1) * 2 * S::TILE, kt0 + PF_KT, end,
+                prefill_load_tile<HD, DT, STATIC>(smem + ((it + 1) & 1) * 2 * S::TILE, keys, kt0 + PF_KT, end,
                                                   blocks, data, params, statics, layer, L, H, head, BL);
                 copy_commit();
                 copy_wait(1);
@@ -211,7 +236,7 @@ __device__ void paged_attn_prefill(const float* __restrict__ q, const int* __res
                 copy_wait(0);
             }
         } else {
-            prefill_load_tile<HD, DT, STATIC>(stage, kt0, end, blocks, data, params, statics, layer, L,
+            prefill_load_tile<HD, DT, STATIC>(stage, keys, kt0, end, blocks, data, params, statics, layer, L,
                                               H, head, BL);
         }
         __syncthreads();

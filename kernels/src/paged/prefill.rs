@@ -111,10 +111,11 @@ pub(super) fn prefill_supported(dev: &GpuDevice, l: &KvLayout) -> bool {
 
 /// Dynamic shared memory of the prefill kernel (`PrefillSmem` in the
 /// kernel): K and V tiles of 64 rows of head_dim + 8 halves, two stages for
-/// fp16 storage (copied asynchronously), one for integer storage.
+/// fp16 storage (copied asynchronously), one for integer storage; then the
+/// tile's 128 token-heads (`PrefillKey`, 16 bytes each).
 pub(super) fn prefill_smem_bytes(storage: KvStorage, head_dim: usize) -> usize {
     let stages = if storage == KvStorage::F16 { 2 } else { 1 };
-    stages * 2 * 64 * (head_dim + 8) * 2
+    stages * 2 * 64 * (head_dim + 8) * 2 + 2 * 64 * 16
 }
 
 #[cfg(test)]
