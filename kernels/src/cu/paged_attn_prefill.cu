@@ -105,6 +105,8 @@ __device__ __forceinline__ void prefill_load_tile(__half* stage, PrefillKey* key
     constexpr int CPK = HD / 8;  // chunks of 8 values per token-head
     constexpr int CHUNKS = 2 * PF_KT * CPK;
     static_assert(2 * PF_KT <= PF_WARPS * 32, "one thread per token-head of a tile");
+    // `keys` is one buffer: callers put a barrier between one call's copies
+    // (which read it) and the next call (which rewrites it).
     if (threadIdx.x < 2 * PF_KT) {
         const int which = threadIdx.x / PF_KT, key = threadIdx.x % PF_KT;
         const int p = min(kt0 + key, end - 1);
@@ -219,6 +221,9 @@ __device__ void paged_attn_prefill(const float* __restrict__ q, const int* __res
         prefill_load_tile<HD, DT, STATIC>(smem, keys, begin, end, blocks, data, params, statics, layer, L, H,
                                           head, BL);
         copy_commit();
+        // Every thread has read `keys` for this tile's copies before
+        // iteration 0 rewrites it for the next tile.
+        __syncthreads();
     }
     for (int it = 0; it < ntiles; ++it) {
         const int kt0 = begin + it * PF_KT;
