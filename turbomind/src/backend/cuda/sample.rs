@@ -2,13 +2,13 @@
 //! into its [`StepOutput`] by the kernels of `lmq_kernels::sampling`, with
 //! each row's penalties built from its history.
 
-use std::collections::HashMap;
-
 use lmq_kernels::{sample_rows, DeviceMatrix, GpuDevice, PenaltyEntry, RowSampling};
+use rayon::prelude::*;
 
 use super::gpu_error;
 use crate::backend::{finish_step, SampleRow, StepOutput};
 use crate::error::Result;
+use crate::sampling::token_counts;
 
 /// A recorded step's logits made into its output, as
 /// [`crate::backend::finish_logits`] does for an act.
@@ -33,43 +33,46 @@ pub(super) fn sample_matrix(
     logits: &mut DeviceMatrix<f32>,
     rows: &[SampleRow<'_>],
 ) -> Result<Vec<Option<u32>>> {
-    let mut params = Vec::with_capacity(rows.len());
-    let mut penalties = Vec::new();
-    for (row, r) in rows.iter().enumerate() {
-        let p = r.params;
-        params.push(RowSampling {
-            temperature: p.temperature,
-            top_k: p.top_k,
-            top_p: p.top_p,
-            min_p: p.min_p,
-            uniform: r.uniform,
-            repetition_penalty: p.repetition_penalty,
-            presence_penalty: p.presence_penalty,
-            frequency_penalty: p.frequency_penalty,
-        });
-        let wants_repetition = p.repetition_penalty != 1.0;
-        let wants_output = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
-        if !wants_repetition && !wants_output {
-            continue;
-        }
-        let mut counts: HashMap<u32, (u32, bool)> = HashMap::new();
-        for (i, &t) in r.history.iter().enumerate() {
-            let e = counts.entry(t).or_default();
-            e.1 = true;
-            if i >= r.prompt_len {
-                e.0 += 1;
+    let params: Vec<RowSampling> = rows
+        .iter()
+        .map(|r| {
+            let p = r.params;
+            RowSampling {
+                temperature: p.temperature,
+                top_k: p.top_k,
+                top_p: p.top_p,
+                min_p: p.min_p,
+                uniform: r.uniform,
+                repetition_penalty: p.repetition_penalty,
+                presence_penalty: p.presence_penalty,
+                frequency_penalty: p.frequency_penalty,
             }
-        }
-        penalties.extend(
-            counts
+        })
+        .collect();
+    // Rows count their histories on rayon's threads (a sort each; long
+    // histories × many rows would otherwise hold the step on this thread),
+    // and their entries join in row order.
+    let per_row: Vec<Vec<PenaltyEntry>> = rows
+        .par_iter()
+        .enumerate()
+        .map(|(row, r)| {
+            let p = r.params;
+            let wants_repetition = p.repetition_penalty != 1.0;
+            let wants_output = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+            if !wants_repetition && !wants_output {
+                return Vec::new();
+            }
+            token_counts(r.history, r.prompt_len)
                 .into_iter()
-                .map(|(token, (generated, seen))| PenaltyEntry {
+                .map(|(token, generated)| PenaltyEntry {
                     row,
                     token,
                     generated,
-                    seen: seen && wants_repetition,
-                }),
-        );
-    }
+                    seen: wants_repetition,
+                })
+                .collect()
+        })
+        .collect();
+    let penalties: Vec<PenaltyEntry> = per_row.into_iter().flatten().collect();
     sample_rows(dev, logits, &params, &penalties).map_err(gpu_error)
 }
