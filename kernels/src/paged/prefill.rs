@@ -40,7 +40,9 @@ pub(super) fn prefill_from_env() -> Option<(usize, bool)> {
 /// they alone give every SM a block. The prefill kernel does not split
 /// positions (its partial states would grow with the square of the
 /// prompt), so a few tiles over a long history (a short chunk late in a
-/// long prompt) run faster as decode rows, which split.
+/// long prompt) would leave most SMs idle; such rows stay decode rows,
+/// which split. The threshold is a guess until `bench_attn_prefill` has
+/// run.
 pub(super) fn use_prefill_tiles(always: bool, tiles: usize, heads: usize, sms: usize) -> bool {
     always || tiles.saturating_mul(heads) >= sms
 }
