@@ -2,14 +2,27 @@
 //! the device stream's (the dequantization of the next prefill weight
 //! during the current GEMM). cudarc's cross-stream event tracking is off
 //! for these devices, so the ordering between the two streams is the
-//! caller's, through the marks and joins here.
+//! caller's, through the marks and joins here. None of it may happen while
+//! the device stream is being recorded into a CUDA graph (an event from
+//! outside a capture invalidates it, and a side stream drawn into one never
+//! runs its work): each call refuses then.
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaEvent, CudaStream};
 
 use crate::device::GpuDevice;
-use crate::error::{DriverContext, Result};
+use crate::error::{DriverContext, KernelError, Result};
+
+fn not_recording(dev: &GpuDevice, what: &'static str) -> Result<()> {
+    if dev.is_recording() {
+        return Err(KernelError::invalid(
+            what,
+            "the side stream cannot be ordered against a stream being recorded",
+        ));
+    }
+    Ok(())
+}
 
 /// A side stream of one device.
 pub struct SideStream {
@@ -31,6 +44,7 @@ impl GpuDevice {
 
     /// Marks the work queued on the device stream so far.
     pub fn mark(&self) -> Result<StreamMark> {
+        not_recording(self, "mark")?;
         let e = self
             .stream()
             .record_event(None)
@@ -40,6 +54,7 @@ impl GpuDevice {
 
     /// Makes the device stream wait for everything queued on `side` so far.
     pub fn join(&self, side: &SideStream) -> Result<()> {
+        not_recording(self, "join")?;
         self.stream()
             .join(&side.stream)
             .during("joining the side stream")

@@ -460,6 +460,12 @@ impl W4A16Linear {
         side: &crate::SideStream,
         out: &mut DeviceMatrix<f16>,
     ) -> Result<()> {
+        if dev.is_recording() {
+            return Err(KernelError::invalid(
+                "W4 dequantize",
+                "no side-stream work while the device stream is recorded",
+            ));
+        }
         self.dequantize_on(dev, side.stream(), out)
     }
 

@@ -217,7 +217,9 @@ fn whole_model_matches_cpu_emulation() {
 /// different shapes (as a layer's q/k/v, o, gate/up and down) runs three
 /// times at 40 rows: the first pass teaches the prefetcher their order,
 /// the later ones take every weight from the side stream; a pass in
-/// another order then exercises the discarded guesses.
+/// another order then exercises the discarded guesses, and a recorded
+/// graph of two of them (a batched decode step) must leave the side
+/// stream out.
 #[test]
 fn prefill_prefetch_matches_plain_prefill() {
     let Some(gpu) = gpu() else { return };
@@ -250,6 +252,23 @@ fn prefill_prefetch_matches_plain_prefill() {
                 let y = b.linear(input, &ws[i]).unwrap();
                 outs.push(b.to_host(&y).unwrap());
             }
+        }
+        // A recorded step of more than 16 rows (a batched decode) takes the
+        // plain path, with a prefetched weight still pending: the side
+        // stream stays out of the graph, the recording succeeds and runs,
+        // and eager calls afterwards still agree.
+        let dev = b.device();
+        let (mut graph, ()) = dev
+            .record(|| -> Result<(), Box<dyn std::error::Error>> {
+                drop(b.linear(&xa, &ws[0])?);
+                drop(b.linear(&xa, &ws[1])?);
+                Ok(())
+            })
+            .unwrap();
+        graph.launch().unwrap();
+        dev.synchronize().unwrap();
+        for i in [1, 2] {
+            outs.push(b.to_host(&b.linear(&xa, &ws[i]).unwrap()).unwrap());
         }
         outs
     };

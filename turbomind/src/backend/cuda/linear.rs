@@ -138,8 +138,12 @@ impl CudaLinear {
         match &self.weight {
             Weight::Dense(w) => blas.gemm_f16(dev, xh, w, &mut out).map_err(gpu_error)?,
             Weight::W4(l, _) if m <= MAX_ROWS => l.forward(dev, xh, &mut out).map_err(gpu_error)?,
+            // Not while a decode step of more than MAX_ROWS sequences is
+            // being recorded: a graph cannot hold the side stream's work.
             Weight::W4(l, id) => match (prefetch, id) {
-                (Some(p), Some(id)) => lock(p).gemm(dev, blas, *id, xh, &mut out)?,
+                (Some(p), Some(id)) if !dev.is_recording() => {
+                    lock(p).gemm(dev, blas, *id, xh, &mut out)?
+                }
                 _ => {
                     let mut w = dev
                         .uninit::<f16>(self.out_features, self.in_features)

@@ -106,6 +106,11 @@ struct Recording {
 
 /// The CUDA implementation of [`Backend`] on one GPU.
 pub struct CudaBackend {
+    /// Dequantization ahead of prefill GEMMs, when on (`prefetch.rs`).
+    /// First, so that it is dropped first: its drop waits for the side
+    /// stream, whose last kernel may still run, before the device (and its
+    /// modules) go.
+    prefetch: Option<Mutex<prefetch::Prefetch>>,
     dev: GpuDevice,
     blas: Blas,
     meta: Mutex<Option<MetaCache>>,
@@ -114,8 +119,6 @@ pub struct CudaBackend {
     graphs: Mutex<graph::StepGraphs>,
     recording: Mutex<Option<Recording>>,
     profile: Mutex<Option<profile::StepProfile>>,
-    /// Dequantization ahead of prefill GEMMs, when on (`prefetch.rs`).
-    prefetch: Option<Mutex<prefetch::Prefetch>>,
 }
 
 /// Locks `m`; a poisoned lock only means a panic elsewhere, and every

@@ -98,16 +98,12 @@ impl Prefetch {
             }
         }
         let weight = match self.ready.take() {
-            Some((for_id, w)) if for_id == id => {
-                dev.join(&self.side).map_err(gpu_error)?;
-                w
-            }
+            Some((for_id, w)) if for_id == id => self.join_or_wait(dev, w)?,
             other => {
                 if let Some((_, stale)) = other {
                     // The side may still be writing it: wait before its
                     // free is queued on the main stream.
-                    dev.join(&self.side).map_err(gpu_error)?;
-                    drop(stale);
+                    drop(self.join_or_wait(dev, stale)?);
                 }
                 let mut w = dev
                     .uninit::<f16>(linear.out_features(), linear.in_features())
@@ -117,14 +113,14 @@ impl Prefetch {
             }
         };
         // The next weight's scratch, allocated before this GEMM is queued.
+        // Prefetching is an optimisation: where the scratch or its mark
+        // cannot be had (memory is short), the GEMM goes on without it.
         let ahead = match self.next.get(&id) {
             Some(&n) if n != id => {
                 let nl = &self.linears[n];
-                let m = dev
-                    .uninit::<f16>(nl.out_features(), nl.in_features())
-                    .map_err(gpu_error)?;
-                let allocated = dev.mark().map_err(gpu_error)?;
-                Some((n, m, allocated))
+                dev.uninit::<f16>(nl.out_features(), nl.in_features())
+                    .ok()
+                    .and_then(|m| dev.mark().ok().map(|allocated| (n, m, allocated)))
             }
             _ => None,
         };
@@ -142,12 +138,28 @@ impl Prefetch {
     }
 }
 
+impl Prefetch {
+    /// `w`, written on the side stream, once the main stream has joined
+    /// it; where the join cannot be queued, the host waits for the side
+    /// stream instead, so that `w` is never freed (in main-stream order)
+    /// while the side may still write it.
+    fn join_or_wait(&self, dev: &GpuDevice, w: DeviceMatrix<f16>) -> Result<DeviceMatrix<f16>> {
+        match dev.join(&self.side) {
+            Ok(()) => Ok(w),
+            Err(e) => {
+                let _ = self.side.synchronize();
+                drop(w);
+                Err(gpu_error(e))
+            }
+        }
+    }
+}
+
 impl Drop for Prefetch {
     fn drop(&mut self) {
         // A matrix still being written on the side stream must not be
-        // freed before the write ends.
-        if self.ready.is_some() {
-            let _ = self.side.synchronize();
-        }
+        // freed before the write ends, nor the dequantization kernel's
+        // module unloaded while it runs (the backend drops this first).
+        let _ = self.side.synchronize();
     }
 }
