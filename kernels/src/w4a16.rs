@@ -451,13 +451,15 @@ impl W4A16Linear {
     }
 
     /// [`W4A16Linear::dequantize_into`] queued on `side`, a side stream of
-    /// `dev` (weights and `out` still belong to `dev`). The caller orders
-    /// `side` after `out`'s allocation and every use of `out` after this
-    /// write ([`GpuDevice::mark`], [`GpuDevice::join`]).
+    /// `dev` (weights and `out` still belong to `dev`), after the device
+    /// stream's work up to `after`: a [`GpuDevice::mark`] taken once `out`
+    /// was allocated. The caller must make every later use or free of
+    /// `out` wait for this write ([`GpuDevice::join`]).
     pub fn dequantize_on_side(
         &self,
         dev: &GpuDevice,
         side: &crate::SideStream,
+        after: &crate::StreamMark,
         out: &mut DeviceMatrix<f16>,
     ) -> Result<()> {
         if dev.is_recording() {
@@ -466,6 +468,7 @@ impl W4A16Linear {
                 "no side-stream work while the device stream is recorded",
             ));
         }
+        side.wait(after)?;
         self.dequantize_on(dev, side.stream(), out)
     }
 

@@ -128,9 +128,8 @@ impl Prefetch {
         // Freed in main-stream order, after the GEMM.
         drop(weight);
         if let Some((n, mut m, allocated)) = ahead {
-            self.side.wait(&allocated).map_err(gpu_error)?;
             self.linears[n]
-                .dequantize_on_side(dev, &self.side, &mut m)
+                .dequantize_on_side(dev, &self.side, &allocated, &mut m)
                 .map_err(gpu_error)?;
             self.ready = Some((n, m));
         }
