@@ -1,0 +1,108 @@
+//! The W4A16 layout back to dense fp16 `[out][in]` (`cu/w4_dequant.cu`),
+//! for prefill: more rows than the decode kernel takes go through one
+//! cuBLAS GEMM on the dequantized weight, on the device stream or on a side
+//! stream while the previous GEMM runs.
+
+use cudarc::driver::PushKernelArg;
+use half::f16;
+
+use super::W4A16Linear;
+use crate::buffer::DeviceMatrix;
+use crate::device::GpuDevice;
+use crate::error::{DriverContext, KernelError, Result};
+use crate::nvrtc::Module;
+
+impl W4A16Linear {
+    /// Writes the dense fp16 weights `[out][in]` (`(q − z) · s`, the
+    /// products the GEMV kernel forms) into `out`, for a cuBLAS GEMM.
+    pub fn dequantize_into(&self, dev: &GpuDevice, out: &mut DeviceMatrix<f16>) -> Result<()> {
+        self.dequantize_on(dev, dev.stream(), out)
+    }
+
+    /// [`W4A16Linear::dequantize_into`] queued on `side`, a side stream of
+    /// `dev` (weights and `out` still belong to `dev`), after the device
+    /// stream's work up to `after`: a [`GpuDevice::mark`] taken once `out`
+    /// was allocated. The caller must make every later use or free of
+    /// `out` wait for this write ([`GpuDevice::join`]).
+    pub fn dequantize_on_side(
+        &self,
+        dev: &GpuDevice,
+        side: &crate::SideStream,
+        after: &crate::StreamMark,
+        out: &mut DeviceMatrix<f16>,
+    ) -> Result<()> {
+        if dev.is_recording() {
+            return Err(KernelError::invalid(
+                "W4 dequantize",
+                "no side-stream work while the device stream is recorded",
+            ));
+        }
+        side.wait(after)?;
+        self.dequantize_on(dev, side.stream(), out)
+    }
+
+    fn dequantize_on(
+        &self,
+        dev: &GpuDevice,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        out: &mut DeviceMatrix<f16>,
+    ) -> Result<()> {
+        const OP: &str = "W4 dequantize";
+        if stream.context() != dev.context() {
+            return Err(KernelError::invalid(
+                OP,
+                "the stream belongs to another CUDA context",
+            ));
+        }
+        if out.rows() != self.out_features || out.cols() != self.in_features {
+            return Err(KernelError::shape(
+                OP,
+                format!(
+                    "out is {}×{}, expected {}×{}",
+                    out.rows(),
+                    out.cols(),
+                    self.out_features,
+                    self.in_features
+                ),
+            ));
+        }
+        if !std::sync::Arc::ptr_eq(self.qw.stream(), dev.stream()) || !out.is_on(dev) {
+            return Err(KernelError::invalid(
+                OP,
+                "operands belong to another GpuDevice",
+            ));
+        }
+        let words = self.out_features * self.kbs * 16;
+        let (ni, ki, kbi, gi) = (
+            self.out_features as i32,
+            self.in_features as i32,
+            self.kbs as i32,
+            self.group_size as i32,
+        );
+        let f = dev.function(Module::W4Dequant, "w4_dequant_f16")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&self.qw)
+            .arg(&self.scales)
+            .arg(&self.zeros)
+            .arg(&mut out.data)
+            .arg(&ni)
+            .arg(&ki)
+            .arg(&kbi)
+            .arg(&gi);
+        let blocks = (words.div_ceil(256) as u64).clamp(1, dev.num_sms() as u64 * 32) as u32;
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `w4_dequant_f16(const u32*, const half*, const
+        // half*, half*, int, int, int, int)`; qw holds N·kbs·16 words (the
+        // kernel reads word (((n/8)·kbs + kb)·32 + lane)·4 + i < that) and
+        // scales/zeros (K/g)·N halves (validated at construction); out is
+        // N×K (checked above), inputs past K are skipped, and 16-byte
+        // stores are used only when K is a multiple of 8 (rows stay
+        // 16-byte aligned).
+        unsafe { b.launch(cfg) }.during("launching w4_dequant_f16")?;
+        Ok(())
+    }
+}
