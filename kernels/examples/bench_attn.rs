@@ -22,7 +22,7 @@ use lmq_kernels::{DeviceKvPool, KvLayout, KvStorage, RowMeta, RowPlace};
 
 #[path = "bench_common/mod.rs"]
 mod bench_common;
-use bench_common::{median, open_device, timing_events, Timing};
+use bench_common::{median, open_device, Timing};
 
 const BATCH: usize = 64;
 const CTX: usize = 2048;
@@ -37,15 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     };
     let stream = dev.stream().clone();
-    let (start, end) = timing_events(&dev)?;
-    let timing = Timing {
-        dev: &dev,
-        start: &start,
-        end: &end,
-        warmup: 3,
-        rounds: ROUNDS,
-        calls: CALLS,
-    };
+    let timing = Timing::new(&dev, 3, ROUNDS, CALLS)?;
 
     // Copy bandwidth, the ceiling.
     let bytes = 1usize << 30;
@@ -53,10 +45,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut dst = stream.alloc_zeros::<u8>(bytes)?;
     let mut times = Vec::new();
     for i in 0..ROUNDS + 2 {
-        start.record(&stream)?;
+        timing.start.record(&stream)?;
         stream.memcpy_dtod(&src, &mut dst)?;
-        end.record(&stream)?;
-        let ms = start.elapsed_ms(&end)? as f64;
+        timing.end.record(&stream)?;
+        let ms = timing.start.elapsed_ms(&timing.end)? as f64;
         if i >= 2 {
             times.push(ms);
         }

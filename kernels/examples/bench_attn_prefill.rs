@@ -19,7 +19,7 @@ use lmq_kernels::{DeviceKvPool, KvLayout, KvStorage, RowMeta, RowPlace};
 
 #[path = "bench_common/mod.rs"]
 mod bench_common;
-use bench_common::{open_device, timing_events, Timing};
+use bench_common::{open_device, Timing};
 
 const HD: usize = 128;
 const HEADS: usize = 32;
@@ -45,15 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let Some(dev) = open_device()? else {
         return Ok(());
     };
-    let (start, end) = timing_events(&dev)?;
-    let timing = Timing {
-        dev: &dev,
-        start: &start,
-        end: &end,
-        warmup: 2,
-        rounds: ROUNDS,
-        calls: CALLS,
-    };
+    let timing = Timing::new(&dev, 2, ROUNDS, CALLS)?;
     let mut rng = Xorshift(0x2545_f491_4f6c_dd1d);
 
     // (name, sequences as (history, new rows)).

@@ -12,7 +12,7 @@ use lmq_kernels::{Blas, KernelError, PackedW4, W4A16Linear};
 
 #[path = "bench_common/mod.rs"]
 mod bench_common;
-use bench_common::{open_device, timing_events, Timing};
+use bench_common::{open_device, Timing};
 
 const M: usize = 2048;
 const CALLS: usize = 10;
@@ -23,15 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     };
     let blas = Blas::new(&dev)?;
-    let (start, end) = timing_events(&dev)?;
-    let timing = Timing {
-        dev: &dev,
-        start: &start,
-        end: &end,
-        warmup: 3,
-        rounds: ROUNDS,
-        calls: CALLS,
-    };
+    let timing = Timing::new(&dev, 3, ROUNDS, CALLS)?;
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
         seed ^= seed << 13;

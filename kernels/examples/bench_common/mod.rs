@@ -48,14 +48,31 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 /// `calls` back-to-back calls between the two events.
 pub struct Timing<'a> {
     pub dev: &'a GpuDevice,
-    pub start: &'a CudaEvent,
-    pub end: &'a CudaEvent,
+    pub start: CudaEvent,
+    pub end: CudaEvent,
     pub warmup: usize,
     pub rounds: usize,
     pub calls: usize,
 }
 
-impl Timing<'_> {
+impl<'a> Timing<'a> {
+    pub fn new(
+        dev: &'a GpuDevice,
+        warmup: usize,
+        rounds: usize,
+        calls: usize,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
+        let (start, end) = timing_events(dev)?;
+        Ok(Self {
+            dev,
+            start,
+            end,
+            warmup,
+            rounds,
+            calls,
+        })
+    }
+
     /// Microseconds per call: the median round over its calls.
     pub fn us<R, E: Into<Box<dyn std::error::Error>>>(
         &self,
@@ -72,7 +89,7 @@ impl Timing<'_> {
                 call().map_err(Into::into)?;
             }
             self.end.record(stream)?;
-            times.push(self.start.elapsed_ms(self.end)? as f64 * 1e3 / self.calls as f64);
+            times.push(self.start.elapsed_ms(&self.end)? as f64 * 1e3 / self.calls as f64);
         }
         self.dev.context().check_err()?;
         Ok(median(times))
