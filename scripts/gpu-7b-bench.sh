@@ -13,8 +13,8 @@
 #            ratio of decode speeds printed (same card, same call).
 #   INPUT_LEN prompt tokens per request (default 128; prefill runs its
 #            linears at this many rows)
-#   ENVS     space-separated environment settings (e.g. "LMQ_VECTOR_NORMS=0
-#            LMQ_VECTOR_NORMS=1"; commas join several variables into one
+#   ENVS     space-separated environment settings (e.g. "LMQ_PDL=0
+#            LMQ_PDL=1"; commas join several variables into one
 #            setting: "A=1,B=1"): each binary then runs once under each,
 #            the list repeated twice, so a switch is compared in one call.
 set -uo pipefail

@@ -696,8 +696,8 @@ fn fused_producers_match_unfused_ops() {
 }
 
 /// RMSNorm and the fused residual add, on row lengths that take the vector
-/// kernel (multiples of 4 up to 16384, with `LMQ_VECTOR_NORMS=1`) and the
-/// loop kernel (the others, or all without it), against the CPU backend: values within 1e-5 (fp32, other summation
+/// kernel (multiples of 4 up to 16384) and the loop kernel (the others),
+/// against the CPU backend: values within 1e-5 (fp32, other summation
 /// order), the residual updated the same, the fp16 copy the rounding of
 /// the values.
 #[test]

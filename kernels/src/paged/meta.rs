@@ -52,9 +52,9 @@ pub struct RowPlace<'a> {
 
 impl RowMeta {
     /// Uploads the metadata of `rows`. Consecutive rows with the same
-    /// table (one sequence's prefill rows) share one copy of it. With
-    /// `LMQ_PREFILL_ATTN=1`, runs of such rows also go to the prefill
-    /// attention kernel (see [`RowMeta::with_prefill`]).
+    /// table (one sequence's prefill rows) share one copy of it. Runs of such
+    /// rows also go to the prefill attention kernel where its tiles fill
+    /// the GPU (unless `LMQ_PREFILL_ATTN=0`; see [`RowMeta::with_prefill`]).
     pub fn new(dev: &GpuDevice, rows: &[RowPlace<'_>]) -> Result<Self> {
         let (min_run, always) = prefill_from_env().unwrap_or((0, false));
         Self::planned(dev, rows, min_run, always)
@@ -64,7 +64,7 @@ impl RowMeta {
     /// sharing a table given to the prefill attention kernel, in tiles of
     /// [`super::PREFILL_TILE_ROWS`], wherever the pool and device support it
     /// (`min_run` 0: none). For tests and benchmarks: unlike
-    /// `LMQ_PREFILL_ATTN=1`, the tiles are used even when few.
+    /// [`RowMeta::new`], the tiles are used even when few.
     pub fn with_prefill(dev: &GpuDevice, rows: &[RowPlace<'_>], min_run: usize) -> Result<Self> {
         Self::planned(dev, rows, min_run, true)
     }

@@ -20,19 +20,18 @@ pub const PREFILL_TILE_ROWS: usize = 64;
 pub const PREFILL_MIN_RUN: usize = 16;
 
 /// Whether [`super::RowMeta::new`] plans prefill tiles, and whether they
-/// are used even when they do not fill the GPU: `LMQ_PREFILL_ATTN=1` plans
-/// them (used where `tiles × query heads` reaches the SM count),
+/// are used even when they do not fill the GPU. By default they are planned
+/// and used where `tiles × query heads` reaches the SM count;
 /// `LMQ_PREFILL_ATTN=always` also uses them below that (for tests on small
-/// shapes). Written without a GPU (session 7); make the plan the default
-/// once `tests/attn_prefill.rs` and turbomind's `paged_attention_matches_cpu`
-/// have passed with it and `bench_attn_prefill` has timed it against the
-/// decode kernels, then remove the switch.
+/// shapes) and `LMQ_PREFILL_ATTN=0` leaves every row to the decode kernels.
+/// On an H100 the tiles took a 2048-token Llama-2-7B prompt from 9.1k to
+/// 30.5k tok/s end to end (docs/BENCHMARKS.md).
 pub(super) fn prefill_from_env() -> Option<(usize, bool)> {
     static ON: std::sync::OnceLock<Option<(usize, bool)>> = std::sync::OnceLock::new();
     *ON.get_or_init(|| match std::env::var("LMQ_PREFILL_ATTN").as_deref() {
-        Ok("1") => Some((PREFILL_MIN_RUN, false)),
+        Ok("0") => None,
         Ok("always") => Some((PREFILL_MIN_RUN, true)),
-        _ => None,
+        _ => Some((PREFILL_MIN_RUN, false)),
     })
 }
 

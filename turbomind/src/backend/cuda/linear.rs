@@ -37,6 +37,13 @@ pub struct CudaLinear {
     pub out_features: usize,
 }
 
+/// Whether 4-bit linears launch with programmatic dependent launch:
+/// `LMQ_PDL=1`.
+fn pdl_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LMQ_PDL").is_ok_and(|v| v == "1"))
+}
+
 impl CudaLinear {
     pub(super) fn upload(
         dev: &GpuDevice,
@@ -65,7 +72,10 @@ impl CudaLinear {
                 // Programmatic dependent launch (sm_90+): the kernel
                 // streams its weights while the op before it (which lets
                 // it launch early) still runs, and waits only to read x.
-                linear.set_pdl(true);
+                // Off unless `LMQ_PDL=1`: with it, greedy output on an H100
+                // varied from run to run (docs/BENCHMARKS.md, session 8), a
+                // race not yet found; without it, every run agreed.
+                linear.set_pdl(pdl_enabled());
                 let linear = Arc::new(linear);
                 let id = prefetch.map(|p| lock(p).register(linear.clone()));
                 Weight::W4(linear, id)
