@@ -4,6 +4,12 @@
 //! W4A16 weights dequantized into a scratch fp16 matrix, then the same
 //! GEMM). Reports TFLOP/s of each and their ratio.
 //!
+//! Then the same 4-bit path pipelined as the prefetcher runs it: each
+//! call's GEMM reads the weight dequantized during the previous call, while
+//! the next weight is dequantized on a side stream, with cuBLAS asked to
+//! plan for all SMs but `r` (`cublasSetSmCountTarget`) so that the
+//! dequantization has SMs of its own; r = 0 is the prefetcher as it is.
+//!
 //! Timing: CUDA events around 10 back-to-back calls, median of 7 rounds,
 //! after warm-up. `cargo run --release -p lmq-kernels --example bench_prefill`.
 
@@ -31,8 +37,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         seed ^= seed << 17;
         seed
     };
-    println!("| linear | K x N | cuBLAS fp16 TFLOP/s | W4 dequant+GEMM TFLOP/s | ratio |");
-    println!("|---|---|---|---|---|");
+    let side = dev.side_stream()?;
+    let sms = dev.num_sms() as usize;
+    let reserves = [0usize, 8, 16, 24, 32];
+    print!("| linear | K x N | cuBLAS fp16 TFLOP/s | W4 dequant+GEMM TFLOP/s | ratio |");
+    for r in reserves {
+        print!(" pipelined, {r} SMs kept |");
+    }
+    println!();
+    println!("|---|---|---|---|---|{}", "---|".repeat(reserves.len()));
     for (name, k, n) in [
         ("q/k/v/o", 4096usize, 4096usize),
         ("gate/up", 4096, 11008),
@@ -61,15 +74,37 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             w4.dequantize_into(&dev, &mut scratch)?;
             blas.gemm_f16(&dev, &x, &scratch, &mut out)
         })?;
+        let mut ahead = dev.uninit::<f16>(n, k)?;
+        w4.dequantize_into(&dev, &mut scratch)?;
+        let mut pipelined = Vec::new();
+        for r in reserves {
+            blas.set_sm_count_target(&dev, if r == 0 { 0 } else { sms.saturating_sub(r) })?;
+            let ms = time(&mut || {
+                // `ahead` was last read by the previous call's GEMM, which
+                // the mark covers.
+                let mark = dev.mark()?;
+                w4.dequantize_on_side(&dev, &side, &mark, &mut ahead)?;
+                blas.gemm_f16(&dev, &x, &scratch, &mut out)?;
+                dev.join(&side)?;
+                std::mem::swap(&mut scratch, &mut ahead);
+                Ok(())
+            })?;
+            pipelined.push(ms);
+        }
+        blas.set_sm_count_target(&dev, 0)?;
         dev.context().check_err()?;
         let flops = 2.0 * (M * k * n) as f64;
         let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
-        println!(
+        print!(
             "| {name} | {k}x{n} | {:.0} | {:.0} | {:.2}x |",
             tf(dense_ms),
             tf(w4_ms),
             dense_ms / w4_ms
         );
+        for ms in pipelined {
+            print!(" {:.0} ({:.2}x) |", tf(ms), dense_ms / ms);
+        }
+        println!();
     }
     Ok(())
 }

@@ -24,6 +24,13 @@
 //! A wrong guess (another order of linears) costs one unused
 //! dequantization, never a wrong result: the matrix is used only by the
 //! linear it was made for.
+//!
+//! On an H100 (session 8) the overlap as first written gained nothing:
+//! Hopper's cuBLAS GEMMs occupy every SM until they end, so the side
+//! stream's kernel waited for them. cuBLAS is therefore asked to plan a
+//! prefetching GEMM for all SMs but `LMQ_PREFILL_PREFETCH_SMS` (default
+//! 16), which the dequantization then has to itself; `bench_prefill`
+//! times the trade for several counts.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -52,6 +59,18 @@ pub(super) struct Prefetch {
 pub(super) fn prefetch_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("LMQ_PREFILL_PREFETCH").is_ok_and(|v| v == "1"))
+}
+
+/// SMs a prefetching GEMM leaves to the dequantization on the side
+/// stream: `LMQ_PREFILL_PREFETCH_SMS` (0: cuBLAS takes them all).
+fn reserved_sms() -> usize {
+    static SMS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SMS.get_or_init(|| {
+        std::env::var("LMQ_PREFILL_PREFETCH_SMS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(16)
+    })
 }
 
 impl Prefetch {
@@ -124,7 +143,17 @@ impl Prefetch {
             }
             _ => None,
         };
-        blas.gemm_f16(dev, x, &weight, out).map_err(gpu_error)?;
+        let reserve = reserved_sms().min(dev.num_sms() as usize / 2);
+        let narrowed = ahead.is_some()
+            && reserve > 0
+            && blas
+                .set_sm_count_target(dev, dev.num_sms() as usize - reserve)
+                .is_ok();
+        let done = blas.gemm_f16(dev, x, &weight, out).map_err(gpu_error);
+        if narrowed {
+            blas.set_sm_count_target(dev, 0).map_err(gpu_error)?;
+        }
+        done?;
         // Freed in main-stream order, after the GEMM.
         drop(weight);
         if let Some((n, mut m, allocated)) = ahead {
