@@ -44,3 +44,19 @@ __device__ __forceinline__ void grid_dep_launch() {
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
+
+// A 16-byte load of data that the previous kernel may still be writing
+// when this one starts under programmatic dependent launch (a linear's
+// activations). Never `__ldg`: `ld.global.nc` promises the data is fixed
+// for the kernel's lifetime, which let ptxas hoist the W4A16 kernels' x
+// loads above `griddepcontrol.wait` and read the producer's buffer before
+// it was written (session 8: run-to-run different output on an H100).
+// A volatile asm with a memory clobber keeps the load after the wait.
+__device__ __forceinline__ uint4 ld_produced_v4(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p)
+                 : "memory");
+    return v;
+}

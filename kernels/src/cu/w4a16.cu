@@ -45,8 +45,9 @@
 //
 // Programmatic dependent launch (sm_90): the weights and scales do not
 // depend on the previous kernel, so they are loaded before
-// `griddepcontrol.wait`; x is read and out written after it. Without the
-// launch attribute the wait returns at once. Each block lets the next
+// `griddepcontrol.wait`; x is read (by `ld_produced_v4`, which the
+// compiler cannot hoist above the wait as it did `__ldg`) and out written
+// after it. Without the launch attribute the wait returns at once. Each block lets the next
 // kernel launch once its own wait has returned, so at most two kernels
 // overlap.
 //
@@ -175,7 +176,7 @@ __device__ __forceinline__ void w4_compute(float (&acc)[R][4], const W4Stage<G, 
             for (int r = 0; r < R; ++r) {
                 const int k = (kb + u) * 128 + 32 * i;
                 const bool in = FULL || (kb + u < kb1 && k < K);
-                xv[u][i][r] = in ? __ldg(reinterpret_cast<const uint4*>(xr[r] + (size_t)kb * 128) + u * 16 + i * 4)
+                xv[u][i][r] = in ? ld_produced_v4(reinterpret_cast<const uint4*>(xr[r] + (size_t)kb * 128) + u * 16 + i * 4)
                                  : make_uint4(0, 0, 0, 0);
             }
     if (LD == 9) {
@@ -504,7 +505,7 @@ __device__ __forceinline__ void w4s_body(const __half* __restrict__ x,
 #pragma unroll
             for (int r = 0; r < R; ++r)
                 xv[i][r] = kb * 128 + 32 * i < K
-                               ? __ldg(reinterpret_cast<const uint4*>(xr[r]) + kb * 16 + i * 4)
+                               ? ld_produced_v4(reinterpret_cast<const uint4*>(xr[r]) + kb * 16 + i * 4)
                                : make_uint4(0, 0, 0, 0);
     };
     uint4 xn[4][R];

@@ -1,0 +1,102 @@
+//! Programmatic dependent launch (PDL) against a producer that is still
+//! running: a W4A16 linear launched with PDL right after `act::to_f16`
+//! (which, like every op that feeds a linear, lets its dependant start at
+//! once) must read what the producer wrote, never what the buffer held
+//! before.
+//!
+//! Session 8 found the opposite on an H100: the classic kernels loaded x
+//! with `__ldg`, and ptxas hoisted those loads above `griddepcontrol.wait`,
+//! so the engine's greedy output changed from run to run. The op parity
+//! tests could not see it, since they upload x with a copy and no producer
+//! kernel overlaps the linear.
+//!
+//! Each round poisons x's fp16 buffer with NaN, runs the producer and then
+//! the linear, and requires the output to equal, bit for bit, the same
+//! linear launched without PDL. The kernels add their partial sums in a
+//! fixed order, so the two runs must agree exactly. On GPUs before sm_90,
+//! or without a GPU, the test reports itself skipped.
+
+mod common;
+
+use common::{device, Rng};
+use half::f16;
+use lmq_kernels::{act, PackedW4, W4A16Linear, W4Kernel};
+
+/// Producer-then-linear rounds per case: the race showed in most engine
+/// runs, each of which has hundreds of such pairs.
+const ROUNDS: usize = 300;
+
+#[test]
+fn pdl_linear_reads_what_its_producer_wrote() {
+    let Some(dev) = device() else { return };
+    if dev.compute_capability() < (9, 0) {
+        println!("skipped: programmatic dependent launch needs sm_90 or later");
+        return;
+    }
+    let cases = [
+        (1, 4096, 4096, 128, W4Kernel::Classic),
+        (12, 576, 1536, 64, W4Kernel::Classic),
+        (16, 11008, 4096, 128, W4Kernel::Classic),
+        (1, 4096, 11008, 128, W4Kernel::ClassicEarly { warps: 8 }),
+        (
+            4,
+            4096,
+            4104,
+            128,
+            W4Kernel::Stream {
+                warps: 8,
+                stages: 4,
+                blocks_per_sm: 1,
+            },
+        ),
+    ];
+    let mut rng = Rng(0x5eed_0008);
+    for (m, k, n, g, kernel) in cases {
+        let words = |rng: &mut Rng, count: usize| -> Vec<i32> {
+            (0..count).map(|_| rng.next_u64() as i32).collect()
+        };
+        let qweight = words(&mut rng, k * n / 8);
+        let qzeros = words(&mut rng, (k / g) * n / 8);
+        let scales = rng.f16s((k / g) * n, 0.002, 0.02);
+        let packed = PackedW4::from_awq(&qweight, &qzeros, &scales, k, n, g).expect("pack");
+        let mut plain = W4A16Linear::new(&dev, &packed, None).expect("linear");
+        plain.set_kernel_kind(kernel).expect("kernel");
+        let mut chained = W4A16Linear::new(&dev, &packed, None).expect("linear");
+        chained.set_kernel_kind(kernel).expect("kernel");
+        assert!(chained.set_pdl(true), "PDL refused on sm_90+");
+
+        let x32 = dev
+            .upload(&rng.values(m * k, -1.0, 1.0), m, k)
+            .expect("upload");
+        let mut x16 = dev.uninit::<f16>(m, k).expect("alloc");
+        act::to_f16(&dev, &x32, &mut x16).expect("to_f16");
+        let mut out = dev.uninit::<f32>(m, n).expect("alloc");
+        plain.forward(&dev, &x16, &mut out).expect("plain linear");
+        let want = dev.download(&out).expect("download");
+        assert!(want.iter().all(|v| v.is_finite()), "reference not finite");
+
+        let mut differing = 0;
+        let mut first = None;
+        for round in 0..ROUNDS {
+            dev.fill(&mut x16, f16::NAN).expect("poison");
+            act::to_f16(&dev, &x32, &mut x16).expect("to_f16");
+            chained.forward(&dev, &x16, &mut out).expect("PDL linear");
+            let got = dev.download(&out).expect("download");
+            if got
+                .iter()
+                .zip(&want)
+                .any(|(a, b)| a.to_bits() != b.to_bits())
+            {
+                differing += 1;
+                first.get_or_insert(round);
+            }
+        }
+        println!("m{m} k{k} n{n} g{g} {kernel:?}: {differing} of {ROUNDS} PDL rounds differ");
+        assert_eq!(
+            differing, 0,
+            "m{m} k{k} n{n} g{g} {kernel:?}: {differing} of {ROUNDS} rounds with PDL differ \
+             from the plain launch (first: round {first:?}); the linear read x before its \
+             producer wrote it"
+        );
+    }
+}
