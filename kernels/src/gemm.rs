@@ -91,14 +91,7 @@ impl Blas {
             check_i32(OP, "K", k)?,
             check_i32(OP, "N", n)?,
         );
-        // The engine calls from its own thread: cuBLAS works in the
-        // thread's current context, so make it this device's.
-        dev.context()
-            .bind_to_thread()
-            .map_err(|e| KernelError::Blas {
-                context: "binding the context",
-                message: e.to_string(),
-            })?;
+        bind_context(dev)?;
         let stream = dev.stream();
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (x_ptr, _xs) = x.data.device_ptr(stream);
@@ -146,12 +139,7 @@ impl Blas {
     /// every SM busy until they finish, so side-stream work waits for them.
     pub fn set_sm_count_target(&self, dev: &GpuDevice, sms: usize) -> Result<()> {
         let target = check_i32("cublasSetSmCountTarget", "SM count", sms)?;
-        dev.context()
-            .bind_to_thread()
-            .map_err(|e| KernelError::Blas {
-                context: "binding the context",
-                message: e.to_string(),
-            })?;
+        bind_context(dev)?;
         // SAFETY: the handle is live for as long as `self`; the call only
         // stores an int in it.
         unsafe { sys::cublasSetSmCountTarget(*self.handle.handle(), target) }
@@ -161,4 +149,15 @@ impl Blas {
                 message: e.to_string(),
             })
     }
+}
+
+/// cuBLAS works in the calling thread's current context, and the engine
+/// calls from its own thread: make it `dev`'s.
+fn bind_context(dev: &GpuDevice) -> Result<()> {
+    dev.context()
+        .bind_to_thread()
+        .map_err(|e| KernelError::Blas {
+            context: "binding the context",
+            message: e.to_string(),
+        })
 }
