@@ -14,7 +14,7 @@
 # baseline lmq binary whose greedy output must equal the new one's):
 #   cargo build --release && cargo build --release -p lmq-kernels --examples
 #   cargo test --release -p lmq-kernels --no-run   (includes attn_prefill)
-#   cargo test --release -p lmq-turbomind --test cuda_backend --test cuda_sampling --no-run
+#   cargo test --release -p lmq-turbomind --test cuda_backend --test cuda_sampling --test cuda_graph_buckets --no-run
 #   BASE=/path/to/old/bench_attn scripts/gpu-smoke-check.sh --collect
 # On the GPU machine, from the repo root: bash scripts/gpu-smoke-check.sh
 # (logs in /tmp/gpu-smoke-check, archived to $OUT/smoke-logs.tar.gz).
@@ -28,6 +28,7 @@ if [[ "${1:-}" == "--collect" ]]; then
     mkdir -p "$BIN"
     pack "$BIN" cuda_backend "$(newest "$target/release/deps/cuda_backend-*")"
     pack "$BIN" cuda_sampling "$(newest "$target/release/deps/cuda_sampling-*")"
+    pack "$BIN" cuda_graph_buckets "$(newest "$target/release/deps/cuda_graph_buckets-*")"
     pack "$BIN" attn_stream "$(newest "$target/release/deps/attn_stream-*")"
     pack "$BIN" attn_prefill "$(newest "$target/release/deps/attn_prefill-*")"
     pack "$BIN" pdl "$(newest "$target/release/deps/pdl-*")"
@@ -66,6 +67,8 @@ echo "== cuda_backend, attention with LMQ_SMOOTH_CENTRED=1 (smooth mode on the c
 LMQ_SMOOTH_CENTRED=1 timeout 120 "$R/cuda_backend" paged_attention --test-threads=1 --nocapture \
     >"$LOG/cuda_backend_smooth_centred.log" 2>&1
 grep -E "test result|panicked|smooth" "$LOG/cuda_backend_smooth_centred.log" | head -n 20
+run_test cuda_graph_buckets 100 --nocapture
+grep -E "graphs recorded" "$LOG/cuda_graph_buckets.log"
 run_test cuda_sampling 100 --nocapture
 grep -E "sampled rows on the device" "$LOG/cuda_sampling.log"
 run_test attn_stream 100 --nocapture

@@ -20,6 +20,15 @@
 //! Any failure while recording turns graphs off for the backend (with a
 //! message on stderr) and the step runs eagerly: a graph is an
 //! optimisation, never a requirement. `LMQ_CUDA_GRAPHS=0` turns them off.
+//!
+//! Batch buckets (opt-in, `LMQ_GRAPH_BUCKETS=1`, until they have run on a
+//! GPU): with continuous batching the number of sequences changes from step
+//! to step, and each new count would be run eagerly, then recorded. With
+//! buckets a step of n sequences replays the graph of the next bucket size
+//! (1, 2, 4, 8, then multiples of 8, as vLLM's capture sizes), its extra
+//! rows padded: token 0 at position 0 of the pool's padding block, which
+//! no sequence owns, so their KV writes touch nothing real; their logits
+//! are dropped.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -40,14 +49,26 @@ const MAX_GRAPH_ROWS: usize = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) struct StepKey {
     pool: u64,
+    /// Rows the recording holds: the step's sequences, or with buckets the
+    /// bucket they round up to.
     rows: usize,
     splits: usize,
+}
+
+/// The rows a step of `rows` sequences is recorded with when buckets are
+/// on: 1, 2, 4, 8, then the next multiple of 8.
+pub(super) fn bucket_rows(rows: usize) -> usize {
+    if rows <= 8 {
+        rows.next_power_of_two()
+    } else {
+        rows.div_ceil(8) * 8
+    }
 }
 
 impl StepKey {
     /// The key of a decode step over `spans` (one row each), or `None`
     /// when the step should not be recorded.
-    pub(super) fn of(pool: &CudaKvPool, spans: &[SeqSpan]) -> Option<Self> {
+    pub(super) fn of(pool: &CudaKvPool, spans: &[SeqSpan], buckets: bool) -> Option<Self> {
         let rows = spans.len();
         if rows == 0 || rows > MAX_GRAPH_ROWS || spans.iter().any(|s| s.len() != 1) {
             return None;
@@ -55,7 +76,11 @@ impl StepKey {
         let max_pos = spans.iter().map(|s| s.start_pos).max()?;
         Some(StepKey {
             pool: pool.id,
-            rows,
+            rows: if buckets {
+                bucket_rows(rows).min(MAX_GRAPH_ROWS)
+            } else {
+                rows
+            },
             splits: max_pos / SPLIT_LEN + 1,
         })
     }
@@ -87,6 +112,8 @@ pub(super) struct StepInputs {
 /// The backend's recorded steps.
 pub(super) struct StepGraphs {
     enabled: bool,
+    /// Whether steps round their row count up to a bucket.
+    buckets: bool,
     graphs: HashMap<StepKey, Recorded>,
     /// Shapes run eagerly once, with their logits' width.
     seen: HashMap<StepKey, usize>,
@@ -96,8 +123,10 @@ pub(super) struct StepGraphs {
 impl StepGraphs {
     pub(super) fn new() -> Self {
         let enabled = std::env::var("LMQ_CUDA_GRAPHS").map_or(true, |v| v != "0");
+        let buckets = std::env::var("LMQ_GRAPH_BUCKETS").is_ok_and(|v| v == "1");
         StepGraphs {
             enabled,
+            buckets,
             graphs: HashMap::new(),
             seen: HashMap::new(),
             clock: 0,
@@ -106,6 +135,16 @@ impl StepGraphs {
 
     pub(super) fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    pub(super) fn buckets(&self) -> bool {
+        self.buckets
+    }
+
+    /// Turns batch buckets on or off (tests; dropping nothing: keys of
+    /// either kind stay valid).
+    pub(super) fn set_buckets(&mut self, on: bool) {
+        self.buckets = on;
     }
 
     /// Turns graphs on or off (off drops every recorded step).
@@ -186,13 +225,36 @@ pub(super) fn write_inputs(
     spans: &[SeqSpan],
     pool: &CudaKvPool,
 ) -> Result<()> {
+    let rows = inputs.ids.rows();
+    if spans.len() > rows || ids.len() != spans.len() {
+        return Err(Error::Backend {
+            backend: "cuda",
+            message: format!(
+                "a step of {} sequences ({} ids) replayed on a recording of {rows} rows",
+                spans.len(),
+                ids.len()
+            ),
+        });
+    }
+    // Rows past the step's sequences (a bucket's padding) attend their own
+    // token at position 0 of the padding block.
+    let pad_table = [pool.pad_block];
     let places: Vec<RowPlace<'_>> = spans
         .iter()
         .map(|s| RowPlace {
             pos: s.start_pos,
             table: &s.blocks,
         })
+        .chain(std::iter::repeat_n(
+            RowPlace {
+                pos: 0,
+                table: &pad_table,
+            },
+            rows - spans.len(),
+        ))
         .collect();
+    let mut padded_ids = ids.to_vec();
+    padded_ids.resize(rows, 0);
     let busy = || Error::Backend {
         backend: "cuda",
         message: "a recorded step's inputs are still borrowed".into(),
@@ -201,7 +263,7 @@ pub(super) fn write_inputs(
     meta.rewrite(dev, &places).map_err(gpu_error)?;
     check_rows(&pool.pool, meta).map_err(gpu_error)?;
     let id_buf = Arc::get_mut(&mut inputs.ids).ok_or_else(busy)?;
-    dev.write(id_buf, ids).map_err(gpu_error)
+    dev.write(id_buf, &padded_ids).map_err(gpu_error)
 }
 
 impl Recorded {

@@ -66,6 +66,9 @@ static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(1);
 pub struct CudaKvPool {
     id: u64,
     pool: DeviceKvPool,
+    /// A block past those the engine hands out, for the KV writes of a
+    /// recorded step's padding rows (see `graph.rs`).
+    pad_block: u32,
     /// The `smooth` mode's factors, per layer.
     smooth: Option<Vec<LayerSmoothing>>,
 }
@@ -220,6 +223,12 @@ impl CudaBackend {
         lock(&self.graphs).set_enabled(on);
     }
 
+    /// Rounds recorded steps' row counts up to buckets (padding the extra
+    /// rows); off by default unless `LMQ_GRAPH_BUCKETS=1`.
+    pub fn set_graph_buckets(&self, on: bool) {
+        lock(&self.graphs).set_buckets(on);
+    }
+
     /// How many recorded decode steps the backend holds.
     pub fn recorded_graphs(&self) -> usize {
         lock(&self.graphs).len()
@@ -230,7 +239,8 @@ impl CudaBackend {
     fn row_meta(&self, spans: &[SeqSpan]) -> Result<Arc<RowMeta>> {
         if let Some(r) = lock(&self.recording).as_ref() {
             let meta = r.inputs.meta.clone();
-            if meta.rows() != spans.len() || spans.iter().any(|s| s.len() != 1) {
+            // A bucket's recording has rows past the step's sequences.
+            if meta.rows() < spans.len() || spans.iter().any(|s| s.len() != 1) {
                 return Err(shape_error(
                     "a recorded step's spans changed while recording".into(),
                 ));
@@ -332,7 +342,12 @@ impl CudaBackend {
     }
 
     fn check_rows(&self, x: &DeviceMatrix<f32>, spans: &[SeqSpan], op: &str) -> Result<()> {
-        let rows: usize = spans.iter().map(SeqSpan::len).sum();
+        // While recording, the rows are the recording's (a bucket's padding
+        // included); `row_meta` checks the spans against them.
+        let rows: usize = match lock(&self.recording).as_ref() {
+            Some(r) => r.inputs.ids.rows(),
+            None => spans.iter().map(SeqSpan::len).sum(),
+        };
         if rows != x.rows() {
             return Err(shape_error(format!(
                 "{op}: the spans cover {rows} rows, the batch has {}",
@@ -429,7 +444,8 @@ impl Backend for CudaBackend {
             num_kv_heads: spec.shape.num_kv_heads,
             head_dim: spec.shape.head_dim,
             block_len: spec.block_len,
-            num_blocks: spec.num_blocks,
+            // One block more than asked: the padding rows' block.
+            num_blocks: spec.num_blocks + 1,
             storage,
         };
         let pool =
@@ -437,9 +453,13 @@ impl Backend for CudaBackend {
                 KernelError::Invalid { .. } => Error::InvalidRequest(e.to_string()),
                 other => gpu_error(other),
             })?;
+        let pad_block = u32::try_from(spec.num_blocks).map_err(|_| {
+            Error::InvalidRequest(format!("{} KV blocks are too many", spec.num_blocks))
+        })?;
         Ok(CudaKvPool {
             id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
             pool,
+            pad_block,
             smooth,
         })
     }
@@ -456,7 +476,7 @@ impl Backend for CudaBackend {
             .dense()
             .ok_or_else(|| shape_error("embedding tables must be dense, not quantized".into()))?;
         if let Some(r) = lock(&self.recording).as_mut() {
-            if r.inputs.ids.len() != ids.len() {
+            if r.inputs.ids.len() < ids.len() {
                 return Err(shape_error(
                     "a recorded step's ids changed while recording".into(),
                 ));
@@ -688,7 +708,7 @@ impl Backend for CudaBackend {
             }
         };
         let mut graphs = lock(&self.graphs);
-        let key = graph::StepKey::of(pool, spans).filter(|_| graphs.enabled());
+        let key = graph::StepKey::of(pool, spans, graphs.buckets()).filter(|_| graphs.enabled());
         let mut replayed = false;
         let logits = match key {
             Some(key) if graphs.get(&key).is_some() => {
@@ -698,7 +718,7 @@ impl Backend for CudaBackend {
                 recorded.replay(&self.dev, ids, spans, pool)?;
                 queued(&profile);
                 replayed = true;
-                sample::finish_matrix(&self.dev, recorded.logits_mut(), sampling)?
+                sample::finish_matrix(&self.dev, recorded.logits_mut(), sampling, spans.len())?
             }
             Some(key) => {
                 let mut done = None;
@@ -712,6 +732,7 @@ impl Backend for CudaBackend {
                                 &self.dev,
                                 recorded.logits_mut(),
                                 sampling,
+                                spans.len(),
                             )?);
                             graphs.insert(key, recorded);
                         }

@@ -8,21 +8,53 @@ use rayon::prelude::*;
 use super::gpu_error;
 use crate::backend::{finish_step, SampleRow, StepOutput};
 use crate::error::Result;
-use crate::sampling::token_counts;
+use crate::sampling::{token_counts, SamplingParams};
 
 /// A recorded step's logits made into its output, as
-/// [`crate::backend::finish_logits`] does for an act.
+/// [`crate::backend::finish_logits`] does for an act. Only the first
+/// `rows` rows are the step's: the rest pad a bucket (see `graph.rs`), are
+/// picked greedily where the step samples (the kernel takes whole
+/// matrices), and are dropped.
 pub(super) fn finish_matrix(
     dev: &GpuDevice,
     logits: &mut DeviceMatrix<f32>,
     sampling: Option<&[SampleRow<'_>]>,
+    rows: usize,
 ) -> Result<StepOutput> {
-    finish_step(
+    let padding = logits.rows().saturating_sub(rows);
+    let greedy = SamplingParams::default();
+    let padded: Option<Vec<SampleRow<'_>>> = sampling.map(|real| {
+        real.iter()
+            .cloned()
+            .chain((0..padding).map(|_| SampleRow {
+                params: &greedy,
+                uniform: 0.0,
+                history: &[],
+                prompt_len: 0,
+            }))
+            .collect()
+    });
+    let mut out = finish_step(
         logits,
-        sampling,
+        padded.as_deref(),
         |l, rows| sample_matrix(dev, l, rows),
         |l| dev.download(l).map_err(gpu_error),
-    )
+    )?;
+    if padding > 0 {
+        if let Some(tokens) = out.tokens.as_mut() {
+            tokens.truncate(rows);
+        }
+        out.logits.truncate(rows * logits.cols());
+        if out
+            .tokens
+            .as_ref()
+            .is_some_and(|t| t.iter().all(Option::is_some))
+        {
+            // Only a padding row wanted the host: the step's rows did not.
+            out.logits = Vec::new();
+        }
+    }
+    Ok(out)
 }
 
 /// Penalties and token choice on the device for `rows` of `logits`
