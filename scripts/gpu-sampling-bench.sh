@@ -28,5 +28,11 @@ for round in 1 2; do
 done
 echo "greedy, GPU argmax: $(bench "$R/lmq")"
 echo "greedy, host argmax: $(LMQ_DEVICE_SAMPLING=0 bench "$R/lmq")"
+# CUDA-graph batch buckets: the batch size changes as requests come and
+# go; with buckets the steps replay one graph per bucket.
+for round in 1 2; do
+    echo "round $round, greedy, graph buckets on: $(LMQ_GRAPH_BUCKETS=1 bench "$R/lmq")"
+    echo "round $round, greedy, graph buckets off: $(bench "$R/lmq")"
+done
 # The baseline binary has no sampling options: greedy only.
 [[ -x "$R/lmq_base" ]] && echo "greedy, baseline binary: $(bench "$R/lmq_base")"
