@@ -14,21 +14,43 @@ mod tiny;
 
 use lmq_kernels::GpuDevice;
 use lmq_turbomind::backend::cuda::CudaBackend;
-use lmq_turbomind::model::{LogitsWanted, Model, SeqInput, SeqKv};
+use lmq_turbomind::backend::SampleRow;
+use lmq_turbomind::model::{LogitsWanted, Model, Sampled, SeqInput, SeqKv};
+use lmq_turbomind::sampling::SamplingParams;
 use tiny::*;
 
 const BLOCK_LEN: usize = 16;
 const SEQUENCES: usize = 11;
-/// Blocks per sequence: room for its prefix and every decode step.
-const BLOCKS_EACH: usize = 4;
+/// Blocks per sequence: room for the longest prefix and every decode step.
+const BLOCKS_EACH: usize = 18;
 
 /// Batch sizes of consecutive decode steps (the first `n` sequences each
 /// decode one token), twice over so that every bucket is seen, recorded
 /// and replayed: buckets 4, 8, 16, 1 and 2 cover the eight sizes.
 const STEPS: [usize; 16] = [3, 5, 6, 7, 11, 9, 1, 2, 3, 5, 6, 7, 11, 9, 1, 2];
 
-/// Each step's logits, per sequence, with graphs and buckets as given.
-fn decode_steps(fx: &Fixture, graphs: bool, buckets: bool) -> (Vec<Vec<f32>>, usize) {
+/// What one run gives: every decode step's logits per sequence, the
+/// final step's greedy tokens when it was sampled (else its logits are the
+/// last 5 rows), and the graphs recorded.
+struct Run {
+    logits: Vec<Vec<f32>>,
+    sampled: Vec<u32>,
+    recorded: usize,
+}
+
+/// The decode steps of [`STEPS`], then a step of 5 sequences, sampled
+/// greedily on the device when `sample_last` (a padded replay of bucket 8
+/// whose padding rows are sampled and dropped), with graphs and buckets as
+/// given. With `long_first`,
+/// sequence 0 starts at position 250, so that the steps cross the
+/// attention's split boundary (256) and recordings of 2 splits are padded.
+fn decode_steps(
+    fx: &Fixture,
+    graphs: bool,
+    buckets: bool,
+    long_first: bool,
+    sample_last: bool,
+) -> Run {
     let backend = CudaBackend::new(0).unwrap_or_else(|e| panic!("opening the CUDA backend: {e}"));
     backend.set_graphs(graphs);
     backend.set_graph_buckets(buckets);
@@ -49,7 +71,8 @@ fn decode_steps(fx: &Fixture, graphs: bool, buckets: bool) -> (Vec<Vec<f32>>, us
         })
         .collect();
     for (i, seq) in seqs.iter_mut().enumerate() {
-        let prefix = rng.tokens(3 + 2 * i, vocab);
+        let len = if long_first && i == 0 { 250 } else { 3 + 2 * i };
+        let prefix = rng.tokens(len, vocab);
         model
             .forward(
                 &mut pool,
@@ -62,7 +85,8 @@ fn decode_steps(fx: &Fixture, graphs: bool, buckets: bool) -> (Vec<Vec<f32>>, us
             .unwrap();
     }
     let mut logits = Vec::new();
-    for &n in &STEPS {
+    let last: &[usize] = if sample_last { &[] } else { &[5] };
+    for &n in STEPS.iter().chain(last) {
         let tokens: Vec<Vec<u32>> = (0..n).map(|_| rng.tokens(1, vocab)).collect();
         let mut batch: Vec<SeqInput<'_>> = seqs[..n]
             .iter_mut()
@@ -79,8 +103,69 @@ fn decode_steps(fx: &Fixture, graphs: bool, buckets: bool) -> (Vec<Vec<f32>>, us
         assert_eq!(out.len(), n, "one logits row per sequence");
         logits.extend(out);
     }
+    if !sample_last {
+        let recorded = model.backend().recorded_graphs();
+        return Run {
+            logits,
+            sampled: Vec::new(),
+            recorded,
+        };
+    }
+    let greedy = SamplingParams::default();
+    let history: Vec<u32> = Vec::new();
+    let rows: Vec<SampleRow<'_>> = (0..5)
+        .map(|_| SampleRow {
+            params: &greedy,
+            uniform: 0.0,
+            history: &history,
+            prompt_len: 0,
+        })
+        .collect();
+    let tokens: Vec<Vec<u32>> = (0..5).map(|_| rng.tokens(1, vocab)).collect();
+    let mut batch: Vec<SeqInput<'_>> = seqs[..5]
+        .iter_mut()
+        .zip(&tokens)
+        .map(|(kv, t)| SeqInput {
+            tokens: t,
+            kv,
+            logits: LogitsWanted::Last,
+        })
+        .collect();
+    let sampled = model
+        .forward_sampled(&mut pool, &mut batch, &rows)
+        .unwrap_or_else(|e| panic!("sampled step: {e}"))
+        .into_iter()
+        .map(|s| match s {
+            Some(Sampled::Token(t)) => t,
+            Some(Sampled::Logits(l)) => argmax(&l),
+            None => panic!("a sequence wanting logits got none"),
+        })
+        .collect();
     let recorded = model.backend().recorded_graphs();
-    (logits, recorded)
+    Run {
+        logits,
+        sampled,
+        recorded,
+    }
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The largest difference over the largest value of `want`.
+fn scaled_diff(got: &[f32], want: &[f32]) -> f32 {
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    got.iter()
+        .zip(want)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale.max(f32::MIN_POSITIVE)
 }
 
 #[test]
@@ -98,30 +183,51 @@ fn bucketed_graph_replays_match_eager_steps() {
     spec.max_pos = 600;
     spec.dtype = WDtype::F16;
     let fx = fixture(spec);
-    let (eager, none) = decode_steps(&fx, false, false);
-    assert_eq!(none, 0, "graphs off recorded {none}");
-    let (exact, per_size) = decode_steps(&fx, true, false);
-    let (bucketed, per_bucket) = decode_steps(&fx, true, true);
-    println!("graphs recorded: {per_size} by batch size, {per_bucket} by bucket");
-    assert_eq!(per_size, 8, "one graph per batch size");
-    assert_eq!(per_bucket, 5, "one graph per bucket (1, 2, 4, 8, 16)");
-    for (name, run) in [("graphs", &exact), ("bucketed graphs", &bucketed)] {
-        assert_eq!(run.len(), eager.len());
-        for (i, (got, want)) in run.iter().zip(&eager).enumerate() {
-            assert_eq!(got.len(), want.len(), "{name}: row {i} width");
-            assert!(
-                got.iter().all(|v| v.is_finite()),
-                "{name}: row {i} not finite"
-            );
-            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let diff = got
-                .iter()
-                .zip(want)
-                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(
-                diff <= 1e-3 * scale,
-                "{name}: row {i} differs from the eager step by {diff:.3e} (largest logit {scale:.3e})"
-            );
+    // Graphs recorded (by batch size, by bucket). Short: all 8 sizes and 5
+    // buckets are seen twice at one split (the sampled step of 5 replays).
+    // Long: sequence 0 crosses position 256 at the seventh step, so at 2
+    // splits only sizes 1 and 2 and (with the sampled step) 5 recur, while
+    // buckets 8 and 16 recur at 1 split and 8, 16, 1 and 2 at 2 splits.
+    for (long_first, want_sizes, want_buckets) in [(false, 8, 5), (true, 3, 6)] {
+        let eager = decode_steps(&fx, false, false, long_first, false);
+        assert_eq!(eager.recorded, 0, "graphs off recorded {}", eager.recorded);
+        let exact = decode_steps(&fx, true, false, long_first, true);
+        let bucketed = decode_steps(&fx, true, true, long_first, true);
+        let (steps, last) = eager.logits.split_at(eager.logits.len() - 5);
+        println!(
+            "long first {long_first}: graphs recorded: {} by batch size, {} by bucket",
+            exact.recorded, bucketed.recorded
+        );
+        assert_eq!(exact.recorded, want_sizes, "graphs by batch size");
+        assert_eq!(bucketed.recorded, want_buckets, "graphs by bucket");
+        for (name, run) in [("graphs", &exact), ("bucketed graphs", &bucketed)] {
+            assert_eq!(run.logits.len(), steps.len());
+            for (i, (got, want)) in run.logits.iter().zip(steps).enumerate() {
+                assert_eq!(got.len(), want.len(), "{name}: row {i} width");
+                assert!(
+                    got.iter().all(|v| v.is_finite()),
+                    "{name}: row {i} not finite"
+                );
+                let diff = scaled_diff(got, want);
+                assert!(
+                    diff <= 1e-3,
+                    "{name}: row {i} differs from the eager step by {diff:.3e} of its largest logit"
+                );
+            }
+            // Each greedy pick of the sampled step is a largest logit of
+            // the eager run's same step (within the bound, for near ties).
+            assert_eq!(run.sampled.len(), 5, "{name}: sampled tokens");
+            for (i, (&token, want)) in run.sampled.iter().zip(last).enumerate() {
+                let best = want.iter().fold(f32::MIN, |m, &v| m.max(v));
+                let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let picked = *want.get(token as usize).unwrap_or_else(|| {
+                    panic!("{name}: row {i} picked token {token}, past the vocabulary")
+                });
+                assert!(
+                    picked >= best - 1e-3 * scale,
+                    "{name}: sampled row {i} picked {token} (logit {picked}), the best is {best}"
+                );
+            }
         }
     }
 }

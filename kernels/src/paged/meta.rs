@@ -219,6 +219,11 @@ impl RowMeta {
         self.rows
     }
 
+    /// The largest block id any row's table names.
+    pub fn max_block(&self) -> u32 {
+        self.max_block
+    }
+
     /// The largest position a launch with this metadata is sized for.
     pub fn max_pos(&self) -> usize {
         self.max_pos

@@ -76,11 +76,7 @@ impl StepKey {
         let max_pos = spans.iter().map(|s| s.start_pos).max()?;
         Some(StepKey {
             pool: pool.id,
-            rows: if buckets {
-                bucket_rows(rows).min(MAX_GRAPH_ROWS)
-            } else {
-                rows
-            },
+            rows: if buckets { bucket_rows(rows) } else { rows },
             splits: max_pos / SPLIT_LEN + 1,
         })
     }
@@ -236,6 +232,18 @@ pub(super) fn write_inputs(
             ),
         });
     }
+    // The padding block is the recording's alone: no sequence may name it
+    // (the kernels' own check, against the pool's size, would let it by).
+    if let Some(b) = spans
+        .iter()
+        .flat_map(|s| s.blocks.iter())
+        .find(|&&b| b >= pool.pad_block)
+    {
+        return Err(Error::Backend {
+            backend: "cuda",
+            message: format!("block {b} is outside the pool of {}", pool.pad_block),
+        });
+    }
     // Rows past the step's sequences (a bucket's padding) attend their own
     // token at position 0 of the padding block.
     let pad_table = [pool.pad_block];
@@ -305,5 +313,28 @@ impl Recorded {
         }
         write_inputs(dev, &mut self.inputs, ids, spans, pool)?;
         self.graph.launch().map_err(gpu_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_round_up_to_powers_of_two_then_multiples_of_eight() {
+        let got: Vec<usize> = [1, 2, 3, 4, 5, 8, 9, 16, 17, 24, 25, 255, 256]
+            .iter()
+            .map(|&n| bucket_rows(n))
+            .collect();
+        assert_eq!(got, [1, 2, 4, 4, 8, 8, 16, 16, 24, 24, 32, 256, 256]);
+        // Every size up to the largest recorded step fits its bucket, and
+        // no bucket exceeds that largest step.
+        for n in 1..=MAX_GRAPH_ROWS {
+            let b = bucket_rows(n);
+            assert!(
+                b >= n && b <= MAX_GRAPH_ROWS && (b <= 8 || b % 8 == 0),
+                "{n} -> {b}"
+            );
+        }
     }
 }

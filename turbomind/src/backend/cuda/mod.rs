@@ -358,6 +358,21 @@ impl CudaBackend {
     }
 }
 
+/// The pool's last block pads recorded steps (see `graph.rs`): the kernels
+/// accept it, so the engine's tables are held to the blocks before it. (A
+/// recording's metadata names block 0 only; a replay checks its spans in
+/// `graph::write_inputs`.)
+fn check_engine_blocks(meta: &RowMeta, pool: &CudaKvPool) -> Result<()> {
+    if meta.rows() > 0 && meta.max_block() >= pool.pad_block {
+        return Err(shape_error(format!(
+            "block {} is outside the pool of {}",
+            meta.max_block(),
+            pool.pad_block
+        )));
+    }
+    Ok(())
+}
+
 fn shape_error(message: String) -> Error {
     Error::Backend {
         backend: "cuda",
@@ -547,6 +562,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         self.check_rows(k, spans, "write_kv")?;
         let meta = self.row_meta(spans)?;
+        check_engine_blocks(&meta, pool)?;
         match pool.smooth.as_ref().and_then(|s| s.get(layer)) {
             Some(sm) => {
                 let hd = pool.pool.layout().head_dim;
@@ -570,6 +586,7 @@ impl Backend for CudaBackend {
     ) -> Result<CudaAct> {
         self.check_rows(q, spans, "attention")?;
         let meta = self.row_meta(spans)?;
+        check_engine_blocks(&meta, pool)?;
         match pool.smooth.as_ref().and_then(|s| s.get(layer)) {
             Some(sm) => {
                 let qs =
