@@ -10,9 +10,13 @@
 //! tests could not see it, since they upload x with a copy and no producer
 //! kernel overlaps the linear.
 //!
-//! Each round poisons x's fp16 buffer with NaN, runs the producer and then
-//! the linear, and requires the output to equal, bit for bit, the same
-//! linear launched without PDL. The kernels add their partial sums in a
+//! Each round queues a few long linears first, so that the GPU is busy
+//! and the next launches wait in its queue as in the engine (a test that
+//! launches the linear only after the producer has finished sees no
+//! overlap: the first form of this test passed on the racy kernels), then
+//! poisons x's fp16 buffer with NaN on the device, runs the producer and
+//! then the linear, and requires the output to equal, bit for bit, the
+//! same linear launched without PDL. The kernels add their partial sums in a
 //! fixed order, so the two runs must agree exactly. On GPUs before sm_90,
 //! or without a GPU, the test reports itself skipped.
 
@@ -25,6 +29,9 @@ use lmq_kernels::{act, PackedW4, W4A16Linear, W4Kernel};
 /// Producer-then-linear rounds per case: the race showed in most engine
 /// runs, each of which has hundreds of such pairs.
 const ROUNDS: usize = 300;
+
+/// Long linears queued ahead of each round's producer.
+const BUSY_CALLS: usize = 8;
 
 #[test]
 fn pdl_linear_reads_what_its_producer_wrote() {
@@ -51,10 +58,27 @@ fn pdl_linear_reads_what_its_producer_wrote() {
         ),
     ];
     let mut rng = Rng(0x5eed_0008);
+    let words = |rng: &mut Rng, count: usize| -> Vec<i32> {
+        (0..count).map(|_| rng.next_u64() as i32).collect()
+    };
+    // The busy work: 16 rows through an 11008 → 4096 linear, a few tens of
+    // microseconds a call.
+    let (bm, bk, bn, bg) = (16, 11008, 4096, 128);
+    let busy = PackedW4::from_awq(
+        &words(&mut rng, bk * bn / 8),
+        &words(&mut rng, (bk / bg) * bn / 8),
+        &rng.f16s((bk / bg) * bn, 0.002, 0.02),
+        bk,
+        bn,
+        bg,
+    )
+    .expect("pack");
+    let busy = W4A16Linear::new(&dev, &busy, None).expect("linear");
+    let busy_x = dev
+        .upload(&rng.f16s(bm * bk, -1.0, 1.0), bm, bk)
+        .expect("upload");
+    let mut busy_out = dev.uninit::<f32>(bm, bn).expect("alloc");
     for (m, k, n, g, kernel) in cases {
-        let words = |rng: &mut Rng, count: usize| -> Vec<i32> {
-            (0..count).map(|_| rng.next_u64() as i32).collect()
-        };
         let qweight = words(&mut rng, k * n / 8);
         let qzeros = words(&mut rng, (k / g) * n / 8);
         let scales = rng.f16s((k / g) * n, 0.002, 0.02);
@@ -70,6 +94,7 @@ fn pdl_linear_reads_what_its_producer_wrote() {
             .expect("upload");
         let norm_weight = dev.upload(&rng.values(k, 0.5, 1.5), k, 1).expect("upload");
         let mut normed = dev.uninit::<f32>(m, k).expect("alloc");
+        let nans = dev.upload(&vec![f32::NAN; m * k], m, k).expect("upload");
         let mut x16 = dev.uninit::<f16>(m, k).expect("alloc");
         for producer in [Producer::ToF16, Producer::RmsNorm] {
             // The producer writes x16; RMSNorm (the engine's usual
@@ -91,7 +116,11 @@ fn pdl_linear_reads_what_its_producer_wrote() {
             let mut differing = 0;
             let mut first = None;
             for round in 0..ROUNDS {
-                dev.fill(&mut x16, f16::NAN).expect("poison");
+                for _ in 0..BUSY_CALLS {
+                    busy.forward(&dev, &busy_x, &mut busy_out)
+                        .expect("busy linear");
+                }
+                act::to_f16(&dev, &nans, &mut x16).expect("poison");
                 produce(&mut x16);
                 chained.forward(&dev, &x16, &mut out).expect("PDL linear");
                 let got = dev.download(&out).expect("download");
