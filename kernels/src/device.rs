@@ -2,7 +2,7 @@
 //! that GPU. Creating one never panics: a missing driver, NVRTC or GPU is a
 //! [`KernelError::NoDevice`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -35,10 +35,6 @@ pub struct GpuDevice {
     modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
     /// Set while the stream is recorded into a graph (see `graph.rs`).
     pub(crate) recording: AtomicBool,
-    /// Functions launched with programmatic dependent launch (as
-    /// `CUfunction` addresses): a recording gives them programmatic edges
-    /// (`graph_edges.rs`).
-    pub(crate) pdl_functions: Mutex<HashSet<usize>>,
 }
 
 impl std::fmt::Debug for GpuDevice {
@@ -170,15 +166,7 @@ impl GpuDevice {
             include_dirs: nvrtc::cuda_include_dirs(),
             modules: Mutex::new(HashMap::new()),
             recording: AtomicBool::new(false),
-            pdl_functions: Mutex::new(HashSet::new()),
         })
-    }
-
-    /// Notes that `f` was launched with programmatic dependent launch.
-    pub(crate) fn note_pdl_function(&self, f: cudarc::driver::sys::CUfunction) {
-        if let Ok(mut set) = self.pdl_functions.lock() {
-            set.insert(f as usize);
-        }
     }
 
     /// The device's name as the driver reports it, e.g. "NVIDIA H100 80GB HBM3".

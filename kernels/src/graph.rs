@@ -15,32 +15,25 @@
 //! before recording and are rewritten before each replay.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
-use cudarc::driver::{result, sys, CudaContext, CudaStream};
+use cudarc::driver::sys;
+use cudarc::driver::CudaGraph;
 
 use crate::device::GpuDevice;
 use crate::error::{DriverContext, KernelError, Result};
-use crate::graph_edges::add_programmatic_edges;
 
 /// A recorded, instantiated graph of one device's stream.
 pub struct StepGraph {
-    graph: sys::CUgraph,
-    exec: sys::CUgraphExec,
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    /// Programmatic edges added after recording (see `graph_edges.rs`).
-    programmatic_edges: usize,
+    graph: CudaGraph,
 }
 
-// SAFETY: a graph and its instance are raw driver handles that must not be
-// used from two threads at once. `StepGraph` uses them only in
-// `launch(&mut self)` and drop, so Rust's borrow rules serialize every use;
-// moving the handles to another thread is allowed by the driver (they are
-// not thread-bound).
+// SAFETY: a `CudaGraph` holds raw driver handles that must not be used from
+// two threads at once. `StepGraph` exposes only `launch(&mut self)`, so
+// Rust's borrow rules serialize every use; moving the handles to another
+// thread is allowed by the driver (they are not thread-bound).
 unsafe impl Send for StepGraph {}
-// SAFETY: the only `&self` method reads a plain count, so a shared
-// reference gives no access to the handles.
+// SAFETY: no method takes `&self`, so a shared reference gives no access to
+// the handles.
 unsafe impl Sync for StepGraph {}
 
 impl std::fmt::Debug for StepGraph {
@@ -52,31 +45,7 @@ impl std::fmt::Debug for StepGraph {
 impl StepGraph {
     /// Queues one replay on the device's stream.
     pub fn launch(&mut self) -> Result<()> {
-        self.ctx.bind_to_thread().during("binding the context")?;
-        // SAFETY: `exec` was instantiated from `graph` in this context and
-        // lives until drop; the stream is the device's, alive through the
-        // Arc.
-        unsafe { result::graph::launch(self.exec, self.stream.cu_stream()) }
-            .during("launching a CUDA graph")
-    }
-
-    /// Programmatic edges the recording gained for PDL launches.
-    pub fn programmatic_edges(&self) -> usize {
-        self.programmatic_edges
-    }
-}
-
-impl Drop for StepGraph {
-    fn drop(&mut self) {
-        if self.ctx.bind_to_thread().is_err() {
-            return;
-        }
-        // SAFETY: both handles are owned by this value and destroyed once,
-        // the instance before the graph it came from.
-        unsafe {
-            let _ = result::graph::exec_destroy(self.exec);
-            let _ = result::graph::destroy(self.graph);
-        }
+        self.graph.launch().during("launching a CUDA graph")
     }
 }
 
@@ -114,69 +83,20 @@ impl GpuDevice {
         }
         let out = body();
         // Ending the capture is needed on every path, so that the stream
-        // leaves capture mode even when the body failed.
+        // leaves capture mode even when the body failed. Graph allocations
+        // are freed by the graph itself (every buffer the body made was
+        // dropped inside it), so no instantiate flag is needed.
         let ended = self
-            .context()
-            .bind_to_thread()
-            .during("binding the context")
-            .and_then(|()| {
-                // SAFETY: the stream is this device's, in capture mode since
-                // `begin_capture` above.
-                unsafe { result::stream::end_capture(self.stream().cu_stream()) }
-                    .during("ending a graph recording")
-            });
+            .stream()
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .during("ending a graph recording");
         self.recording.store(false, Ordering::Release);
-        let out = match out {
-            Ok(v) => v,
-            Err(e) => {
-                if let Some(graph) = ended.ok().filter(|g| !g.is_null()) {
-                    // SAFETY: the graph was just made by the capture and is
-                    // owned here; nothing else holds it.
-                    let _ = unsafe { result::graph::destroy(graph) };
-                }
-                return Err(e);
-            }
-        };
-        let graph = ended?;
-        if graph.is_null() {
-            return Err(
-                KernelError::invalid("graph recording", "the recording captured nothing").into(),
-            );
-        }
-        let pdl = self
-            .pdl_functions
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default();
-        // SAFETY: `graph` is the capture's, not yet instantiated, and used
-        // by this thread only. Graph allocations are freed by the graph
-        // itself (every buffer the body made was dropped inside it), so no
-        // instantiate flag is needed.
-        let made = unsafe { add_programmatic_edges(graph, &pdl) }.and_then(|edges| {
-            // SAFETY: as above; the instance is owned by the StepGraph.
-            unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }
-                .during("instantiating a CUDA graph")
-                .map(|exec| (edges, exec))
-        });
-        let (edges, exec) = match made {
-            Ok(v) => v,
-            Err(e) => {
-                // SAFETY: as above; no instance was made from it.
-                let _ = unsafe { result::graph::destroy(graph) };
-                return Err(e.into());
-            }
-        };
-        let step = StepGraph {
-            graph,
-            exec,
-            ctx: self.context().clone(),
-            stream: self.stream().clone(),
-            programmatic_edges: edges,
-        };
-        // SAFETY: the instance and stream are valid (owned by `step`).
-        unsafe { result::graph::upload(step.exec, step.stream.cu_stream()) }
-            .during("uploading a CUDA graph")?;
-        Ok((step, out))
+        let out = out?;
+        let graph = ended?.ok_or_else(|| {
+            KernelError::invalid("graph recording", "the recording captured nothing")
+        })?;
+        graph.upload().during("uploading a CUDA graph")?;
+        Ok((StepGraph { graph }, out))
     }
 
     /// Refuses a host transfer while the stream is recorded.

@@ -27,7 +27,6 @@ pub mod device;
 pub mod error;
 pub mod gemm;
 pub mod graph;
-mod graph_edges;
 pub mod nvrtc;
 pub mod ops;
 pub mod paged;

@@ -514,9 +514,6 @@ impl W4A16Linear {
         }
         .result()
         .during("launching w4a16_gemv")?;
-        if self.pdl {
-            dev.note_pdl_function(func.cu_function());
-        }
         Ok(p)
     }
 }

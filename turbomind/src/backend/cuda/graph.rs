@@ -156,11 +156,6 @@ impl StepGraphs {
         self.graphs.len()
     }
 
-    /// Programmatic edges the recorded steps gained (PDL in graphs).
-    pub(super) fn programmatic_edges(&self) -> usize {
-        self.graphs.values().map(Recorded::programmatic_edges).sum()
-    }
-
     /// Turns graphs off after a failed recording.
     pub(super) fn disable(&mut self, why: &Error) {
         if self.enabled {
@@ -293,11 +288,6 @@ impl Recorded {
             vocab,
             last_used: 0,
         }
-    }
-
-    /// Programmatic edges the recording gained (PDL in graphs).
-    pub(super) fn programmatic_edges(&self) -> usize {
-        self.graph.programmatic_edges()
     }
 
     /// The logits buffer, for sampling in place after a replay (the next

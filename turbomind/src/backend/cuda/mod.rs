@@ -229,13 +229,6 @@ impl CudaBackend {
         lock(&self.graphs).set_buckets(on);
     }
 
-    /// Programmatic edges (PDL between a linear and the kernel feeding it)
-    /// across the recorded decode steps: 0 unless the 4-bit linears launch
-    /// with PDL (`LMQ_PDL=1`, sm_90 and later).
-    pub fn programmatic_edges(&self) -> usize {
-        lock(&self.graphs).programmatic_edges()
-    }
-
     /// How many recorded decode steps the backend holds.
     pub fn recorded_graphs(&self) -> usize {
         lock(&self.graphs).len()
@@ -362,17 +355,6 @@ impl CudaBackend {
             )));
         }
         Ok(())
-    }
-}
-
-/// Says once on stderr how many programmatic edges (PDL) a recorded step
-/// gained, so that a run with `LMQ_PDL=1` shows whether they form.
-fn note_programmatic_edges(edges: usize) {
-    static SAID: std::sync::Once = std::sync::Once::new();
-    if edges > 0 {
-        SAID.call_once(|| {
-            eprintln!("lmq: CUDA graphs: {edges} programmatic edges (PDL) in a recorded step");
-        });
     }
 }
 
@@ -769,7 +751,6 @@ impl Backend for CudaBackend {
                                 sampling,
                                 spans.len(),
                             )?);
-                            note_programmatic_edges(recorded.programmatic_edges());
                             graphs.insert(key, recorded);
                         }
                         Err(e) => graphs.disable(&e),
