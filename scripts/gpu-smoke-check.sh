@@ -37,6 +37,7 @@ if [[ "${1:-}" == "--collect" ]]; then
     pack "$BIN" parity "$(newest "$target/release/deps/parity-*")"
     pack "$BIN" bench_attn "$target/release/examples/bench_attn"
     pack "$BIN" bench_w4 "$target/release/examples/bench_w4"
+    pack "$BIN" bench_prefill "$target/release/examples/bench_prefill"
     pack "$BIN" lmq "$target/release/lmq"
     [[ -n "${BASE:-}" ]] && pack "$BIN" bench_attn_base "$BASE"
     [[ -n "${BASE_LMQ:-}" ]] && pack "$BIN" lmq_base "$BASE_LMQ"
@@ -75,6 +76,13 @@ run_test attn_stream 100 --nocapture
 grep -E "split [0-9]+: " "$LOG/attn_stream.log" | sort -t: -k2 -g | tail -n 3
 run_test pdl 100 --nocapture
 grep -E "PDL rounds differ" "$LOG/pdl.log"
+if [[ -x "$R/pdl_old" ]]; then
+    # The same test built against the kernels before the PDL fix: it should
+    # fail (reported, not required), which shows it can catch the race.
+    echo "== pdl test, kernels before the fix (expected to fail)"
+    timeout 100 "$R/pdl_old" --nocapture >"$LOG/pdl_old.log" 2>&1
+    grep -E "PDL rounds differ|test result" "$LOG/pdl_old.log"
+fi
 run_test attn_prefill 100 --nocapture
 grep -E "prefill vs decode" "$LOG/attn_prefill.log" | sort -k2 -t: -g | tail -n 3
 echo "== cuda_backend, attention and whole models with LMQ_PREFILL_ATTN=always (the prefill kernel on every run of 16 rows)"
