@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::CUdevice_attribute;
@@ -35,6 +35,8 @@ pub struct GpuDevice {
     modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
     /// Set while the stream is recorded into a graph (see `graph.rs`).
     pub(crate) recording: AtomicBool,
+    /// Programmatic edges spliced into recordings so far (`graph_pdl.rs`).
+    pub(crate) pdl_splices: AtomicUsize,
 }
 
 impl std::fmt::Debug for GpuDevice {
@@ -166,6 +168,7 @@ impl GpuDevice {
             include_dirs: nvrtc::cuda_include_dirs(),
             modules: Mutex::new(HashMap::new()),
             recording: AtomicBool::new(false),
+            pdl_splices: AtomicUsize::new(0),
         })
     }
 

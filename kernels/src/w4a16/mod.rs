@@ -273,6 +273,11 @@ impl W4A16Linear {
         self.weight_bytes
     }
 
+    /// Whether launches use programmatic dependent launch.
+    pub fn pdl(&self) -> bool {
+        self.pdl
+    }
+
     /// Launch with programmatic dependent launch (sm_90 and newer; ignored
     /// before): the kernel then loads its weights while the previous kernel
     /// on the stream is still finishing, and waits for it before it reads

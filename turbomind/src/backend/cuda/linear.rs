@@ -134,9 +134,25 @@ impl CudaLinear {
             }));
         }
         let m = x.rows();
+        // A recorded 4-bit decode linear with PDL and its input's fp16 copy
+        // at hand: its output is allocated off the chain from the producer,
+        // so the graph keeps the overlap (kernels/src/graph_pdl.rs).
+        let splice = match &self.weight {
+            Weight::W4(l, _)
+                if l.pdl()
+                    && (1..=MAX_ROWS).contains(&m)
+                    && x_half.is_some_and(|h| h.rows() == m && h.cols() == self.in_features) =>
+            {
+                dev.begin_pdl_splice().map_err(gpu_error)?
+            }
+            _ => None,
+        };
         let mut out = dev.uninit::<f32>(m, self.out_features).map_err(gpu_error)?;
         if m == 0 {
             return Ok(out);
+        }
+        if let Some(s) = &splice {
+            dev.link_pdl_splice(s).map_err(gpu_error)?;
         }
         let converted;
         let xh = match x_half {
@@ -150,7 +166,12 @@ impl CudaLinear {
         };
         match &self.weight {
             Weight::Dense(w) => blas.gemm_f16(dev, xh, w, &mut out).map_err(gpu_error)?,
-            Weight::W4(l, _) if m <= MAX_ROWS => l.forward(dev, xh, &mut out).map_err(gpu_error)?,
+            Weight::W4(l, _) if m <= MAX_ROWS => {
+                l.forward(dev, xh, &mut out).map_err(gpu_error)?;
+                if let Some(s) = splice {
+                    dev.end_pdl_splice(s).map_err(gpu_error)?;
+                }
+            }
             // Not while a decode step of more than MAX_ROWS sequences is
             // being recorded: a graph cannot hold the side stream's work.
             Weight::W4(l, id) => match (prefetch, id) {

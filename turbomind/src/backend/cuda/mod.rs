@@ -310,6 +310,7 @@ impl CudaBackend {
             vocab: None,
         });
         let mut failure = None;
+        let spliced = self.dev.pdl_splices();
         let recorded = self.dev.record(|| -> lmq_kernels::Result<()> {
             match body(pool) {
                 // The logits leave the graph through a buffer allocated
@@ -329,6 +330,7 @@ impl CudaBackend {
             return Err(e);
         }
         let (graph, ()) = recorded.map_err(gpu_error)?;
+        note_programmatic_edges(self.dev.pdl_splices() - spliced);
         let vocab =
             vocab.ok_or_else(|| shape_error("the recorded step looked up no tokens".into()))?;
         Ok(graph::Recorded::new(graph, inputs, logits, vocab))
@@ -371,6 +373,19 @@ fn check_engine_blocks(meta: &RowMeta, pool: &CudaKvPool) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Says once on stderr how many programmatic edges (PDL) a recorded step
+/// gained, so that a run with `LMQ_PDL=1` shows whether they form.
+fn note_programmatic_edges(edges: usize) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    if edges > 0 {
+        SAID.call_once(|| {
+            eprintln!(
+                "lmq: CUDA graphs: {edges} programmatic edges (PDL) spliced into a recorded step"
+            );
+        });
+    }
 }
 
 fn shape_error(message: String) -> Error {
