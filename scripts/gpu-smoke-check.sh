@@ -134,9 +134,13 @@ for kv in fp16 int8; do
     # With PDL the recorded steps should gain programmatic edges
     # (kernels/src/graph_pdl.rs); the binary says how many, once. Graphs
     # turned off would show here too.
-    LMQ_PDL=1 timeout 40 "$R/lmq" generate --model /tmp/lmq-smoke-s135 --device cuda --kv-cache-dtype "$kv" \
-        --prompt "the quick brown fox" --max-tokens 200 --ignore-eos 2>&1 >/dev/null |
-        grep -E "programmatic edges|graphs turned off" || echo "$kv KV: LMQ_PDL=1 spliced no programmatic edges"
+    said=$(LMQ_PDL=1 timeout 40 "$R/lmq" generate --model /tmp/lmq-smoke-s135 --device cuda --kv-cache-dtype "$kv" \
+        --prompt "the quick brown fox" --max-tokens 200 --ignore-eos 2>&1 >/dev/null)
+    echo "$said" | grep -E "programmatic edges|graphs turned off"
+    if ! echo "$said" | grep -q "programmatic edges" || echo "$said" | grep -q "graphs turned off"; then
+        echo "$kv KV: LMQ_PDL=1 spliced no programmatic edges, or turned graphs off"
+        rc=1
+    fi
     if [[ -x "$R/lmq_base" ]]; then
         timeout 40 "$R/lmq_base" generate --model /tmp/lmq-smoke-s135 --device cuda --kv-cache-dtype "$kv" \
             --prompt "the quick brown fox" --max-tokens 200 --ignore-eos >"$LOG/base-$kv.txt" 2>>"$LOG/generate.err"

@@ -17,17 +17,20 @@
 //! while capturing, through the capture's dependency set:
 //!
 //! 1. [`GpuDevice::begin_pdl_splice`], before the output is allocated:
-//!    if memory nodes separate the capture's tail from the last kernel P,
-//!    the capture continues from P's own predecessors, so the allocation
-//!    needs nothing of P (the graph's allocator then gives it memory apart
-//!    from anything P's frees release).
-//! 2. [`GpuDevice::link_pdl_splice`], before the launch: the linear
+//!    back from the capture's tail over free nodes (none is fine) to the
+//!    last kernel P, the capture continues from P's own predecessors, so
+//!    the allocation needs nothing of P (the graph's allocator then gives
+//!    it memory apart from anything P's frees release).
+//! 2. [`GpuDevice::link_pdl_splice`], right before the launch: the linear
 //!    depends on P through a programmatic edge (P's port that fires once
 //!    all its blocks have triggered; the engine's producers trigger at
-//!    their start) and on the allocation.
-//! 3. [`GpuDevice::end_pdl_splice`], after the launch: the old tail (the
-//!    last free) joins the dependency set, so later work, and later
-//!    allocations that may reuse the freed memory, still follow it.
+//!    their start) and on the allocation. The linear is launched without
+//!    the PDL attribute (`W4A16Linear::forward_spliced`): in a graph the
+//!    edge is what makes the dependency programmatic.
+//! 3. [`GpuDevice::end_pdl_splice`], after the launch: checks that the
+//!    linear got exactly those edges, then the old tail (the last free, or
+//!    P) joins the dependency set, so later work, and later allocations
+//!    that may reuse the freed memory, still follow it.
 //!
 //! Any driver error fails the recording; the engine then runs its steps
 //! eagerly. Eager launches never splice.
@@ -43,16 +46,25 @@ type Node = sys::CUgraphNode;
 type Edge = sys::CUgraphEdgeData;
 
 /// What [`GpuDevice::begin_pdl_splice`] found: the producer, and the
-/// capture's tail before the splice.
+/// capture's tail before the splice. It must reach
+/// [`GpuDevice::end_pdl_splice`], or the frees it stepped over stay out of
+/// the capture's order.
+#[must_use]
 pub struct PdlSplice {
     producer: Node,
     tail: Node,
+    /// The allocations the link step found (for the end step's check).
+    allocs: Vec<Node>,
 }
 
 impl std::fmt::Debug for PdlSplice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("PdlSplice")
     }
+}
+
+fn splice_error(detail: &str) -> KernelError {
+    KernelError::invalid("PDL splice", detail.to_string())
 }
 
 /// A default (full-completion) edge.
@@ -77,13 +89,16 @@ impl GpuDevice {
         if edge.type_ != 0 {
             return Ok(None);
         }
+        // Back over frees only: an allocation stepped over would end up
+        // unordered with the linear, which might use it.
         let mut cur = *tail;
-        let mut crossed = false;
         let producer = loop {
             use sys::CUgraphNodeType::*;
             match node_type(cur)? {
-                CU_GRAPH_NODE_TYPE_MEM_ALLOC | CU_GRAPH_NODE_TYPE_MEM_FREE => {
-                    let d = node_dependencies(cur)?;
+                CU_GRAPH_NODE_TYPE_MEM_FREE => {
+                    let Some(d) = node_dependencies(cur)? else {
+                        return Ok(None);
+                    };
                     let [(prev, e)] = d.as_slice() else {
                         return Ok(None);
                     };
@@ -91,38 +106,38 @@ impl GpuDevice {
                         return Ok(None);
                     }
                     cur = *prev;
-                    crossed = true;
                 }
                 CU_GRAPH_NODE_TYPE_KERNEL => break cur,
                 _ => return Ok(None),
             }
         };
-        // A kernel right before: the capture makes the edge itself.
-        if !crossed {
+        // The allocation follows the producer's predecessors, through
+        // ordinary edges (a programmatic edge must end at a kernel). A
+        // producer with none (the graph's first node) is left alone.
+        let Some(preds) = node_dependencies(producer)? else {
+            return Ok(None);
+        };
+        if preds.is_empty() {
             return Ok(None);
         }
-        // The allocation may follow the producer's predecessors only
-        // through ordinary edges (a programmatic edge must end at a
-        // kernel).
-        let preds: Vec<Node> = node_dependencies(producer)?
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
+        let preds: Vec<Node> = preds.into_iter().map(|(n, _)| n).collect();
         self.set_capture_dependencies(&preds, &vec![default_edge(); preds.len()], true)?;
         Ok(Some(PdlSplice {
             producer,
             tail: *tail,
+            allocs: Vec::new(),
         }))
     }
 
     /// Step 2: the next launch depends on the producer programmatically and
     /// on what the capture added since step 1 (the output's allocation).
-    pub fn link_pdl_splice(&self, splice: &PdlSplice) -> Result<()> {
+    pub fn link_pdl_splice(&self, splice: &mut PdlSplice) -> Result<()> {
         let since: Vec<Node> = self
             .capture_dependencies()?
             .into_iter()
             .map(|(n, _)| n)
             .collect();
+        splice.allocs = since.clone();
         let mut nodes = vec![splice.producer];
         nodes.extend(&since);
         let mut edges = vec![Edge {
@@ -142,8 +157,37 @@ impl GpuDevice {
         self.pdl_splices.load(Ordering::Relaxed)
     }
 
-    /// Step 3: the old tail joins the dependency set again.
+    /// Step 3, after the linear's launch: checks that the linear got the
+    /// edges asked for (a programmatic one from the producer, ordinary ones
+    /// from the allocations), then adds the old tail to the dependency set.
     pub fn end_pdl_splice(&self, splice: PdlSplice) -> Result<()> {
+        let now = self.capture_dependencies()?;
+        let [(linear, _)] = now.as_slice() else {
+            return Err(splice_error(
+                "the capture has no single node after the linear",
+            ));
+        };
+        let Some(deps) = node_dependencies(*linear)? else {
+            return Err(splice_error("the linear has too many dependencies"));
+        };
+        let programmatic = |e: &Edge| {
+            e.type_ == sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u8
+                && e.from_port == sys::CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC as u8
+        };
+        let from_producer = deps
+            .iter()
+            .filter(|(n, e)| *n == splice.producer && programmatic(e))
+            .count();
+        let from_allocs = deps
+            .iter()
+            .filter(|(n, e)| splice.allocs.contains(n) && e.type_ == 0)
+            .count();
+        if from_producer != 1 || from_allocs != splice.allocs.len() || deps.len() != 1 + from_allocs
+        {
+            return Err(splice_error(
+                "the linear's edges are not the programmatic one from its producer and the allocations'",
+            ));
+        }
         self.set_capture_dependencies(&[splice.tail], &[default_edge()], false)
     }
 
@@ -178,7 +222,7 @@ impl GpuDevice {
                 "the stream is not being captured",
             ));
         }
-        if n == 0 {
+        if n == 0 || deps.is_null() {
             return Ok(Vec::new());
         }
         // SAFETY: the driver returned `n` nodes (and, when `edges` is not
@@ -203,6 +247,9 @@ impl GpuDevice {
 
     /// Replaces (`set`) or extends the capture's dependency set.
     fn set_capture_dependencies(&self, nodes: &[Node], edges: &[Edge], set: bool) -> Result<()> {
+        if nodes.len() != edges.len() {
+            return Err(splice_error("nodes and edge data differ in length"));
+        }
         let flags = if set {
             sys::CUstreamUpdateCaptureDependencies_flags::CU_STREAM_SET_CAPTURE_DEPENDENCIES
         } else {
@@ -236,22 +283,24 @@ fn node_type(node: Node) -> Result<sys::CUgraphNodeType> {
     Ok(t)
 }
 
-/// The nodes `node` depends on, with their edges.
-fn node_dependencies(node: Node) -> Result<Vec<(Node, Edge)>> {
-    let mut n = 0usize;
-    // SAFETY: as in `node_type`; NULL arrays ask for the count only.
-    unsafe {
-        sys::cuGraphNodeGetDependencies_v2(node, std::ptr::null_mut(), std::ptr::null_mut(), &mut n)
-    }
-    .result()
-    .during("counting a node's dependencies")?;
-    let mut nodes = vec![std::ptr::null_mut(); n];
-    let mut edges = vec![default_edge(); n];
-    // SAFETY: as above; both arrays hold `n` entries.
+/// The nodes `node` depends on, with their edges; `None` when there are
+/// more than a splice ever needs to look at. Both arrays are always passed:
+/// a count-only query fails on non-default edges (`CUDA_ERROR_LOSSY_QUERY`).
+fn node_dependencies(node: Node) -> Result<Option<Vec<(Node, Edge)>>> {
+    const CAPACITY: usize = 16;
+    let mut nodes = vec![std::ptr::null_mut(); CAPACITY];
+    let mut edges = vec![default_edge(); CAPACITY];
+    let mut n = CAPACITY;
+    // SAFETY: as in `node_type`; both arrays hold `CAPACITY` entries and
+    // `n` says so; the driver writes at most that many and returns the
+    // number it wrote.
     unsafe {
         sys::cuGraphNodeGetDependencies_v2(node, nodes.as_mut_ptr(), edges.as_mut_ptr(), &mut n)
     }
     .result()
     .during("listing a node's dependencies")?;
-    Ok(nodes.into_iter().zip(edges).take(n).collect())
+    if n >= CAPACITY {
+        return Ok(None);
+    }
+    Ok(Some(nodes.into_iter().zip(edges).take(n).collect()))
 }

@@ -376,6 +376,30 @@ impl W4A16Linear {
         out: &mut DeviceMatrix<O>,
         splits: Option<usize>,
     ) -> Result<W4Plan> {
+        self.launch(dev, x, out, splits, self.pdl)
+    }
+
+    /// [`Self::forward`] without the programmatic-serialization attribute,
+    /// for a launch whose programmatic edge the recording already holds
+    /// (`GpuDevice::link_pdl_splice`): in a graph the edge is what makes
+    /// the dependency programmatic.
+    pub fn forward_spliced<O: OutElement>(
+        &self,
+        dev: &GpuDevice,
+        x: &DeviceMatrix<f16>,
+        out: &mut DeviceMatrix<O>,
+    ) -> Result<()> {
+        self.launch(dev, x, out, None, false).map(|_| ())
+    }
+
+    fn launch<O: OutElement>(
+        &self,
+        dev: &GpuDevice,
+        x: &DeviceMatrix<f16>,
+        out: &mut DeviceMatrix<O>,
+        splits: Option<usize>,
+        pdl: bool,
+    ) -> Result<W4Plan> {
         const OP: &str = "W4A16 linear";
         let m = x.rows();
         self.check_rows(m)?;
@@ -488,7 +512,7 @@ impl W4A16Linear {
             sharedMemBytes: p.smem_bytes as u32,
             hStream: stream.cu_stream(),
             attrs: &mut attr,
-            numAttrs: u32::from(self.pdl),
+            numAttrs: u32::from(pdl),
         };
         dev.context()
             .bind_to_thread()

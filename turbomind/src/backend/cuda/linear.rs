@@ -151,9 +151,6 @@ impl CudaLinear {
         if m == 0 {
             return Ok(out);
         }
-        if let Some(s) = &splice {
-            dev.link_pdl_splice(s).map_err(gpu_error)?;
-        }
         let converted;
         let xh = match x_half {
             Some(h) if h.rows() == m && h.cols() == self.in_features => h,
@@ -166,12 +163,16 @@ impl CudaLinear {
         };
         match &self.weight {
             Weight::Dense(w) => blas.gemm_f16(dev, xh, w, &mut out).map_err(gpu_error)?,
-            Weight::W4(l, _) if m <= MAX_ROWS => {
-                l.forward(dev, xh, &mut out).map_err(gpu_error)?;
-                if let Some(s) = splice {
+            Weight::W4(l, _) if m <= MAX_ROWS => match splice {
+                // Linked right before the launch, so that nothing else
+                // (an fp16 conversion) takes the programmatic edge.
+                Some(mut s) => {
+                    dev.link_pdl_splice(&mut s).map_err(gpu_error)?;
+                    l.forward_spliced(dev, xh, &mut out).map_err(gpu_error)?;
                     dev.end_pdl_splice(s).map_err(gpu_error)?;
                 }
-            }
+                None => l.forward(dev, xh, &mut out).map_err(gpu_error)?,
+            },
             // Not while a decode step of more than MAX_ROWS sequences is
             // being recorded: a graph cannot hold the side stream's work.
             Weight::W4(l, id) => match (prefetch, id) {
