@@ -88,15 +88,7 @@ fn decode_steps(
     let last: &[usize] = if sample_last { &[] } else { &[5] };
     for &n in STEPS.iter().chain(last) {
         let tokens: Vec<Vec<u32>> = (0..n).map(|_| rng.tokens(1, vocab)).collect();
-        let mut batch: Vec<SeqInput<'_>> = seqs[..n]
-            .iter_mut()
-            .zip(&tokens)
-            .map(|(kv, t)| SeqInput {
-                tokens: t,
-                kv,
-                logits: LogitsWanted::Last,
-            })
-            .collect();
+        let mut batch = decode_batch(&mut seqs[..n], &tokens);
         let out = model
             .forward(&mut pool, &mut batch)
             .unwrap_or_else(|e| panic!("decode step of {n}: {e}"));
@@ -122,15 +114,7 @@ fn decode_steps(
         })
         .collect();
     let tokens: Vec<Vec<u32>> = (0..5).map(|_| rng.tokens(1, vocab)).collect();
-    let mut batch: Vec<SeqInput<'_>> = seqs[..5]
-        .iter_mut()
-        .zip(&tokens)
-        .map(|(kv, t)| SeqInput {
-            tokens: t,
-            kv,
-            logits: LogitsWanted::Last,
-        })
-        .collect();
+    let mut batch = decode_batch(&mut seqs[..5], &tokens);
     let sampled = model
         .forward_sampled(&mut pool, &mut batch, &rows)
         .unwrap_or_else(|e| panic!("sampled step: {e}"))
@@ -147,6 +131,18 @@ fn decode_steps(
         sampled,
         recorded,
     }
+}
+
+/// One decode token per sequence, each wanting its logits.
+fn decode_batch<'a>(seqs: &'a mut [SeqKv], tokens: &'a [Vec<u32>]) -> Vec<SeqInput<'a>> {
+    seqs.iter_mut()
+        .zip(tokens)
+        .map(|(kv, t)| SeqInput {
+            tokens: t,
+            kv,
+            logits: LogitsWanted::Last,
+        })
+        .collect()
 }
 
 fn argmax(v: &[f32]) -> u32 {
