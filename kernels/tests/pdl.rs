@@ -151,3 +151,97 @@ enum Producer {
     ToF16,
     RmsNorm,
 }
+
+/// The graph form (`graph_pdl.rs`): a recording of RMSNorm (the producer),
+/// a dropped buffer (a free node between the two) and a 4-bit linear whose
+/// output is allocated after it, spliced so that the linear depends on the
+/// norm programmatically. The splice must take (one programmatic edge,
+/// checked by `end_pdl_splice` itself), and every replay, queued behind
+/// long linears so that the two kernels overlap, must give the eager
+/// output bit for bit.
+#[test]
+fn spliced_graph_matches_eager_launches() {
+    let Some(dev) = device() else { return };
+    if dev.compute_capability() < (9, 0) {
+        println!("skipped: programmatic dependent launch needs sm_90 or later");
+        return;
+    }
+    let (m, k, n, g) = (1, 4096, 11008, 128);
+    let mut rng = Rng(0x5eed_0009);
+    let words = |rng: &mut Rng, count: usize| -> Vec<i32> {
+        (0..count).map(|_| rng.next_u64() as i32).collect()
+    };
+    let packed = PackedW4::from_awq(
+        &words(&mut rng, k * n / 8),
+        &words(&mut rng, (k / g) * n / 8),
+        &rng.f16s((k / g) * n, 0.002, 0.02),
+        k,
+        n,
+        g,
+    )
+    .expect("pack");
+    let mut linear = W4A16Linear::new(&dev, &packed, None).expect("linear");
+    assert!(linear.set_pdl(true), "PDL refused on sm_90+");
+    let x32 = dev
+        .upload(&rng.values(m * k, -1.0, 1.0), m, k)
+        .expect("upload");
+    let weight = dev.upload(&rng.values(k, 0.5, 1.5), k, 1).expect("upload");
+
+    // Eager: the norm, then the linear.
+    let mut normed = dev.uninit::<f32>(m, k).expect("alloc");
+    let mut x16 = dev.uninit::<f16>(m, k).expect("alloc");
+    act::rms_norm(&dev, &x32, &weight, 1e-5, &mut normed, Some(&mut x16)).expect("norm");
+    let mut out = dev.uninit::<f32>(m, n).expect("alloc");
+    linear.forward(&dev, &x16, &mut out).expect("linear");
+    let want = dev.download(&out).expect("download");
+    assert!(
+        want.iter().all(|v| v.is_finite()),
+        "eager output not finite"
+    );
+
+    let before = dev.pdl_splices();
+    let mut result = dev.zeros::<f32>(m, n).expect("alloc");
+    let (mut graph, ()) = dev
+        .record(|| -> Result<(), lmq_kernels::KernelError> {
+            let mut normed = dev.uninit::<f32>(m, k)?;
+            let mut x16 = dev.uninit::<f16>(m, k)?;
+            act::rms_norm(&dev, &x32, &weight, 1e-5, &mut normed, Some(&mut x16))?;
+            drop(normed);
+            let mut splice = dev.begin_pdl_splice()?.expect("the splice applies");
+            let mut out = dev.uninit::<f32>(m, n)?;
+            dev.link_pdl_splice(&mut splice)?;
+            linear.forward_spliced(&dev, &x16, &mut out)?;
+            dev.end_pdl_splice(splice)?;
+            dev.copy(&mut result, &out)
+        })
+        .expect("recording");
+    assert_eq!(
+        dev.pdl_splices(),
+        before + 1,
+        "one programmatic edge spliced"
+    );
+    let mut differing = 0;
+    for _ in 0..ROUNDS / 3 {
+        for _ in 0..BUSY_CALLS {
+            linear.forward(&dev, &x16, &mut out).expect("busy linear");
+        }
+        dev.fill(&mut result, f32::NAN).expect("poison");
+        graph.launch().expect("replay");
+        let got = dev.download(&result).expect("download");
+        if got
+            .iter()
+            .zip(&want)
+            .any(|(a, b)| a.to_bits() != b.to_bits())
+        {
+            differing += 1;
+        }
+    }
+    println!(
+        "spliced graph: {differing} of {} replays differ",
+        ROUNDS / 3
+    );
+    assert_eq!(
+        differing, 0,
+        "replays of the spliced graph differ from eager launches"
+    );
+}
