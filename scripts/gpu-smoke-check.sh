@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One short device call that checks a merged main on a CUDA machine before
 # anything is timed: every CUDA test binary (op parity against the CPU
-# backend, the CUDA-graph test, device sampling against the host sampler,
-# the streaming integer-attention kernel
-# against the tile kernel, the kernels crate's own tests), then greedy
+# backend, the CUDA-graph tests with and without batch buckets, device
+# sampling against the host sampler, the streaming integer-attention
+# kernel against the tile kernel, the prefill attention kernel, PDL against
+# a producer still writing, eagerly and spliced into a graph, the kernels
+# crate's own tests), then greedy
 # output with CUDA graphs on and off on a random-weight SmolLM2-shaped
 # 4-bit model (fp16 and int8 KV), then bench_attn (skip with SKIP_BENCH=1).
 # No Rust there: binaries are built here and carried, xz-compressed, in
@@ -16,6 +18,10 @@
 #   cargo test --release -p lmq-kernels --no-run   (includes attn_prefill)
 #   cargo test --release -p lmq-turbomind --test cuda_backend --test cuda_sampling --test cuda_graph_buckets --no-run
 #   BASE=/path/to/old/bench_attn scripts/gpu-smoke-check.sh --collect
+# Optionally also pack, as pdl_old, tests/pdl.rs built against the W4A16
+# kernels before the PDL fix (cu/w4a16.cu of 13214ae: check it out, build
+# the test with --no-run, pack it with gpu-lib.sh's `pack`, restore): it
+# should fail, which shows the test can catch the race.
 # On the GPU machine, from the repo root: bash scripts/gpu-smoke-check.sh
 # (logs in /tmp/gpu-smoke-check, archived to $OUT/smoke-logs.tar.gz).
 set -uo pipefail

@@ -8,7 +8,9 @@
 //! call's GEMM reads the weight dequantized during the previous call, while
 //! the next weight is dequantized on a side stream, with cuBLAS asked to
 //! plan for all SMs but `r` (`cublasSetSmCountTarget`) so that the
-//! dequantization has SMs of its own; r = 0 is the prefetcher as it is.
+//! dequantization has SMs of its own; r = 0 is the prefetcher as first
+//! written (session 7), and turbomind's prefetcher keeps
+//! `LMQ_PREFILL_PREFETCH_SMS` (default 16).
 //!
 //! Timing: CUDA events around 10 back-to-back calls, median of 7 rounds,
 //! after warm-up. `cargo run --release -p lmq-kernels --example bench_prefill`.

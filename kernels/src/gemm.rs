@@ -135,8 +135,9 @@ impl Blas {
 
     /// Asks cuBLAS to plan its GEMMs for `sms` SMs (0: the whole device),
     /// leaving the others to work on another stream, e.g. a weight being
-    /// dequantized for the next GEMM. Hopper's GEMM kernels otherwise keep
-    /// every SM busy until they finish, so side-stream work waits for them.
+    /// dequantized for the next GEMM. Hopper's GEMM kernels otherwise likely
+    /// keep every SM busy until they finish, so that side-stream work waits
+    /// for them.
     pub fn set_sm_count_target(&self, dev: &GpuDevice, sms: usize) -> Result<()> {
         let target = check_i32("cublasSetSmCountTarget", "SM count", sms)?;
         bind_context(dev)?;

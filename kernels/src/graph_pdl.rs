@@ -67,11 +67,15 @@ fn splice_error(detail: &str) -> KernelError {
     KernelError::invalid("PDL splice", detail.to_string())
 }
 
-/// A default (full-completion) edge.
+/// A default (full-completion) edge: all fields zero, as the driver reads
+/// a NULL edge array.
 fn default_edge() -> Edge {
-    // SAFETY: the edge data is four byte fields and padding; all zeros is
-    // the default edge, as the driver documents for a NULL edge array.
-    unsafe { std::mem::zeroed() }
+    Edge {
+        from_port: 0,
+        to_port: 0,
+        type_: 0,
+        reserved: [0; 5],
+    }
 }
 
 impl GpuDevice {
@@ -284,7 +288,7 @@ fn node_type(node: Node) -> Result<sys::CUgraphNodeType> {
 }
 
 /// The nodes `node` depends on, with their edges; `None` when there are
-/// more than a splice ever needs to look at. Both arrays are always passed:
+/// 16 or more, more than a splice ever needs to look at. Both arrays are always passed:
 /// a count-only query fails on non-default edges (`CUDA_ERROR_LOSSY_QUERY`).
 fn node_dependencies(node: Node) -> Result<Option<Vec<(Node, Edge)>>> {
     const CAPACITY: usize = 16;

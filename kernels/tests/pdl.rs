@@ -1,8 +1,9 @@
 //! Programmatic dependent launch (PDL) against a producer that is still
-//! running: a W4A16 linear launched with PDL right after `act::to_f16`
-//! (which, like every op that feeds a linear, lets its dependant start at
-//! once) must read what the producer wrote, never what the buffer held
-//! before.
+//! running: a W4A16 linear launched with PDL right after the op that
+//! writes its input (`act::to_f16` or RMSNorm, which, like every op that
+//! feeds a linear, let their dependant start at once) must read what the
+//! producer wrote, never what the buffer held before; eagerly, and in a
+//! recorded graph with the programmatic edge spliced in.
 //!
 //! Session 8 found the opposite on an H100: the classic kernels loaded x
 //! with `__ldg`, and ptxas hoisted those loads above `griddepcontrol.wait`,
@@ -156,9 +157,11 @@ enum Producer {
 /// a dropped buffer (a free node between the two) and a 4-bit linear whose
 /// output is allocated after it, spliced so that the linear depends on the
 /// norm programmatically. The splice must take (one programmatic edge,
-/// checked by `end_pdl_splice` itself), and every replay, queued behind
-/// long linears so that the two kernels overlap, must give the eager
-/// output bit for bit.
+/// checked by `end_pdl_splice` itself), and every replay must give the
+/// eager output bit for bit. Each replay first fills x's fp16 buffer with
+/// NaN inside the graph (graph memory keeps its contents between replays,
+/// so without that a linear reading early would find the last replay's
+/// correct values).
 #[test]
 fn spliced_graph_matches_eager_launches() {
     let Some(dev) = device() else { return };
@@ -186,6 +189,7 @@ fn spliced_graph_matches_eager_launches() {
         .upload(&rng.values(m * k, -1.0, 1.0), m, k)
         .expect("upload");
     let weight = dev.upload(&rng.values(k, 0.5, 1.5), k, 1).expect("upload");
+    let nans = dev.upload(&vec![f32::NAN; m * k], m, k).expect("upload");
 
     // Eager: the norm, then the linear.
     let mut normed = dev.uninit::<f32>(m, k).expect("alloc");
@@ -205,6 +209,7 @@ fn spliced_graph_matches_eager_launches() {
         .record(|| -> Result<(), lmq_kernels::KernelError> {
             let mut normed = dev.uninit::<f32>(m, k)?;
             let mut x16 = dev.uninit::<f16>(m, k)?;
+            act::to_f16(&dev, &nans, &mut x16)?;
             act::rms_norm(&dev, &x32, &weight, 1e-5, &mut normed, Some(&mut x16))?;
             drop(normed);
             let mut splice = dev.begin_pdl_splice()?.expect("the splice applies");

@@ -203,6 +203,37 @@ impl StepGraphs {
     }
 }
 
+/// The pool's last block pads recorded steps (see `graph.rs`): the kernels
+/// accept it, so the engine's tables are held to the blocks before it. (A
+/// recording's metadata names block 0 only; a replay checks its spans in
+/// `graph::write_inputs`.)
+pub(super) fn check_engine_blocks(meta: &RowMeta, pool: &CudaKvPool) -> Result<()> {
+    if meta.rows() > 0 && meta.max_block() >= pool.pad_block {
+        return Err(Error::Backend {
+            backend: "cuda",
+            message: format!(
+                "block {} is outside the pool of {}",
+                meta.max_block(),
+                pool.pad_block
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Says once on stderr how many programmatic edges (PDL) a recorded step
+/// gained, so that a run with `LMQ_PDL=1` shows whether they form.
+pub(super) fn note_programmatic_edges(edges: usize) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    if edges > 0 {
+        SAID.call_once(|| {
+            eprintln!(
+                "lmq: CUDA graphs: {edges} programmatic edges (PDL) spliced into a recorded step"
+            );
+        });
+    }
+}
+
 /// Fresh input buffers for a step of `key`'s shape.
 pub(super) fn new_inputs(dev: &GpuDevice, key: &StepKey, block_len: usize) -> Result<StepInputs> {
     let width = key.capacity().div_ceil(block_len.max(1));
@@ -332,7 +363,7 @@ mod tests {
         for n in 1..=MAX_GRAPH_ROWS {
             let b = bucket_rows(n);
             assert!(
-                b >= n && b <= MAX_GRAPH_ROWS && (b <= 8 || b % 8 == 0),
+                b >= n && b <= MAX_GRAPH_ROWS && (b <= 8 || b.is_multiple_of(8)),
                 "{n} -> {b}"
             );
         }

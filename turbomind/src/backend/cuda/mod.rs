@@ -330,7 +330,7 @@ impl CudaBackend {
             return Err(e);
         }
         let (graph, ()) = recorded.map_err(gpu_error)?;
-        note_programmatic_edges(self.dev.pdl_splices() - spliced);
+        graph::note_programmatic_edges(self.dev.pdl_splices() - spliced);
         let vocab =
             vocab.ok_or_else(|| shape_error("the recorded step looked up no tokens".into()))?;
         Ok(graph::Recorded::new(graph, inputs, logits, vocab))
@@ -357,34 +357,6 @@ impl CudaBackend {
             )));
         }
         Ok(())
-    }
-}
-
-/// The pool's last block pads recorded steps (see `graph.rs`): the kernels
-/// accept it, so the engine's tables are held to the blocks before it. (A
-/// recording's metadata names block 0 only; a replay checks its spans in
-/// `graph::write_inputs`.)
-fn check_engine_blocks(meta: &RowMeta, pool: &CudaKvPool) -> Result<()> {
-    if meta.rows() > 0 && meta.max_block() >= pool.pad_block {
-        return Err(shape_error(format!(
-            "block {} is outside the pool of {}",
-            meta.max_block(),
-            pool.pad_block
-        )));
-    }
-    Ok(())
-}
-
-/// Says once on stderr how many programmatic edges (PDL) a recorded step
-/// gained, so that a run with `LMQ_PDL=1` shows whether they form.
-fn note_programmatic_edges(edges: usize) {
-    static SAID: std::sync::Once = std::sync::Once::new();
-    if edges > 0 {
-        SAID.call_once(|| {
-            eprintln!(
-                "lmq: CUDA graphs: {edges} programmatic edges (PDL) spliced into a recorded step"
-            );
-        });
     }
 }
 
@@ -475,7 +447,9 @@ impl Backend for CudaBackend {
             head_dim: spec.shape.head_dim,
             block_len: spec.block_len,
             // One block more than asked: the padding rows' block.
-            num_blocks: spec.num_blocks + 1,
+            num_blocks: spec.num_blocks.checked_add(1).ok_or_else(|| {
+                Error::InvalidRequest(format!("{} KV blocks are too many", spec.num_blocks))
+            })?,
             storage,
         };
         let pool =
@@ -577,7 +551,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         self.check_rows(k, spans, "write_kv")?;
         let meta = self.row_meta(spans)?;
-        check_engine_blocks(&meta, pool)?;
+        graph::check_engine_blocks(&meta, pool)?;
         match pool.smooth.as_ref().and_then(|s| s.get(layer)) {
             Some(sm) => {
                 let hd = pool.pool.layout().head_dim;
@@ -601,7 +575,7 @@ impl Backend for CudaBackend {
     ) -> Result<CudaAct> {
         self.check_rows(q, spans, "attention")?;
         let meta = self.row_meta(spans)?;
-        check_engine_blocks(&meta, pool)?;
+        graph::check_engine_blocks(&meta, pool)?;
         match pool.smooth.as_ref().and_then(|s| s.get(layer)) {
             Some(sm) => {
                 let qs =

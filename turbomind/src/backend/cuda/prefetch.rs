@@ -25,9 +25,10 @@
 //! dequantization, never a wrong result: the matrix is used only by the
 //! linear it was made for.
 //!
-//! On an H100 (session 8) the overlap as first written gained nothing:
-//! Hopper's cuBLAS GEMMs occupy every SM until they end, so the side
-//! stream's kernel waited for them. cuBLAS is therefore asked to plan a
+//! On an H100 (session 8) the overlap as first written gained nothing. The
+//! likely reason (not yet measured): Hopper's cuBLAS GEMMs occupy every SM
+//! until they end, so the side stream's kernel waited for them. cuBLAS is
+//! therefore asked to plan a
 //! prefetching GEMM for all SMs but `LMQ_PREFILL_PREFETCH_SMS` (default
 //! 16), which the dequantization then has to itself; `bench_prefill`
 //! times the trade for several counts.
@@ -51,6 +52,8 @@ pub(super) struct Prefetch {
     last: Option<usize>,
     /// The weight dequantized ahead, and for which linear.
     ready: Option<(usize, DeviceMatrix<f16>)>,
+    /// SMs a prefetching GEMM leaves free (see `reserved_sms`).
+    reserve: usize,
 }
 
 /// Whether prefill dequantizes ahead: `LMQ_PREFILL_PREFETCH=1`, until the
@@ -62,22 +65,26 @@ pub(super) fn prefetch_enabled() -> bool {
 }
 
 /// SMs a prefetching GEMM leaves to the dequantization on the side
-/// stream: `LMQ_PREFILL_PREFETCH_SMS` (0: cuBLAS takes them all).
-fn reserved_sms() -> usize {
-    static SMS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *SMS.get_or_init(|| {
-        std::env::var("LMQ_PREFILL_PREFETCH_SMS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(16)
-    })
+/// stream: `LMQ_PREFILL_PREFETCH_SMS` (default 16, not yet tuned on a GPU;
+/// 0: cuBLAS takes them all). A value that is not a count is an error.
+fn reserved_sms() -> Result<usize> {
+    match std::env::var("LMQ_PREFILL_PREFETCH_SMS") {
+        Err(_) => Ok(16),
+        Ok(v) => v.trim().parse().map_err(|_| {
+            Error::InvalidRequest(format!(
+                "LMQ_PREFILL_PREFETCH_SMS must be a number of SMs, got {v:?}"
+            ))
+        }),
+    }
 }
 
 impl Prefetch {
     pub fn new(dev: &GpuDevice) -> Result<Self> {
         let side = dev.side_stream().map_err(gpu_error)?;
+        let reserve = reserved_sms()?.min(dev.num_sms() as usize / 2);
         Ok(Self {
             side,
+            reserve,
             linears: Vec::new(),
             next: HashMap::new(),
             last: None,
@@ -143,17 +150,21 @@ impl Prefetch {
             }
             _ => None,
         };
-        let reserve = reserved_sms().min(dev.num_sms() as usize / 2);
+        let reserve = self.reserve;
         let narrowed = ahead.is_some()
             && reserve > 0
             && blas
                 .set_sm_count_target(dev, dev.num_sms() as usize - reserve)
                 .is_ok();
         let done = blas.gemm_f16(dev, x, &weight, out).map_err(gpu_error);
-        if narrowed {
-            blas.set_sm_count_target(dev, 0).map_err(gpu_error)?;
-        }
+        let restored = if narrowed {
+            blas.set_sm_count_target(dev, 0).map_err(gpu_error)
+        } else {
+            Ok(())
+        };
+        // The GEMM's own error first; a failed reset is reported after.
         done?;
+        restored?;
         // Freed in main-stream order, after the GEMM.
         drop(weight);
         if let Some((n, mut m, allocated)) = ahead {
