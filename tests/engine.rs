@@ -85,6 +85,11 @@ fn run_batched(handle: &EngineHandle, requests: Vec<EngineRequest>) -> Vec<Outco
 
 /// Greedy tokens from the single-sequence path.
 fn reference_tokens(prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    reference_tokens_with(prompt, max_tokens, SamplingParams::default())
+}
+
+/// Tokens from the single-sequence path with `sampling`.
+fn reference_tokens_with(prompt: &[u32], max_tokens: usize, sampling: SamplingParams) -> Vec<u32> {
     let (model, tokenizer) = smollm2();
     let out = generate(
         model,
@@ -92,7 +97,7 @@ fn reference_tokens(prompt: &[u32], max_tokens: usize) -> Vec<u32> {
         &GenerateRequest {
             prompt_ids: prompt.to_vec(),
             max_tokens,
-            sampling: SamplingParams::default(),
+            sampling,
             stop_token_ids: Vec::new(),
             stop_strings: Vec::new(),
             ignore_eos: true,
@@ -165,6 +170,56 @@ fn sixteen_batched_greedy_requests_match_each_alone() {
     }
     wait_for_stats(&handle, |s| s.kv_blocks_used == 0 && s.running == 0);
     assert!(handle.stats().kv_blocks_peak > 16);
+}
+
+/// Penalties in the engine come from counts it keeps per request as
+/// tokens are accepted; the single-sequence path counts the whole history
+/// every token. Both must pick the same tokens (greedy, so that only the
+/// penalties decide), batched. Two settings: strong penalties of every
+/// kind (new tokens' first counts decide), and a mild frequency penalty
+/// alone (tokens repeat, so that their running counts decide).
+#[test]
+fn penalized_batched_requests_match_the_single_sequence_path() {
+    let handle = engine(small_config());
+    let prompts = prompts(4);
+    const N: usize = 24;
+    let settings = [
+        SamplingParams {
+            repetition_penalty: 1.2,
+            presence_penalty: 0.8,
+            frequency_penalty: 1.2,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            frequency_penalty: 0.3,
+            ..SamplingParams::default()
+        },
+    ];
+    for params in settings {
+        let batched = run_batched(
+            &handle,
+            prompts
+                .iter()
+                .map(|p| EngineRequest {
+                    sampling: params.clone(),
+                    ..greedy(p.clone(), N)
+                })
+                .collect(),
+        );
+        let mut changed = 0;
+        for (i, (p, out)) in prompts.iter().zip(&batched).enumerate() {
+            assert_eq!(
+                out.tokens,
+                reference_tokens_with(p, N, params.clone()),
+                "{params:?}, request {i}: engine tokens differ from the single-sequence path"
+            );
+            changed += usize::from(out.tokens != reference_tokens(p, N));
+        }
+        assert!(
+            changed > 0,
+            "{params:?}: the penalties changed no request's tokens"
+        );
+    }
 }
 
 #[test]

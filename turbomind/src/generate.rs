@@ -169,6 +169,7 @@ pub fn generate<B: Backend>(
                 uniform,
                 history: &history,
                 prompt_len: request.prompt_ids.len(),
+                counts: None,
             };
             let mut batch = [SeqInput {
                 tokens: &next_input,

@@ -120,6 +120,47 @@ pub fn token_counts(history: &[u32], prompt_len: usize) -> Vec<(u32, u32)> {
     counts
 }
 
+/// [`token_counts`] of a request's tokens, kept up to date as it
+/// generates: one sorted insert per token instead of a sort of the whole
+/// history per step (the engine keeps one for each request whose
+/// penalties need them).
+#[derive(Debug, Clone, Default)]
+pub struct PenaltyCounts {
+    counts: Vec<(u32, u32)>,
+    /// Tokens counted: the prompt's and the generated ones.
+    len: usize,
+}
+
+impl PenaltyCounts {
+    /// The counts of a prompt (none of its tokens generated).
+    pub fn new(prompt: &[u32]) -> Self {
+        PenaltyCounts {
+            counts: token_counts(prompt, prompt.len()),
+            len: prompt.len(),
+        }
+    }
+
+    /// Counts one generated token.
+    pub fn push_generated(&mut self, token: u32) {
+        match self.counts.binary_search_by_key(&token, |c| c.0) {
+            Ok(i) => self.counts[i].1 += 1,
+            Err(i) => self.counts.insert(i, (token, 1)),
+        }
+        self.len += 1;
+    }
+
+    /// The counts, if they cover a history of `history_len` tokens (else
+    /// the caller counts the history itself).
+    pub fn for_history(&self, history_len: usize) -> Option<&[(u32, u32)]> {
+        (self.len == history_len).then_some(self.counts.as_slice())
+    }
+}
+
+/// Whether `p` applies any penalty (and so needs the history's counts).
+pub fn wants_penalties(p: &SamplingParams) -> bool {
+    p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0
+}
+
 /// Hugging Face's repetition penalty: every token seen before has its
 /// logit divided by the penalty if positive, multiplied if negative.
 pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {
@@ -205,13 +246,20 @@ impl Sampler {
 /// `p`'s penalties applied to `logits` in place: the repetition penalty
 /// over `history`, OpenAI's over its generated part (from `prompt_len`).
 pub fn apply_penalties(p: &SamplingParams, logits: &mut [f32], history: &[u32], prompt_len: usize) {
-    if p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0 {
+    if !wants_penalties(p) {
         return;
     }
-    let counts = token_counts(history, prompt_len);
+    apply_penalties_counted(p, logits, &token_counts(history, prompt_len));
+}
+
+/// [`apply_penalties`] from the history's [`token_counts`].
+pub fn apply_penalties_counted(p: &SamplingParams, logits: &mut [f32], counts: &[(u32, u32)]) {
+    if !wants_penalties(p) {
+        return;
+    }
     apply_counted_penalties(
         logits,
-        &counts,
+        counts,
         p.repetition_penalty,
         p.presence_penalty,
         p.frequency_penalty,
@@ -626,5 +674,32 @@ mod tests {
         .err()
         .unwrap();
         assert!(e.to_string().contains("top_p"));
+    }
+
+    /// Counts kept token by token equal the counts of the whole history
+    /// (prompt and generated), and are refused for a history of another
+    /// length.
+    #[test]
+    fn kept_counts_equal_counts_of_the_history() {
+        let mut rng = StdRng::seed_from_u64(21);
+        for _ in 0..200 {
+            let prompt_len = rng.random_range(0..50);
+            let vocab = rng.random_range(1..40u32);
+            let prompt: Vec<u32> = (0..prompt_len)
+                .map(|_| rng.random_range(0..vocab))
+                .collect();
+            let mut kept = PenaltyCounts::new(&prompt);
+            let mut history = prompt.clone();
+            for _ in 0..rng.random_range(0..60) {
+                let t = rng.random_range(0..vocab);
+                kept.push_generated(t);
+                history.push(t);
+                assert_eq!(
+                    kept.for_history(history.len()),
+                    Some(token_counts(&history, prompt_len).as_slice())
+                );
+            }
+            assert_eq!(kept.for_history(history.len() + 1), None);
+        }
     }
 }

@@ -111,6 +111,7 @@ fn decode_steps(
             uniform: 0.0,
             history: &history,
             prompt_len: 0,
+            counts: None,
         })
         .collect();
     let tokens: Vec<Vec<u32>> = (0..5).map(|_| rng.tokens(1, vocab)).collect();

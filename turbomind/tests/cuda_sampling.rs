@@ -10,7 +10,7 @@
 use lmq_kernels::GpuDevice;
 use lmq_turbomind::backend::cuda::{CudaAct, CudaBackend};
 use lmq_turbomind::backend::{Backend, SampleRow};
-use lmq_turbomind::sampling::{sample_penalized, Sampler, SamplingParams};
+use lmq_turbomind::sampling::{sample_penalized, PenaltyCounts, Sampler, SamplingParams};
 
 struct Rng(u64);
 
@@ -157,12 +157,25 @@ fn device_sampling_matches_host_sampler() {
                 let uniforms: Vec<f32> = (0..rows).map(|_| rng.uniform() as f32).collect();
                 let flat: Vec<f32> = host_logits.concat();
                 let mut act: CudaAct = gpu.device().upload(&flat, rows, vocab).unwrap().into();
+                // Odd rows hand over their counts kept incrementally, as
+                // the engine does; even rows have them counted.
+                let kept: Vec<PenaltyCounts> = (0..rows)
+                    .map(|r| {
+                        let (prompt, output) = histories[r].split_at(prompt_lens[r]);
+                        let mut c = PenaltyCounts::new(prompt);
+                        output.iter().for_each(|&t| c.push_generated(t));
+                        c
+                    })
+                    .collect();
                 let sample_rows: Vec<SampleRow<'_>> = (0..rows)
                     .map(|r| SampleRow {
                         params: &params[r],
                         uniform: uniforms[r],
                         history: &histories[r],
                         prompt_len: prompt_lens[r],
+                        counts: (r % 2 == 1)
+                            .then(|| kept[r].for_history(histories[r].len()))
+                            .flatten(),
                     })
                     .collect();
                 let tokens = gpu.sample(&mut act, &sample_rows).unwrap();

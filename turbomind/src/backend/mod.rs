@@ -181,6 +181,10 @@ pub struct SampleRow<'a> {
     pub uniform: f32,
     pub history: &'a [u32],
     pub prompt_len: usize,
+    /// `token_counts(history, prompt_len)` where the caller keeps them
+    /// ([`crate::sampling::PenaltyCounts`]); `None`: counted from
+    /// `history`.
+    pub counts: Option<&'a [(u32, u32)]>,
 }
 
 /// What a step hands back for its logits: each row's token where the

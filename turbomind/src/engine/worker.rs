@@ -21,7 +21,10 @@ use crate::backend::{use_device_sampling, Backend, SampleRow};
 use crate::error::{Error, Result};
 use crate::generate::StopStrings;
 use crate::model::{LogitsWanted, Model, Sampled, SeqInput, SeqKv};
-use crate::sampling::{apply_penalties, sample_penalized, Sampler, SamplingParams};
+use crate::sampling::{
+    apply_penalties, apply_penalties_counted, sample_penalized, wants_penalties, PenaltyCounts,
+    Sampler, SamplingParams,
+};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// Starts an engine thread for `model` and returns its handle. The pool is
@@ -93,6 +96,9 @@ struct Active {
     cached_tokens: Option<usize>,
     submitted: Instant,
     first_token: Option<Instant>,
+    /// The penalties' token counts, kept as tokens are accepted, where the
+    /// request's parameters apply penalties.
+    counts: Option<PenaltyCounts>,
 }
 
 /// One row's host-side token choice (see `Worker::choose_tokens`).
@@ -199,6 +205,7 @@ impl<B: Backend> Worker<B> {
             }
         };
         let max_context = self.model.config.max_position_embeddings;
+        let counts = wants_penalties(sampler.params()).then(|| PenaltyCounts::new(&r.prompt));
         let mut stop_ids = r.stop_token_ids;
         if !r.ignore_eos {
             stop_ids.extend(&self.model.config.eos_token_ids);
@@ -216,6 +223,7 @@ impl<B: Backend> Worker<B> {
             cached_tokens: None,
             submitted: Instant::now(),
             first_token: None,
+            counts,
         };
         self.stats.prompt_tokens += r.prompt.len() as u64;
         if let Err(e) = self.scheduler.add(NewSequence {
@@ -374,11 +382,15 @@ impl<B: Backend> Worker<B> {
                 .zip(&uniforms)
                 .map(|(c, &uniform)| {
                     let a = self.requests.get(&c.seq);
+                    let history = self.scheduler.tokens(c.seq).unwrap_or(&[]);
                     SampleRow {
                         params: a.map_or(&greedy, |a| a.sampler.params()),
                         uniform,
-                        history: self.scheduler.tokens(c.seq).unwrap_or(&[]),
+                        history,
                         prompt_len: a.map_or(0, |a| a.prompt_len),
+                        counts: a
+                            .and_then(|a| a.counts.as_ref())
+                            .and_then(|k| k.for_history(history.len())),
                     }
                 })
                 .collect();
@@ -460,6 +472,7 @@ impl<B: Backend> Worker<B> {
             jobs.push(job);
         }
         let scheduler = &self.scheduler;
+        let requests = &self.requests;
         jobs.into_par_iter()
             .map(|job| {
                 let job = job?;
@@ -469,7 +482,18 @@ impl<B: Backend> Worker<B> {
                     Pick::Raw(mut logits) => {
                         let raw = job.keep_raw.then(|| logits.clone());
                         let history = scheduler.tokens(job.seq).unwrap_or(&[]);
-                        apply_penalties(&job.params, &mut logits, history, job.prompt_len);
+                        let kept = requests
+                            .get(&job.seq)
+                            .and_then(|a| a.counts.as_ref())
+                            .and_then(|k| k.for_history(history.len()));
+                        match kept {
+                            Some(counts) => {
+                                apply_penalties_counted(&job.params, &mut logits, counts)
+                            }
+                            None => {
+                                apply_penalties(&job.params, &mut logits, history, job.prompt_len)
+                            }
+                        }
                         let token = sample_penalized(&job.params, &logits, job.uniform);
                         (token, raw)
                     }
@@ -487,6 +511,11 @@ impl<B: Backend> Worker<B> {
             return Ok((0, true));
         };
         a.generated += 1;
+        // The scheduler appends every token this returns to the sequence's
+        // history; the counts follow it.
+        if let Some(c) = a.counts.as_mut() {
+            c.push_generated(token);
+        }
         self.stats.generation_tokens += 1;
         a.first_token.get_or_insert_with(Instant::now);
         if a.stop_ids.contains(&token) {

@@ -31,6 +31,7 @@ pub(super) fn finish_matrix(
                 uniform: 0.0,
                 history: &[],
                 prompt_len: 0,
+                counts: None,
             }))
             .collect()
     });
@@ -94,9 +95,17 @@ pub(super) fn sample_matrix(
             if !wants_repetition && !wants_output {
                 return Vec::new();
             }
-            token_counts(r.history, r.prompt_len)
-                .into_iter()
-                .map(|(token, generated)| PenaltyEntry {
+            let counted;
+            let counts = match r.counts {
+                Some(c) => c,
+                None => {
+                    counted = token_counts(r.history, r.prompt_len);
+                    &counted
+                }
+            };
+            counts
+                .iter()
+                .map(|&(token, generated)| PenaltyEntry {
                     row,
                     token,
                     generated,
