@@ -32,6 +32,26 @@ pub(crate) fn same_shape<A: Element, B: Element>(
     Ok(())
 }
 
+/// `out` must be `rows × cols`.
+pub(crate) fn out_shape<T: Element>(
+    op: &'static str,
+    out: &DeviceMatrix<T>,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    if out.rows() != rows || out.cols() != cols {
+        return Err(KernelError::shape(
+            op,
+            format!(
+                "out is {}×{}, expected {rows}×{cols}",
+                out.rows(),
+                out.cols()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn on_device(op: &'static str, dev: &GpuDevice, ok: &[bool]) -> Result<()> {
     if ok.iter().all(|&b| b) {
         Ok(())
@@ -262,18 +282,7 @@ pub fn embedding(
             ),
         ));
     }
-    if out.rows() != ids.len() || out.cols() != table.cols() {
-        return Err(KernelError::shape(
-            OP,
-            format!(
-                "out is {}×{}, expected {}×{}",
-                out.rows(),
-                out.cols(),
-                ids.len(),
-                table.cols()
-            ),
-        ));
-    }
+    out_shape(OP, out, ids.len(), table.cols())?;
     on_device(OP, dev, &[table.is_on(dev), out.is_on(dev)])?;
     if ids.is_empty() {
         return Ok(());

@@ -25,7 +25,7 @@ mod common;
 
 use common::{device, Rng};
 use half::f16;
-use lmq_kernels::{act, PackedW4, W4A16Linear, W4Kernel};
+use lmq_kernels::{act, GpuDevice, PackedW4, W4A16Linear, W4Kernel};
 
 /// Producer-then-linear rounds per case: the race showed in most engine
 /// runs, each of which has hundreds of such pairs.
@@ -34,13 +34,31 @@ const ROUNDS: usize = 300;
 /// Long linears queued ahead of each round's producer.
 const BUSY_CALLS: usize = 8;
 
-#[test]
-fn pdl_linear_reads_what_its_producer_wrote() {
-    let Some(dev) = device() else { return };
+/// GPU 0 where it has programmatic dependent launch (sm_90 and later);
+/// `None`, reported as skipped, elsewhere.
+fn pdl_device() -> Option<GpuDevice> {
+    let dev = device()?;
     if dev.compute_capability() < (9, 0) {
         println!("skipped: programmatic dependent launch needs sm_90 or later");
-        return;
+        return None;
     }
+    Some(dev)
+}
+
+/// A `k → n` 4-bit weight in groups of `g`: random codes and zeros, scales
+/// in [0.002, 0.02).
+fn random_packed(rng: &mut Rng, k: usize, n: usize, g: usize) -> PackedW4 {
+    let mut words =
+        |count: usize| -> Vec<i32> { (0..count).map(|_| rng.next_u64() as i32).collect() };
+    let qweight = words(k * n / 8);
+    let qzeros = words((k / g) * n / 8);
+    let scales = rng.f16s((k / g) * n, 0.002, 0.02);
+    PackedW4::from_awq(&qweight, &qzeros, &scales, k, n, g).expect("pack")
+}
+
+#[test]
+fn pdl_linear_reads_what_its_producer_wrote() {
+    let Some(dev) = pdl_device() else { return };
     let cases = [
         (1, 4096, 4096, 128, W4Kernel::Classic),
         (12, 576, 1536, 64, W4Kernel::Classic),
@@ -59,31 +77,16 @@ fn pdl_linear_reads_what_its_producer_wrote() {
         ),
     ];
     let mut rng = Rng(0x5eed_0008);
-    let words = |rng: &mut Rng, count: usize| -> Vec<i32> {
-        (0..count).map(|_| rng.next_u64() as i32).collect()
-    };
     // The busy work: 16 rows through an 11008 → 4096 linear, a few tens of
     // microseconds a call.
     let (bm, bk, bn, bg) = (16, 11008, 4096, 128);
-    let busy = PackedW4::from_awq(
-        &words(&mut rng, bk * bn / 8),
-        &words(&mut rng, (bk / bg) * bn / 8),
-        &rng.f16s((bk / bg) * bn, 0.002, 0.02),
-        bk,
-        bn,
-        bg,
-    )
-    .expect("pack");
-    let busy = W4A16Linear::new(&dev, &busy, None).expect("linear");
+    let busy = W4A16Linear::new(&dev, &random_packed(&mut rng, bk, bn, bg), None).expect("linear");
     let busy_x = dev
         .upload(&rng.f16s(bm * bk, -1.0, 1.0), bm, bk)
         .expect("upload");
     let mut busy_out = dev.uninit::<f32>(bm, bn).expect("alloc");
     for (m, k, n, g, kernel) in cases {
-        let qweight = words(&mut rng, k * n / 8);
-        let qzeros = words(&mut rng, (k / g) * n / 8);
-        let scales = rng.f16s((k / g) * n, 0.002, 0.02);
-        let packed = PackedW4::from_awq(&qweight, &qzeros, &scales, k, n, g).expect("pack");
+        let packed = random_packed(&mut rng, k, n, g);
         let mut plain = W4A16Linear::new(&dev, &packed, None).expect("linear");
         plain.set_kernel_kind(kernel).expect("kernel");
         let mut chained = W4A16Linear::new(&dev, &packed, None).expect("linear");
@@ -164,26 +167,11 @@ enum Producer {
 /// correct values).
 #[test]
 fn spliced_graph_matches_eager_launches() {
-    let Some(dev) = device() else { return };
-    if dev.compute_capability() < (9, 0) {
-        println!("skipped: programmatic dependent launch needs sm_90 or later");
-        return;
-    }
+    let Some(dev) = pdl_device() else { return };
     let (m, k, n, g) = (1, 4096, 11008, 128);
     let mut rng = Rng(0x5eed_0009);
-    let words = |rng: &mut Rng, count: usize| -> Vec<i32> {
-        (0..count).map(|_| rng.next_u64() as i32).collect()
-    };
-    let packed = PackedW4::from_awq(
-        &words(&mut rng, k * n / 8),
-        &words(&mut rng, (k / g) * n / 8),
-        &rng.f16s((k / g) * n, 0.002, 0.02),
-        k,
-        n,
-        g,
-    )
-    .expect("pack");
-    let mut linear = W4A16Linear::new(&dev, &packed, None).expect("linear");
+    let mut linear =
+        W4A16Linear::new(&dev, &random_packed(&mut rng, k, n, g), None).expect("linear");
     assert!(linear.set_pdl(true), "PDL refused on sm_90+");
     let x32 = dev
         .upload(&rng.values(m * k, -1.0, 1.0), m, k)

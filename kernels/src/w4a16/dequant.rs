@@ -11,6 +11,7 @@ use crate::buffer::DeviceMatrix;
 use crate::device::GpuDevice;
 use crate::error::{DriverContext, KernelError, Result};
 use crate::nvrtc::Module;
+use crate::ops::out_shape;
 
 impl W4A16Linear {
     /// Writes the dense fp16 weights `[out][in]` (`(q − z) · s`, the
@@ -54,18 +55,7 @@ impl W4A16Linear {
                 "the stream belongs to another CUDA context",
             ));
         }
-        if out.rows() != self.out_features || out.cols() != self.in_features {
-            return Err(KernelError::shape(
-                OP,
-                format!(
-                    "out is {}×{}, expected {}×{}",
-                    out.rows(),
-                    out.cols(),
-                    self.out_features,
-                    self.in_features
-                ),
-            ));
-        }
+        out_shape(OP, out, self.out_features, self.in_features)?;
         if !std::sync::Arc::ptr_eq(self.qw.stream(), dev.stream()) || !out.is_on(dev) {
             return Err(KernelError::invalid(
                 OP,

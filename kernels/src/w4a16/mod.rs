@@ -15,6 +15,7 @@ use crate::buffer::{DeviceMatrix, Element};
 use crate::device::GpuDevice;
 use crate::error::{DriverContext, KernelError, Result};
 use crate::nvrtc::Module;
+use crate::ops::out_shape;
 
 mod dequant;
 mod plan;
@@ -230,16 +231,7 @@ impl W4A16Linear {
             blocks_per_sm,
         } = kernel
         {
-            plan_stream(
-                1,
-                self.kbs,
-                self.out_features,
-                self.group_size,
-                warps,
-                self.stream_stages(stages),
-                blocks_per_sm,
-                self.num_sms,
-            )?;
+            self.stream_plan(1, warps, stages, blocks_per_sm)?;
         }
         self.kernel = kernel;
         Ok(())
@@ -333,18 +325,29 @@ impl W4A16Linear {
                     Some(s) => s.min(MAX_STREAM_WARPS),
                     None => warps,
                 };
-                plan_stream(
-                    m,
-                    self.kbs,
-                    self.out_features,
-                    self.group_size,
-                    warps,
-                    self.stream_stages(stages),
-                    blocks_per_sm,
-                    self.num_sms,
-                )
+                self.stream_plan(m, warps, stages, blocks_per_sm)
             }
         }
+    }
+
+    /// This layer's streaming-kernel plan for `m` rows.
+    fn stream_plan(
+        &self,
+        m: usize,
+        warps: usize,
+        stages: usize,
+        blocks_per_sm: usize,
+    ) -> Result<W4Plan> {
+        plan_stream(
+            m,
+            self.kbs,
+            self.out_features,
+            self.group_size,
+            warps,
+            self.stream_stages(stages),
+            blocks_per_sm,
+            self.num_sms,
+        )
     }
 
     fn check_rows(&self, m: usize) -> Result<()> {
@@ -413,17 +416,7 @@ impl W4A16Linear {
                 ),
             ));
         }
-        if out.rows() != m || out.cols() != self.out_features {
-            return Err(KernelError::shape(
-                OP,
-                format!(
-                    "out is {}×{}, expected {m}×{}",
-                    out.rows(),
-                    out.cols(),
-                    self.out_features
-                ),
-            ));
-        }
+        out_shape(OP, out, m, self.out_features)?;
         if !std::sync::Arc::ptr_eq(self.qw.stream(), dev.stream())
             || !x.is_on(dev)
             || !out.is_on(dev)

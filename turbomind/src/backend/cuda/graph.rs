@@ -292,8 +292,13 @@ pub(super) fn write_inputs(
             rows - spans.len(),
         ))
         .collect();
-    let mut padded_ids = ids.to_vec();
-    padded_ids.resize(rows, 0);
+    let padded_ids: std::borrow::Cow<'_, [u32]> = if ids.len() == rows {
+        ids.into()
+    } else {
+        let mut v = ids.to_vec();
+        v.resize(rows, 0);
+        v.into()
+    };
     let busy = || Error::Backend {
         backend: "cuda",
         message: "a recorded step's inputs are still borrowed".into(),

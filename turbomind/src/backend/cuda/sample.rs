@@ -22,6 +22,14 @@ pub(super) fn finish_matrix(
     rows: usize,
 ) -> Result<StepOutput> {
     let padding = logits.rows().saturating_sub(rows);
+    if padding == 0 {
+        return finish_step(
+            logits,
+            sampling,
+            |l, rows| sample_matrix(dev, l, rows),
+            |l| dev.download(l).map_err(gpu_error),
+        );
+    }
     let greedy = SamplingParams::default();
     let padded: Option<Vec<SampleRow<'_>>> = sampling.map(|real| {
         real.iter()
@@ -41,19 +49,17 @@ pub(super) fn finish_matrix(
         |l, rows| sample_matrix(dev, l, rows),
         |l| dev.download(l).map_err(gpu_error),
     )?;
-    if padding > 0 {
-        if let Some(tokens) = out.tokens.as_mut() {
-            tokens.truncate(rows);
-        }
-        out.logits.truncate(rows * logits.cols());
-        if out
-            .tokens
-            .as_ref()
-            .is_some_and(|t| t.iter().all(Option::is_some))
-        {
-            // Only a padding row wanted the host: the step's rows did not.
-            out.logits = Vec::new();
-        }
+    if let Some(tokens) = out.tokens.as_mut() {
+        tokens.truncate(rows);
+    }
+    out.logits.truncate(rows * logits.cols());
+    if out
+        .tokens
+        .as_ref()
+        .is_some_and(|t| t.iter().all(Option::is_some))
+    {
+        // Only a padding row wanted the host: the step's rows did not.
+        out.logits = Vec::new();
     }
     Ok(out)
 }
