@@ -21,7 +21,10 @@
 mod common;
 
 use common::{device, filled_pool, scaled_diff, AttnCase, FilledPool, Rng};
-use lmq_kernels::paged::{paged_attention, plan_prefill, PREFILL_MIN_RUN};
+use half::f16;
+use lmq_kernels::paged::{
+    paged_attention, paged_attention_half, plan_prefill, IntAttnConfig, PREFILL_MIN_RUN,
+};
 use lmq_kernels::{GpuDevice, KvStorage, RowMeta, RowPlace};
 
 /// The batch: (first position, rows) per sequence, in batch order.
@@ -59,6 +62,34 @@ fn run(dev: &GpuDevice, c: &AttnCase, seed: u64) {
     let got = dev
         .download(&paged_attention(dev, &pool, layer, &q, c.heads, &tiled).expect("prefill"))
         .expect("download");
+    // The fp16 copy the kernels write for o_proj (decode, merge and
+    // prefill kernels alike) is fp16 of the output, element for element,
+    // and asking for it leaves the output as it was.
+    let (out, half) = paged_attention_half(
+        dev,
+        &pool,
+        layer,
+        &q,
+        c.heads,
+        &tiled,
+        IntAttnConfig::default(),
+    )
+    .expect("attention with an fp16 copy");
+    let (out, half) = (
+        dev.download(&out).expect("download"),
+        dev.download(&half).expect("download"),
+    );
+    assert!(
+        out.iter()
+            .zip(&got)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "the output changed when its fp16 copy was asked for"
+    );
+    let bad = out
+        .iter()
+        .zip(&half)
+        .position(|(o, h)| f16::from_f32(*o).to_bits() != h.to_bits());
+    assert_eq!(bad, None, "the fp16 copy is not fp16(out) at {bad:?}");
     // The same plan on the host says which rows the decode kernels kept.
     let keyed: Vec<(usize, *const u32)> = rows.iter().map(|r| (r.pos, r.table.as_ptr())).collect();
     let plan = plan_prefill(&keyed, PREFILL_MIN_RUN);

@@ -155,10 +155,12 @@ impl<B: Backend> DecoderLayer<B> {
         observer: &mut dyn Observer<B>,
     ) -> Result<B::Act> {
         observer.observe(LinearInput::Qkv, h)?;
-        let parts = match &self.qkv {
-            SharedInput::Stacked { linear, widths } => b.split_qkv_rope(
+        let q = match &self.qkv {
+            SharedInput::Stacked { linear, widths } => b.split_qkv_rope_write_kv(
+                ctx.kv_layer,
                 &b.linear(h, linear)?,
                 widths,
+                pool,
                 ctx.shape,
                 ctx.spans,
                 ctx.rope,
@@ -172,13 +174,13 @@ impl<B: Backend> DecoderLayer<B> {
                     b.rope(q, ctx.shape.num_heads, ctx.spans, ctx.rope)?;
                     b.rope(k, ctx.shape.num_kv_heads, ctx.spans, ctx.rope)?;
                 }
-                parts
+                let [q, k, v]: [B::Act; 3] = parts.try_into().map_err(|_| {
+                    crate::error::Error::InvalidRequest("q/k/v must be three linears".into())
+                })?;
+                b.write_kv(ctx.kv_layer, &k, &v, pool, ctx.spans)?;
+                q
             }
         };
-        let [q, k, v]: [B::Act; 3] = parts.try_into().map_err(|_| {
-            crate::error::Error::InvalidRequest("q/k/v must be three linears".into())
-        })?;
-        b.write_kv(ctx.kv_layer, &k, &v, pool, ctx.spans)?;
         let attn = b.attention(ctx.kv_layer, &q, pool, ctx.spans, ctx.shape)?;
         observer.observe(LinearInput::O, &attn)?;
         b.linear(&attn, &self.o)

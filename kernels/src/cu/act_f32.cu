@@ -167,8 +167,11 @@ extern "C" __global__ void rms_norm_f32(float* __restrict__ residual, const floa
 // 4 · 4 · 1024: one block per row, thread t holding float4s t, t + blockDim,
 // … (at most 4) in registers between the sum of squares and the scaling,
 // so a row is read once with all its loads in flight (the loop above reads
-// it twice, one dependent load per iteration). Same per-element formula
-// (r · inv · w) and fp16 copy.
+// it twice, one dependent load per iteration). The weights are loaded
+// with the row, before the sum, so their latency hides behind the row's
+// instead of following the reduction (ncu on an H100, session 9: this
+// kernel took 3.9 µs per 4096-wide decode row, against 2.3 µs for a bare
+// conversion launch). Same per-element formula (r · inv · w) and fp16 copy.
 extern "C" __global__ void rms_norm_f32_v(float* __restrict__ residual,
                                           const float* __restrict__ delta,
                                           const float* __restrict__ w, float* __restrict__ out,
@@ -180,12 +183,14 @@ extern "C" __global__ void rms_norm_f32_v(float* __restrict__ residual,
     const int n4 = d >> 2;
     float4* r4 = reinterpret_cast<float4*>(residual + row * d);
     const float4* d4 = reinterpret_cast<const float4*>(delta + row * d);
-    float4 v[4];
+    const float4* w4 = reinterpret_cast<const float4*>(w);
+    float4 v[4], wv[4];
     float ss = 0.0f;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
         const int i = threadIdx.x + k * blockDim.x;
         if (i < n4) {
+            wv[k] = w4[i];
             float4 x = r4[i];
             if (has_delta) {
                 const float4 y = d4[i];
@@ -201,14 +206,13 @@ extern "C" __global__ void rms_norm_f32_v(float* __restrict__ residual,
     }
     ss = block_sum(ss, scratch);
     const float inv = 1.0f / sqrtf(ss / (float)d + eps);
-    const float4* w4 = reinterpret_cast<const float4*>(w);
     float4* o4 = reinterpret_cast<float4*>(out + row * d);
     __half2* oh = reinterpret_cast<__half2*>(out_h + row * d);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
         const int i = threadIdx.x + k * blockDim.x;
         if (i < n4) {
-            const float4 ww = w4[i];
+            const float4 ww = wv[k];
             float4 y;
             y.x = v[k].x * inv * ww.x;
             y.y = v[k].y * inv * ww.y;

@@ -13,15 +13,16 @@
                                   const unsigned char* data, const __half* params,                \
                                   const float* statics, int static_mode, int layer, int L, int H, \
                                   int NH, int BL, int split_len, int splits, float scale,         \
-                                  float* out, float* part_ml, float* part_acc, int rows_at) {     \
+                                  float* out, float* part_ml, float* part_acc, int rows_at,       \
+                                  __half* out_h) {                                                \
         if (static_mode)                                                                          \
             paged_attn_int<HD, DT, true, KC>(q, meta, rows, data, params, statics, layer, L, H, NH,   \
                                          BL, split_len, splits, scale, out, part_ml, part_acc,    \
-                                         rows_at);                                                \
+                                         rows_at, out_h);                                         \
         else                                                                                      \
             paged_attn_int<HD, DT, false, KC>(q, meta, rows, data, params, statics, layer, L, H, NH,  \
                                           BL, split_len, splits, scale, out, part_ml, part_acc,   \
-                                          rows_at);                                               \
+                                          rows_at, out_h);                                        \
     }
 
 ATTN_INT_ENTRY(64, DT_I8, paged_attn_h64_i8, 5)

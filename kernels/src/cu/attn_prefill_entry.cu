@@ -11,10 +11,10 @@
     const float *q, const int *meta, int rows, const unsigned char *data, const __half *params,   \
         const float *statics, int static_mode, int layer, int L, int H, int NH, int BL,          \
         int split_len, int splits, float scale, float *out, float *part_ml, float *part_acc,     \
-        int tiles_at
+        int tiles_at, __half *out_h
 #define ATTN_PREFILL_CALL(HD, DT, ST)                                                             \
     paged_attn_prefill<HD, DT, ST>(q, meta, rows, tiles_at, data, (const unsigned char*)params,   \
-                                   statics, layer, L, H, NH, BL, scale, out)
+                                   statics, layer, L, H, NH, BL, scale, out, out_h)
 #define ATTN_PREFILL_F16_ENTRY(HD)                                                                \
     extern "C" __global__ void __launch_bounds__(PF_WARPS * 32)                                   \
         paged_attn_prefill_h##HD##_f16(ATTN_PREFILL_ARGS) {                                      \

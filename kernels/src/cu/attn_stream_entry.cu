@@ -19,16 +19,16 @@
             const float* q, const int* meta, int rows, const unsigned char* data,                  \
             const __half* params, const float* statics, int static_mode, int layer, int L, int H,  \
             int NH, int BL, int split_len, int splits, float scale, float* out, float* part_ml,    \
-            float* part_acc, int rows_at) {                                                        \
+            float* part_acc, int rows_at, __half* out_h) {                                         \
         const unsigned char* pb = (const unsigned char*)params;                                   \
         if (static_mode)                                                                          \
             paged_attn_int2<HD, DT, true, NS, KC>(q, meta, rows, data, pb, statics, layer, L, H,  \
                                                   NH, BL, split_len, splits, scale, out, part_ml, \
-                                                  part_acc, rows_at);                             \
+                                                  part_acc, rows_at, out_h);                      \
         else                                                                                      \
             paged_attn_int2<HD, DT, false, NS, KC>(q, meta, rows, data, pb, statics, layer, L, H, \
                                                    NH, BL, split_len, splits, scale, out,         \
-                                                   part_ml, part_acc, rows_at);                   \
+                                                   part_ml, part_acc, rows_at, out_h);            \
     }
 
 ATTN_INT2_ENTRY_AND_KC(64, DT_I8, i8, 3, 4)

@@ -53,6 +53,16 @@ __device__ __forceinline__ void kv_token_params(const void* __restrict__ params,
     }
 }
 
+// Writes one attention output value, and its fp16 copy where the caller
+// asked for one (out_h not null): o_proj reads that copy, so the
+// conversion takes no launch of its own (2.3 µs per layer on an H100,
+// session 9's profile).
+__device__ __forceinline__ void store_out(float* __restrict__ out, __half* __restrict__ out_h,
+                                          size_t i, float v) {
+    out[i] = v;
+    if (out_h) out_h[i] = __float2half_rn(v);
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -64,22 +74,22 @@ __device__ __forceinline__ u32 quantize_level(float x, float scale, float zero, 
     return (u32)fminf(fmaxf(q, 0.0f), levels);
 }
 
-// Writes the K and V rows of a batch into the pool. grid = (rows, 2·H):
-// y = which · H + head; one warp per token-head.
-extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ v,
-                                    const int* __restrict__ meta, int rows,
-                                    unsigned char* __restrict__ data, unsigned char* __restrict__ params,
-                                    const float* __restrict__ statics, int dt, int static_mode,
-                                    int layer, int L, int H, int hd, int BL) {
-    const int row = blockIdx.x;
-    const int which = blockIdx.y / H, head = blockIdx.y % H;
-    const int lane = threadIdx.x;
+// Stores one token-head x (hd fp32 values, in global or shared memory) of
+// row `row` into the pool, quantizing as the pool's mode says; run by one
+// warp (lane 0..31). Shared by kv_write and split_rope_kv_write, so the two
+// store the same bytes.
+__device__ __forceinline__ void kv_store_head(const float* x, const int* __restrict__ meta, int rows,
+                                              int row, int which, int head,
+                                              unsigned char* __restrict__ data,
+                                              unsigned char* __restrict__ params,
+                                              const float* __restrict__ statics, int dt,
+                                              int static_mode, int layer, int L, int H, int hd,
+                                              int BL, int lane) {
     const int pos = meta[row];
     const int table = meta[rows + row];
     const int block = meta[2 * rows + table + pos / BL];
     const int token = pos % BL;
     const size_t th = ((((size_t)block * L + layer) * 2 + which) * H + head) * BL + token;
-    const float* x = (which == 0 ? k : v) + (size_t)row * H * hd + (size_t)head * hd;
     unsigned char* dst = data + th * bytes_per_th(dt, hd);
     if (dt == DT_F32) {
         float* d = (float*)dst;
@@ -155,6 +165,76 @@ extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __
     }
 }
 
+// Writes the K and V rows of a batch into the pool. grid = (rows, 2·H):
+// y = which · H + head; one warp per token-head.
+extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ v,
+                                    const int* __restrict__ meta, int rows,
+                                    unsigned char* __restrict__ data, unsigned char* __restrict__ params,
+                                    const float* __restrict__ statics, int dt, int static_mode,
+                                    int layer, int L, int H, int hd, int BL) {
+    const int row = blockIdx.x;
+    const int which = blockIdx.y / H, head = blockIdx.y % H;
+    const float* x = (which == 0 ? k : v) + (size_t)row * H * hd + (size_t)head * hd;
+    kv_store_head(x, meta, rows, row, which, head, data, params, statics, dt, static_mode, layer, L,
+                  H, hd, BL, threadIdx.x);
+}
+
+// split_rope_f32 (act_f32.cu) and kv_write in one launch: a stacked q/k/v
+// projection's output `src` (rows × (NQ + 2·H)·hd) is split by head; q
+// heads get the rotary embedding and go to q (rows × NQ·hd); k heads get
+// it too and, with the v heads as they are, go through shared memory into
+// the pool by kv_store_head, so the pool holds the same bytes as after
+// the two launches (the angle and rotation are split_rope_f32's, term for
+// term). k and v never reach global memory as matrices: attention reads
+// them from the pool. grid = (rows, NQ + 2·H); block = hd/2 threads
+// rounded up to a warp; hd floats of dynamic shared memory.
+extern "C" __global__ void split_rope_kv_write(const float* __restrict__ src, float* __restrict__ q,
+                                               const int* __restrict__ meta, int rows,
+                                               const float* __restrict__ inv_freq, float pos_scale,
+                                               int NQ, unsigned char* __restrict__ data,
+                                               unsigned char* __restrict__ params,
+                                               const float* __restrict__ statics, int dt,
+                                               int static_mode, int layer, int L, int H, int hd,
+                                               int BL) {
+    extern __shared__ float head_vals[];
+    const int half_d = hd >> 1;
+    const int i = threadIdx.x;
+    const int row = blockIdx.x;
+    const int h = blockIdx.y;
+    const bool is_v = h >= NQ + H;
+    if (i < half_d) {
+        const float* s = src + ((size_t)row * (NQ + 2 * H) + h) * hd;
+        const float x0 = s[i], x1 = s[i + half_d];
+        float y0 = x0, y1 = x1;
+        if (!is_v) {
+            const float p = (float)meta[row] * pos_scale;
+            const float ang = p * inv_freq[i];
+            double sn, cs;
+            sincos((double)ang, &sn, &cs);
+            const float cf = (float)cs, sf = (float)sn;
+            y0 = x0 * cf - x1 * sf;
+            y1 = x1 * cf + x0 * sf;
+        }
+        if (h < NQ) {
+            float* d = q + ((size_t)row * NQ + h) * hd;
+            d[i] = y0;
+            d[i + half_d] = y1;
+        } else {
+            head_vals[i] = y0;
+            head_vals[i + half_d] = y1;
+        }
+    }
+    // Block-uniform: a q head's block is done.
+    if (h < NQ) return;
+    __syncthreads();
+    if (i < 32) {
+        const int which = is_v ? 1 : 0;
+        const int head = h - NQ - which * H;
+        kv_store_head(head_vals, meta, rows, row, which, head, data, params, statics, dt,
+                      static_mode, layer, L, H, hd, BL, i);
+    }
+}
+
 // Loads 8 consecutive values (dims d0..d0+7) of one fp32 or fp16 token-head
 // as fp32.
 template <int DT>
@@ -208,7 +288,8 @@ __device__ void paged_attn(const float* __restrict__ q, const int* __restrict__ 
                            const unsigned char* __restrict__ data,
                            int layer, int L, int H, int NH, int BL,
                            int split_len, int splits, float softmax_scale, float* __restrict__ out,
-                           float* __restrict__ part_ml, float* __restrict__ part_acc, int rows_at) {
+                           float* __restrict__ part_ml, float* __restrict__ part_acc, int rows_at,
+                           __half* __restrict__ out_h) {
     constexpr int VEC = 8;
     constexpr int TPK = HD / VEC;
     constexpr int SPW = 32 / TPK;  // sub-groups per warp
@@ -347,7 +428,7 @@ __device__ void paged_attn(const float* __restrict__ q, const int* __restrict__ 
         // row list needs them for its own rows only.
         const size_t qp = ((size_t)blockIdx.x * NH + qh0 + g) * splits + split;
         if (splits == 1) {
-            out[qh * HD + d] = at / lt;
+            store_out(out, out_h, qh * HD + d, at / lt);
         } else {
             part_acc[qp * HD + d] = at;
             if (d == 0) {

@@ -10,7 +10,7 @@
 extern "C" __global__ void attn_merge(const int* __restrict__ meta, int rows, int NH, int hd,
                                       int split_len, int splits, const float* __restrict__ part_ml,
                                       const float* __restrict__ part_acc, float* __restrict__ out,
-                                      int rows_at) {
+                                      int rows_at, __half* __restrict__ out_h) {
     const int d = threadIdx.x;
     if (d >= hd) return;
     const int row = decode_row(meta, rows_at);
@@ -25,7 +25,7 @@ extern "C" __global__ void attn_merge(const int* __restrict__ meta, int rows, in
         lt += part_ml[(qp * splits + s) * 2 + 1] * w;
         at += part_acc[(qp * splits + s) * hd + d] * w;
     }
-    out[qh * hd + d] = at / lt;
+    store_out(out, out_h, qh * hd + d, at / lt);
 }
 
 // Every entry takes the same arguments; the float kernels ignore the
@@ -37,9 +37,9 @@ extern "C" __global__ void attn_merge(const int* __restrict__ meta, int rows, in
                                          const float* statics, int static_mode, int layer, int L, \
                                          int H, int NH, int BL, int split_len, int splits,       \
                                          float scale, float* out, float* part_ml,                \
-                                         float* part_acc, int rows_at) {                         \
+                                         float* part_acc, int rows_at, __half* out_h) {          \
         paged_attn<HD, DT, G>(q, meta, rows, data, layer, L, H, NH, BL, split_len, splits, scale, \
-                              out, part_ml, part_acc, rows_at);                                   \
+                              out, part_ml, part_acc, rows_at, out_h);                            \
     }
 
 #define ATTN_ENTRIES(HD, DT, NAME) \

@@ -269,7 +269,8 @@ __device__ void paged_attn_int(const float* __restrict__ q, const int* __restric
                                const float* __restrict__ statics, int layer, int L, int H, int NH,
                                int BL, int split_len, int splits, float softmax_scale,
                                float* __restrict__ out, float* __restrict__ part_ml,
-                               float* __restrict__ part_acc, int rows_at) {
+                               float* __restrict__ part_acc, int rows_at,
+                               __half* __restrict__ out_h) {
     using S = IntSmem<HD, DT>;
     constexpr int KS = HD / 16;  // k-steps of K·Qᵀ, m-tiles of Vᵀ·Pᵀ
     constexpr int BPT = S::BPT;
@@ -592,7 +593,7 @@ __device__ void paged_attn_int(const float* __restrict__ q, const int* __restric
         // row list needs them for its own rows only.
         const size_t qp = ((size_t)blockIdx.x * NH + qh0 + gg) * splits + split;
         if (splits == 1) {
-            out[qh * HD + d] = at / lt;
+            store_out(out, out_h, qh * HD + d, at / lt);
         } else {
             part_acc[qp * HD + d] = at;
             if (d == 0) {

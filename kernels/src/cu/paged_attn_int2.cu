@@ -130,7 +130,8 @@ __device__ void paged_attn_int2(const float* __restrict__ q, const int* __restri
                                 const float* __restrict__ statics, int layer, int L, int H, int NH,
                                 int BL, int split_len, int splits, float softmax_scale,
                                 float* __restrict__ out, float* __restrict__ part_ml,
-                                float* __restrict__ part_acc, int rows_at) {
+                                float* __restrict__ part_acc, int rows_at,
+                                __half* __restrict__ out_h) {
     using C = Int2Cfg<HD, DT>;
     constexpr int KS = HD / 16;     // k-steps of K·Qᵀ, m-tiles of Vᵀ·Pᵀ
     constexpr int BPT = C::BPT;
@@ -565,7 +566,7 @@ __device__ void paged_attn_int2(const float* __restrict__ q, const int* __restri
         // row list needs them for its own rows only.
         const size_t qp = ((size_t)blockIdx.x * NH + qh0 + gg) * splits + split;
         if (splits == 1) {
-            out[qh * HD + dd] = at / lt;
+            store_out(out, out_h, qh * HD + dd, at / lt);
         } else {
             part_acc[qp * HD + dd] = at;
             if (dd == 0) {

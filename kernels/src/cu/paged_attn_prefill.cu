@@ -165,7 +165,8 @@ __device__ void paged_attn_prefill(const float* __restrict__ q, const int* __res
                                    int rows, int tiles_at, const unsigned char* __restrict__ data,
                                    const unsigned char* __restrict__ params,
                                    const float* __restrict__ statics, int layer, int L, int H,
-                                   int NH, int BL, float softmax_scale, float* __restrict__ out) {
+                                   int NH, int BL, float softmax_scale, float* __restrict__ out,
+                                   __half* __restrict__ out_h) {
     using S = PrefillSmem<HD, DT>;
     constexpr int KS = HD / 16;     // k-steps of Q·Kᵀ
     constexpr int NT = PF_KT / 8;   // key n-tiles of S
@@ -346,7 +347,10 @@ __device__ void paged_attn_prefill(const float* __restrict__ q, const int* __res
         const size_t qi = (size_t)(row0 + r) * NH + qh;
         const float inv = 1.0f / l[h];
 #pragma unroll
-        for (int d = 0; d < DTL; ++d)
-            *(float2*)(out + qi * HD + 8 * d + 2 * t) = make_float2(o[d][2 * h] * inv, o[d][2 * h + 1] * inv);
+        for (int d = 0; d < DTL; ++d) {
+            const float2 v = make_float2(o[d][2 * h] * inv, o[d][2 * h + 1] * inv);
+            *(float2*)(out + qi * HD + 8 * d + 2 * t) = v;
+            if (out_h) *(__half2*)(out_h + qi * HD + 8 * d + 2 * t) = __floats2half2_rn(v.x, v.y);
+        }
     }
 }

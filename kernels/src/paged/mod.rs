@@ -9,6 +9,7 @@
 //! depend on batch composition (fixed split length, fixed merge order).
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
+use half::f16;
 
 use crate::buffer::DeviceMatrix;
 use crate::device::GpuDevice;
@@ -16,9 +17,11 @@ use crate::error::{DriverContext, KernelError, Result};
 use crate::nvrtc::Module;
 use crate::ops::{check_i32, on_device};
 
+mod fused;
 mod meta;
 mod prefill;
 
+pub use fused::{split_rope_kv_write, RopeTable};
 use meta::check_meta;
 pub use meta::{check_rows, RowMeta, RowPlace};
 pub use prefill::{plan_prefill, PrefillPlan, PrefillTile, PREFILL_MIN_RUN, PREFILL_TILE_ROWS};
@@ -296,6 +299,12 @@ impl DeviceKvPool {
     pub fn bytes(&self) -> usize {
         self.data.len() + self.params.len() + 4 * self.statics.len()
     }
+
+    /// The pool's codes and online parameters as stored (waits for the
+    /// stream): for tests that compare two ways of writing it.
+    pub fn download_bytes(&self, dev: &GpuDevice) -> Result<(Vec<u8>, Vec<u8>)> {
+        Ok((dev.download(&self.data)?, dev.download(&self.params)?))
+    }
 }
 
 fn check_kv_input(
@@ -432,6 +441,37 @@ pub fn paged_attention_with(
     meta: &RowMeta,
     cfg: IntAttnConfig,
 ) -> Result<DeviceMatrix<f32>> {
+    attend(dev, pool, layer, q, num_heads, meta, cfg, false).map(|(out, _)| out)
+}
+
+/// [`paged_attention_with`], also returning the output's fp16 copy
+/// (`fp16(out)` element for element), written by the same kernels, for a
+/// linear that reads fp16 next.
+pub fn paged_attention_half(
+    dev: &GpuDevice,
+    pool: &DeviceKvPool,
+    layer: usize,
+    q: &DeviceMatrix<f32>,
+    num_heads: usize,
+    meta: &RowMeta,
+    cfg: IntAttnConfig,
+) -> Result<(DeviceMatrix<f32>, DeviceMatrix<f16>)> {
+    let (out, half) = attend(dev, pool, layer, q, num_heads, meta, cfg, true)?;
+    let half = half.ok_or_else(|| KernelError::invalid("paged_attention", "no fp16 copy"))?;
+    Ok((out, half))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    dev: &GpuDevice,
+    pool: &DeviceKvPool,
+    layer: usize,
+    q: &DeviceMatrix<f32>,
+    num_heads: usize,
+    meta: &RowMeta,
+    cfg: IntAttnConfig,
+    with_half: bool,
+) -> Result<(DeviceMatrix<f32>, Option<DeviceMatrix<f16>>)> {
     const OP: &str = "paged_attention";
     let l = pool.layout;
     if num_heads == 0 || !num_heads.is_multiple_of(l.num_kv_heads) {
@@ -453,9 +493,16 @@ pub fn paged_attention_with(
     )?;
     let hd = l.head_dim;
     let mut out = dev.uninit::<f32>(meta.rows, num_heads * hd)?;
+    let mut half = if with_half {
+        Some(dev.uninit::<f16>(meta.rows, num_heads * hd)?)
+    } else {
+        None
+    };
     if meta.rows == 0 {
-        return Ok(out);
+        return Ok((out, half));
     }
+    // The kernels write the fp16 copy where this pointer is not null.
+    let null_half: u64 = 0;
     // The streaming integer kernel needs tiles of 16 positions inside one
     // block, cp.async and ldmatrix (sm_80+), and a ring depth compiled for
     // this shape.
@@ -577,12 +624,13 @@ pub fn paged_attention_with(
         let nsg = (32 / (hd / 8)) * WARPS;
         nsg * width * (2 + hd) * 4
     };
-    // Every entry, decode or prefill, takes these arguments and then one
-    // more: `rows_at` or `tiles_at`.
+    // Every entry, decode or prefill, takes these arguments and then two
+    // more: `rows_at` or `tiles_at`, and the fp16 copy (or null).
     let launch = |f: &cudarc::driver::CudaFunction,
                   cfg: LaunchConfig,
                   at: i32,
                   out: &mut DeviceMatrix<f32>,
+                  half: &mut Option<DeviceMatrix<f16>>,
                   part_ml: &mut DeviceMatrix<f32>,
                   part_acc: &mut DeviceMatrix<f32>|
      -> Result<()> {
@@ -606,11 +654,15 @@ pub fn paged_attention_with(
             .arg(&mut part_ml.data)
             .arg(&mut part_acc.data)
             .arg(&at);
+        match half {
+            Some(h) => b.arg(&mut h.data),
+            None => b.arg(&null_half),
+        };
         // SAFETY: matches `paged_attn_h{hd}_{dtype}_*`,
         // `paged_attn2_h{hd}_*` and `paged_attn_prefill_h{hd}_{dtype}` in
         // cu/paged_attn_entry.cu (every entry takes these arguments); hd is
         // one of the compiled head dims (checked at pool creation); q and
-        // out are rows × NH·hd; meta was checked (blocks inside a pool of
+        // out (and the fp16 copy, when not null) are rows × NH·hd; meta was checked (blocks inside a pool of
         // this size, tables long enough for each row's position, by
         // `check_meta`), and its row list and tile list (at `at`, written
         // by `RowMeta::planned` from the same rows) name rows below `rows`
@@ -634,7 +686,15 @@ pub fn paged_attention_with(
             block_dim: ((WARPS * 32) as u32, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        launch(&f, cfg, rows_at, &mut out, &mut part_ml, &mut part_acc)?;
+        launch(
+            &f,
+            cfg,
+            rows_at,
+            &mut out,
+            &mut half,
+            &mut part_ml,
+            &mut part_acc,
+        )?;
     }
     if let Some(p) = prefill {
         let name = format!("paged_attn_prefill_h{hd}_{}", l.storage.suffix());
@@ -655,7 +715,15 @@ pub fn paged_attention_with(
             shared_mem_bytes: bytes as u32,
         };
         let tiles_at = check_i32(OP, "tile list", p.tiles_at)?;
-        launch(&f, cfg, tiles_at, &mut out, &mut part_ml, &mut part_acc)?;
+        launch(
+            &f,
+            cfg,
+            tiles_at,
+            &mut out,
+            &mut half,
+            &mut part_ml,
+            &mut part_acc,
+        )?;
     }
     if splits > 1 && decode_rows > 0 {
         let f = dev.function(Module::PagedAttn, "attn_merge")?;
@@ -671,6 +739,10 @@ pub fn paged_attention_with(
             .arg(&part_acc.data)
             .arg(&mut out.data)
             .arg(&rows_at);
+        match &mut half {
+            Some(h) => b.arg(&mut h.data),
+            None => b.arg(&null_half),
+        };
         let cfg = LaunchConfig {
             grid_dim: (decode_rows as u32, num_heads as u32, 1),
             block_dim: (hd.div_ceil(32) as u32 * 32, 1, 1),
@@ -679,8 +751,8 @@ pub fn paged_attention_with(
         // SAFETY: matches `attn_merge`; it runs over the decode launch's
         // slots (the same row list), each slot's used splits
         // (ceil((pos+1)/split_len) ≤ splits) were all written by that
-        // launch, and out is rows × NH·hd.
+        // launch, and out (and the fp16 copy, when not null) is rows × NH·hd.
         unsafe { b.launch(cfg) }.during("launching attn_merge")?;
     }
-    Ok(out)
+    Ok((out, half))
 }

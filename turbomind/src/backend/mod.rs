@@ -248,6 +248,27 @@ pub fn finish_step<L>(
     })
 }
 
+/// [`Backend::split_qkv_rope_write_kv`] as two ops:
+/// [`Backend::split_qkv_rope`], then [`Backend::write_kv`].
+#[allow(clippy::too_many_arguments)]
+pub fn split_qkv_rope_write_kv_apart<B: Backend>(
+    b: &B,
+    layer: usize,
+    qkv: &B::Act,
+    widths: &[usize],
+    pool: &mut B::KvPool,
+    shape: &AttnShape,
+    spans: &[SeqSpan],
+    rope: &Rope,
+) -> Result<B::Act> {
+    let parts = b.split_qkv_rope(qkv, widths, shape, spans, rope)?;
+    let [q, k, v]: [B::Act; 3] = parts
+        .try_into()
+        .map_err(|_| Error::InvalidRequest("q/k/v must be three linears".into()))?;
+    b.write_kv(layer, &k, &v, pool, spans)?;
+    Ok(q)
+}
+
 /// [`Backend::split_qkv_rope`] as three ops: the split, then the rotary
 /// embedding of q and of k.
 pub fn split_qkv_rope_apart<B: Backend>(
@@ -365,6 +386,27 @@ pub trait Backend: Send + Sync {
         Self: Sized,
     {
         split_qkv_rope_apart(self, qkv, widths, shape, spans, rope)
+    }
+    /// The stacked q/k/v projection's output taken apart as
+    /// [`Backend::split_qkv_rope`] does, with k and v then stored as
+    /// [`Backend::write_kv`] does; returns q. A backend may fuse it all
+    /// into one launch (the pool's bytes must be the same); the default
+    /// runs the two ops.
+    #[allow(clippy::too_many_arguments)]
+    fn split_qkv_rope_write_kv(
+        &self,
+        layer: usize,
+        qkv: &Self::Act,
+        widths: &[usize],
+        pool: &mut Self::KvPool,
+        shape: &AttnShape,
+        spans: &[SeqSpan],
+        rope: &Rope,
+    ) -> Result<Self::Act>
+    where
+        Self: Sized,
+    {
+        split_qkv_rope_write_kv_apart(self, layer, qkv, widths, pool, shape, spans, rope)
     }
     /// A new matrix made of the given rows.
     fn gather_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Self::Act>;

@@ -22,6 +22,7 @@
 //! given are the same, which they are for every layer of a step.
 
 mod activation;
+mod fused_kv;
 mod graph;
 mod linear;
 mod prefetch;
@@ -610,12 +611,24 @@ impl Backend for CudaBackend {
                     tile,
                 )
                 .map_err(gpu_error)?;
-                act::hadamard(&self.dev, &rotated, shape.head_dim).map_err(gpu_error)
+                act::hadamard(&self.dev, &rotated, shape.head_dim)
+                    .map(CudaAct::from)
+                    .map_err(gpu_error)
             }
-            None => paged::paged_attention(&self.dev, &pool.pool, layer, q, shape.num_heads, &meta)
-                .map_err(gpu_error),
+            // The kernels also write the fp16 copy o_proj reads, which
+            // spares o_proj its conversion launch.
+            None => paged::paged_attention_half(
+                &self.dev,
+                &pool.pool,
+                layer,
+                q,
+                shape.num_heads,
+                &meta,
+                IntAttnConfig::default(),
+            )
+            .map(|(out, half)| CudaAct::with_half(out, half))
+            .map_err(gpu_error),
         }
-        .map(CudaAct::from)
     }
 
     fn silu_mul(&self, gate: &CudaAct, up: &CudaAct) -> Result<CudaAct> {
@@ -676,6 +689,29 @@ impl Backend for CudaBackend {
         )
         .map_err(gpu_error)?;
         Ok(vec![q.into(), k.into(), v.into()])
+    }
+
+    /// One launch (`split_rope_kv_write`) where the default takes two
+    /// (see `fused_kv.rs`).
+    fn split_qkv_rope_write_kv(
+        &self,
+        layer: usize,
+        qkv: &CudaAct,
+        widths: &[usize],
+        pool: &mut CudaKvPool,
+        shape: &AttnShape,
+        spans: &[SeqSpan],
+        rope: &Rope,
+    ) -> Result<CudaAct> {
+        let step = fused_kv::QkvStep {
+            layer,
+            qkv,
+            widths,
+            shape,
+            spans,
+            rope,
+        };
+        fused_kv::split_qkv_rope_write_kv(self, step, pool)
     }
 
     fn gather_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<CudaAct> {
