@@ -38,6 +38,7 @@ if [[ "${1:-}" == "--collect" ]]; then
     pack "$BIN" attn_stream "$(newest "$target/release/deps/attn_stream-*")"
     pack "$BIN" attn_prefill "$(newest "$target/release/deps/attn_prefill-*")"
     pack "$BIN" pdl "$(newest "$target/release/deps/pdl-*")"
+    pack "$BIN" rope_kv "$(newest "$target/release/deps/rope_kv-*")"
     pack "$BIN" bench_attn_prefill "$target/release/examples/bench_attn_prefill"
     pack "$BIN" unit "$(newest "$target/release/deps/lmq_kernels-*")"
     pack "$BIN" parity "$(newest "$target/release/deps/parity-*")"
@@ -89,6 +90,8 @@ if [[ -x "$R/pdl_old" ]]; then
     timeout 100 "$R/pdl_old" --nocapture >"$LOG/pdl_old.log" 2>&1
     grep -E "PDL rounds differ|test result" "$LOG/pdl_old.log"
 fi
+run_test rope_kv 60 --nocapture
+echo "$(grep -c "pool bytes identical" "$LOG/rope_kv.log") cases: fused rope + KV write = split_rope then kv_write, bit for bit"
 run_test attn_prefill 100 --nocapture
 grep -E "prefill vs decode" "$LOG/attn_prefill.log" | sort -k2 -t: -g | tail -n 3
 echo "== cuda_backend, attention and whole models with LMQ_PREFILL_ATTN=always (the prefill kernel on every run of 16 rows)"
@@ -115,6 +118,19 @@ for kv in fp16 int8; do
         echo "$kv KV: graph and eager outputs differ (or are empty)"
         rc=1
     fi
+    # Eager launches use PDL by default; without it the text must not
+    # change. Neither may it without the fused rope + KV write (the pool
+    # holds the same bytes either way).
+    for setting in "LMQ_CUDA_GRAPHS=0 LMQ_PDL=0" "LMQ_FUSED_KV_WRITE=0" "LMQ_CUDA_GRAPHS=0 LMQ_FUSED_KV_WRITE=0"; do
+        env $setting timeout 40 "$R/lmq" generate --model /tmp/lmq-smoke-s135 --device cuda --kv-cache-dtype "$kv" \
+            --prompt "the quick brown fox" --max-tokens 200 --ignore-eos >"$LOG/variant-$kv.txt" 2>>"$LOG/generate.err"
+        if cmp -s "$LOG/graph-$kv.txt" "$LOG/variant-$kv.txt"; then
+            echo "$kv KV: $setting = default"
+        else
+            echo "$kv KV: $setting differs from the default"
+            rc=1
+        fi
+    done
     # Another reduction order (or rounding) may change near-tied
     # random-weight picks, so these are reported, not required.
     LMQ_PREFILL_ATTN=0 timeout 40 "$R/lmq" generate --model /tmp/lmq-smoke-s135 --device cuda --kv-cache-dtype "$kv" \

@@ -25,7 +25,7 @@
 //!    depends on P through a programmatic edge (P's port that fires once
 //!    all its blocks have triggered; the engine's producers trigger at
 //!    their start) and on the allocation. The linear is launched without
-//!    the PDL attribute (`W4A16Linear::forward_spliced`): in a graph the
+//!    the PDL attribute (`W4A16Linear::forward_plain`): in a graph the
 //!    edge is what makes the dependency programmatic.
 //! 3. [`GpuDevice::end_pdl_splice`], after the launch: checks that the
 //!    linear got exactly those edges, then the old tail (the last free, or

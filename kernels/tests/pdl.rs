@@ -203,7 +203,7 @@ fn spliced_graph_matches_eager_launches() {
             let mut splice = dev.begin_pdl_splice()?.expect("the splice applies");
             let mut out = dev.uninit::<f32>(m, n)?;
             dev.link_pdl_splice(&mut splice)?;
-            linear.forward_spliced(&dev, &x16, &mut out)?;
+            linear.forward_plain(&dev, &x16, &mut out)?;
             dev.end_pdl_splice(splice)?;
             dev.copy(&mut result, &out)
         })

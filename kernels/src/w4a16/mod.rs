@@ -382,11 +382,11 @@ impl W4A16Linear {
         self.launch(dev, x, out, splits, self.pdl)
     }
 
-    /// [`Self::forward`] without the programmatic-serialization attribute,
+    /// [`Self::forward`] without the programmatic-serialization attribute:
     /// for a launch whose programmatic edge the recording already holds
-    /// (`GpuDevice::link_pdl_splice`): in a graph the edge is what makes
-    /// the dependency programmatic.
-    pub fn forward_spliced<O: OutElement>(
+    /// (`GpuDevice::link_pdl_splice`; in a graph the edge is what makes the
+    /// dependency programmatic), or one that should get an ordinary edge.
+    pub fn forward_plain<O: OutElement>(
         &self,
         dev: &GpuDevice,
         x: &DeviceMatrix<f16>,

@@ -37,11 +37,29 @@ pub struct CudaLinear {
     pub out_features: usize,
 }
 
-/// Whether 4-bit linears launch with programmatic dependent launch:
-/// `LMQ_PDL=1`.
-fn pdl_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LMQ_PDL").is_ok_and(|v| v == "1"))
+/// Where 4-bit decode linears launch with programmatic dependent launch
+/// (sm_90+), from `LMQ_PDL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PdlMode {
+    /// `LMQ_PDL=0`: nowhere.
+    Off,
+    /// The default: eager launches only; a recorded step launches its
+    /// linears plainly. On an H100 (session 9) eager 7B decode gained 5%
+    /// (298.7 → 315.0 tok/s) while recorded steps with PDL edges spliced
+    /// in lost 14% (364.3 → 312.4), so graphs keep ordinary edges.
+    Eager,
+    /// `LMQ_PDL=1`: eager launches and recorded steps, whose linears get
+    /// programmatic edges spliced in (kernels/src/graph_pdl.rs).
+    Everywhere,
+}
+
+fn pdl_mode() -> PdlMode {
+    static MODE: std::sync::OnceLock<PdlMode> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("LMQ_PDL").as_deref() {
+        Ok("0") => PdlMode::Off,
+        Ok("1") => PdlMode::Everywhere,
+        _ => PdlMode::Eager,
+    })
 }
 
 impl CudaLinear {
@@ -72,13 +90,11 @@ impl CudaLinear {
                 // Programmatic dependent launch (sm_90+): the kernel
                 // streams its weights while the op before it (which lets
                 // it launch early) still runs, and waits only to read x.
-                // Off unless `LMQ_PDL=1`: with it, greedy output on an H100
-                // varied from run to run (docs/BENCHMARKS.md, session 8).
-                // The cause (x loads hoisted above the wait) is mended in
-                // the kernels, and 10 of 10 runs then agreed; PDL comes
-                // back on once kernels/tests/pdl.rs is shown to catch the
-                // old kernels on a GPU and passes with the new.
-                linear.set_pdl(pdl_enabled());
+                // Session 8 found x loads hoisted above the wait (greedy
+                // output varied run to run) and mended the kernels; on an
+                // H100 in session 9 kernels/tests/pdl.rs failed 300 of 300
+                // rounds with the old kernels and passed with the new.
+                linear.set_pdl(pdl_mode() != PdlMode::Off);
                 let linear = Arc::new(linear);
                 let id = prefetch.map(|p| lock(p).register(linear.clone()));
                 Weight::W4(linear, id)
@@ -140,6 +156,7 @@ impl CudaLinear {
         let splice = match &self.weight {
             Weight::W4(l, _)
                 if l.pdl()
+                    && pdl_mode() == PdlMode::Everywhere
                     && (1..=MAX_ROWS).contains(&m)
                     && x_half.is_some_and(|h| h.rows() == m && h.cols() == self.in_features) =>
             {
@@ -168,8 +185,13 @@ impl CudaLinear {
                 // (an fp16 conversion) takes the programmatic edge.
                 Some(mut s) => {
                     dev.link_pdl_splice(&mut s).map_err(gpu_error)?;
-                    l.forward_spliced(dev, xh, &mut out).map_err(gpu_error)?;
+                    l.forward_plain(dev, xh, &mut out).map_err(gpu_error)?;
                     dev.end_pdl_splice(s).map_err(gpu_error)?;
+                }
+                // Recorded without a splice: a plain launch, so that the
+                // graph keeps ordinary edges (see `PdlMode::Eager`).
+                None if dev.is_recording() => {
+                    l.forward_plain(dev, xh, &mut out).map_err(gpu_error)?
                 }
                 None => l.forward(dev, xh, &mut out).map_err(gpu_error)?,
             },

@@ -26,12 +26,13 @@
 //! linear it was made for.
 //!
 //! On an H100 (session 8) the overlap as first written gained nothing. The
-//! likely reason (not yet measured): Hopper's cuBLAS GEMMs occupy every SM
-//! until they end, so the side stream's kernel waited for them. cuBLAS is
-//! therefore asked to plan a
-//! prefetching GEMM for all SMs but `LMQ_PREFILL_PREFETCH_SMS` (default
-//! 16), which the dequantization then has to itself; `bench_prefill`
-//! times the trade for several counts.
+//! guess was that Hopper's cuBLAS GEMMs occupy every SM until they end, so
+//! cuBLAS can be asked to leave `LMQ_PREFILL_PREFETCH_SMS` SMs to the
+//! dequantization. `bench_prefill` timed that in session 9 (H100): with 0
+//! SMs kept the pipeline ran at 0.79–0.84× of cuBLAS fp16 (the serial
+//! dequantize-then-GEMM: 0.81–0.83×); every reservation from 8 to 32 SMs
+//! was slower (0.66–0.77×). So the default keeps none, and the prefetcher
+//! stays opt-in.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -65,11 +66,12 @@ pub(super) fn prefetch_enabled() -> bool {
 }
 
 /// SMs a prefetching GEMM leaves to the dequantization on the side
-/// stream: `LMQ_PREFILL_PREFETCH_SMS` (default 16, not yet tuned on a GPU;
-/// 0: cuBLAS takes them all). A value that is not a count is an error.
+/// stream: `LMQ_PREFILL_PREFETCH_SMS` (default 0: cuBLAS takes them all;
+/// any reservation measured slower, see the header). A value that is not a
+/// count is an error.
 fn reserved_sms() -> Result<usize> {
     match std::env::var("LMQ_PREFILL_PREFETCH_SMS") {
-        Err(_) => Ok(16),
+        Err(_) => Ok(0),
         Ok(v) => v.trim().parse().map_err(|_| {
             Error::InvalidRequest(format!(
                 "LMQ_PREFILL_PREFETCH_SMS must be a number of SMs, got {v:?}"
