@@ -4,10 +4,11 @@
 // fp16 GEMM with fp32 accumulation). That keeps the GPU's tokens close to
 // the CPU's.
 
-// The kernels that feed a linear (the conversion, the norms, SiLU·mul)
-// call grid_dep_launch first: a W4A16 linear launched next with
-// programmatic dependent launch then starts at once and streams its
-// weights while they run, waiting only before it reads their output.
+// The kernels that feed a linear (the conversion, the norms, SiLU·mul,
+// and the attention kernels, which write o_proj's fp16 input) call
+// grid_dep_launch first: a W4A16 linear launched next with programmatic
+// dependent launch then starts at once and streams its weights while they
+// run, waiting only before it reads their output.
 
 // y[i] = fp16(x[i]) over n elements.
 extern "C" __global__ void f32_to_f16(const float* __restrict__ x, __half* __restrict__ y, u64 n) {
@@ -172,7 +173,9 @@ extern "C" __global__ void rms_norm_f32(float* __restrict__ residual, const floa
 // instead of following the reduction (ncu on an H100, session 9: this
 // kernel took 3.9 µs per 4096-wide decode row, against 2.3 µs for a bare
 // conversion launch). Same per-element formula (r · inv · w) and fp16 copy.
-extern "C" __global__ void rms_norm_f32_v(float* __restrict__ residual,
+// At most 1024 threads (d / 4 of them): the bound keeps ptxas within 64
+// registers a thread, which a block that large needs.
+extern "C" __global__ void __launch_bounds__(1024) rms_norm_f32_v(float* __restrict__ residual,
                                           const float* __restrict__ delta,
                                           const float* __restrict__ w, float* __restrict__ out,
                                           __half* __restrict__ out_h, int d, float eps,

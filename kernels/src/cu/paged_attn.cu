@@ -290,6 +290,8 @@ __device__ void paged_attn(const float* __restrict__ q, const int* __restrict__ 
                            int split_len, int splits, float softmax_scale, float* __restrict__ out,
                            float* __restrict__ part_ml, float* __restrict__ part_acc, int rows_at,
                            __half* __restrict__ out_h) {
+    // Attention feeds o_proj: let it start (see act_f32.cu).
+    grid_dep_launch();
     constexpr int VEC = 8;
     constexpr int TPK = HD / VEC;
     constexpr int SPW = 32 / TPK;  // sub-groups per warp

@@ -11,6 +11,7 @@ extern "C" __global__ void attn_merge(const int* __restrict__ meta, int rows, in
                                       int split_len, int splits, const float* __restrict__ part_ml,
                                       const float* __restrict__ part_acc, float* __restrict__ out,
                                       int rows_at, __half* __restrict__ out_h) {
+    grid_dep_launch();
     const int d = threadIdx.x;
     if (d >= hd) return;
     const int row = decode_row(meta, rows_at);

@@ -271,6 +271,8 @@ __device__ void paged_attn_int(const float* __restrict__ q, const int* __restric
                                float* __restrict__ out, float* __restrict__ part_ml,
                                float* __restrict__ part_acc, int rows_at,
                                __half* __restrict__ out_h) {
+    // Attention feeds o_proj: let it start (see act_f32.cu).
+    grid_dep_launch();
     using S = IntSmem<HD, DT>;
     constexpr int KS = HD / 16;  // k-steps of K·Qᵀ, m-tiles of Vᵀ·Pᵀ
     constexpr int BPT = S::BPT;

@@ -167,6 +167,8 @@ __device__ void paged_attn_prefill(const float* __restrict__ q, const int* __res
                                    const float* __restrict__ statics, int layer, int L, int H,
                                    int NH, int BL, float softmax_scale, float* __restrict__ out,
                                    __half* __restrict__ out_h) {
+    // Attention feeds o_proj: let it start (see act_f32.cu).
+    grid_dep_launch();
     using S = PrefillSmem<HD, DT>;
     constexpr int KS = HD / 16;     // k-steps of Q·Kᵀ
     constexpr int NT = PF_KT / 8;   // key n-tiles of S
