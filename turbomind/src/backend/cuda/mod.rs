@@ -22,6 +22,7 @@
 //! given are the same, which they are for every layer of a step.
 
 mod activation;
+mod attention;
 mod fused_kv;
 mod graph;
 mod linear;
@@ -32,7 +33,6 @@ mod sample;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use lmq_kernels::paged::IntAttnConfig;
 use lmq_kernels::{
     act, paged, Blas, DeviceKvPool, DeviceMatrix, GpuDevice, KernelError, KvLayout, KvStorage,
     RowMeta, RowPlace,
@@ -574,61 +574,7 @@ impl Backend for CudaBackend {
         spans: &[SeqSpan],
         shape: &AttnShape,
     ) -> Result<CudaAct> {
-        self.check_rows(q, spans, "attention")?;
-        let meta = self.row_meta(spans)?;
-        graph::check_engine_blocks(&meta, pool)?;
-        match pool.smooth.as_ref().and_then(|s| s.get(layer)) {
-            Some(sm) => {
-                let qs =
-                    act::scale_cols(&self.dev, q, &sm.queries, None, false).map_err(gpu_error)?;
-                // The tile kernel: with smooth-mode inputs (queries scaled
-                // by the key factors, keys divided by them) the streaming
-                // kernel, the default elsewhere, left int4 up to 3.2e-3 from
-                // the CPU on an H100 (head_dim 256), past the 3e-3 bound the
-                // tile kernel meets (2.1e-3); docs/BENCHMARKS.md, session 6.
-                // The streaming kernel with centred keys, written for this,
-                // is tried with `LMQ_SMOOTH_CENTRED=1` until it has passed
-                // `paged_attention_matches_cpu` on a GPU.
-                let tile = if smooth_centred() {
-                    IntAttnConfig {
-                        centre_keys: true,
-                        ..IntAttnConfig::default()
-                    }
-                } else {
-                    IntAttnConfig {
-                        stream: None,
-                        split_len: paged::SPLIT_LEN,
-                        centre_keys: false,
-                    }
-                };
-                let rotated = paged::paged_attention_with(
-                    &self.dev,
-                    &pool.pool,
-                    layer,
-                    &qs,
-                    shape.num_heads,
-                    &meta,
-                    tile,
-                )
-                .map_err(gpu_error)?;
-                act::hadamard(&self.dev, &rotated, shape.head_dim)
-                    .map(CudaAct::from)
-                    .map_err(gpu_error)
-            }
-            // The kernels also write the fp16 copy o_proj reads, which
-            // spares o_proj its conversion launch.
-            None => paged::paged_attention_half(
-                &self.dev,
-                &pool.pool,
-                layer,
-                q,
-                shape.num_heads,
-                &meta,
-                IntAttnConfig::default(),
-            )
-            .map(|(out, half)| CudaAct::with_half(out, half))
-            .map_err(gpu_error),
-        }
+        attention::attention(self, layer, q, pool, spans, shape)
     }
 
     fn silu_mul(&self, gate: &CudaAct, up: &CudaAct) -> Result<CudaAct> {
@@ -803,12 +749,4 @@ impl Backend for CudaBackend {
         }
         Ok(logits)
     }
-}
-
-/// Whether the `smooth` KV mode takes the streaming kernel with centred keys
-/// (`LMQ_SMOOTH_CENTRED=1`) instead of the tile kernel: a trial switch until
-/// it has run against the CPU on a GPU.
-fn smooth_centred() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LMQ_SMOOTH_CENTRED").is_ok_and(|v| v == "1"))
 }
