@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Everything a session's device time should check, in one device call of
+# at most 600 s (machines are scarce: session 9 got none for its second
+# half, and every failed start cost budget): the smoke check's tests and
+# greedy-text comparisons, then the Llama-2-7B shape's decode under the
+# opt-in switches against the default, then a per-kernel profile of the
+# decode step. Each phase has its own time limit, and its output goes to
+# $OUT as it finishes, so a call cut short still returns what ran.
+#
+#   BIN=.device/sN bash scripts/gpu-session-check.sh
+#
+# BIN holds the binaries packed by `scripts/gpu-smoke-check.sh --collect`
+# (bench_attn included: the 7B bench reads the copy bandwidth from it).
+# ENVS overrides the settings compared on the 7B shape (see
+# gpu-7b-bench.sh); BASELINE (an xz-compressed lmq of another commit)
+# adds that binary to the comparison (then give fewer ENVS: each setting
+# runs twice per binary, about 22 s a run, within the phase's 230 s).
+set -uo pipefail
+. "$(dirname "$0")/gpu-lib.sh"
+
+BIN=${BIN:?BIN must name the folder of packed binaries}
+LOG=${OUT:-/tmp/gpu-session-check}
+mkdir -p "$LOG"
+here=$(dirname "$0")
+
+phase() {
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$LOG/$name.txt" 2>&1
+    local rc=$?
+    echo "   exit $rc after $((SECONDS - start))s"
+    return 0
+}
+
+date -u
+phase smoke 200 env BIN="$BIN" SKIP_BENCH=1 bash "$here/gpu-smoke-check.sh"
+grep -v "^attention \|max err" "$LOG/smoke.txt" | tail -n 45
+
+# LMQ_DEFAULT=1 sets nothing lmq reads: it names the default run.
+ENVS=${ENVS:-"LMQ_DEFAULT=1 LMQ_FUSED_KV_WRITE=1,LMQ_ATTN_HALF=1 LMQ_PDL=1,LMQ_PDL_SPLICE=chain"}
+phase bench-7b 230 env BIN="$BIN" PRESETS=llama2-7b WEIGHTS=awq ENVS="$ENVS" \
+    ${BASELINE:+BASELINE="$BASELINE"} bash "$here/gpu-7b-bench.sh"
+grep -E "^\||programmatic|turned off" "$LOG/bench-7b.txt"
+
+phase profile 120 env BIN="$BIN" PRESET=llama2-7b bash "$here/gpu-kernel-profile.sh"
+tail -n 14 "$LOG/profile.txt"
