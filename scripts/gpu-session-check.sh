@@ -4,7 +4,8 @@
 # half, and every failed start cost budget): the smoke check's tests and
 # greedy-text comparisons, then the Llama-2-7B shape's decode under the
 # opt-in switches against the default, then a per-kernel profile of the
-# decode step. Each phase has its own time limit, and its output goes to
+# decode step (and, with TORCH=1, the dense fp16 7B shape against plain
+# PyTorch). Each phase has its own time limit, and its output goes to
 # $OUT as it finishes, so a call cut short still returns what ran.
 #
 #   BIN=.device/sN bash scripts/gpu-session-check.sh
@@ -46,3 +47,11 @@ grep -E "^\||programmatic|turned off" "$LOG/bench-7b.txt"
 
 phase profile 120 env BIN="$BIN" PRESET=llama2-7b bash "$here/gpu-kernel-profile.sh"
 tail -n 14 "$LOG/profile.txt"
+
+# TORCH=1: the dense fp16 7B shape, lmq against the plain-PyTorch
+# reference (scripts/torch-llama-bench.py), alternating. It needs torch
+# there (the device image has it) and about 150 s more.
+if [[ "${TORCH:-}" == 1 ]]; then
+    phase torch-7b 150 env BIN="$BIN" PRESETS=llama2-7b WEIGHTS=fp16 TORCH=1 bash "$here/gpu-7b-bench.sh"
+    grep -E "^\||graph_matches_eager" "$LOG/torch-7b.txt" | cut -c1-300
+fi
