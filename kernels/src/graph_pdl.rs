@@ -230,32 +230,9 @@ impl GpuDevice {
 
     /// The graph the stream is being captured into.
     fn capture_graph(&self) -> Result<sys::CUgraph> {
-        let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
-        let mut graph: sys::CUgraph = std::ptr::null_mut();
-        self.context()
-            .bind_to_thread()
-            .during("binding the context")?;
-        // SAFETY: the stream is this device's; `status` and `graph` are
-        // valid out-pointers; the other outputs are optional and NULL.
-        unsafe {
-            sys::cuStreamGetCaptureInfo_v3(
-                self.stream().cu_stream(),
-                &mut status,
-                std::ptr::null_mut(),
-                &mut graph,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-            )
-        }
-        .result()
-        .during("reading the capture's graph")?;
-        if status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE || graph.is_null()
-        {
-            return Err(KernelError::invalid(
-                "PDL splice",
-                "the stream is not being captured",
-            ));
+        let (graph, _) = self.capture_info()?;
+        if graph.is_null() {
+            return Err(splice_error("the capture has no graph"));
         }
         Ok(graph)
     }
@@ -263,7 +240,13 @@ impl GpuDevice {
     /// The capture's current dependency set (the nodes the next captured
     /// work will depend on), with their edges.
     fn capture_dependencies(&self) -> Result<Vec<(Node, Edge)>> {
+        self.capture_info().map(|(_, deps)| deps)
+    }
+
+    /// The graph being captured and the capture's dependency set.
+    fn capture_info(&self) -> Result<(sys::CUgraph, Vec<(Node, Edge)>)> {
         let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        let mut graph: sys::CUgraph = std::ptr::null_mut();
         let mut deps: *const Node = std::ptr::null();
         let mut edges: *const Edge = std::ptr::null();
         let mut n = 0usize;
@@ -271,20 +254,20 @@ impl GpuDevice {
             .bind_to_thread()
             .during("binding the context")?;
         // SAFETY: the stream is this device's; the out-pointers are valid
-        // locals; the id and graph outputs may be NULL.
+        // locals; the id output may be NULL.
         unsafe {
             sys::cuStreamGetCaptureInfo_v3(
                 self.stream().cu_stream(),
                 &mut status,
                 std::ptr::null_mut(),
-                std::ptr::null_mut(),
+                &mut graph,
                 &mut deps,
                 &mut edges,
                 &mut n,
             )
         }
         .result()
-        .during("reading the capture's dependencies")?;
+        .during("reading the capture's state")?;
         if status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE {
             return Err(KernelError::invalid(
                 "PDL splice",
@@ -292,14 +275,14 @@ impl GpuDevice {
             ));
         }
         if n == 0 || deps.is_null() {
-            return Ok(Vec::new());
+            return Ok((graph, Vec::new()));
         }
         // SAFETY: the driver returned `n` nodes (and, when `edges` is not
         // NULL, `n` edges) that stay valid until the next call on the
         // stream; they are copied out at once. A NULL edge array means
         // default edges.
         let nodes = unsafe { std::slice::from_raw_parts(deps, n) };
-        Ok(nodes
+        let deps = nodes
             .iter()
             .enumerate()
             .map(|(i, &node)| {
@@ -311,7 +294,8 @@ impl GpuDevice {
                 };
                 (node, edge)
             })
-            .collect())
+            .collect();
+        Ok((graph, deps))
     }
 
     /// Replaces (`set`) or extends the capture's dependency set.

@@ -10,7 +10,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::meta::check_meta;
-use super::{check_layer, DeviceKvPool, RowMeta};
+use super::{check_layer, DeviceKvPool, PoolWriteArgs, RowMeta};
 use crate::buffer::DeviceMatrix;
 use crate::device::GpuDevice;
 use crate::error::{DriverContext, KernelError, Result};
@@ -90,14 +90,8 @@ pub fn split_rope_kv_write(
     }
     let rows = check_i32(OP, "rows", meta.rows)?;
     let f = dev.function(Module::PagedAttn, OP)?;
-    let (dt, sm) = (l.storage.code(), i32::from(pool.static_mode));
-    let (nq, li, hi, hdi, bli) = (
-        q_heads as i32,
-        l.num_layers as i32,
-        l.num_kv_heads as i32,
-        hd as i32,
-        check_i32(OP, "block_len", l.block_len)?,
-    );
+    let nq = q_heads as i32;
+    let args = PoolWriteArgs::new(OP, pool, layer)?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&qkv.data)
         .arg(&mut q.data)
@@ -105,17 +99,8 @@ pub fn split_rope_kv_write(
         .arg(&rows)
         .arg(&rope.inv_freq.data)
         .arg(&rope.pos_scale)
-        .arg(&nq)
-        .arg(&mut pool.data.data)
-        .arg(&mut pool.params.data)
-        .arg(&pool.statics.data)
-        .arg(&dt)
-        .arg(&sm)
-        .arg(&layer)
-        .arg(&li)
-        .arg(&hi)
-        .arg(&hdi)
-        .arg(&bli);
+        .arg(&nq);
+    args.push(&mut b, pool);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, heads as u32, 1),
         block_dim: ((hd / 2).div_ceil(32) as u32 * 32, 1, 1),

@@ -330,6 +330,48 @@ fn check_kv_input(
     Ok(())
 }
 
+/// The arguments every KV-writing kernel ends with (`kv_write`,
+/// `split_rope_kv_write`): the pool's codes, parameters and statics, then
+/// its mode and shape as ints.
+struct PoolWriteArgs {
+    dt: i32,
+    static_mode: i32,
+    layer: i32,
+    num_layers: i32,
+    kv_heads: i32,
+    head_dim: i32,
+    block_len: i32,
+}
+
+impl PoolWriteArgs {
+    fn new(op: &'static str, pool: &DeviceKvPool, layer: i32) -> Result<Self> {
+        let l = pool.layout;
+        Ok(Self {
+            dt: l.storage.code(),
+            static_mode: i32::from(pool.static_mode),
+            layer,
+            num_layers: check_i32(op, "layers", l.num_layers)?,
+            kv_heads: check_i32(op, "KV heads", l.num_kv_heads)?,
+            head_dim: check_i32(op, "head_dim", l.head_dim)?,
+            block_len: check_i32(op, "block_len", l.block_len)?,
+        })
+    }
+
+    /// Pushes the pool and these ints, in the kernels' order.
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>, pool: &'a mut DeviceKvPool) {
+        b.arg(&mut pool.data.data)
+            .arg(&mut pool.params.data)
+            .arg(&pool.statics.data)
+            .arg(&self.dt)
+            .arg(&self.static_mode)
+            .arg(&self.layer)
+            .arg(&self.num_layers)
+            .arg(&self.kv_heads)
+            .arg(&self.head_dim)
+            .arg(&self.block_len);
+    }
+}
+
 fn check_layer(op: &'static str, pool: &DeviceKvPool, layer: usize) -> Result<i32> {
     if layer >= pool.layout.num_layers {
         return Err(KernelError::invalid(
@@ -371,28 +413,10 @@ pub fn kv_write(
     }
     let rows = check_i32(OP, "rows", meta.rows)?;
     let f = dev.function(Module::PagedAttn, "kv_write")?;
-    let (dt, sm) = (l.storage.code(), i32::from(pool.static_mode));
-    let (li, hi, hdi, bli) = (
-        l.num_layers as i32,
-        l.num_kv_heads as i32,
-        l.head_dim as i32,
-        check_i32(OP, "block_len", l.block_len)?,
-    );
+    let args = PoolWriteArgs::new(OP, pool, layer)?;
     let mut b = dev.stream().launch_builder(&f);
-    b.arg(&k.data)
-        .arg(&v.data)
-        .arg(&meta.meta.data)
-        .arg(&rows)
-        .arg(&mut pool.data.data)
-        .arg(&mut pool.params.data)
-        .arg(&pool.statics.data)
-        .arg(&dt)
-        .arg(&sm)
-        .arg(&layer)
-        .arg(&li)
-        .arg(&hi)
-        .arg(&hdi)
-        .arg(&bli);
+    b.arg(&k.data).arg(&v.data).arg(&meta.meta.data).arg(&rows);
+    args.push(&mut b, pool);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 2 * l.num_kv_heads as u32, 1),
         block_dim: (32, 1, 1),
