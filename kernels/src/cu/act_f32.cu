@@ -5,7 +5,8 @@
 // the CPU's.
 
 // The kernels that feed a linear (the conversion, the norms, SiLU·mul,
-// and the attention kernels, which write o_proj's fp16 input) call
+// and the attention kernels, which write o_proj's fp16 input when asked:
+// LMQ_ATTN_HALF=1 in the engine) call
 // grid_dep_launch first: a W4A16 linear launched next with programmatic
 // dependent launch then starts at once and streams its weights while they
 // run, waiting only before it reads their output.

@@ -78,7 +78,8 @@ __device__ __forceinline__ u32 quantize_level(float x, float scale, float zero, 
 // row `row` into the pool, quantizing as the pool's mode says; run by one
 // warp (lane 0..31). Shared by kv_write and split_rope_kv_write, so the two
 // store the same bytes.
-__device__ __forceinline__ void kv_store_head(const float* x, const int* __restrict__ meta, int rows,
+__device__ __forceinline__ void kv_store_head(const float* __restrict__ x,
+                                              const int* __restrict__ meta, int rows,
                                               int row, int which, int head,
                                               unsigned char* __restrict__ data,
                                               unsigned char* __restrict__ params,

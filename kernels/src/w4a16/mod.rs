@@ -510,6 +510,12 @@ impl W4A16Linear {
         dev.context()
             .bind_to_thread()
             .during("binding the context")?;
+        // With `pdl` this launch may start while the kernel before it still
+        // runs: sound only because every W4A16 kernel touches nothing but
+        // its own weights, scales and zeros before `griddepcontrol.wait`
+        // (x through `ld_produced_v4`, `out` written after the wait;
+        // tests/pdl.rs). A kernel launched with the attribute must keep that
+        // rule.
         // SAFETY: `args` matches `w4a16_gemv_g{G}_r{R}_u{U}`'s signature in
         // cu/w4a16.cu (six device pointers, seven ints), or with `streaming`
         // `w4a16_stream_g{G}_r{R}_s{NS}`'s (six pointers, eight ints, PPB

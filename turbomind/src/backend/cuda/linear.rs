@@ -55,8 +55,10 @@ enum PdlMode {
 
 fn pdl_mode() -> PdlMode {
     static MODE: std::sync::OnceLock<PdlMode> = std::sync::OnceLock::new();
+    // Before session 9 anything but "1" meant off, so the usual spellings
+    // of off still mean off.
     *MODE.get_or_init(|| match std::env::var("LMQ_PDL").as_deref() {
-        Ok("0") => PdlMode::Off,
+        Ok("0" | "off" | "false" | "no") => PdlMode::Off,
         Ok("1") => PdlMode::Everywhere,
         _ => PdlMode::Eager,
     })
