@@ -12,7 +12,7 @@
 
 use lmq_kernels::paged::{self, RopeTable};
 
-use super::{gpu_error, graph, CudaAct, CudaBackend, CudaKvPool};
+use super::{gpu_error, graph, qkv_in_whole_heads, CudaAct, CudaBackend, CudaKvPool};
 use crate::backend::{split_qkv_rope_write_kv_apart, AttnShape, SeqSpan};
 use crate::error::Result;
 use crate::rope::Rope;
@@ -52,13 +52,10 @@ pub(super) fn split_qkv_rope_write_kv(
     let hd = rope.inv_freq.len() * 2;
     let l = pool.pool.layout();
     let smooth = pool.smooth.as_ref().and_then(|s| s.get(layer)).is_some();
-    let fits = widths.len() == 3
-        && hd > 0
+    let fits = qkv_in_whole_heads(widths, shape, hd)
+        && widths[2] == widths[1]
         && hd == l.head_dim
-        && shape.num_kv_heads == l.num_kv_heads
-        && widths[0] == shape.num_heads * hd
-        && widths[1] == shape.num_kv_heads * hd
-        && widths[2] == widths[1];
+        && shape.num_kv_heads == l.num_kv_heads;
     if !fused_enabled() || smooth || !fits {
         return split_qkv_rope_write_kv_apart(b, layer, qkv, widths, pool, shape, spans, rope);
     }

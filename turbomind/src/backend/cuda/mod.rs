@@ -51,6 +51,17 @@ use crate::rope::Rope;
 pub use activation::CudaAct;
 pub use linear::CudaLinear;
 
+/// Whether a stacked q/k/v output of `widths` is q, k and v in whole heads
+/// of `hd` (q `num_heads` of them, k `num_kv_heads`): the shape the fused
+/// split/rope launches take.
+fn qkv_in_whole_heads(widths: &[usize], shape: &AttnShape, hd: usize) -> bool {
+    widths.len() == 3
+        && hd > 0
+        && widths[0] == shape.num_heads * hd
+        && widths[1] == shape.num_kv_heads * hd
+        && widths[2].is_multiple_of(hd)
+}
+
 /// Turns a kernel error into the engine's error type.
 pub(crate) fn gpu_error(e: KernelError) -> Error {
     Error::Backend {
@@ -610,12 +621,7 @@ impl Backend for CudaBackend {
         rope: &Rope,
     ) -> Result<Vec<CudaAct>> {
         let hd = rope.inv_freq.len() * 2;
-        let fused = widths.len() == 3
-            && widths[0] == shape.num_heads * hd
-            && widths[1] == shape.num_kv_heads * hd
-            && hd > 0
-            && widths[2].is_multiple_of(hd);
-        if !fused {
+        if !qkv_in_whole_heads(widths, shape, hd) {
             return split_qkv_rope_apart(self, qkv, widths, shape, spans, rope);
         }
         self.check_rows(qkv, spans, "split_qkv_rope")?;
