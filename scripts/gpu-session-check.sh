@@ -5,7 +5,8 @@
 # greedy-text comparisons, then the Llama-2-7B shape's decode under the
 # opt-in switches against the default, then a per-kernel profile of the
 # decode step (and, with TORCH=1, the dense fp16 7B shape against plain
-# PyTorch). Each phase has its own time limit, and its output goes to
+# PyTorch); between them, the prefill GEMM benchmark and the decode
+# linears' plan sweep. Each phase has its own time limit, and its output goes to
 # $OUT as it finishes, so a call cut short still returns what ran.
 #
 #   BIN=.device/sN bash scripts/gpu-session-check.sh
@@ -44,6 +45,14 @@ ENVS=${ENVS:-"LMQ_DEFAULT=1 LMQ_FUSED_KV_WRITE=1,LMQ_ATTN_HALF=1 LMQ_PDL=1,LMQ_P
 phase bench-7b 230 env BIN="$BIN" PRESETS=llama2-7b WEIGHTS=awq ENVS="$ENVS" \
     ${BASELINE:+BASELINE="$BASELINE"} bash "$here/gpu-7b-bench.sh"
 grep -E "^\||programmatic|turned off" "$LOG/bench-7b.txt"
+
+# The prefill GEMM (whole weight, pipelined, and in slices) and the
+# decode linears' launch-plan sweep, from the binaries the smoke phase
+# unpacked.
+phase prefill 60 /tmp/lmq-smoke-bin/bench_prefill
+grep -E "^\|" "$LOG/prefill.txt"
+phase w4-sweep 100 env LMQ_BENCH_M=1 LMQ_BENCH_SWEEP=1 /tmp/lmq-smoke-bin/bench_w4
+grep -E "^copy|^\|" "$LOG/w4-sweep.txt" | tail -n 22
 
 phase profile 120 env BIN="$BIN" PRESET=llama2-7b bash "$here/gpu-kernel-profile.sh"
 tail -n 14 "$LOG/profile.txt"

@@ -39,6 +39,7 @@ if [[ "${1:-}" == "--collect" ]]; then
     pack "$BIN" attn_prefill "$(newest "$target/release/deps/attn_prefill-*")"
     pack "$BIN" pdl "$(newest "$target/release/deps/pdl-*")"
     pack "$BIN" rope_kv "$(newest "$target/release/deps/rope_kv-*")"
+    pack "$BIN" dequant "$(newest "$target/release/deps/dequant-*")"
     pack "$BIN" bench_attn_prefill "$target/release/examples/bench_attn_prefill"
     pack "$BIN" unit "$(newest "$target/release/deps/lmq_kernels-*")"
     pack "$BIN" parity "$(newest "$target/release/deps/parity-*")"
@@ -92,6 +93,13 @@ if [[ -x "$R/pdl_old" ]]; then
 fi
 run_test rope_kv 60 --nocapture
 echo "$(grep -c "pool bytes identical" "$LOG/rope_kv.log") cases: fused rope + KV write = split_rope then kv_write, bit for bit"
+if [[ -x "$R/dequant" ]]; then
+    run_test dequant 60 --nocapture
+    echo "== cuda_backend linears with LMQ_PREFILL_SLICE=24 (4-bit prefill in slices of 24 weight rows)"
+    LMQ_PREFILL_SLICE=24 timeout 60 "$R/cuda_backend" linears_match_cpu --test-threads=1 --nocapture \
+        >"$LOG/cuda_backend_slice.log" 2>&1 || rc=1
+    grep -E "test result|panicked" "$LOG/cuda_backend_slice.log"
+fi
 run_test attn_prefill 100 --nocapture
 grep -E "prefill vs decode" "$LOG/attn_prefill.log" | sort -k2 -t: -g | tail -n 3
 echo "== cuda_backend, attention and whole models with LMQ_PREFILL_ATTN=always (the prefill kernel on every run of 16 rows)"
@@ -143,6 +151,15 @@ for kv in fp16 int8; do
         echo "$kv KV, long prompt: LMQ_PREFILL_ATTN=0 = default ($(wc -c <"$LOG/long-$kv.txt") bytes)"
     else
         echo "$kv KV, long prompt: LMQ_PREFILL_ATTN=0 differs from the default after $(cmp "$LOG/prefill-$kv.txt" "$LOG/long-$kv.txt" | sed -n 's/.*byte \([0-9]*\).*/\1/p') bytes"
+    fi
+    # Prefill in weight slices: cuBLAS may pick another algorithm for a
+    # slice, so near-tied picks may change; reported, not required.
+    LMQ_PREFILL_SLICE=512 timeout 40 "$R/lmq" generate --model /tmp/lmq-smoke-s135 --device cuda --kv-cache-dtype "$kv" \
+        --prompt "$LONG_PROMPT" --max-tokens 100 --ignore-eos >"$LOG/slice-$kv.txt" 2>>"$LOG/generate.err"
+    if cmp -s "$LOG/slice-$kv.txt" "$LOG/long-$kv.txt" && [[ -s "$LOG/long-$kv.txt" ]]; then
+        echo "$kv KV, long prompt: LMQ_PREFILL_SLICE=512 = default"
+    else
+        echo "$kv KV, long prompt: LMQ_PREFILL_SLICE=512 differs from the default after $(cmp "$LOG/slice-$kv.txt" "$LOG/long-$kv.txt" | sed -n 's/.*byte \([0-9]*\).*/\1/p') bytes"
     fi
     # PDL changes no arithmetic, so its output must be the same (session 8
     # found a race that made it differ; kernels/tests/pdl.rs is its test).

@@ -12,6 +12,12 @@
 //! written (session 7), and turbomind's prefetcher keeps
 //! `LMQ_PREFILL_PREFETCH_SMS` (default 16).
 //!
+//! Last, the 4-bit path by slices (`W4A16Linear::prefill_chunked`): the
+//! 16-byte-per-thread kernel `w4_dequant_rows` expands `c` weight rows at
+//! a time into a `c`-row scratch and cuBLAS multiplies each slice into its
+//! columns of the output, so the fp16 slice can stay in L2 between the two;
+//! `c` = all rows is that kernel on the whole weight.
+//!
 //! Timing: CUDA events around 10 back-to-back calls, median of 7 rounds,
 //! after warm-up. `cargo run --release -p lmq-kernels --example bench_prefill`.
 
@@ -46,8 +52,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for r in reserves {
         print!(" pipelined, {r} SMs kept |");
     }
+    let chunks = [0usize, 4096, 2048, 1024, 512];
+    for c in chunks {
+        if c == 0 {
+            print!(" rows kernel, whole |");
+        } else {
+            print!(" slices of {c} |");
+        }
+    }
     println!();
-    println!("|---|---|---|---|---|{}", "---|".repeat(reserves.len()));
+    println!(
+        "|---|---|---|---|---|{}",
+        "---|".repeat(reserves.len() + chunks.len())
+    );
     for (name, k, n) in [
         ("q/k/v/o", 4096usize, 4096usize),
         ("gate/up", 4096, 11008),
@@ -94,6 +111,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             pipelined.push(ms);
         }
         blas.set_sm_count_target(&dev, 0)?;
+        let mut sliced = Vec::new();
+        for c in chunks {
+            let c = if c == 0 { n } else { c.min(n) };
+            let mut slice = dev.uninit::<f16>(c, k)?;
+            sliced.push(time(&mut || {
+                w4.prefill_chunked(&dev, &blas, &x, &mut out, c, &mut slice)
+            })?);
+        }
         dev.context().check_err()?;
         let flops = 2.0 * (M * k * n) as f64;
         let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
@@ -103,7 +128,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             tf(w4_ms),
             dense_ms / w4_ms
         );
-        for ms in pipelined {
+        for ms in pipelined.into_iter().chain(sliced) {
             print!(" {:.0} ({:.2}x) |", tf(ms), dense_ms / ms);
         }
         println!();

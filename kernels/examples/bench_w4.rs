@@ -14,6 +14,8 @@
 //!    the ≥ 80%-of-copy target is defined.
 //! 4. The same layer as the engine launches it, q/k/v and gate/up stacked
 //!    into one linear each (4 launches per layer).
+//! 5. With `LMQ_BENCH_SWEEP=1`, that layer again with each linear's launch
+//!    plan (K splits, batch depth) varied in turn, PDL on.
 //!
 //! Timing: CUDA events around a CUDA-graph replay of 32 back-to-back calls
 //! (one per copy; one per layer in 3.), after a warm-up; the median of 20
@@ -391,6 +393,90 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
+    // 5. LMQ_BENCH_SWEEP=1: the stacked layer at each M with PDL on, one
+    //    linear's launch plan varied at a time (K splits per block, batch
+    //    depth U) while the others keep the automatic plan; then every
+    //    linear on its best plan together. This is how a plan heuristic
+    //    is chosen, on the card at hand.
+    let mut sweep_rows = Vec::new();
+    if std::env::var("LMQ_BENCH_SWEEP").is_ok_and(|v| v == "1") {
+        for set in stacked.iter_mut() {
+            set_all(set, DEFAULT_KERNEL, true)?;
+        }
+        for &m in &ms_list {
+            let x4 = dev.upload(&vec![f16::from_f32(0.01); m * 4096], m, 4096)?;
+            let x11 = dev.upload(&vec![f16::from_f32(0.01); m * 11008], m, 11008)?;
+            let mut outs: Vec<_> = stacked_shapes
+                .iter()
+                .map(|&(_, n)| dev.zeros::<f32>(m, n))
+                .collect::<Result<Vec<_>, _>>()?;
+            // (splits, batch) per linear; None = the automatic choice.
+            let mut time_plans = |plans: &[(Option<usize>, Option<usize>)],
+                                  stacked: &mut [Vec<W4A16Linear>]|
+             -> Result<f64, Box<dyn std::error::Error>> {
+                for (set, &(_, u)) in stacked.iter_mut().zip(plans) {
+                    for l in set.iter_mut() {
+                        if !l.set_batch(u) {
+                            return Err(format!("batch {u:?} is not compiled").into());
+                        }
+                    }
+                }
+                let mut run = || -> Result<(), KernelError> {
+                    for c in 0..COPIES {
+                        for (i, set) in stacked.iter().enumerate() {
+                            let x = if i == 3 { &x11 } else { &x4 };
+                            set[c].forward_with(&dev, x, &mut outs[i], plans[i].0)?;
+                        }
+                    }
+                    Ok(())
+                };
+                run()?;
+                let graph = capture(&stream, run)?;
+                Ok(replay_us(&dev, &start, &end, &stream, &graph)? / COPIES as f64)
+            };
+            let auto = [(None, None); 4];
+            let base = time_plans(&auto, &mut stacked)?;
+            sweep_rows.push(format!(
+                "| {m:2} | all automatic | {base:7.2} | {:5.1}% |",
+                pct(stacked_bytes, base)
+            ));
+            let mut best = auto;
+            for (i, &(k, n)) in stacked_shapes.iter().enumerate() {
+                let mut best_us = base;
+                for splits in [2usize, 4, 6, 8, 12, 16] {
+                    for u in [2usize, 4] {
+                        let mut plans = auto;
+                        plans[i] = (Some(splits), Some(u));
+                        let us = match time_plans(&plans, &mut stacked) {
+                            Ok(us) => us,
+                            Err(e) => {
+                                println!("sweep {k}x{n} splits {splits} U {u}: {e}");
+                                continue;
+                            }
+                        };
+                        println!("sweep M={m} {k}x{n} splits {splits} U {u}: {us:.2} us/layer");
+                        if us < best_us {
+                            best_us = us;
+                            best[i] = plans[i];
+                        }
+                    }
+                }
+                sweep_rows.push(format!(
+                    "| {m:2} | {k}x{n}: splits {:?}, U {:?} | {best_us:7.2} | {:5.1}% |",
+                    best[i].0,
+                    best[i].1,
+                    pct(stacked_bytes, best_us)
+                ));
+            }
+            let all = time_plans(&best, &mut stacked)?;
+            sweep_rows.push(format!(
+                "| {m:2} | every best together | {all:7.2} | {:5.1}% |",
+                pct(stacked_bytes, all)
+            ));
+            time_plans(&auto, &mut stacked)?;
+        }
+    }
+
     println!();
     println!("W4A16 GEMV, g = {g}, {COPIES} weight copies, fp16 x, fp32 out, median of {ROUNDS} graph replays of {COPIES} calls;");
     println!("bytes = codes + fp16 scales + fp16 zeros; % = of the copy bandwidth above ({copy_gbs:.0} GB/s)");
@@ -412,6 +498,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("|----|-----|----------|--------|---------|");
     for r in stacked_rows {
         println!("{r}");
+    }
+    if !sweep_rows.is_empty() {
+        println!();
+        println!("Plan sweep (LMQ_BENCH_SWEEP=1), stacked layer, PDL on; each row varies one linear, the last all:");
+        println!("|  M | plan | us/layer | of copy |");
+        println!("|----|------|----------|---------|");
+        for r in sweep_rows {
+            println!("{r}");
+        }
     }
     Ok(())
 }

@@ -41,3 +41,63 @@ extern "C" __global__ void w4_dequant_f16(const u32* __restrict__ qw, const __ha
         }
     }
 }
+
+// The same expansion for the output rows [n0, n0 + n_rows) only (n0 and
+// n_rows multiples of 8: whole column tiles), written from row 0 of `out`
+// ([n_rows][K]): the prefill GEMM can then run over the weight in slices
+// small enough to stay in L2 between this write and cuBLAS's read.
+//
+// One thread per 16-byte lane word of the layout (32 inputs of one output:
+// 4 words of 8 consecutive inputs, 32 apart), so a warp reads 512
+// contiguous bytes, and 32-bit index math (the caller checks the range).
+// The math is in half2 and gives the same bits as w4_dequant_f16:
+// (1024 + q) − (1024 + z) and (64 + q) − (64 + z) are q − z exactly, and
+// one hmul2 rounds the exact product (q − z)·s once, as __float2half_rn
+// of the exact fp32 product does.
+__device__ __forceinline__ u32 dq_pair(u32 biased_q, u32 biased_z, u32 s2) {
+    __half2 d = __hsub2(*reinterpret_cast<__half2*>(&biased_q), *reinterpret_cast<__half2*>(&biased_z));
+    __half2 r = __hmul2(d, *reinterpret_cast<__half2*>(&s2));
+    return *reinterpret_cast<u32*>(&r);
+}
+
+extern "C" __global__ void w4_dequant_rows(const uint4* __restrict__ qw, const __half* __restrict__ scales,
+                                           const __half* __restrict__ zeros, __half* __restrict__ out,
+                                           int n_out, int k_in, int kbs, int g, int n0, int n_rows) {
+    const u32 total = (u32)(n_rows >> 3) * (u32)kbs * 32u;
+    for (u32 j = blockIdx.x * blockDim.x + threadIdx.x; j < total; j += gridDim.x * blockDim.x) {
+        const int lane = (int)(j & 31u);
+        const u32 tile_kb = j >> 5;  // local tile · kbs + kb
+        const int kb = (int)(tile_kb % (u32)kbs);
+        const int nt = (n0 >> 3) + (int)(tile_kb / (u32)kbs);
+        const uint4 v = qw[((size_t)nt * kbs + kb) * 32 + lane];
+        const int n = 8 * nt + (lane >> 2);
+        const int t = lane & 3;
+        __half* row = out + (size_t)(n - n0) * k_in;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int k0 = kb * 128 + 32 * i + 8 * t;
+            if (k0 >= k_in) break;
+            const size_t gi = (size_t)(k0 / g) * n_out + n;
+            const __half2 s = __half2half2(scales[gi]);
+            const __half2 z1k = __half2half2(zeros[gi]);
+            // 64 + z, exact: both in [64, 2048) with integer values.
+            const __half2 z64 = __hsub2(z1k, __half2half2(__float2half(960.0f)));
+            const u32 s2 = *reinterpret_cast<const u32*>(&s);
+            const u32 za = *reinterpret_cast<const u32*>(&z1k);
+            const u32 zb = *reinterpret_cast<const u32*>(&z64);
+            const u32 w = i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+            const u32 w8 = w >> 8;
+            uint4 r;
+            r.x = dq_pair((w & 0x000F000Fu) | 0x64006400u, za, s2);   // inputs +0, +1
+            r.y = dq_pair((w & 0x00F000F0u) | 0x54005400u, zb, s2);   // +2, +3
+            r.z = dq_pair((w8 & 0x000F000Fu) | 0x64006400u, za, s2);  // +4, +5
+            r.w = dq_pair((w8 & 0x00F000F0u) | 0x54005400u, zb, s2);  // +6, +7
+            if (k0 + 8 <= k_in && (k_in & 7) == 0) {
+                *reinterpret_cast<uint4*>(row + k0) = r;
+            } else {
+                const __half* h = reinterpret_cast<const __half*>(&r);
+                for (int e = 0; e < 8 && k0 + e < k_in; ++e) row[k0 + e] = h[e];
+            }
+        }
+    }
+}
