@@ -56,7 +56,11 @@ impl W4A16Linear {
     ) -> Result<()> {
         const OP: &str = "W4 dequantize rows";
         let n = self.out_features;
-        if n0 % 8 != 0 || (rows % 8 != 0 && n0 + rows != n) || n0 + rows > n || rows == 0 {
+        if !n0.is_multiple_of(8)
+            || (!rows.is_multiple_of(8) && n0 + rows != n)
+            || n0 + rows > n
+            || rows == 0
+        {
             return Err(KernelError::shape(
                 OP,
                 format!(
