@@ -41,7 +41,7 @@ phase smoke 200 env BIN="$BIN" SKIP_BENCH=1 bash "$here/gpu-smoke-check.sh"
 grep -v "^attention \|max err" "$LOG/smoke.txt" | tail -n 45
 
 # LMQ_DEFAULT=1 sets nothing lmq reads: it names the default run.
-ENVS=${ENVS:-"LMQ_DEFAULT=1 LMQ_FUSED_KV_WRITE=1,LMQ_ATTN_HALF=1 LMQ_PDL=1,LMQ_PDL_SPLICE=chain"}
+ENVS=${ENVS:-"LMQ_DEFAULT=1 LMQ_FUSED_KV_WRITE=1,LMQ_ATTN_HALF=1,LMQ_FUSED_SILU=1 LMQ_PDL=1,LMQ_PDL_SPLICE=chain LMQ_FUSED_KV_WRITE=1,LMQ_ATTN_HALF=1,LMQ_FUSED_SILU=1,LMQ_PDL=1,LMQ_PDL_SPLICE=chain"}
 phase bench-7b 230 env BIN="$BIN" PRESETS=llama2-7b WEIGHTS=awq ENVS="$ENVS" \
     ${BASELINE:+BASELINE="$BASELINE"} bash "$here/gpu-7b-bench.sh"
 grep -E "^\||programmatic|turned off" "$LOG/bench-7b.txt"

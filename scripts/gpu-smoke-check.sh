@@ -40,6 +40,7 @@ if [[ "${1:-}" == "--collect" ]]; then
     pack "$BIN" pdl "$(newest "$target/release/deps/pdl-*")"
     pack "$BIN" rope_kv "$(newest "$target/release/deps/rope_kv-*")"
     pack "$BIN" dequant "$(newest "$target/release/deps/dequant-*")"
+    pack "$BIN" silu_pairs "$(newest "$target/release/deps/silu_pairs-*")"
     pack "$BIN" bench_attn_prefill "$target/release/examples/bench_attn_prefill"
     pack "$BIN" unit "$(newest "$target/release/deps/lmq_kernels-*")"
     pack "$BIN" parity "$(newest "$target/release/deps/parity-*")"
@@ -100,6 +101,14 @@ if [[ -x "$R/dequant" ]]; then
         >"$LOG/cuda_backend_slice.log" 2>&1 || rc=1
     grep -E "test result|panicked" "$LOG/cuda_backend_slice.log"
 fi
+if [[ -x "$R/silu_pairs" ]]; then
+    run_test silu_pairs 60 --nocapture
+    echo "$(grep -c ": identical" "$LOG/silu_pairs.log") cases: gate/up GEMV storing silu(gate)·up = GEMV then silu_mul_halves, bit for bit"
+    echo "== cuda_backend whole models with LMQ_FUSED_SILU=1"
+    LMQ_FUSED_SILU=1 timeout 100 "$R/cuda_backend" whole_model --test-threads=1 --nocapture \
+        >"$LOG/cuda_backend_silu.log" 2>&1 || rc=1
+    grep -E "test result|panicked" "$LOG/cuda_backend_silu.log"
+fi
 run_test attn_prefill 100 --nocapture
 grep -E "prefill vs decode" "$LOG/attn_prefill.log" | sort -k2 -t: -g | tail -n 3
 echo "== cuda_backend, attention and whole models with LMQ_PREFILL_ATTN=always (the prefill kernel on every run of 16 rows)"
@@ -129,9 +138,9 @@ for kv in fp16 int8; do
     # Eager launches use PDL by default; without it the text must not
     # change. Neither may it with the fused rope + KV write (the pool
     # holds the same bytes either way) and the attention kernels' fp16
-    # copy (the same values as the conversion launch's), both opt-in
-    # until this passes.
-    for setting in "LMQ_CUDA_GRAPHS=0 LMQ_PDL=0" "LMQ_FUSED_KV_WRITE=1 LMQ_ATTN_HALF=1" "LMQ_CUDA_GRAPHS=0 LMQ_FUSED_KV_WRITE=1 LMQ_ATTN_HALF=1"; do
+    # copy (the same values as the conversion launch's), nor the gate/up
+    # GEMV storing silu(gate)·up, all opt-in until this passes.
+    for setting in "LMQ_CUDA_GRAPHS=0 LMQ_PDL=0" "LMQ_FUSED_KV_WRITE=1 LMQ_ATTN_HALF=1" "LMQ_CUDA_GRAPHS=0 LMQ_FUSED_KV_WRITE=1 LMQ_ATTN_HALF=1" "LMQ_FUSED_SILU=1" "LMQ_CUDA_GRAPHS=0 LMQ_FUSED_SILU=1"; do
         env $setting timeout 40 "$R/lmq" generate --model /tmp/lmq-smoke-s135 --device cuda --kv-cache-dtype "$kv" \
             --prompt "the quick brown fox" --max-tokens 200 --ignore-eos >"$LOG/variant-$kv.txt" 2>>"$LOG/generate.err"
         if cmp -s "$LOG/graph-$kv.txt" "$LOG/variant-$kv.txt"; then

@@ -145,6 +145,34 @@ pub fn silu_mul_halves(
     out: &mut DeviceMatrix<f32>,
     out_half: Option<&mut DeviceMatrix<f16>>,
 ) -> Result<()> {
+    silu_mul_stacked(dev, gate_up, out, out_half, false)
+}
+
+/// [`silu_mul_halves`] for a gate/up output whose columns alternate by
+/// tiles of 8 (gate `8b ..` at `16b`, up at `16b + 8`: the product of a
+/// layer interleaved by `PackedW4::interleave_halves`).
+pub fn silu_mul_pairs(
+    dev: &GpuDevice,
+    gate_up: &DeviceMatrix<f32>,
+    out: &mut DeviceMatrix<f32>,
+    out_half: Option<&mut DeviceMatrix<f16>>,
+) -> Result<()> {
+    if !out.cols().is_multiple_of(8) {
+        return Err(KernelError::shape(
+            "silu_mul_pairs",
+            format!("{} outputs are not whole tiles of 8", out.cols()),
+        ));
+    }
+    silu_mul_stacked(dev, gate_up, out, out_half, true)
+}
+
+fn silu_mul_stacked(
+    dev: &GpuDevice,
+    gate_up: &DeviceMatrix<f32>,
+    out: &mut DeviceMatrix<f32>,
+    out_half: Option<&mut DeviceMatrix<f16>>,
+    tiles: bool,
+) -> Result<()> {
     const OP: &str = "silu_mul_halves_f32";
     if gate_up.rows() != out.rows() || gate_up.cols() != 2 * out.cols() {
         return Err(KernelError::shape(
@@ -173,11 +201,13 @@ pub fn silu_mul_halves(
         Some(h) => b.arg(&mut h.data),
         None => b.arg(&null),
     };
-    b.arg(&rows).arg(&n).arg(&has_half);
+    let tiles = i32::from(tiles);
+    b.arg(&rows).arg(&n).arg(&has_half).arg(&tiles);
     // SAFETY: matches `silu_mul_halves_f32(const float*, float*, half*,
-    // u64, u64, int)`; gate_up holds rows × 2n and out (and out_half when
-    // has_half is 1) rows × n elements (checked above); a null out_half is
-    // never written.
+    // u64, u64, int, int)`; gate_up holds rows × 2n and out (and out_half
+    // when has_half is 1) rows × n elements (checked above; with `tiles`
+    // n is a multiple of 8, so column 16(c/8) + c%8 + 8 < 2n); a null
+    // out_half is never written.
     unsafe { b.launch(cfg) }.during("launching silu_mul_halves_f32")?;
     Ok(())
 }

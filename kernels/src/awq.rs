@@ -64,6 +64,57 @@ impl PackedW4 {
         (((nt * kbs + kb) * 32 + lane) * 4 + word, p as u32)
     }
 
+    /// Where output `n` of a stacked `[gate | up]` layer (each half
+    /// `out/2` outputs) sits after [`Self::interleave_halves`]: gate tile
+    /// `b` (outputs `8b .. 8b + 8`) becomes tile `2b`, up tile `b` tile
+    /// `2b + 1`.
+    pub fn interleaved_column(out_features: usize, n: usize) -> usize {
+        let half = out_features / 2;
+        let (part, c) = if n < half { (0, n) } else { (8, n - half) };
+        16 * (c / 8) + part + c % 8
+    }
+
+    /// This stacked `[gate | up]` layer with its column tiles interleaved
+    /// (gate tile `b`, then up tile `b`; see
+    /// [`Self::interleaved_column`]), so that one block of the W4A16 kernel,
+    /// which owns tiles `2b` and `2b + 1`, holds matching gate and up
+    /// outputs and can store `silu(gate) · up` itself
+    /// (`W4A16Linear::forward_silu_pairs`). Needs `out_features` a
+    /// multiple of 16 (whole tiles in each half).
+    pub fn interleave_halves(&self) -> Result<PackedW4> {
+        let n = self.out_features;
+        if !n.is_multiple_of(16) {
+            return Err(KernelError::shape(
+                "W4A16 gate/up interleave",
+                format!("{n} outputs do not split into two halves of whole 8-output tiles"),
+            ));
+        }
+        let tile_words = self.k_blocks() * 32 * 4;
+        let mut qw = vec![0u32; self.qw.len()];
+        for old in 0..n / 8 {
+            let new = Self::interleaved_column(n, 8 * old) / 8;
+            qw[new * tile_words..(new + 1) * tile_words]
+                .copy_from_slice(&self.qw[old * tile_words..(old + 1) * tile_words]);
+        }
+        let permute = |v: &[f16]| -> Vec<f16> {
+            let mut out = vec![f16::ZERO; v.len()];
+            for (row_in, row_out) in v.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+                for (c, &x) in row_in.iter().enumerate() {
+                    row_out[Self::interleaved_column(n, c)] = x;
+                }
+            }
+            out
+        };
+        Ok(PackedW4 {
+            in_features: self.in_features,
+            out_features: n,
+            group_size: self.group_size,
+            qw,
+            scales: permute(&self.scales),
+            zeros: permute(&self.zeros),
+        })
+    }
+
     /// Repacks AutoAWQ gemm tensors (see the module docs) for the kernel.
     pub fn from_awq(
         qweight: &[i32],
@@ -238,5 +289,66 @@ mod tests {
         assert!(e.to_string().contains("qweight"), "{e}");
         let e = PackedW4::from_awq(&[], &[], &[], 128, 8, 16).unwrap_err();
         assert!(e.to_string().contains("group size 16"), "{e}");
+    }
+
+    /// Interleaving moves every code, scale and zero of output `n` to
+    /// output `interleaved_column(n)`, which is a permutation: gate and up
+    /// alternate by tiles of 8.
+    #[test]
+    fn interleave_halves_moves_whole_columns() {
+        let (inf, outf, g) = (192, 48, 64);
+        let mut state = 0x1234_5678u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            (state >> 33) as u32
+        };
+        let q: Vec<u32> = (0..inf * outf).map(|_| next() % 16).collect();
+        let z: Vec<u32> = (0..inf / g * outf).map(|_| next() % 16).collect();
+        let s: Vec<f16> = (0..inf / g * outf)
+            .map(|_| f16::from_f32((next() % 1000) as f32 * 1e-3))
+            .collect();
+        let pack = |vals: &[u32], rows: usize| -> Vec<i32> {
+            let mut out = vec![0i32; rows * outf / 8];
+            for r in 0..rows {
+                for c in 0..outf / 8 {
+                    let mut w = 0u32;
+                    for (i, &o) in AWQ_ORDER.iter().enumerate() {
+                        w |= vals[r * outf + 8 * c + o] << (4 * i);
+                    }
+                    out[r * outf / 8 + c] = w as i32;
+                }
+            }
+            out
+        };
+        let p = PackedW4::from_awq(&pack(&q, inf), &pack(&z, inf / g), &s, inf, outf, g).unwrap();
+        let il = p.interleave_halves().unwrap();
+        let mut seen = vec![false; outf];
+        for n in 0..outf {
+            let m = PackedW4::interleaved_column(outf, n);
+            assert!(!seen[m], "column {m} is the image of two outputs");
+            seen[m] = true;
+            // Gate output c and up output c share a block (tiles 2b, 2b + 1).
+            if n < outf / 2 {
+                let up = PackedW4::interleaved_column(outf, n + outf / 2);
+                assert_eq!((m / 16, m % 8, m % 16 < 8), (up / 16, up % 8, true));
+                assert_eq!(up % 16, m % 16 + 8);
+            }
+            for k in 0..inf {
+                let (wo, no) = PackedW4::locate(inf, k, n);
+                let (wi, ni) = PackedW4::locate(inf, k, m);
+                assert_eq!((p.qw[wo] >> (4 * no)) & 0xF, (il.qw[wi] >> (4 * ni)) & 0xF);
+            }
+            for grp in 0..inf / g {
+                assert_eq!(p.scales[grp * outf + n], il.scales[grp * outf + m]);
+                assert_eq!(p.zeros[grp * outf + n], il.zeros[grp * outf + m]);
+            }
+        }
+        let odd = PackedW4 {
+            out_features: 40,
+            ..p.clone()
+        };
+        assert!(odd.interleave_halves().is_err(), "40 outputs interleaved");
     }
 }

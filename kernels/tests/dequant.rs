@@ -18,26 +18,9 @@
 
 mod common;
 
-use common::{device, Rng};
+use common::{awq_pack, device, Rng};
 use half::f16;
 use lmq_kernels::{Blas, GpuDevice, PackedW4, W4A16Linear};
-
-/// AutoAWQ gemm packing: nibble i of packed column c holds column
-/// 8c + [0,2,4,6,1,3,5,7][i].
-fn awq_pack(vals: &[u8], rows: usize, cols: usize) -> Vec<i32> {
-    const ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
-    let mut out = vec![0i32; rows * cols / 8];
-    for r in 0..rows {
-        for c in 0..cols / 8 {
-            let mut word = 0u32;
-            for (i, &col) in ORDER.iter().enumerate() {
-                word |= (vals[r * cols + 8 * c + col] as u32 & 0xf) << (4 * i);
-            }
-            out[r * cols / 8 + c] = word as i32;
-        }
-    }
-    out
-}
 
 /// A random 4-bit layer and its dense fp16 weight `[N][K]`.
 struct Layer {

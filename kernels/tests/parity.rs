@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{device, Rng};
+use common::{awq_pack, device, Rng};
 use half::f16;
 use lmq_kernels::{
     add_rms_norm, embedding, rms_norm, rope, rope_inv_freq, silu_mul, DeviceMatrix, Element,
@@ -63,24 +63,6 @@ fn poisoned<T: Element>(dev: &GpuDevice, rows: usize, cols: usize) -> DeviceMatr
 }
 
 // ---------------------------------------------------------------- W4A16 --
-
-/// AutoAWQ gemm packing, written here from the format's definition:
-/// nibble i of packed column c holds column 8c + [0,2,4,6,1,3,5,7][i].
-fn awq_pack(vals: &[u8], rows: usize, cols: usize) -> Vec<i32> {
-    const ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
-    let pc = cols / 8;
-    let mut out = vec![0i32; rows * pc];
-    for r in 0..rows {
-        for c in 0..pc {
-            let mut w = 0u32;
-            for (i, &o) in ORDER.iter().enumerate() {
-                w |= (vals[r * cols + 8 * c + o] as u32) << (4 * i);
-            }
-            out[r * pc + c] = w as i32;
-        }
-    }
-    out
-}
 
 #[derive(Clone, Copy)]
 struct W4Case {

@@ -61,17 +61,19 @@ pub enum SharedInput<L> {
 }
 
 impl<L> SharedInput<L> {
+    /// `parts` stacked (uploaded by `upload_stacked`) or apart.
     fn upload<B: Backend<Linear = L>>(
         parts: Vec<HostLinear>,
         backend: &B,
         stack: bool,
+        upload_stacked: impl FnOnce(&B, HostLinear) -> Result<L>,
     ) -> Result<Self> {
         let refs: Vec<&HostLinear> = parts.iter().collect();
         if stack {
             if let Some(linear) = HostLinear::stack_outputs(&refs) {
                 return Ok(SharedInput::Stacked {
                     widths: parts.iter().map(|p| p.out_features).collect(),
-                    linear: backend.upload_linear(linear)?,
+                    linear: upload_stacked(backend, linear)?,
                 });
             }
         }
@@ -127,9 +129,19 @@ impl<B: Backend> DecoderLayer<B> {
         Ok(DecoderLayer {
             input_norm: backend.upload_vector(host.input_norm)?,
             post_attention_norm: backend.upload_vector(host.post_attention_norm)?,
-            qkv: SharedInput::upload(vec![host.q, host.k, host.v], backend, stack)?,
+            qkv: SharedInput::upload(
+                vec![host.q, host.k, host.v],
+                backend,
+                stack,
+                B::upload_linear,
+            )?,
             o: backend.upload_linear(host.o)?,
-            gate_up: SharedInput::upload(vec![host.gate, host.up], backend, stack)?,
+            gate_up: SharedInput::upload(
+                vec![host.gate, host.up],
+                backend,
+                stack,
+                B::upload_gate_up,
+            )?,
             down: backend.upload_linear(host.down)?,
         })
     }
@@ -190,7 +202,7 @@ impl<B: Backend> DecoderLayer<B> {
     pub fn mlp(&self, b: &B, h: &B::Act, observer: &mut dyn Observer<B>) -> Result<B::Act> {
         observer.observe(LinearInput::GateUp, h)?;
         let act = match &self.gate_up {
-            SharedInput::Stacked { linear, .. } => b.silu_mul_halves(&b.linear(h, linear)?)?,
+            SharedInput::Stacked { linear, .. } => b.gate_up_silu(h, linear)?,
             SharedInput::Separate(v) => match v.as_slice() {
                 [gate, up] => b.silu_mul(&b.linear(h, gate)?, &b.linear(h, up)?)?,
                 _ => {

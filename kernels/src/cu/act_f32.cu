@@ -57,18 +57,22 @@ extern "C" __global__ void silu_mul_f32(const float* __restrict__ gate, const fl
 }
 
 // out = silu(gate) · up where each row of `gate_up` holds gate in its first
-// n columns and up in the last n (a fused gate/up projection's output);
+// n columns and up in the last n (a fused gate/up projection's output), or,
+// with `tiles`, gate and up alternating by tiles of 8 columns (gate
+// 8b .. 8b + 7 at 16b, up at 16b + 8: PackedW4::interleave_halves);
 // out_h as in silu_mul_f32.
 extern "C" __global__ void silu_mul_halves_f32(const float* __restrict__ gate_up,
                                                float* __restrict__ out, __half* __restrict__ out_h,
-                                               u64 rows, u64 n, int has_half) {
+                                               u64 rows, u64 n, int has_half, int tiles) {
     grid_dep_launch();
     const u64 total = rows * n;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (u64)gridDim.x * blockDim.x) {
         const u64 r = i / n, c = i % n;
-        const float g = gate_up[r * 2 * n + c];
-        const float y = g / (1.0f + expf(-g)) * gate_up[r * 2 * n + n + c];
+        const u64 gc = tiles ? 16 * (c >> 3) + (c & 7) : c;
+        const u64 uc = tiles ? gc + 8 : n + c;
+        const float g = gate_up[r * 2 * n + gc];
+        const float y = g / (1.0f + expf(-g)) * gate_up[r * 2 * n + uc];
         out[i] = y;
         if (has_half) out_h[i] = __float2half_rn(y);
     }

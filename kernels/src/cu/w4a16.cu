@@ -55,7 +55,10 @@
 // end) with arguments
 // (x [M][K] fp16, qw tiles, sc [K/G][N] fp16, zb [K/G][N] fp16, bias [N]
 // fp16 (read only if has_bias), out [M][N] fp16 or fp32 (out_f32), M, N, K,
-// KB = ceil(K/128), KC, has_bias, out_f32). Grid ceil(N/16) blocks of
+// KB = ceil(K/128), KC, has_bias, out_f32, silu_pairs, out_h). With
+// silu_pairs the layer is a gate/up pair with interleaved tiles and out
+// (and out_h, fp16, if not null) is [M][N/2] silu(gate) · up (see the
+// end of w4a16_body). Grid ceil(N/16) blocks of
 // S·32 threads (S ≤ 16); dynamic shared memory S·32·4·r floats. sm_80+.
 
 __device__ __forceinline__ void mma_16816(float c[4], u32 a0, u32 a1, u32 a2, u32 a3,
@@ -243,7 +246,7 @@ __device__ __forceinline__ void w4a16_body(
     const __half* __restrict__ x, const uint4* __restrict__ qw,
     const unsigned short* __restrict__ sc, const unsigned short* __restrict__ zb,
     const __half* __restrict__ bias, void* __restrict__ out, int M, int N, int K, int KB,
-    int KC, int has_bias, int out_f32) {
+    int KC, int has_bias, int out_f32, int silu_pairs, __half* __restrict__ out_h) {
     constexpr int NGK = 128 / G;
     extern __shared__ float red[];
     const int tid = threadIdx.x;
@@ -314,6 +317,35 @@ __device__ __forceinline__ void w4a16_body(
 #pragma unroll
         for (int c = 0; c < 4; ++c) red[(warp * 4 * R + 4 * r + c) * 32 + lane] = acc[r][c];
     __syncthreads();
+    if (silu_pairs) {
+        // Tiles 2b and 2b + 1 hold gate and up outputs 8b .. 8b + 7 of a
+        // stacked gate/up layer interleaved by PackedW4::interleave_halves:
+        // store silu(gate) · up at output 8b + g of the N/2 wide result
+        // (and its fp16 copy in out_h, if given), from the same sums, in
+        // the same order and by the same expression as this kernel's plain
+        // store followed by silu_mul_halves_f32, so the bits are the same.
+        const int half_n = N >> 1;
+        for (int e = tid; e < 32 * 2 * R; e += blockDim.x) {
+            const int s = e >> 5, ln = e & 31;
+            const int r = s >> 1, c = s & 1;
+            const int gg = ln >> 2, tt = ln & 3;
+            const int tok = 8 * r + 2 * tt + c;
+            if (tok >= M) continue;
+            float vg = 0.0f, vu = 0.0f;
+            for (int w = 0; w < nwarps; ++w) vg += red[(w * 4 * R + 4 * r + c) * 32 + ln];
+            for (int w = 0; w < nwarps; ++w) vu += red[(w * 4 * R + 4 * r + c + 2) * 32 + ln];
+            if (has_bias) {
+                vg += __half2float(bias[ta * 8 + gg]);
+                vu += __half2float(bias[(ta + 1) * 8 + gg]);
+            }
+            const float y = vg / (1.0f + expf(-vg)) * vu;
+            const size_t idx = (size_t)tok * half_n + blockIdx.x * 8 + gg;
+            if (out_f32) reinterpret_cast<float*>(out)[idx] = y;
+            else reinterpret_cast<__half*>(out)[idx] = __float2half_rn(y);
+            if (out_h != nullptr) out_h[idx] = __float2half_rn(y);
+        }
+        return;
+    }
     for (int e = tid; e < 32 * 4 * R; e += blockDim.x) {
         const int s = e >> 5, ln = e & 31;
         const int r = s >> 2, c = s & 3;
@@ -337,9 +369,10 @@ __device__ __forceinline__ void w4a16_body(
         const __half* __restrict__ x, const uint4* __restrict__ qw,                        \
         const unsigned short* __restrict__ sc, const unsigned short* __restrict__ zb,      \
         const __half* __restrict__ bias, void* __restrict__ out, int M, int N, int K,      \
-        int KB, int KC, int has_bias, int out_f32) {                                       \
+        int KB, int KC, int has_bias, int out_f32, int silu_pairs,                         \
+        __half* __restrict__ out_h) {                                                      \
         w4a16_body<GS, R, U, LD>(x, qw, sc, zb, bias, out, M, N, K, KB, KC, has_bias,      \
-                                 out_f32);                                                 \
+                                 out_f32, silu_pairs, out_h);                              \
     }
 #define W4_ENTRY(GS, R, U) W4_ENTRY_LD(GS, R, U, 0, w4a16_gemv_g##GS##_r##R##_u##U)
 // Early-trigger entries (see EARLY in w4a16_body), group size 128 only.
@@ -348,9 +381,10 @@ __device__ __forceinline__ void w4a16_body(
         const __half* __restrict__ x, const uint4* __restrict__ qw,                        \
         const unsigned short* __restrict__ sc, const unsigned short* __restrict__ zb,      \
         const __half* __restrict__ bias, void* __restrict__ out, int M, int N, int K,      \
-        int KB, int KC, int has_bias, int out_f32) {                                       \
+        int KB, int KC, int has_bias, int out_f32, int silu_pairs,                         \
+        __half* __restrict__ out_h) {                                                      \
         w4a16_body<GS, R, U, 0, true>(x, qw, sc, zb, bias, out, M, N, K, KB, KC, has_bias, \
-                                      out_f32);                                            \
+                                      out_f32, silu_pairs, out_h);                         \
     }
 
 W4_ENTRY(32, 1, 1)

@@ -71,6 +71,15 @@ pub enum W4Kernel {
 /// [`W4A16Linear::set_kernel_kind`], as the base of further work.
 pub const DEFAULT_KERNEL: W4Kernel = W4Kernel::Classic;
 
+/// What a launch stores.
+enum Store<'a> {
+    /// Every output: the plain product.
+    Product,
+    /// `silu(gate) · up` of an interleaved gate/up layer, `out/2` outputs,
+    /// and optionally their fp16 copy.
+    SiluPairs(Option<&'a mut DeviceMatrix<f16>>),
+}
+
 /// A 4-bit linear layer resident on one GPU.
 pub struct W4A16Linear {
     in_features: usize,
@@ -395,6 +404,26 @@ impl W4A16Linear {
         self.launch(dev, x, out, None, false).map(|_| ())
     }
 
+    /// `silu(gate) · up` of a stacked gate/up layer whose tiles were
+    /// interleaved by [`PackedW4::interleave_halves`] (and whose bias, if
+    /// any, was permuted the same way), in one launch: out is `[M, out/2]`
+    /// (and `out_h`, if given, its fp16 copy), with the bits of
+    /// [`Self::forward`] on the stacked layer followed by
+    /// `act::silu_mul_halves`. Classic kernels only. `pdl` launches with
+    /// programmatic dependent launch if this layer has it on
+    /// ([`Self::set_pdl`]).
+    pub fn forward_silu_pairs<O: OutElement>(
+        &self,
+        dev: &GpuDevice,
+        x: &DeviceMatrix<f16>,
+        out: &mut DeviceMatrix<O>,
+        out_h: Option<&mut DeviceMatrix<f16>>,
+        pdl: bool,
+    ) -> Result<()> {
+        self.launch_to(dev, x, out, None, pdl && self.pdl, Store::SiluPairs(out_h))
+            .map(|_| ())
+    }
+
     fn launch<O: OutElement>(
         &self,
         dev: &GpuDevice,
@@ -402,6 +431,18 @@ impl W4A16Linear {
         out: &mut DeviceMatrix<O>,
         splits: Option<usize>,
         pdl: bool,
+    ) -> Result<W4Plan> {
+        self.launch_to(dev, x, out, splits, pdl, Store::Product)
+    }
+
+    fn launch_to<O: OutElement>(
+        &self,
+        dev: &GpuDevice,
+        x: &DeviceMatrix<f16>,
+        out: &mut DeviceMatrix<O>,
+        splits: Option<usize>,
+        pdl: bool,
+        store: Store<'_>,
     ) -> Result<W4Plan> {
         const OP: &str = "W4A16 linear";
         let m = x.rows();
@@ -416,7 +457,37 @@ impl W4A16Linear {
                 ),
             ));
         }
-        out_shape(OP, out, m, self.out_features)?;
+        let (silu_pairs, out_h) = match store {
+            Store::Product => {
+                out_shape(OP, out, m, self.out_features)?;
+                (0i32, None)
+            }
+            Store::SiluPairs(h) => {
+                if !self.out_features.is_multiple_of(16)
+                    || matches!(self.kernel, W4Kernel::Stream { .. })
+                {
+                    return Err(KernelError::invalid(
+                        OP,
+                        format!(
+                            "silu(gate)·up needs a classic kernel and whole tile pairs \
+                             ({} outputs, kernel {:?})",
+                            self.out_features, self.kernel
+                        ),
+                    ));
+                }
+                out_shape(OP, out, m, self.out_features / 2)?;
+                if let Some(h) = &h {
+                    out_shape(OP, h, m, self.out_features / 2)?;
+                    if !h.is_on(dev) {
+                        return Err(KernelError::invalid(
+                            OP,
+                            "operands belong to another GpuDevice",
+                        ));
+                    }
+                }
+                (1i32, h)
+            }
+        };
         if !std::sync::Arc::ptr_eq(self.qw.stream(), dev.stream())
             || !x.is_on(dev)
             || !out.is_on(dev)
@@ -489,6 +560,19 @@ impl W4A16Linear {
         }
         args.push(&has_bias as *const _ as *mut _);
         args.push(&out_f32 as *const _ as *mut _);
+        // The classic kernels then take the epilogue: silu_pairs and the
+        // fp16 copy's pointer (null: none).
+        let (out_h_ptr, _out_h_sync) = match out_h {
+            Some(h) => {
+                let (ptr, sync) = h.data.device_ptr_mut(stream);
+                (ptr, Some(sync))
+            }
+            None => (0, None),
+        };
+        if !streaming {
+            args.push(&silu_pairs as *const _ as *mut _);
+            args.push(&out_h_ptr as *const _ as *mut _);
+        }
         // SAFETY: the value of a programmatic-serialization attribute is the
         // int `programmaticStreamSerializationAllowed`; the rest of the
         // union is padding.
@@ -517,7 +601,9 @@ impl W4A16Linear {
         // tests/pdl.rs). A kernel launched with the attribute must keep that
         // rule.
         // SAFETY: `args` matches `w4a16_gemv_g{G}_r{R}_u{U}`'s signature in
-        // cu/w4a16.cu (six device pointers, seven ints), or with `streaming`
+        // cu/w4a16.cu (six device pointers, eight ints, the fp16 copy's
+        // pointer: null, or m·N/2 halves with silu_pairs, whose out then
+        // holds m·N/2 elements, checked above), or with `streaming`
         // `w4a16_stream_g{G}_r{R}_s{NS}`'s (six pointers, eight ints, PPB
         // after KC; NS = p.stages, which sizes smem_bytes), G being this
         // layer's group size; every pointed-to value lives until after the

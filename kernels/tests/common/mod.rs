@@ -51,6 +51,24 @@ impl Rng {
     }
 }
 
+/// AutoAWQ gemm packing, written here from the format's definition:
+/// nibble i of packed column c holds column 8c + [0,2,4,6,1,3,5,7][i].
+pub fn awq_pack(vals: &[u8], rows: usize, cols: usize) -> Vec<i32> {
+    const ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
+    let pc = cols / 8;
+    let mut out = vec![0i32; rows * pc];
+    for r in 0..rows {
+        for c in 0..pc {
+            let mut w = 0u32;
+            for (i, &o) in ORDER.iter().enumerate() {
+                w |= (vals[r * cols + 8 * c + o] as u32 & 0xf) << (4 * i);
+            }
+            out[r * pc + c] = w as i32;
+        }
+    }
+    out
+}
+
 /// The shape and storage of a paged-attention test case.
 pub struct AttnCase {
     pub head_dim: usize,

@@ -366,6 +366,20 @@ pub trait Backend: Send + Sync {
     /// `silu(gate) · up` where each row of `gate_up` is `[gate | up]` (a
     /// fused gate/up projection's output).
     fn silu_mul_halves(&self, gate_up: &Self::Act) -> Result<Self::Act>;
+    /// Uploads a stacked gate/up projection (`[gate | up]` outputs) for
+    /// [`Backend::gate_up_silu`], which is the only op that reads it. A
+    /// backend may store it in another output order; the default is
+    /// [`Backend::upload_linear`].
+    fn upload_gate_up(&self, w: HostLinear) -> Result<Self::Linear> {
+        self.upload_linear(w)
+    }
+    /// `silu(gate) · up` of the stacked gate/up projection `w` (uploaded by
+    /// [`Backend::upload_gate_up`]) applied to `x`. A backend may fuse it
+    /// into one launch (the values must be the same); the default runs
+    /// [`Backend::linear`] and [`Backend::silu_mul_halves`].
+    fn gate_up_silu(&self, x: &Self::Act, w: &Self::Linear) -> Result<Self::Act> {
+        self.silu_mul_halves(&self.linear(x, w)?)
+    }
     /// The columns of `x` split into matrices of `widths` columns, left to
     /// right (two or three; the widths add up to `x`'s columns).
     fn split_cols(&self, x: &Self::Act, widths: &[usize]) -> Result<Vec<Self::Act>>;

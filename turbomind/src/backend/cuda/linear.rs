@@ -35,6 +35,77 @@ pub struct CudaLinear {
     bias: Option<DeviceMatrix<f32>>,
     pub in_features: usize,
     pub out_features: usize,
+    /// A gate/up projection whose 4-bit tiles alternate gate and up
+    /// ([`CudaLinear::upload_gate_up`]): its plain product's columns are in
+    /// that order too.
+    paired: bool,
+}
+
+/// The 4-bit weight of `t` in the kernel's layout (gate and up tiles
+/// interleaved if `interleave`), registered with the prefetcher if any.
+fn w4_weight(
+    dev: &GpuDevice,
+    t: crate::quant::awq::AwqTensors,
+    interleave: bool,
+    prefetch: Option<&Mutex<Prefetch>>,
+) -> Result<Weight> {
+    let mut packed = PackedW4::from_awq(
+        &t.qweight,
+        &t.qzeros,
+        &t.scales,
+        t.in_features,
+        t.out_features,
+        t.group_size,
+    )
+    .map_err(gpu_error)?;
+    if interleave {
+        packed = packed.interleave_halves().map_err(gpu_error)?;
+    }
+    let mut linear = W4A16Linear::new(dev, &packed, None).map_err(gpu_error)?;
+    // Programmatic dependent launch (sm_90+): the kernel streams its
+    // weights while the op before it (which lets it launch early) still
+    // runs, and waits only to read x. Session 8 found x loads hoisted above
+    // the wait (greedy output varied run to run) and mended the kernels; on
+    // an H100 in session 9 kernels/tests/pdl.rs failed 300 of 300 rounds
+    // with the old kernels and passed with the new.
+    linear.set_pdl(pdl_mode() != PdlMode::Off);
+    let linear = Arc::new(linear);
+    let id = prefetch.map(|p| lock(p).register(linear.clone()));
+    Ok(Weight::W4(linear, id))
+}
+
+/// `x` as fp16: `x_half` where its producer wrote it (the same values),
+/// else converted into `slot`.
+fn fp16_input<'a>(
+    dev: &GpuDevice,
+    x: &DeviceMatrix<f32>,
+    x_half: Option<&'a DeviceMatrix<f16>>,
+    slot: &'a mut Option<DeviceMatrix<f16>>,
+) -> Result<&'a DeviceMatrix<f16>> {
+    match x_half {
+        Some(h) if h.rows() == x.rows() && h.cols() == x.cols() => Ok(h),
+        _ => {
+            let mut h = dev.uninit::<f16>(x.rows(), x.cols()).map_err(gpu_error)?;
+            act::to_f16(dev, x, &mut h).map_err(gpu_error)?;
+            Ok(slot.insert(h))
+        }
+    }
+}
+
+fn input_width_error(got: usize, want: usize) -> crate::error::Error {
+    gpu_error(lmq_kernels::KernelError::Shape {
+        op: "linear",
+        detail: format!("input has {got} columns, the layer takes {want}"),
+    })
+}
+
+/// `LMQ_FUSED_SILU=1`: stacked 4-bit gate/up projections are stored with
+/// gate and up tiles interleaved, so that a decode step's W4A16 kernel
+/// stores `silu(gate) · up` itself (one launch fewer per layer, the same
+/// bits: kernels/tests/silu_pairs.rs). Opt-in until it has run on a GPU.
+fn fused_silu() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LMQ_FUSED_SILU").is_ok_and(|v| v == "1"))
 }
 
 /// Where 4-bit decode linears launch with programmatic dependent launch
@@ -78,29 +149,7 @@ impl CudaLinear {
                         .map_err(gpu_error)?,
                 )
             }
-            HostWeight::Awq(t) => {
-                let packed = PackedW4::from_awq(
-                    &t.qweight,
-                    &t.qzeros,
-                    &t.scales,
-                    t.in_features,
-                    t.out_features,
-                    t.group_size,
-                )
-                .map_err(gpu_error)?;
-                let mut linear = W4A16Linear::new(dev, &packed, None).map_err(gpu_error)?;
-                // Programmatic dependent launch (sm_90+): the kernel
-                // streams its weights while the op before it (which lets
-                // it launch early) still runs, and waits only to read x.
-                // Session 8 found x loads hoisted above the wait (greedy
-                // output varied run to run) and mended the kernels; on an
-                // H100 in session 9 kernels/tests/pdl.rs failed 300 of 300
-                // rounds with the old kernels and passed with the new.
-                linear.set_pdl(pdl_mode() != PdlMode::Off);
-                let linear = Arc::new(linear);
-                let id = prefetch.map(|p| lock(p).register(linear.clone()));
-                Weight::W4(linear, id)
-            }
+            HostWeight::Awq(t) => w4_weight(dev, t, false, prefetch)?,
         };
         let bias = match &w.bias {
             Some(b) => Some(dev.upload(b, b.len(), 1).map_err(gpu_error)?),
@@ -111,7 +160,78 @@ impl CudaLinear {
             bias,
             in_features: w.in_features,
             out_features: w.out_features,
+            paired: false,
         })
+    }
+
+    /// A stacked gate/up projection for [`Self::forward_gate_up_silu`]:
+    /// with `LMQ_FUSED_SILU=1`, a 4-bit one without bias whose halves are
+    /// whole tile pairs is stored with gate and up tiles interleaved
+    /// (`PackedW4::interleave_halves`); anything else as [`Self::upload`].
+    pub(super) fn upload_gate_up(
+        dev: &GpuDevice,
+        w: HostLinear,
+        prefetch: Option<&Mutex<Prefetch>>,
+    ) -> Result<Self> {
+        let pairable = fused_silu()
+            && w.bias.is_none()
+            && w.out_features.is_multiple_of(16)
+            && matches!(w.weight, HostWeight::Awq(_));
+        match w.weight {
+            HostWeight::Awq(t) if pairable => Ok(CudaLinear {
+                weight: w4_weight(dev, t, true, prefetch)?,
+                bias: None,
+                in_features: w.in_features,
+                out_features: w.out_features,
+                paired: true,
+            }),
+            weight => Self::upload(dev, HostLinear { weight, ..w }, prefetch),
+        }
+    }
+
+    /// `silu(gate) · up` of this stacked gate/up projection on `x`, with its
+    /// fp16 copy. Interleaved 4-bit decode (1..=MAX_ROWS rows) is one
+    /// launch that stores the pairs; interleaved prefill takes the product
+    /// and pairs its tiles (`act::silu_mul_pairs`); a layer stored
+    /// `[gate | up]` takes the product and `act::silu_mul_halves`. The
+    /// values are the same bits every way.
+    pub(super) fn forward_gate_up_silu(
+        &self,
+        dev: &GpuDevice,
+        blas: &Blas,
+        x: &DeviceMatrix<f32>,
+        x_half: Option<&DeviceMatrix<f16>>,
+        prefetch: Option<&Mutex<Prefetch>>,
+    ) -> Result<(DeviceMatrix<f32>, DeviceMatrix<f16>)> {
+        let m = x.rows();
+        let half_n = self.out_features / 2;
+        let mut out = dev.uninit::<f32>(m, half_n).map_err(gpu_error)?;
+        let mut half = dev.uninit::<f16>(m, half_n).map_err(gpu_error)?;
+        match &self.weight {
+            Weight::W4(l, _) if self.paired && (1..=MAX_ROWS).contains(&m) => {
+                if x.cols() != self.in_features {
+                    return Err(input_width_error(x.cols(), self.in_features));
+                }
+                let mut slot = None;
+                let xh = fp16_input(dev, x, x_half, &mut slot)?;
+                // As `forward`: PDL on eager launches, plain ones while a
+                // step is recorded.
+                l.forward_silu_pairs(dev, xh, &mut out, Some(&mut half), !dev.is_recording())
+                    .map_err(gpu_error)?;
+            }
+            _ => {
+                let gate_up = self.forward(dev, blas, x, x_half, prefetch)?;
+                if gate_up.rows() > 0 {
+                    if self.paired {
+                        act::silu_mul_pairs(dev, &gate_up, &mut out, Some(&mut half))
+                    } else {
+                        act::silu_mul_halves(dev, &gate_up, &mut out, Some(&mut half))
+                    }
+                    .map_err(gpu_error)?;
+                }
+            }
+        }
+        Ok((out, half))
     }
 
     /// Bytes of weights one product reads.
@@ -142,14 +262,7 @@ impl CudaLinear {
         prefetch: Option<&Mutex<Prefetch>>,
     ) -> Result<DeviceMatrix<f32>> {
         if x.cols() != self.in_features {
-            return Err(gpu_error(lmq_kernels::KernelError::Shape {
-                op: "linear",
-                detail: format!(
-                    "input has {} columns, the layer takes {}",
-                    x.cols(),
-                    self.in_features
-                ),
-            }));
+            return Err(input_width_error(x.cols(), self.in_features));
         }
         let m = x.rows();
         // A recorded 4-bit decode linear with PDL and its input's fp16 copy
@@ -170,16 +283,8 @@ impl CudaLinear {
         if m == 0 {
             return Ok(out);
         }
-        let converted;
-        let xh = match x_half {
-            Some(h) if h.rows() == m && h.cols() == self.in_features => h,
-            _ => {
-                let mut h = dev.uninit::<f16>(m, self.in_features).map_err(gpu_error)?;
-                act::to_f16(dev, x, &mut h).map_err(gpu_error)?;
-                converted = h;
-                &converted
-            }
-        };
+        let mut slot = None;
+        let xh = fp16_input(dev, x, x_half, &mut slot)?;
         match &self.weight {
             Weight::Dense(w) => blas.gemm_f16(dev, xh, w, &mut out).map_err(gpu_error)?,
             Weight::W4(l, _) if m <= MAX_ROWS => match splice {

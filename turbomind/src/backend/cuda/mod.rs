@@ -600,6 +600,16 @@ impl Backend for CudaBackend {
         Ok(CudaAct::with_half(out, half))
     }
 
+    fn upload_gate_up(&self, w: HostLinear) -> Result<CudaLinear> {
+        CudaLinear::upload_gate_up(&self.dev, w, self.prefetch.as_ref())
+    }
+
+    fn gate_up_silu(&self, x: &CudaAct, w: &CudaLinear) -> Result<CudaAct> {
+        let (out, half) =
+            w.forward_gate_up_silu(&self.dev, &self.blas, x, x.half(), self.prefetch.as_ref())?;
+        Ok(CudaAct::with_half(out, half))
+    }
+
     fn split_cols(&self, x: &CudaAct, widths: &[usize]) -> Result<Vec<CudaAct>> {
         let mut outs = widths
             .iter()
