@@ -9,7 +9,8 @@
 # linears' plan sweep. Each phase has its own time limit, and its output goes to
 # $OUT as it finishes, so a call cut short still returns what ran.
 #
-#   BIN=.device/sN bash scripts/gpu-session-check.sh
+#   BIN=.device/sN PART=1 bash scripts/gpu-session-check.sh   (checks, kernel benches)
+#   BIN=.device/sN PART=2 bash scripts/gpu-session-check.sh   (7B engine, profile)
 #
 # BIN holds the binaries packed by `scripts/gpu-smoke-check.sh --collect`
 # (bench_attn included: the 7B bench reads the copy bandwidth from it).
@@ -37,22 +38,30 @@ phase() {
 }
 
 date -u
-phase smoke 200 env BIN="$BIN" SKIP_BENCH=1 bash "$here/gpu-smoke-check.sh"
-grep -v "^attention \|max err" "$LOG/smoke.txt" | tail -n 45
+# PART=1: the checks and the kernel benchmarks (smoke, prefill GEMM, the
+# decode linears' sweep); PART=2: the 7B engine under the switches, the
+# per-kernel profile and (TORCH=1) PyTorch. Unset: both, which may not fit
+# one call's 600 s.
+PART=${PART:-all}
+if [[ "$PART" != 2 ]]; then
+    phase smoke 260 env BIN="$BIN" SKIP_BENCH=1 bash "$here/gpu-smoke-check.sh"
+    grep -v "^attention \|max err" "$LOG/smoke.txt" | tail -n 60
+
+    # The prefill GEMM (whole weight, pipelined, and in slices) and the
+    # decode linears' launch-plan sweep and L2 prefetch, from the binaries
+    # the smoke phase unpacked.
+    phase prefill 60 /tmp/lmq-smoke-bin/bench_prefill
+    grep -E "^\|" "$LOG/prefill.txt"
+    phase w4-sweep 120 env LMQ_BENCH_M=1 LMQ_BENCH_SWEEP=1 /tmp/lmq-smoke-bin/bench_w4
+    grep -E "^copy|^\|" "$LOG/w4-sweep.txt" | tail -n 34
+fi
+[[ "$PART" == 1 ]] && exit 0
 
 # LMQ_DEFAULT=1 sets nothing lmq reads: it names the default run.
-ENVS=${ENVS:-"LMQ_DEFAULT=1 LMQ_FUSED_KV_WRITE=1,LMQ_ATTN_HALF=1,LMQ_FUSED_SILU=1 LMQ_PDL=1,LMQ_PDL_SPLICE=chain LMQ_FUSED_KV_WRITE=1,LMQ_ATTN_HALF=1,LMQ_FUSED_SILU=1,LMQ_PDL=1,LMQ_PDL_SPLICE=chain"}
+ENVS=${ENVS:-"LMQ_DEFAULT=1 LMQ_FUSED_KV_WRITE=1,LMQ_ATTN_HALF=1,LMQ_FUSED_SILU=1 LMQ_FUSED_KV_WRITE=1,LMQ_ATTN_HALF=1,LMQ_FUSED_SILU=1,LMQ_L2_PREFETCH=24 LMQ_PDL=1,LMQ_PDL_SPLICE=chain"}
 phase bench-7b 230 env BIN="$BIN" PRESETS=llama2-7b WEIGHTS=awq ENVS="$ENVS" \
     ${BASELINE:+BASELINE="$BASELINE"} bash "$here/gpu-7b-bench.sh"
 grep -E "^\||programmatic|turned off" "$LOG/bench-7b.txt"
-
-# The prefill GEMM (whole weight, pipelined, and in slices) and the
-# decode linears' launch-plan sweep, from the binaries the smoke phase
-# unpacked.
-phase prefill 60 /tmp/lmq-smoke-bin/bench_prefill
-grep -E "^\|" "$LOG/prefill.txt"
-phase w4-sweep 100 env LMQ_BENCH_M=1 LMQ_BENCH_SWEEP=1 /tmp/lmq-smoke-bin/bench_w4
-grep -E "^copy|^\|" "$LOG/w4-sweep.txt" | tail -n 22
 
 phase profile 120 env BIN="$BIN" PRESET=llama2-7b bash "$here/gpu-kernel-profile.sh"
 tail -n 14 "$LOG/profile.txt"

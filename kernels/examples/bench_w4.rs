@@ -360,6 +360,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     let stacked_bytes: f64 = stacked.iter().map(|s| s[0].weight_bytes() as f64).sum();
+    let side = dev.side_stream()?;
     let mut stacked_rows = Vec::new();
     for &m in &ms_list {
         let x4 = dev.upload(&vec![f16::from_f32(0.01); m * 4096], m, 4096)?;
@@ -368,28 +369,46 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .iter()
             .map(|&(_, n)| dev.zeros::<f32>(m, n))
             .collect::<Result<Vec<_>, _>>()?;
-        for pdl in [false, true] {
-            for set in stacked.iter_mut() {
-                set_all(set, DEFAULT_KERNEL, pdl)?;
-            }
-            let mut run = || -> Result<(), KernelError> {
-                for c in 0..COPIES {
-                    for (i, set) in stacked.iter().enumerate() {
-                        let x = if i == 3 { &x11 } else { &x4 };
-                        set[c].forward(&dev, x, &mut outs[i])?;
-                    }
+        for prefetch_mb in [0usize, 8, 24, 48] {
+            for pdl in [false, true] {
+                for set in stacked.iter_mut() {
+                    set_all(set, DEFAULT_KERNEL, pdl)?;
                 }
-                Ok(())
-            };
-            run()?;
-            let graph = capture(&stream, run)?;
-            let us = replay_us(&dev, &start, &end, &stream, &graph)? / COPIES as f64;
-            stacked_rows.push(format!(
-                "| {m:2} | {:3} | {us:7.2} | {:6.0} | {:5.1}% |",
-                if pdl { "on" } else { "off" },
-                stacked_bytes / (us * 1e-6) / 1e9,
-                pct(stacked_bytes, us)
-            ));
+                let mut run = || -> Result<(), KernelError> {
+                    // With a prefetch, each linear first forks a branch
+                    // that asks L2 for the next linear's weights.
+                    let order: Vec<(usize, usize)> = (0..COPIES)
+                        .flat_map(|c| (0..stacked.len()).map(move |i| (c, i)))
+                        .collect();
+                    for (j, &(c, i)) in order.iter().enumerate() {
+                        if prefetch_mb > 0 {
+                            let (nc, ni) = order[(j + 1) % order.len()];
+                            dev.fork(&side)?;
+                            stacked[ni][nc].prefetch_l2(&dev, &side, prefetch_mb << 20)?;
+                        }
+                        let x = if i == 3 { &x11 } else { &x4 };
+                        stacked[i][c].forward(&dev, x, &mut outs[i])?;
+                    }
+                    if prefetch_mb > 0 {
+                        dev.join_fork(&side)?;
+                    }
+                    Ok(())
+                };
+                run()?;
+                let graph = capture(&stream, run)?;
+                let us = replay_us(&dev, &start, &end, &stream, &graph)? / COPIES as f64;
+                stacked_rows.push(format!(
+                    "| {m:2} | {:3} | {:>11} | {us:7.2} | {:6.0} | {:5.1}% |",
+                    if pdl { "on" } else { "off" },
+                    if prefetch_mb == 0 {
+                        "none".to_string()
+                    } else {
+                        format!("{prefetch_mb} MB")
+                    },
+                    stacked_bytes / (us * 1e-6) / 1e9,
+                    pct(stacked_bytes, us)
+                ));
+            }
         }
     }
 
@@ -493,9 +512,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("{r}");
     }
     println!();
-    println!("The same layer as the engine launches it: q/k/v and gate/up stacked (4 launches), default kernel, per layer:");
-    println!("|  M | PDL | us/layer |  GB/s  | of copy |");
-    println!("|----|-----|----------|--------|---------|");
+    println!("The same layer as the engine launches it: q/k/v and gate/up stacked (4 launches), default kernel, per layer;");
+    println!("L2 prefetch: before each linear, a parallel branch asks L2 for up to that much of the next linear's weights:");
+    println!("|  M | PDL | L2 prefetch | us/layer |  GB/s  | of copy |");
+    println!("|----|-----|-------------|----------|--------|---------|");
     for r in stacked_rows {
         println!("{r}");
     }

@@ -19,6 +19,7 @@ use crate::ops::out_shape;
 
 mod dequant;
 mod plan;
+mod prefetch;
 
 pub use plan::W4Plan;
 use plan::{
@@ -518,6 +519,13 @@ impl W4A16Linear {
             .filter(|_| {
                 matches!(self.kernel, W4Kernel::ClassicEarly { .. }) && self.batch.is_none()
             });
+        if streaming && stream_func.is_none() {
+            // The classic kernels take another argument list.
+            return Err(KernelError::invalid(
+                OP,
+                format!("no streaming kernel with {} stages is compiled", p.stages),
+            ));
+        }
         let func = stream_func
             .filter(|_| streaming)
             .or(early_func)

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use half::f16;
 use lmq_kernels::{act, Blas, DeviceMatrix, GpuDevice, PackedW4, W4A16Linear, MAX_ROWS};
 
+use super::l2_ahead::L2Ahead;
 use super::prefetch::Prefetch;
 use super::{gpu_error, lock};
 use crate::backend::{HostLinear, HostWeight};
@@ -24,9 +25,27 @@ use crate::error::Result;
 
 enum Weight {
     Dense(DeviceMatrix<f16>),
-    /// The kernel's layout, and the linear's id in the prefetcher when
-    /// prefill dequantizes ahead.
-    W4(Arc<W4A16Linear>, Option<usize>),
+    /// The kernel's layout, and the linear's ids in the prefetchers that
+    /// are on.
+    W4(Arc<W4A16Linear>, W4Ids),
+}
+
+/// A 4-bit linear's ids in the backend's optional prefetchers.
+#[derive(Clone, Copy)]
+struct W4Ids {
+    /// In the prefill dequantization ahead (`prefetch.rs`).
+    prefill: Option<usize>,
+    /// In the decode L2 prefetch (`l2_ahead.rs`).
+    l2: Option<usize>,
+}
+
+/// What a linear may use of its backend besides the device: cuBLAS, and
+/// the prefetchers that are on.
+#[derive(Clone, Copy)]
+pub(super) struct LinearAids<'a> {
+    pub blas: &'a Blas,
+    pub prefill: Option<&'a Mutex<Prefetch>>,
+    pub l2: Option<&'a Mutex<L2Ahead>>,
 }
 
 /// A linear layer resident on the GPU.
@@ -47,7 +66,7 @@ fn w4_weight(
     dev: &GpuDevice,
     t: crate::quant::awq::AwqTensors,
     interleave: bool,
-    prefetch: Option<&Mutex<Prefetch>>,
+    aids: &LinearAids<'_>,
 ) -> Result<Weight> {
     let mut packed = PackedW4::from_awq(
         &t.qweight,
@@ -70,8 +89,11 @@ fn w4_weight(
     // with the old kernels and passed with the new.
     linear.set_pdl(pdl_mode() != PdlMode::Off);
     let linear = Arc::new(linear);
-    let id = prefetch.map(|p| lock(p).register(linear.clone()));
-    Ok(Weight::W4(linear, id))
+    let ids = W4Ids {
+        prefill: aids.prefill.map(|p| lock(p).register(linear.clone())),
+        l2: aids.l2.map(|p| lock(p).register(linear.clone())),
+    };
+    Ok(Weight::W4(linear, ids))
 }
 
 /// `x` as fp16: `x_half` where its producer wrote it (the same values),
@@ -103,9 +125,8 @@ fn input_width_error(got: usize, want: usize) -> crate::error::Error {
 /// gate and up tiles interleaved, so that a decode step's W4A16 kernel
 /// stores `silu(gate) · up` itself (one launch fewer per layer, the same
 /// bits: kernels/tests/silu_pairs.rs). Opt-in until it has run on a GPU.
-fn fused_silu() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LMQ_FUSED_SILU").is_ok_and(|v| v == "1"))
+pub(super) fn fused_silu_from_env() -> bool {
+    std::env::var("LMQ_FUSED_SILU").is_ok_and(|v| v == "1")
 }
 
 /// Where 4-bit decode linears launch with programmatic dependent launch
@@ -136,11 +157,7 @@ fn pdl_mode() -> PdlMode {
 }
 
 impl CudaLinear {
-    pub(super) fn upload(
-        dev: &GpuDevice,
-        w: HostLinear,
-        prefetch: Option<&Mutex<Prefetch>>,
-    ) -> Result<Self> {
+    pub(super) fn upload(dev: &GpuDevice, w: HostLinear, aids: &LinearAids<'_>) -> Result<Self> {
         let weight = match w.weight {
             HostWeight::Dense(values) => {
                 let halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
@@ -149,7 +166,7 @@ impl CudaLinear {
                         .map_err(gpu_error)?,
                 )
             }
-            HostWeight::Awq(t) => w4_weight(dev, t, false, prefetch)?,
+            HostWeight::Awq(t) => w4_weight(dev, t, false, aids)?,
         };
         let bias = match &w.bias {
             Some(b) => Some(dev.upload(b, b.len(), 1).map_err(gpu_error)?),
@@ -165,27 +182,29 @@ impl CudaLinear {
     }
 
     /// A stacked gate/up projection for [`Self::forward_gate_up_silu`]:
-    /// with `LMQ_FUSED_SILU=1`, a 4-bit one without bias whose halves are
-    /// whole tile pairs is stored with gate and up tiles interleaved
-    /// (`PackedW4::interleave_halves`); anything else as [`Self::upload`].
+    /// with `pair` (`LMQ_FUSED_SILU=1`, `CudaBackend::set_fused_silu`), a
+    /// 4-bit one without bias whose halves are whole tile pairs is stored
+    /// with gate and up tiles interleaved (`PackedW4::interleave_halves`);
+    /// anything else as [`Self::upload`].
     pub(super) fn upload_gate_up(
         dev: &GpuDevice,
         w: HostLinear,
-        prefetch: Option<&Mutex<Prefetch>>,
+        pair: bool,
+        aids: &LinearAids<'_>,
     ) -> Result<Self> {
-        let pairable = fused_silu()
+        let pairable = pair
             && w.bias.is_none()
             && w.out_features.is_multiple_of(16)
             && matches!(w.weight, HostWeight::Awq(_));
         match w.weight {
             HostWeight::Awq(t) if pairable => Ok(CudaLinear {
-                weight: w4_weight(dev, t, true, prefetch)?,
+                weight: w4_weight(dev, t, true, aids)?,
                 bias: None,
                 in_features: w.in_features,
                 out_features: w.out_features,
                 paired: true,
             }),
-            weight => Self::upload(dev, HostLinear { weight, ..w }, prefetch),
+            weight => Self::upload(dev, HostLinear { weight, ..w }, aids),
         }
     }
 
@@ -198,30 +217,37 @@ impl CudaLinear {
     pub(super) fn forward_gate_up_silu(
         &self,
         dev: &GpuDevice,
-        blas: &Blas,
         x: &DeviceMatrix<f32>,
         x_half: Option<&DeviceMatrix<f16>>,
-        prefetch: Option<&Mutex<Prefetch>>,
+        aids: &LinearAids<'_>,
     ) -> Result<(DeviceMatrix<f32>, DeviceMatrix<f16>)> {
         let m = x.rows();
         let half_n = self.out_features / 2;
-        let mut out = dev.uninit::<f32>(m, half_n).map_err(gpu_error)?;
-        let mut half = dev.uninit::<f16>(m, half_n).map_err(gpu_error)?;
         match &self.weight {
-            Weight::W4(l, _) if self.paired && (1..=MAX_ROWS).contains(&m) => {
+            Weight::W4(l, ids) if self.paired && (1..=MAX_ROWS).contains(&m) => {
                 if x.cols() != self.in_features {
                     return Err(input_width_error(x.cols(), self.in_features));
                 }
+                prefetch_next(dev, aids, ids)?;
                 let mut slot = None;
                 let xh = fp16_input(dev, x, x_half, &mut slot)?;
-                // As `forward`: PDL on eager launches, plain ones while a
-                // step is recorded.
+                let mut out = dev.uninit::<f32>(m, half_n).map_err(gpu_error)?;
+                let mut half = dev.uninit::<f16>(m, half_n).map_err(gpu_error)?;
+                // PDL on eager launches, plain ones while a step is
+                // recorded (`PdlMode::Eager`; under `LMQ_PDL=1` this launch
+                // is not spliced, unlike `forward`'s).
                 l.forward_silu_pairs(dev, xh, &mut out, Some(&mut half), !dev.is_recording())
                     .map_err(gpu_error)?;
+                Ok((out, half))
             }
             _ => {
-                let gate_up = self.forward(dev, blas, x, x_half, prefetch)?;
-                if gate_up.rows() > 0 {
+                // The product first: its launch must follow its producer
+                // directly for a PDL splice (an allocation between them
+                // would end it).
+                let gate_up = self.forward(dev, x, x_half, aids)?;
+                let mut out = dev.uninit::<f32>(m, half_n).map_err(gpu_error)?;
+                let mut half = dev.uninit::<f16>(m, half_n).map_err(gpu_error)?;
+                if m > 0 {
                     if self.paired {
                         act::silu_mul_pairs(dev, &gate_up, &mut out, Some(&mut half))
                     } else {
@@ -229,9 +255,9 @@ impl CudaLinear {
                     }
                     .map_err(gpu_error)?;
                 }
+                Ok((out, half))
             }
         }
-        Ok((out, half))
     }
 
     /// Bytes of weights one product reads.
@@ -252,19 +278,28 @@ impl CudaLinear {
 
     /// `x · Wᵀ + b` for fp32 `x` (`rows × in`); `x_half`, where the op
     /// that made `x` wrote it, is `fp16(x)` and spares the conversion.
-    /// 4-bit prefill goes through `prefetch` when the backend has one.
+    /// 4-bit prefill goes through the dequantization ahead, and 4-bit
+    /// decode first forks the next linear's L2 prefetch, when the backend
+    /// has them on (`aids`).
     pub(super) fn forward(
         &self,
         dev: &GpuDevice,
-        blas: &Blas,
         x: &DeviceMatrix<f32>,
         x_half: Option<&DeviceMatrix<f16>>,
-        prefetch: Option<&Mutex<Prefetch>>,
+        aids: &LinearAids<'_>,
     ) -> Result<DeviceMatrix<f32>> {
         if x.cols() != self.in_features {
             return Err(input_width_error(x.cols(), self.in_features));
         }
         let m = x.rows();
+        let blas = aids.blas;
+        // Before anything of this product is queued (the splice below
+        // must stay next to the launch).
+        if let Weight::W4(_, ids) = &self.weight {
+            if (1..=MAX_ROWS).contains(&m) {
+                prefetch_next(dev, aids, ids)?;
+            }
+        }
         // A recorded 4-bit decode linear with PDL and its input's fp16 copy
         // at hand: its output is allocated off the chain from the producer,
         // so the graph keeps the overlap (kernels/src/graph_pdl.rs).
@@ -304,12 +339,13 @@ impl CudaLinear {
             },
             // Not while a decode step of more than MAX_ROWS sequences is
             // being recorded: a graph cannot hold the side stream's work.
-            Weight::W4(l, id) => match (prefetch, id) {
+            Weight::W4(l, ids) => match (aids.prefill, ids.prefill) {
                 (Some(p), Some(id)) if !dev.is_recording() => {
-                    lock(p).gemm(dev, blas, *id, xh, &mut out)?
+                    lock(p).gemm(dev, blas, id, xh, &mut out)?
                 }
                 _ => match prefill_slice_rows() {
                     Some(rows) => {
+                        // The output count is a multiple of 8 (AWQ packing).
                         let rows = rows.min(self.out_features);
                         let mut w = dev
                             .uninit::<f16>(rows, self.in_features)
@@ -334,6 +370,15 @@ impl CudaLinear {
     }
 }
 
+/// Forks the L2 prefetch of the linear expected after this one, when the
+/// backend has the prefetcher on (`l2_ahead.rs`).
+fn prefetch_next(dev: &GpuDevice, aids: &LinearAids<'_>, ids: &W4Ids) -> Result<()> {
+    match (aids.l2, ids.l2) {
+        (Some(l2), Some(id)) => lock(l2).before(dev, id),
+        _ => Ok(()),
+    }
+}
+
 /// `LMQ_PREFILL_SLICE=<rows>`: 4-bit prefill dequantizes that many weight
 /// rows (outputs) at a time and multiplies each slice into its columns of
 /// the output (`W4A16Linear::prefill_chunked`), so that the fp16 slice is
@@ -342,10 +387,12 @@ impl CudaLinear {
 /// `bench_prefill` has measured it on a GPU.
 fn prefill_slice_rows() -> Option<usize> {
     static ROWS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    // Whole 8-output tiles: rounded down, at least one tile.
     *ROWS.get_or_init(|| {
         std::env::var("LMQ_PREFILL_SLICE")
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok())
             .filter(|&r| r > 0)
+            .map(|r| (r / 8 * 8).max(8))
     })
 }

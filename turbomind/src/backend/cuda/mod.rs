@@ -25,18 +25,16 @@ mod activation;
 mod attention;
 mod fused_kv;
 mod graph;
+mod kv_pool;
+mod l2_ahead;
 mod linear;
 mod prefetch;
 mod profile;
 mod sample;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use lmq_kernels::{
-    act, paged, Blas, DeviceKvPool, DeviceMatrix, GpuDevice, KernelError, KvLayout, KvStorage,
-    RowMeta, RowPlace,
-};
+use lmq_kernels::{act, paged, Blas, DeviceMatrix, GpuDevice, KernelError, RowMeta, RowPlace};
 
 use half::f16;
 
@@ -45,10 +43,10 @@ use super::{
     SeqSpan, StepOutput,
 };
 use crate::error::{Error, Result};
-use crate::quant::kv::{KvDtype, KvMode};
 use crate::rope::Rope;
 
 pub use activation::CudaAct;
+pub use kv_pool::CudaKvPool;
 pub use linear::CudaLinear;
 
 /// Whether a stacked q/k/v output of `widths` is q, k and v in whole heads
@@ -72,36 +70,6 @@ pub(crate) fn gpu_error(e: KernelError) -> Error {
 
 /// Identifies pools, so that a recorded step is replayed only on the pool
 /// it was recorded on.
-static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(1);
-
-/// The KV block pool of the CUDA backend.
-pub struct CudaKvPool {
-    id: u64,
-    pool: DeviceKvPool,
-    /// A block past those the engine hands out, for the KV writes of a
-    /// recorded step's padding rows (see `graph.rs`).
-    pad_block: u32,
-    /// The `smooth` mode's factors, per layer.
-    smooth: Option<Vec<LayerSmoothing>>,
-}
-
-/// One layer's `smooth` factors on the device: the keys' (`kv_dim`) and the
-/// same expanded to the query heads that share each KV head (`q_dim`).
-struct LayerSmoothing {
-    keys: DeviceMatrix<f32>,
-    queries: DeviceMatrix<f32>,
-    /// The keys' offsets, subtracted before the division, where the
-    /// checkpoint has them.
-    key_shift: Option<DeviceMatrix<f32>>,
-}
-
-impl CudaKvPool {
-    /// Device bytes the pool holds.
-    pub fn bytes(&self) -> usize {
-        self.pool.bytes()
-    }
-}
-
 /// The last row metadata uploaded, with the spans it was made from.
 struct MetaCache {
     spans: Vec<SeqSpan>,
@@ -126,6 +94,9 @@ pub struct CudaBackend {
     /// stream, whose last kernel may still run, before the device (and its
     /// modules) go.
     prefetch: Option<Mutex<prefetch::Prefetch>>,
+    /// The next 4-bit linear's weights fetched into L2 during decode, when
+    /// on (`l2_ahead.rs`); dropped before the device for the same reason.
+    l2: Option<Mutex<l2_ahead::L2Ahead>>,
     dev: GpuDevice,
     blas: Blas,
     meta: Mutex<Option<MetaCache>>,
@@ -134,6 +105,9 @@ pub struct CudaBackend {
     graphs: Mutex<graph::StepGraphs>,
     recording: Mutex<Option<Recording>>,
     profile: Mutex<Option<profile::StepProfile>>,
+    /// Whether 4-bit gate/up projections uploaded from now on store
+    /// `silu(gate) · up` from their decode kernel (`LMQ_FUSED_SILU=1`).
+    fused_silu: std::sync::atomic::AtomicBool,
 }
 
 /// Locks `m`; a poisoned lock only means a panic elsewhere, and every
@@ -143,58 +117,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl CudaBackend {
-    /// The `smooth` mode's per-layer factors for `spec`, uploaded.
-    fn smoothing(&self, spec: &KvPoolSpec) -> Result<Vec<LayerSmoothing>> {
-        let shape = &spec.shape;
-        let hd = shape.head_dim;
-        if !hd.is_power_of_two() || hd > 256 {
-            return Err(Error::InvalidRequest(format!(
-                "--kv-cache-mode smooth needs a power-of-two head_dim up to 256; this model has {hd}"
-            )));
-        }
-        let p = spec.config.static_params.as_ref().ok_or_else(|| {
-            Error::InvalidRequest(
-                "--kv-cache-mode smooth needs calibrated parameters; this checkpoint has none (quantize with --kv)".into(),
-            )
-        })?;
-        let kv_dim = shape.num_kv_heads * hd;
-        let shift_fits = |l: usize| {
-            p.k_shift
-                .get(l)
-                .is_none_or(|v| v.is_empty() || v.len() == kv_dim)
-        };
-        if p.k_smooth.len() < shape.num_layers
-            || p.k_smooth.iter().any(|v| v.len() != kv_dim)
-            || !(0..shape.num_layers).all(shift_fits)
-        {
-            return Err(Error::InvalidRequest(
-                "the checkpoint's k_smooth/k_shift tensors do not match the model's layers and KV width"
-                    .into(),
-            ));
-        }
-        let group = shape.num_heads / shape.num_kv_heads.max(1);
-        (0..shape.num_layers)
-            .map(|layer| {
-                let keys = &p.k_smooth[layer];
-                let queries: Vec<f32> = (0..shape.num_heads * hd)
-                    .map(|i| keys[(i / hd / group) * hd + i % hd])
-                    .collect();
-                let key_shift = match p.k_shift.get(layer).filter(|v| !v.is_empty()) {
-                    Some(shift) => Some(self.dev.upload(shift, kv_dim, 1).map_err(gpu_error)?),
-                    None => None,
-                };
-                Ok(LayerSmoothing {
-                    key_shift,
-                    keys: self.dev.upload(keys, kv_dim, 1).map_err(gpu_error)?,
-                    queries: self
-                        .dev
-                        .upload(&queries, queries.len(), 1)
-                        .map_err(gpu_error)?,
-                })
-            })
-            .collect()
-    }
-
     /// Opens GPU `ordinal`, loads cuBLAS and compiles the kernels (so that
     /// a broken toolkit fails here, not mid-request).
     pub fn new(ordinal: usize) -> Result<Self> {
@@ -213,8 +135,13 @@ impl CudaBackend {
         } else {
             None
         };
+        let l2 = match l2_ahead::l2_prefetch_bytes()? {
+            Some(bytes) => Some(Mutex::new(l2_ahead::L2Ahead::new(&dev, bytes)?)),
+            None => None,
+        };
         Ok(CudaBackend {
             prefetch,
+            l2,
             profile: Mutex::new(profile::StepProfile::from_env(&dev)),
             dev,
             blas,
@@ -222,7 +149,17 @@ impl CudaBackend {
             inv_freq: Mutex::new(None),
             graphs: Mutex::new(graph::StepGraphs::new()),
             recording: Mutex::new(None),
+            fused_silu: linear::fused_silu_from_env().into(),
         })
+    }
+
+    /// Makes 4-bit gate/up projections uploaded from now on interleave
+    /// their gate and up tiles, so that decode stores `silu(gate) · up`
+    /// from the W4A16 kernel itself (one launch fewer per layer, the same
+    /// bits); off by default unless `LMQ_FUSED_SILU=1`.
+    pub fn set_fused_silu(&self, on: bool) {
+        self.fused_silu
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn device(&self) -> &GpuDevice {
@@ -323,8 +260,17 @@ impl CudaBackend {
         });
         let mut failure = None;
         let spliced = self.dev.pdl_splices();
+        // Eager branches are joined outside the recording: inside, only
+        // the side stream's captured work may be joined.
+        self.join_l2()?;
         let recorded = self.dev.record(|| -> lmq_kernels::Result<()> {
-            match body(pool) {
+            // Branches forked during the step rejoin before it ends, on
+            // every path.
+            let step = body(pool).and_then(|out| self.join_l2().map(|()| out));
+            if step.is_err() {
+                let _ = self.join_l2();
+            }
+            match step {
                 // The logits leave the graph through a buffer allocated
                 // outside it; `out`, a graph allocation, is freed inside.
                 Ok(out) => self.dev.copy(&mut logits, &out),
@@ -346,6 +292,24 @@ impl CudaBackend {
         let vocab =
             vocab.ok_or_else(|| shape_error("the recorded step looked up no tokens".into()))?;
         Ok(graph::Recorded::new(graph, inputs, logits, vocab))
+    }
+
+    /// What the linears may use besides the device.
+    fn aids(&self) -> linear::LinearAids<'_> {
+        linear::LinearAids {
+            blas: &self.blas,
+            prefill: self.prefetch.as_ref(),
+            l2: self.l2.as_ref(),
+        }
+    }
+
+    /// Joins the L2 prefetch's branches, if any (a recording must not end
+    /// with one open).
+    fn join_l2(&self) -> Result<()> {
+        match &self.l2 {
+            Some(l2) => lock(l2).join(&self.dev),
+            None => Ok(()),
+        }
     }
 
     /// A new fp32 matrix and its fp16 copy, for an op that writes both.
@@ -379,44 +343,6 @@ fn shape_error(message: String) -> Error {
     }
 }
 
-/// The static (scale, zero) table `[layer][K, V][head][2]` for the pool,
-/// scales in units of the running dtype's levels.
-fn static_table(spec: &KvPoolSpec) -> Result<Option<Vec<f32>>> {
-    let config = &spec.config;
-    let Some(levels) = config.dtype.levels() else {
-        return Ok(None);
-    };
-    if config.mode != KvMode::Static {
-        return Ok(None);
-    }
-    let p = config.static_params.as_ref().ok_or_else(|| {
-        Error::InvalidRequest(
-            "static KV quantization needs calibrated parameters; this checkpoint has none (quantize with --kv)".into(),
-        )
-    })?;
-    let shape = &spec.shape;
-    if p.k_scale.len() < shape.num_layers
-        || [&p.k_scale, &p.k_zero, &p.v_scale, &p.v_zero]
-            .iter()
-            .any(|t| t.len() < shape.num_layers || t.iter().any(|h| h.len() != shape.num_kv_heads))
-    {
-        return Err(Error::InvalidRequest(
-            "static KV parameters do not match the model's layers and KV heads".into(),
-        ));
-    }
-    let rescale = p.levels / levels;
-    let mut out = Vec::with_capacity(shape.num_layers * 2 * shape.num_kv_heads * 2);
-    for layer in 0..shape.num_layers {
-        for (scale, zero) in [(&p.k_scale, &p.k_zero), (&p.v_scale, &p.v_zero)] {
-            for h in 0..shape.num_kv_heads {
-                out.push(scale[layer][h] * rescale);
-                out.push(zero[layer][h]);
-            }
-        }
-    }
-    Ok(Some(out))
-}
-
 impl Backend for CudaBackend {
     type Act = CudaAct;
     type Linear = CudaLinear;
@@ -428,7 +354,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload_linear(&self, w: HostLinear) -> Result<CudaLinear> {
-        CudaLinear::upload(&self.dev, w, self.prefetch.as_ref())
+        CudaLinear::upload(&self.dev, w, &self.aids())
     }
 
     fn linear_bytes(&self, w: &CudaLinear) -> usize {
@@ -441,43 +367,7 @@ impl Backend for CudaBackend {
     }
 
     fn new_kv_pool(&self, spec: &KvPoolSpec) -> Result<CudaKvPool> {
-        let storage = match spec.config.dtype {
-            KvDtype::F32 => KvStorage::F32,
-            KvDtype::F16 => KvStorage::F16,
-            KvDtype::Int8 => KvStorage::Int8,
-            KvDtype::Int4 => KvStorage::Int4,
-        };
-        let smooth = if spec.config.mode == KvMode::Smooth && storage.is_integer() {
-            Some(self.smoothing(spec)?)
-        } else {
-            None
-        };
-        let statics = static_table(spec)?;
-        let layout = KvLayout {
-            num_layers: spec.shape.num_layers,
-            num_kv_heads: spec.shape.num_kv_heads,
-            head_dim: spec.shape.head_dim,
-            block_len: spec.block_len,
-            // One block more than asked: the padding rows' block.
-            num_blocks: spec.num_blocks.checked_add(1).ok_or_else(|| {
-                Error::InvalidRequest(format!("{} KV blocks are too many", spec.num_blocks))
-            })?,
-            storage,
-        };
-        let pool =
-            DeviceKvPool::new(&self.dev, layout, statics.as_deref()).map_err(|e| match e {
-                KernelError::Invalid { .. } => Error::InvalidRequest(e.to_string()),
-                other => gpu_error(other),
-            })?;
-        let pad_block = u32::try_from(spec.num_blocks).map_err(|_| {
-            Error::InvalidRequest(format!("{} KV blocks are too many", spec.num_blocks))
-        })?;
-        Ok(CudaKvPool {
-            id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
-            pool,
-            pad_block,
-            smooth,
-        })
+        self.make_kv_pool(spec)
     }
 
     fn free_memory(&self) -> Option<u64> {
@@ -542,7 +432,7 @@ impl Backend for CudaBackend {
     }
 
     fn linear(&self, x: &CudaAct, w: &CudaLinear) -> Result<CudaAct> {
-        w.forward(&self.dev, &self.blas, x, x.half(), self.prefetch.as_ref())
+        w.forward(&self.dev, x, x.half(), &self.aids())
             .map(CudaAct::from)
     }
 
@@ -601,12 +491,12 @@ impl Backend for CudaBackend {
     }
 
     fn upload_gate_up(&self, w: HostLinear) -> Result<CudaLinear> {
-        CudaLinear::upload_gate_up(&self.dev, w, self.prefetch.as_ref())
+        let pair = self.fused_silu.load(std::sync::atomic::Ordering::Relaxed);
+        CudaLinear::upload_gate_up(&self.dev, w, pair, &self.aids())
     }
 
     fn gate_up_silu(&self, x: &CudaAct, w: &CudaLinear) -> Result<CudaAct> {
-        let (out, half) =
-            w.forward_gate_up_silu(&self.dev, &self.blas, x, x.half(), self.prefetch.as_ref())?;
+        let (out, half) = w.forward_gate_up_silu(&self.dev, x, x.half(), &self.aids())?;
         Ok(CudaAct::with_half(out, half))
     }
 
