@@ -209,10 +209,39 @@ fn fails_over_when_a_replica_dies_and_passes_disconnects_on() {
     events.close();
     c.wait_idle();
     d.wait_idle();
-    let cancelled = [&c, &d]
-        .iter()
-        .any(|n| n.get("/metrics").text().contains("reason=\"cancelled\"} 1"));
-    assert!(cancelled, "the node never saw the cancellation");
+    // The count can trail the freed blocks by a moment under load, so poll
+    // a little; on failure show how each node counted its requests.
+    let counts = || -> Vec<String> {
+        [&c, &d]
+            .iter()
+            .flat_map(|n| {
+                n.get("/metrics")
+                    .text()
+                    .lines()
+                    .filter(|l| l.starts_with("lmq_requests_total{"))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let cancelled = loop {
+        if counts()
+            .iter()
+            .any(|l| l.contains("reason=\"cancelled\"} 1"))
+        {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(
+        cancelled,
+        "the node never saw the cancellation; request counts: {:?}",
+        counts()
+    );
 
     // So does one that leaves while waiting for a whole response.
     let mut whole = body.clone();
