@@ -215,6 +215,21 @@ impl PackedW4 {
 
 #[cfg(test)]
 mod tests {
+    /// AutoAWQ packing of `rows × cols` codes (the format's definition).
+    fn pack_awq(vals: &[u32], rows: usize, cols: usize) -> Vec<i32> {
+        let mut out = vec![0i32; rows * cols / 8];
+        for r in 0..rows {
+            for c in 0..cols / 8 {
+                let mut w = 0u32;
+                for (i, &o) in AWQ_ORDER.iter().enumerate() {
+                    w |= vals[r * cols + 8 * c + o] << (4 * i);
+                }
+                out[r * cols / 8 + c] = w as i32;
+            }
+        }
+        out
+    }
+
     use super::*;
 
     /// The repacked codes decode (by the documented formula) to the same
@@ -234,19 +249,7 @@ mod tests {
         let s: Vec<f16> = (0..inf / g * outf)
             .map(|_| f16::from_f32((next() % 1000) as f32 * 1e-5 + 1e-3))
             .collect();
-        let pack = |vals: &[u32], rows: usize| -> Vec<i32> {
-            let mut out = vec![0i32; rows * outf / 8];
-            for r in 0..rows {
-                for c in 0..outf / 8 {
-                    let mut w = 0u32;
-                    for (i, &o) in AWQ_ORDER.iter().enumerate() {
-                        w |= vals[r * outf + 8 * c + o] << (4 * i);
-                    }
-                    out[r * outf / 8 + c] = w as i32;
-                }
-            }
-            out
-        };
+        let pack = |vals: &[u32], rows: usize| pack_awq(vals, rows, outf);
         let p = PackedW4::from_awq(&pack(&q, inf), &pack(&z, inf / g), &s, inf, outf, g).unwrap();
         let kbs = inf.div_ceil(K_BLOCK);
         for nt in 0..outf / 8 {
@@ -309,19 +312,7 @@ mod tests {
         let s: Vec<f16> = (0..inf / g * outf)
             .map(|_| f16::from_f32((next() % 1000) as f32 * 1e-3))
             .collect();
-        let pack = |vals: &[u32], rows: usize| -> Vec<i32> {
-            let mut out = vec![0i32; rows * outf / 8];
-            for r in 0..rows {
-                for c in 0..outf / 8 {
-                    let mut w = 0u32;
-                    for (i, &o) in AWQ_ORDER.iter().enumerate() {
-                        w |= vals[r * outf + 8 * c + o] << (4 * i);
-                    }
-                    out[r * outf / 8 + c] = w as i32;
-                }
-            }
-            out
-        };
+        let pack = |vals: &[u32], rows: usize| pack_awq(vals, rows, outf);
         let p = PackedW4::from_awq(&pack(&q, inf), &pack(&z, inf / g), &s, inf, outf, g).unwrap();
         let il = p.interleave_halves().unwrap();
         let mut seen = vec![false; outf];

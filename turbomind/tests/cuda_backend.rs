@@ -29,7 +29,6 @@ use lmq_turbomind::backend::{
     split_qkv_rope_apart, AttnShape, Backend, HostLinear, HostWeight, KvPoolSpec, SeqSpan,
 };
 use lmq_turbomind::config::RopeScaling;
-use lmq_turbomind::quant::awq::{pack_int4, AwqTensors};
 use lmq_turbomind::quant::kv::{KvCacheConfig, KvStaticParams};
 use lmq_turbomind::rope::Rope;
 use std::sync::Arc;
@@ -538,24 +537,6 @@ fn attention_rejects_blocks_outside_the_pool() {
 
 /// A random 4-bit AWQ weight `k → n` in groups of `g`: codes and zeros
 /// uniform in 0..16, scales in [0.002, 0.02).
-fn random_awq(rng: &mut Rng, k: usize, n: usize, g: usize) -> AwqTensors {
-    let codes: Vec<u8> = (0..k * n).map(|_| (rng.next_u64() % 16) as u8).collect();
-    let zeros: Vec<u8> = (0..(k / g) * n)
-        .map(|_| (rng.next_u64() % 16) as u8)
-        .collect();
-    let scales: Vec<f16> = (0..(k / g) * n)
-        .map(|_| f16::from_f64(rng.uniform(0.002, 0.02)))
-        .collect();
-    AwqTensors {
-        in_features: k,
-        out_features: n,
-        group_size: g,
-        qweight: pack_int4(&codes, k, n),
-        qzeros: pack_int4(&zeros, k / g, n),
-        scales,
-    }
-}
-
 /// The W4 linear (decode kernel at 1..=16 rows, dequantize + cuBLAS above)
 /// and a dense fp16 linear, against the CPU backend, with odd row counts.
 #[test]

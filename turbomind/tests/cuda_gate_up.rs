@@ -14,31 +14,16 @@
 
 mod tiny;
 
-use half::f16;
 use lmq_kernels::GpuDevice;
 use lmq_turbomind::backend::cpu::{CpuBackend, CpuOptions, W4Activations};
 use lmq_turbomind::backend::cuda::CudaBackend;
 use lmq_turbomind::backend::{Backend, HostLinear, HostWeight};
-use lmq_turbomind::quant::awq::{pack_int4, AwqTensors};
-use tiny::Rng;
+use tiny::{f16, random_awq, Rng};
 
-fn random_awq(rng: &mut Rng, k: usize, n: usize, g: usize) -> HostLinear {
-    let codes: Vec<u8> = (0..k * n).map(|_| (rng.next_u64() % 16) as u8).collect();
-    let zeros: Vec<u8> = (0..(k / g) * n)
-        .map(|_| (rng.next_u64() % 16) as u8)
-        .collect();
-    let scales: Vec<f16> = (0..(k / g) * n)
-        .map(|_| f16::from_f64(rng.uniform(0.002, 0.02)))
-        .collect();
+/// A random 4-bit `k → n` linear without bias.
+fn awq_linear(rng: &mut Rng, k: usize, n: usize, g: usize) -> HostLinear {
     HostLinear {
-        weight: HostWeight::Awq(AwqTensors {
-            in_features: k,
-            out_features: n,
-            group_size: g,
-            qweight: pack_int4(&codes, k, n),
-            qzeros: pack_int4(&zeros, k / g, n),
-            scales,
-        }),
+        weight: HostWeight::Awq(random_awq(rng, k, n, g)),
         out_features: n,
         in_features: k,
         bias: None,
@@ -73,8 +58,8 @@ fn fused_gate_up_silu_matches_two_ops() {
         (320, 40, 32),
         (256, 200, 128),
     ] {
-        let gate = random_awq(&mut rng, k, inter, g);
-        let up = random_awq(&mut rng, k, inter, g);
+        let gate = awq_linear(&mut rng, k, inter, g);
+        let up = awq_linear(&mut rng, k, inter, g);
         let stacked = HostLinear::stack_outputs(&[&gate, &up]).expect("stackable");
         let w_plain = plain.upload_gate_up(stacked.clone()).unwrap();
         let w_paired = paired.upload_gate_up(stacked.clone()).unwrap();

@@ -389,7 +389,7 @@ impl W4A16Linear {
         out: &mut DeviceMatrix<O>,
         splits: Option<usize>,
     ) -> Result<W4Plan> {
-        self.launch(dev, x, out, splits, self.pdl)
+        self.launch_to(dev, x, out, splits, self.pdl, Store::Product)
     }
 
     /// [`Self::forward`] without the programmatic-serialization attribute:
@@ -402,7 +402,8 @@ impl W4A16Linear {
         x: &DeviceMatrix<f16>,
         out: &mut DeviceMatrix<O>,
     ) -> Result<()> {
-        self.launch(dev, x, out, None, false).map(|_| ())
+        self.launch_to(dev, x, out, None, false, Store::Product)
+            .map(|_| ())
     }
 
     /// `silu(gate) · up` of a stacked gate/up layer whose tiles were
@@ -423,17 +424,6 @@ impl W4A16Linear {
     ) -> Result<()> {
         self.launch_to(dev, x, out, None, pdl && self.pdl, Store::SiluPairs(out_h))
             .map(|_| ())
-    }
-
-    fn launch<O: OutElement>(
-        &self,
-        dev: &GpuDevice,
-        x: &DeviceMatrix<f16>,
-        out: &mut DeviceMatrix<O>,
-        splits: Option<usize>,
-        pdl: bool,
-    ) -> Result<W4Plan> {
-        self.launch_to(dev, x, out, splits, pdl, Store::Product)
     }
 
     fn launch_to<O: OutElement>(

@@ -28,6 +28,32 @@ pub const INCREMENTAL_TOL: f64 = 1e-4;
 /// skinny kernel are compared bit for bit.
 pub const BATCH_TOL: f64 = 2e-5;
 
+/// Random AutoAWQ tensors of a `k → n` linear: uniform codes and zeros,
+/// scales in [0.002, 0.02).
+pub fn random_awq(
+    rng: &mut Rng,
+    k: usize,
+    n: usize,
+    g: usize,
+) -> lmq_turbomind::quant::awq::AwqTensors {
+    use lmq_turbomind::quant::awq::pack_int4;
+    let codes: Vec<u8> = (0..k * n).map(|_| (rng.next_u64() % 16) as u8).collect();
+    let zeros: Vec<u8> = (0..(k / g) * n)
+        .map(|_| (rng.next_u64() % 16) as u8)
+        .collect();
+    let scales: Vec<f16> = (0..(k / g) * n)
+        .map(|_| f16::from_f64(rng.uniform(0.002, 0.02)))
+        .collect();
+    lmq_turbomind::quant::awq::AwqTensors {
+        in_features: k,
+        out_features: n,
+        group_size: g,
+        qweight: pack_int4(&codes, k, n),
+        qzeros: pack_int4(&zeros, k / g, n),
+        scales,
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Deterministic randomness.
 
