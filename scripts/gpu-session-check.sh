@@ -11,6 +11,7 @@
 #
 #   BIN=.device/sN PART=1 bash scripts/gpu-session-check.sh   (checks, kernel benches)
 #   BIN=.device/sN PART=2 bash scripts/gpu-session-check.sh   (7B engine, profile)
+#   BIN=.device/sN PART=3 bash scripts/gpu-session-check.sh   (7B decode batches of 32, 48)
 #
 # BIN holds the binaries packed by `scripts/gpu-smoke-check.sh --collect`
 # (bench_attn included: the 7B bench reads the copy bandwidth from it).
@@ -43,7 +44,7 @@ date -u
 # per-kernel profile and (TORCH=1) PyTorch. Unset: both, which may not fit
 # one call's 600 s.
 PART=${PART:-all}
-if [[ "$PART" != 2 ]]; then
+if [[ "$PART" == 1 || "$PART" == all ]]; then
     phase smoke 260 env BIN="$BIN" SKIP_BENCH=1 bash "$here/gpu-smoke-check.sh"
     grep -v "^attention \|max err" "$LOG/smoke.txt" | tail -n 60
 
@@ -56,6 +57,13 @@ if [[ "$PART" != 2 ]]; then
     grep -E "^copy|^\|" "$LOG/w4-sweep.txt" | tail -n 34
 fi
 [[ "$PART" == 1 ]] && exit 0
+if [[ "$PART" == 3 ]]; then
+    # Decode batches of 32 and 48 on the 7B shape, with and without the
+    # decode kernel on slices of rows.
+    phase batch-7b 300 env BIN="$BIN" bash "$here/gpu-batch-bench.sh"
+    grep -E "^batch|failed|error" "$LOG/batch-7b.txt"
+    exit 0
+fi
 
 # LMQ_DEFAULT=1 sets nothing lmq reads: it names the default run.
 ENVS=${ENVS:-"LMQ_DEFAULT=1 LMQ_FUSED_KV_WRITE=1,LMQ_ATTN_HALF=1,LMQ_FUSED_SILU=1 LMQ_FUSED_KV_WRITE=1,LMQ_ATTN_HALF=1,LMQ_FUSED_SILU=1,LMQ_L2_PREFETCH=24 LMQ_PDL=1,LMQ_PDL_SPLICE=chain"}

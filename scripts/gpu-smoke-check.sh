@@ -97,6 +97,10 @@ run_test rope_kv 60 --nocapture
 echo "$(grep -c "pool bytes identical" "$LOG/rope_kv.log") cases: fused rope + KV write = split_rope then kv_write, bit for bit"
 if [[ -x "$R/dequant" ]]; then
     run_test dequant 60 --nocapture
+    echo "== cuda_backend linears with LMQ_W4_DECODE_ROWS=64 (17 rows: the decode kernel on two slices of rows)"
+    LMQ_W4_DECODE_ROWS=64 timeout 60 "$R/cuda_backend" linears_match_cpu --test-threads=1 --nocapture \
+        >"$LOG/cuda_backend_rows.log" 2>&1 || rc=1
+    grep -E "test result|panicked" "$LOG/cuda_backend_rows.log"
     echo "== cuda_backend linears with LMQ_PREFILL_SLICE=24 (4-bit prefill in slices of 24 weight rows)"
     LMQ_PREFILL_SLICE=24 timeout 60 "$R/cuda_backend" linears_match_cpu --test-threads=1 --nocapture \
         >"$LOG/cuda_backend_slice.log" 2>&1 || rc=1

@@ -11,7 +11,7 @@ use common::{awq_pack, device, Rng};
 use half::f16;
 use lmq_kernels::{
     add_rms_norm, embedding, rms_norm, rope, rope_inv_freq, silu_mul, DeviceMatrix, Element,
-    GpuDevice, KernelError, PackedW4, W4A16Linear, W4Kernel, DEFAULT_KERNEL,
+    GpuDevice, KernelError, PackedW4, W4A16Linear, W4Kernel, DEFAULT_KERNEL, MAX_ROWS,
 };
 
 trait ToF64: Copy {
@@ -271,6 +271,93 @@ fn w4a16_matches_reference() {
     ];
     for (i, c) in cases.into_iter().enumerate() {
         w4(&dev, c, 3000 + i as u64);
+    }
+}
+
+/// Decode batches of more than MAX_ROWS rows run the kernel once per slice
+/// of rows (`forward_chunked`, `forward_rows`): each slice must equal, bit
+/// for bit, a launch on those rows uploaded alone, the whole against the
+/// f64 reference, and a slice must leave the other rows as they were.
+#[test]
+fn w4a16_row_slices_match_whole_launches() {
+    let Some(dev) = device() else { return };
+    for (m, k, n, g, seed) in [
+        (40usize, 320usize, 96usize, 32usize, 71u64),
+        (64, 576, 200, 64, 72),
+    ] {
+        let mut rng = Rng(seed);
+        let groups = k / g;
+        let q: Vec<u8> = (0..k * n).map(|_| rng.below(16) as u8).collect();
+        let z: Vec<u8> = (0..groups * n).map(|_| rng.below(16) as u8).collect();
+        let s = rng.f16s(groups * n, 0.002, 0.02);
+        let x = rng.f16s(m * k, -1.0, 1.0);
+        let bias = rng.f16s(n, -0.5, 0.5);
+        let mut want = vec![0.0f64; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                let acc: f64 = (0..k)
+                    .map(|kk| {
+                        let grp = kk / g;
+                        let w = (q[kk * n + j] as f64 - z[grp * n + j] as f64)
+                            * s[grp * n + j].to_f64();
+                        x[r * k + kk].to_f64() * w
+                    })
+                    .sum();
+                want[r * n + j] = acc + bias[j].to_f64();
+            }
+        }
+        let packed =
+            PackedW4::from_awq(&awq_pack(&q, k, n), &awq_pack(&z, groups, n), &s, k, n, g).unwrap();
+        let layer = W4A16Linear::new(&dev, &packed, Some(&bias)).unwrap();
+        let xd = dev.upload(&x, m, k).unwrap();
+        for pdl in [false, true] {
+            let what = format!("w4a16 row slices m{m} k{k} n{n} g{g} pdl={pdl}");
+            let mut out = poisoned::<f32>(&dev, m, n);
+            layer.forward_chunked(&dev, &xd, &mut out, pdl).unwrap();
+            let got = dev.download(&out).unwrap();
+            compare(&what, &got, &want, W4_REL_L2_F32, W4_MAX_REL);
+            for row0 in (0..m).step_by(MAX_ROWS) {
+                let rows = MAX_ROWS.min(m - row0);
+                let alone = dev
+                    .upload(&x[row0 * k..(row0 + rows) * k], rows, k)
+                    .unwrap();
+                let mut o = poisoned::<f32>(&dev, rows, n);
+                layer.forward(&dev, &alone, &mut o).unwrap();
+                let o = dev.download(&o).unwrap();
+                let same = o
+                    .iter()
+                    .zip(&got[row0 * n..(row0 + rows) * n])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{what}: rows {row0}.. differ from a launch on them alone"
+                );
+            }
+            let mut part = poisoned::<f32>(&dev, m, n);
+            layer.forward_rows(&dev, &xd, &mut part, 5, 4, pdl).unwrap();
+            let part = dev.download(&part).unwrap();
+            assert!(
+                part[..5 * n]
+                    .iter()
+                    .chain(&part[9 * n..])
+                    .all(|v| v.is_nan()),
+                "{what}: rows outside 5..9 were written"
+            );
+            compare(
+                &what,
+                &part[5 * n..9 * n],
+                &want[5 * n..9 * n],
+                W4_REL_L2_F32,
+                W4_MAX_REL,
+            );
+            assert!(
+                layer
+                    .forward_rows(&dev, &xd, &mut poisoned::<f32>(&dev, m, n), m - 3, 4, pdl)
+                    .is_err(),
+                "{what}: a slice past the last row was accepted"
+            );
+            println!("{what}: slices identical to launches alone");
+        }
     }
 }
 

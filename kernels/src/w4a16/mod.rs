@@ -81,6 +81,29 @@ enum Store<'a> {
     SiluPairs(Option<&'a mut DeviceMatrix<f16>>),
 }
 
+/// How one launch runs.
+struct LaunchSpec<'a> {
+    /// K splits forced (tests and tuning); None: the plan's.
+    splits: Option<usize>,
+    /// With programmatic dependent launch.
+    pdl: bool,
+    store: Store<'a>,
+    /// The first row and the row count of a slice of x's rows (and the
+    /// output's); None: all of them.
+    rows: Option<(usize, usize)>,
+}
+
+impl LaunchSpec<'_> {
+    fn product(pdl: bool, rows: Option<(usize, usize)>) -> Self {
+        LaunchSpec {
+            splits: None,
+            pdl,
+            store: Store::Product,
+            rows,
+        }
+    }
+}
+
 /// A 4-bit linear layer resident on one GPU.
 pub struct W4A16Linear {
     in_features: usize,
@@ -389,7 +412,17 @@ impl W4A16Linear {
         out: &mut DeviceMatrix<O>,
         splits: Option<usize>,
     ) -> Result<W4Plan> {
-        self.launch_to(dev, x, out, splits, self.pdl, Store::Product)
+        self.launch_to(
+            dev,
+            x,
+            out,
+            LaunchSpec {
+                splits,
+                pdl: self.pdl,
+                store: Store::Product,
+                rows: None,
+            },
+        )
     }
 
     /// [`Self::forward`] without the programmatic-serialization attribute:
@@ -402,8 +435,48 @@ impl W4A16Linear {
         x: &DeviceMatrix<f16>,
         out: &mut DeviceMatrix<O>,
     ) -> Result<()> {
-        self.launch_to(dev, x, out, None, false, Store::Product)
+        self.launch_to(dev, x, out, LaunchSpec::product(false, None))
             .map(|_| ())
+    }
+
+    /// Rows `row0 .. row0 + rows` of `x` (`[M, in]`, any M; at most
+    /// [`MAX_ROWS`] rows) into the same rows of `out` (`[M, out]`), the
+    /// other rows untouched: decode batches of more than [`MAX_ROWS`]
+    /// sequences run the decode kernel once per slice of rows
+    /// ([`Self::forward_chunked`]). `pdl` as in
+    /// [`Self::forward_silu_pairs`].
+    pub fn forward_rows<O: OutElement>(
+        &self,
+        dev: &GpuDevice,
+        x: &DeviceMatrix<f16>,
+        out: &mut DeviceMatrix<O>,
+        row0: usize,
+        rows: usize,
+        pdl: bool,
+    ) -> Result<()> {
+        let spec = LaunchSpec::product(pdl && self.pdl, Some((row0, rows)));
+        self.launch_to(dev, x, out, spec).map(|_| ())
+    }
+
+    /// `out = x · W` for any number of rows, by the decode kernel on
+    /// slices of at most [`MAX_ROWS`] rows: each slice streams the whole
+    /// weight again, which for a few slices costs less than dequantizing
+    /// the weight for a GEMM (see turbomind's CUDA linear).
+    pub fn forward_chunked<O: OutElement>(
+        &self,
+        dev: &GpuDevice,
+        x: &DeviceMatrix<f16>,
+        out: &mut DeviceMatrix<O>,
+        pdl: bool,
+    ) -> Result<()> {
+        let m = x.rows();
+        let mut row0 = 0;
+        while row0 < m {
+            let rows = MAX_ROWS.min(m - row0);
+            self.forward_rows(dev, x, out, row0, rows, pdl)?;
+            row0 += rows;
+        }
+        Ok(())
     }
 
     /// `silu(gate) · up` of a stacked gate/up layer whose tiles were
@@ -422,8 +495,13 @@ impl W4A16Linear {
         out_h: Option<&mut DeviceMatrix<f16>>,
         pdl: bool,
     ) -> Result<()> {
-        self.launch_to(dev, x, out, None, pdl && self.pdl, Store::SiluPairs(out_h))
-            .map(|_| ())
+        let spec = LaunchSpec {
+            splits: None,
+            pdl: pdl && self.pdl,
+            store: Store::SiluPairs(out_h),
+            rows: None,
+        };
+        self.launch_to(dev, x, out, spec).map(|_| ())
     }
 
     fn launch_to<O: OutElement>(
@@ -431,12 +509,23 @@ impl W4A16Linear {
         dev: &GpuDevice,
         x: &DeviceMatrix<f16>,
         out: &mut DeviceMatrix<O>,
-        splits: Option<usize>,
-        pdl: bool,
-        store: Store<'_>,
+        spec: LaunchSpec<'_>,
     ) -> Result<W4Plan> {
         const OP: &str = "W4A16 linear";
-        let m = x.rows();
+        let LaunchSpec {
+            splits,
+            pdl,
+            store,
+            rows,
+        } = spec;
+        let total = x.rows();
+        let (row0, m) = rows.unwrap_or((0, total));
+        if row0 + m > total {
+            return Err(KernelError::shape(
+                OP,
+                format!("rows {row0}..{} of x, which has {total}", row0 + m),
+            ));
+        }
         self.check_rows(m)?;
         if x.cols() != self.in_features {
             return Err(KernelError::shape(
@@ -450,7 +539,7 @@ impl W4A16Linear {
         }
         let (silu_pairs, out_h) = match store {
             Store::Product => {
-                out_shape(OP, out, m, self.out_features)?;
+                out_shape(OP, out, total, self.out_features)?;
                 (0i32, None)
             }
             Store::SiluPairs(h) => {
@@ -466,9 +555,9 @@ impl W4A16Linear {
                         ),
                     ));
                 }
-                out_shape(OP, out, m, self.out_features / 2)?;
+                out_shape(OP, out, total, self.out_features / 2)?;
                 if let Some(h) = &h {
-                    out_shape(OP, h, m, self.out_features / 2)?;
+                    out_shape(OP, h, total, self.out_features / 2)?;
                     if !h.is_on(dev) {
                         return Err(KernelError::invalid(
                             OP,
@@ -533,12 +622,21 @@ impl W4A16Linear {
             })
             .ok_or_else(|| KernelError::invalid(OP, "no kernel variant for this row count"))?;
         let bias = self.bias.as_ref().unwrap_or(&self.no_bias);
-        let (x_ptr, _x_sync) = x.data.device_ptr(stream);
+        // A slice of rows starts `row0` rows into x and the output (and
+        // the fp16 copy), all row-major.
+        let out_cols = if silu_pairs == 1 {
+            self.out_features / 2
+        } else {
+            self.out_features
+        };
+        let (x_base, _x_sync) = x.data.device_ptr(stream);
+        let x_ptr = x_base + (row0 * self.in_features * 2) as u64;
         let (qw_ptr, _qw_sync) = self.qw.device_ptr(stream);
         let (sc_ptr, _sc_sync) = self.scales.device_ptr(stream);
         let (zb_ptr, _zb_sync) = self.zeros.device_ptr(stream);
         let (bias_ptr, _bias_sync) = bias.device_ptr(stream);
-        let (out_ptr, _out_sync) = out.data.device_ptr_mut(stream);
+        let (out_base, _out_sync) = out.data.device_ptr_mut(stream);
+        let out_ptr = out_base + (row0 * out_cols * std::mem::size_of::<O>()) as u64;
         // The streaming kernels take the pairs per block after KC.
         let mut args: Vec<*mut std::ffi::c_void> = vec![
             &x_ptr as *const _ as *mut _,
@@ -563,7 +661,7 @@ impl W4A16Linear {
         let (out_h_ptr, _out_h_sync) = match out_h {
             Some(h) => {
                 let (ptr, sync) = h.data.device_ptr_mut(stream);
-                (ptr, Some(sync))
+                (ptr + (row0 * out_cols * 2) as u64, Some(sync))
             }
             None => (0, None),
         };
@@ -608,9 +706,10 @@ impl W4A16Linear {
         // call, which copies them. The streaming plan gives every warp at
         // least one k-block and every block at least one pair, which the
         // kernel's block barriers rely on, and its shared memory is below
-        // the limit raised at construction. Shapes were checked above: x holds m·K
-        // fp16 (K a multiple of 32), out m·N elements of the type `out_f32`
-        // names, qw/scales/zeros were validated against (K, N, G) at
+        // the limit raised at construction. Shapes were checked above: from
+        // the (row-offset) pointers, x holds m·K fp16 (K a multiple of 32;
+        // row0 + m ≤ x's rows), out m·N elements of the type `out_f32`
+        // names (out has x's rows), qw/scales/zeros were validated against (K, N, G) at
         // construction, bias holds N fp16 when has_bias; the block has
         // 32·splits ≤ 512 threads and smem_bytes covers splits·32·4·halves
         // floats. All buffers belong to this device's stream (checked

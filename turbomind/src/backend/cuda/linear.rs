@@ -337,6 +337,11 @@ impl CudaLinear {
                 }
                 None => l.forward(dev, xh, &mut out).map_err(gpu_error)?,
             },
+            // A decode batch of a few slices of MAX_ROWS rows: the decode
+            // kernel once per slice (PDL as above: eager launches only).
+            Weight::W4(l, _) if m <= decode_rows_limit() => l
+                .forward_chunked(dev, xh, &mut out, !dev.is_recording())
+                .map_err(gpu_error)?,
             // Not while a decode step of more than MAX_ROWS sequences is
             // being recorded: a graph cannot hold the side stream's work.
             Weight::W4(l, ids) => match (aids.prefill, ids.prefill) {
@@ -368,6 +373,24 @@ impl CudaLinear {
         }
         Ok(out)
     }
+}
+
+/// `LMQ_W4_DECODE_ROWS=<rows>`: 4-bit products of up to that many rows
+/// (more than `MAX_ROWS`) run the decode kernel once per slice of
+/// `MAX_ROWS` rows instead of dequantizing the weight for a cuBLAS GEMM.
+/// Each slice streams the weight again, but the dequantization writes and
+/// re-reads four times the codes' bytes, so a decode batch of a few slices
+/// (17 to about 64 sequences) should be faster this way. Unset: `MAX_ROWS`
+/// (off), until `gpu-sampling-bench.sh`'s batches have measured it.
+fn decode_rows_limit() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("LMQ_W4_DECODE_ROWS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(MAX_ROWS)
+            .max(MAX_ROWS)
+    })
 }
 
 /// Forks the L2 prefetch of the linear expected after this one, when the
