@@ -535,8 +535,6 @@ fn attention_rejects_blocks_outside_the_pool() {
     assert!(gpu.write_kv(0, &k, &k, &mut pool, &spans).is_err());
 }
 
-/// A random 4-bit AWQ weight `k → n` in groups of `g`: codes and zeros
-/// uniform in 0..16, scales in [0.002, 0.02).
 /// The W4 linear (decode kernel at 1..=16 rows, dequantize + cuBLAS above)
 /// and a dense fp16 linear, against the CPU backend, with odd row counts.
 #[test]

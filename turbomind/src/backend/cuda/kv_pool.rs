@@ -12,6 +12,8 @@ use crate::backend::KvPoolSpec;
 use crate::error::{Error, Result};
 use crate::quant::kv::{KvDtype, KvMode};
 
+/// Identifies pools, so that a recorded step is replayed only on the pool
+/// it was recorded on.
 static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(1);
 
 /// The KV block pool of the CUDA backend.

@@ -101,8 +101,11 @@ impl L2Ahead {
     /// Joins the branches forked since the last join (before a recording
     /// ends; harmless otherwise).
     pub fn join(&mut self, dev: &GpuDevice) -> Result<()> {
-        if std::mem::take(&mut self.forked) {
+        // Cleared only once joined, so that a failed join is tried again
+        // (the recording's error path joins once more).
+        if self.forked {
             dev.join_fork(&self.side).map_err(gpu_error)?;
+            self.forked = false;
         }
         Ok(())
     }

@@ -68,8 +68,6 @@ pub(crate) fn gpu_error(e: KernelError) -> Error {
     }
 }
 
-/// Identifies pools, so that a recorded step is replayed only on the pool
-/// it was recorded on.
 /// The last row metadata uploaded, with the spans it was made from.
 struct MetaCache {
     spans: Vec<SeqSpan>,
@@ -254,15 +252,16 @@ impl CudaBackend {
             .dev
             .uninit::<f32>(inputs.ids.rows(), cols)
             .map_err(gpu_error)?;
+        // Eager branches are joined outside the recording (inside, only
+        // the side stream's captured work may be joined), and before the
+        // recording state is set, which only this function clears.
+        self.join_l2()?;
         *lock(&self.recording) = Some(Recording {
             inputs: inputs.clone(),
             vocab: None,
         });
         let mut failure = None;
         let spliced = self.dev.pdl_splices();
-        // Eager branches are joined outside the recording: inside, only
-        // the side stream's captured work may be joined.
-        self.join_l2()?;
         let recorded = self.dev.record(|| -> lmq_kernels::Result<()> {
             // Branches forked during the step rejoin before it ends, on
             // every path.
