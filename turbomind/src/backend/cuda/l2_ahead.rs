@@ -22,12 +22,12 @@
 //! Branches are joined back before a recording ends
 //! ([`L2Ahead::join`]), as a recording requires.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use lmq_kernels::{GpuDevice, SideStream, W4A16Linear};
 
 use super::gpu_error;
+use super::order::CallOrder;
 use crate::error::{Error, Result};
 
 /// The prefetcher's state, one per backend (the engine's thread uses it).
@@ -35,9 +35,8 @@ pub(super) struct L2Ahead {
     side: SideStream,
     /// Every 4-bit linear of the model, by the id it was registered under.
     linears: Vec<Arc<W4A16Linear>>,
-    /// The linear that followed each one last time.
-    next: HashMap<usize, usize>,
-    last: Option<usize>,
+    /// The order decode calls the linears in.
+    order: CallOrder,
     /// Whether the side stream has work not yet joined.
     forked: bool,
     max_bytes: usize,
@@ -64,8 +63,7 @@ impl L2Ahead {
         Ok(Self {
             side: dev.side_stream().map_err(gpu_error)?,
             linears: Vec::new(),
-            next: HashMap::new(),
-            last: None,
+            order: CallOrder::default(),
             forked: false,
             max_bytes,
         })
@@ -80,13 +78,9 @@ impl L2Ahead {
     /// Called right before linear `id` queues a decode product: learns the
     /// order, and forks a branch that prefetches the linear expected next.
     pub fn before(&mut self, dev: &GpuDevice, id: usize) -> Result<()> {
-        if let Some(prev) = self.last.replace(id) {
-            self.next.insert(prev, id);
-        }
         let guess = self
-            .next
-            .get(&id)
-            .copied()
+            .order
+            .call(id)
             .unwrap_or((id + 1) % self.linears.len().max(1));
         let Some(linear) = self.linears.get(guess) else {
             return Ok(());

@@ -28,6 +28,7 @@ mod graph;
 mod kv_pool;
 mod l2_ahead;
 mod linear;
+mod order;
 mod prefetch;
 mod profile;
 mod sample;

@@ -34,13 +34,13 @@
 //! was slower (0.66–0.77×). So the default keeps none, and the prefetcher
 //! stays opt-in.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use half::f16;
 use lmq_kernels::{Blas, DeviceMatrix, GpuDevice, SideStream, W4A16Linear};
 
 use super::gpu_error;
+use super::order::CallOrder;
 use crate::error::{Error, Result};
 
 /// The prefetcher's state, one per backend (the engine's thread uses it).
@@ -48,9 +48,8 @@ pub(super) struct Prefetch {
     side: SideStream,
     /// Every 4-bit linear of the model, by the id it was registered under.
     linears: Vec<Arc<W4A16Linear>>,
-    /// The linear that followed each one in the last prefill.
-    next: HashMap<usize, usize>,
-    last: Option<usize>,
+    /// The order prefill calls the linears in.
+    order: CallOrder,
     /// The weight dequantized ahead, and for which linear.
     ready: Option<(usize, DeviceMatrix<f16>)>,
     /// SMs a prefetching GEMM leaves free (see `reserved_sms`).
@@ -88,8 +87,7 @@ impl Prefetch {
             side,
             reserve,
             linears: Vec::new(),
-            next: HashMap::new(),
-            last: None,
+            order: CallOrder::default(),
             ready: None,
         })
     }
@@ -120,11 +118,7 @@ impl Prefetch {
                 backend: "cuda",
                 message: format!("no prefetch entry for linear {id}"),
             })?;
-        if let Some(prev) = self.last.replace(id) {
-            if prev != id {
-                self.next.insert(prev, id);
-            }
-        }
+        let expected = self.order.call(id);
         let weight = match self.ready.take() {
             Some((for_id, w)) if for_id == id => self.join_or_wait(dev, w)?,
             other => {
@@ -143,8 +137,8 @@ impl Prefetch {
         // The next weight's scratch, allocated before this GEMM is queued.
         // Prefetching is an optimisation: where the scratch or its mark
         // cannot be had (memory is short), the GEMM goes on without it.
-        let ahead = match self.next.get(&id) {
-            Some(&n) if n != id => {
+        let ahead = match expected {
+            Some(n) => {
                 let nl = &self.linears[n];
                 dev.uninit::<f16>(nl.out_features(), nl.in_features())
                     .ok()
