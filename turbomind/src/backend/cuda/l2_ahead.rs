@@ -19,8 +19,9 @@
 //! guess costs one useless prefetch, never a wrong result: a prefetch
 //! changes no data, and no kernel waits for it.
 //!
-//! Branches are joined back before a recording ends
-//! ([`L2Ahead::join`]), as a recording requires.
+//! Only recorded decode steps (CUDA graphs, the default) prefetch; their
+//! branches are joined back before the recording ends ([`L2Ahead::join`]),
+//! as a recording requires.
 
 use std::sync::Arc;
 
@@ -76,12 +77,16 @@ impl L2Ahead {
     }
 
     /// Called right before linear `id` queues a decode product: learns the
-    /// order, and forks a branch that prefetches the linear expected next.
+    /// order, and, in a step being recorded, forks a branch that prefetches
+    /// the linear expected next. Eager steps only learn: there, the fork's
+    /// event between the producer and a PDL launch may cost the early
+    /// start PDL gives, and each fork costs host time at every step.
     pub fn before(&mut self, dev: &GpuDevice, id: usize) -> Result<()> {
-        let guess = self
-            .order
-            .call(id)
-            .unwrap_or((id + 1) % self.linears.len().max(1));
+        let learned = self.order.call(id);
+        if !dev.is_recording() {
+            return Ok(());
+        }
+        let guess = learned.unwrap_or((id + 1) % self.linears.len().max(1));
         let Some(linear) = self.linears.get(guess) else {
             return Ok(());
         };
