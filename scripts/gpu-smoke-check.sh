@@ -141,12 +141,12 @@ for kv in fp16 int8; do
         rc=1
     fi
     # Eager launches use PDL by default; without it the text must not
-    # change. Neither may it with the fused rope + KV write (the pool
-    # holds the same bytes either way) and the attention kernels' fp16
-    # copy (the same values as the conversion launch's), nor the gate/up
-    # GEMV storing silu(gate)·up, nor the next weights' L2 prefetch (it
-    # writes nothing), all opt-in until this passes.
-    for setting in "LMQ_CUDA_GRAPHS=0 LMQ_PDL=0" "LMQ_FUSED_KV_WRITE=1 LMQ_ATTN_HALF=1" "LMQ_CUDA_GRAPHS=0 LMQ_FUSED_KV_WRITE=1 LMQ_ATTN_HALF=1" "LMQ_FUSED_SILU=1" "LMQ_CUDA_GRAPHS=0 LMQ_FUSED_SILU=1" "LMQ_L2_PREFETCH=24"; do
+    # change. Neither may it without the fusions (default since session
+    # 10: the fused rope + KV write, whose pool holds the same bytes; the
+    # attention kernels' fp16 copy, the same values as the conversion
+    # launch's; the gate/up GEMV storing silu(gate)·up), nor with the next
+    # weights' L2 prefetch (it writes nothing).
+    for setting in "LMQ_CUDA_GRAPHS=0 LMQ_PDL=0" "LMQ_FUSED_KV_WRITE=0 LMQ_ATTN_HALF=0 LMQ_FUSED_SILU=0" "LMQ_CUDA_GRAPHS=0 LMQ_FUSED_KV_WRITE=0 LMQ_ATTN_HALF=0 LMQ_FUSED_SILU=0" "LMQ_L2_PREFETCH=24"; do
         env $setting timeout 40 "$R/lmq" generate --model /tmp/lmq-smoke-s135 --device cuda --kv-cache-dtype "$kv" \
             --prompt "the quick brown fox" --max-tokens 200 --ignore-eos >"$LOG/variant-$kv.txt" 2>>"$LOG/generate.err"
         if cmp -s "$LOG/graph-$kv.txt" "$LOG/variant-$kv.txt"; then

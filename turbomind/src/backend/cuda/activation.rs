@@ -1,6 +1,6 @@
 //! The CUDA backend's activation matrix: fp32 values, as on the CPU, plus
 //! the fp16 copy a linear reads where the op that made the matrix wrote
-//! one (the norms and SiLU·mul do, and attention with `LMQ_ATTN_HALF=1`:
+//! one (the norms, SiLU·mul and attention do:
 //! their outputs feed linears), so that a linear needs no conversion
 //! launch of its own.
 //!

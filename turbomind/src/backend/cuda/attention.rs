@@ -1,10 +1,10 @@
 //! The CUDA backend's attention op: the paged kernels over the pool, with
 //! the `smooth` KV mode's query scaling and value rotation around them, and
 //! the fp16 copy of the output that o_proj reads written by the kernels
-//! themselves with `LMQ_ATTN_HALF=1`: the conversion launch it replaces
-//! took 2.3 µs per layer of a 7B decode step on an H100 (session 9).
-//! Opt-in until its test (`kernels/tests/attn_prefill.rs`) has run on a
-//! GPU: it was written after the session's device time was spent.
+//! themselves: the conversion launch it replaces took 2.3 µs per layer of
+//! a 7B decode step on an H100 (session 9). On by default since session
+//! 10, when greedy text with it was unchanged on an H100 (fp16 and int8
+//! KV, graphs on and off); `LMQ_ATTN_HALF=0` keeps the conversion.
 
 use lmq_kernels::act;
 use lmq_kernels::paged::{self, IntAttnConfig};
@@ -14,10 +14,10 @@ use crate::backend::{AttnShape, SeqSpan};
 use crate::error::Result;
 
 /// Whether the attention kernels write o_proj's fp16 input themselves
-/// (`LMQ_ATTN_HALF=1`) instead of a conversion launch.
+/// instead of a conversion launch (unless `LMQ_ATTN_HALF=0`).
 fn attention_half() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LMQ_ATTN_HALF").is_ok_and(|v| v == "1"))
+    *ON.get_or_init(|| super::env_switch("LMQ_ATTN_HALF", true))
 }
 
 /// Whether the `smooth` KV mode takes the streaming kernel with centred keys

@@ -50,6 +50,17 @@ pub use activation::CudaAct;
 pub use kv_pool::CudaKvPool;
 pub use linear::CudaLinear;
 
+/// An on/off switch from the environment: `0`, `off`, `false` or `no`
+/// turn it off, `1`, `on`, `true` or `yes` on; unset (or anything else)
+/// leaves `default`.
+fn env_switch(name: &str, default: bool) -> bool {
+    match std::env::var(name).as_deref() {
+        Ok("0" | "off" | "false" | "no") => false,
+        Ok("1" | "on" | "true" | "yes") => true,
+        _ => default,
+    }
+}
+
 /// Whether a stacked q/k/v output of `widths` is q, k and v in whole heads
 /// of `hd` (q `num_heads` of them, k `num_kv_heads`): the shape the fused
 /// split/rope launches take.
@@ -105,7 +116,8 @@ pub struct CudaBackend {
     recording: Mutex<Option<Recording>>,
     profile: Mutex<Option<profile::StepProfile>>,
     /// Whether 4-bit gate/up projections uploaded from now on store
-    /// `silu(gate) · up` from their decode kernel (`LMQ_FUSED_SILU=1`).
+    /// `silu(gate) · up` from their decode kernel (on unless
+    /// `LMQ_FUSED_SILU=0`).
     fused_silu: std::sync::atomic::AtomicBool,
 }
 
@@ -155,7 +167,7 @@ impl CudaBackend {
     /// Makes 4-bit gate/up projections uploaded from now on interleave
     /// their gate and up tiles, so that decode stores `silu(gate) · up`
     /// from the W4A16 kernel itself (one launch fewer per layer, the same
-    /// bits); off by default unless `LMQ_FUSED_SILU=1`.
+    /// bits); on by default, off with `LMQ_FUSED_SILU=0`.
     pub fn set_fused_silu(&self, on: bool) {
         self.fused_silu
             .store(on, std::sync::atomic::Ordering::Relaxed);
