@@ -88,17 +88,23 @@ const W4_REL_L2_F32: f64 = 1e-3;
 const W4_REL_L2_F16: f64 = 2e-3;
 const W4_MAX_REL: f64 = 5e-3;
 
-fn run_w4<O: Element + ToF64 + lmq_kernels::OutElement>(dev: &GpuDevice, c: W4Case, seed: u64) {
-    let W4Case { m, k, n, g, .. } = c;
-    let mut rng = Rng(seed);
+/// A random 4-bit layer `k → n` in groups of `g`, `m` rows of input, an
+/// optional bias, and the f64 reference `x · W + b` with `w[k][j] = (q −
+/// z)·s` straight from the definition.
+struct W4Draw {
+    packed: PackedW4,
+    x: Vec<f16>,
+    bias: Option<Vec<f16>>,
+    want: Vec<f64>,
+}
+
+fn draw_w4(rng: &mut Rng, m: usize, k: usize, n: usize, g: usize, bias: bool) -> W4Draw {
     let groups = k / g;
     let q: Vec<u8> = (0..k * n).map(|_| rng.below(16) as u8).collect();
     let z: Vec<u8> = (0..groups * n).map(|_| rng.below(16) as u8).collect();
     let s = rng.f16s(groups * n, 0.002, 0.02);
     let x = rng.f16s(m * k, -1.0, 1.0);
-    let bias = c.bias.then(|| rng.f16s(n, -0.5, 0.5));
-
-    // Independent reference: w[k][j] = (q − z)·s straight from the definition.
+    let bias = bias.then(|| rng.f16s(n, -0.5, 0.5));
     let mut want = vec![0.0f64; m * n];
     for r in 0..m {
         for j in 0..n {
@@ -111,9 +117,24 @@ fn run_w4<O: Element + ToF64 + lmq_kernels::OutElement>(dev: &GpuDevice, c: W4Ca
             want[r * n + j] = acc + bias.as_ref().map_or(0.0, |b| b[j].to_f64());
         }
     }
-
     let packed =
         PackedW4::from_awq(&awq_pack(&q, k, n), &awq_pack(&z, groups, n), &s, k, n, g).unwrap();
+    W4Draw {
+        packed,
+        x,
+        bias,
+        want,
+    }
+}
+
+fn run_w4<O: Element + ToF64 + lmq_kernels::OutElement>(dev: &GpuDevice, c: W4Case, seed: u64) {
+    let W4Case { m, k, n, g, .. } = c;
+    let W4Draw {
+        packed,
+        x,
+        bias,
+        want,
+    } = draw_w4(&mut Rng(seed), m, k, n, g, c.bias);
     let mut layer = W4A16Linear::new(dev, &packed, bias.as_deref()).unwrap();
     layer.set_kernel_kind(c.kernel).unwrap();
     let pdl = layer.set_pdl(c.pdl);
@@ -285,30 +306,13 @@ fn w4a16_row_slices_match_whole_launches() {
         (40usize, 320usize, 96usize, 32usize, 71u64),
         (64, 576, 200, 64, 72),
     ] {
-        let mut rng = Rng(seed);
-        let groups = k / g;
-        let q: Vec<u8> = (0..k * n).map(|_| rng.below(16) as u8).collect();
-        let z: Vec<u8> = (0..groups * n).map(|_| rng.below(16) as u8).collect();
-        let s = rng.f16s(groups * n, 0.002, 0.02);
-        let x = rng.f16s(m * k, -1.0, 1.0);
-        let bias = rng.f16s(n, -0.5, 0.5);
-        let mut want = vec![0.0f64; m * n];
-        for r in 0..m {
-            for j in 0..n {
-                let acc: f64 = (0..k)
-                    .map(|kk| {
-                        let grp = kk / g;
-                        let w = (q[kk * n + j] as f64 - z[grp * n + j] as f64)
-                            * s[grp * n + j].to_f64();
-                        x[r * k + kk].to_f64() * w
-                    })
-                    .sum();
-                want[r * n + j] = acc + bias[j].to_f64();
-            }
-        }
-        let packed =
-            PackedW4::from_awq(&awq_pack(&q, k, n), &awq_pack(&z, groups, n), &s, k, n, g).unwrap();
-        let layer = W4A16Linear::new(&dev, &packed, Some(&bias)).unwrap();
+        let W4Draw {
+            packed,
+            x,
+            bias,
+            want,
+        } = draw_w4(&mut Rng(seed), m, k, n, g, true);
+        let layer = W4A16Linear::new(&dev, &packed, bias.as_deref()).unwrap();
         let xd = dev.upload(&x, m, k).unwrap();
         for pdl in [false, true] {
             let what = format!("w4a16 row slices m{m} k{k} n{n} g{g} pdl={pdl}");

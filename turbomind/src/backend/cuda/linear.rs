@@ -388,9 +388,7 @@ impl CudaLinear {
 fn decode_rows_limit() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| {
-        std::env::var("LMQ_W4_DECODE_ROWS")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
+        super::env_count("LMQ_W4_DECODE_ROWS")
             .unwrap_or(MAX_ROWS)
             .max(MAX_ROWS)
     })
@@ -414,11 +412,5 @@ fn prefetch_next(dev: &GpuDevice, aids: &LinearAids<'_>, ids: &W4Ids) -> Result<
 fn prefill_slice_rows() -> Option<usize> {
     static ROWS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     // Whole 8-output tiles: rounded down, at least one tile.
-    *ROWS.get_or_init(|| {
-        std::env::var("LMQ_PREFILL_SLICE")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .filter(|&r| r > 0)
-            .map(|r| (r / 8 * 8).max(8))
-    })
+    *ROWS.get_or_init(|| super::env_count("LMQ_PREFILL_SLICE").map(|r| (r / 8 * 8).max(8)))
 }

@@ -61,6 +61,14 @@ fn env_switch(name: &str, default: bool) -> bool {
     }
 }
 
+/// A count from the environment; unset, unparsable or 0: `None`.
+fn env_count(name: &str) -> Option<usize> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+}
+
 /// Whether a stacked q/k/v output of `widths` is q, k and v in whole heads
 /// of `hd` (q `num_heads` of them, k `num_kv_heads`): the shape the fused
 /// split/rope launches take.
