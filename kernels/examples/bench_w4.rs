@@ -360,7 +360,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     let stacked_bytes: f64 = stacked.iter().map(|s| s[0].weight_bytes() as f64).sum();
-    let side = dev.side_stream()?;
     let mut stacked_rows = Vec::new();
     for &m in &ms_list {
         let x4 = dev.upload(&vec![f16::from_f32(0.01); m * 4096], m, 4096)?;
@@ -369,28 +368,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .iter()
             .map(|&(_, n)| dev.zeros::<f32>(m, n))
             .collect::<Result<Vec<_>, _>>()?;
-        for prefetch_mb in [0usize, 8, 24, 48] {
+        for prefetch_mb in [0usize, 2, 4, 8, 16] {
             for pdl in [false, true] {
                 for set in stacked.iter_mut() {
                     set_all(set, DEFAULT_KERNEL, pdl)?;
                 }
                 let mut run = || -> Result<(), KernelError> {
-                    // With a prefetch, each linear first forks a branch
-                    // that asks L2 for the next linear's weights.
+                    // With a prefetch, each launch's last blocks ask L2
+                    // for the start of the next linear's codes.
                     let order: Vec<(usize, usize)> = (0..COPIES)
                         .flat_map(|c| (0..stacked.len()).map(move |i| (c, i)))
                         .collect();
                     for (j, &(c, i)) in order.iter().enumerate() {
+                        let x = if i == 3 { &x11 } else { &x4 };
                         if prefetch_mb > 0 {
                             let (nc, ni) = order[(j + 1) % order.len()];
-                            dev.fork(&side)?;
-                            stacked[ni][nc].prefetch_l2(&dev, &side, prefetch_mb << 20)?;
+                            let next = &stacked[ni][nc];
+                            stacked[i][c].forward_prefetching(
+                                &dev,
+                                x,
+                                &mut outs[i],
+                                next,
+                                prefetch_mb << 20,
+                            )?;
+                        } else {
+                            stacked[i][c].forward(&dev, x, &mut outs[i])?;
                         }
-                        let x = if i == 3 { &x11 } else { &x4 };
-                        stacked[i][c].forward(&dev, x, &mut outs[i])?;
-                    }
-                    if prefetch_mb > 0 {
-                        dev.join_fork(&side)?;
                     }
                     Ok(())
                 };
@@ -513,7 +516,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!();
     println!("The same layer as the engine launches it: q/k/v and gate/up stacked (4 launches), default kernel, per layer;");
-    println!("L2 prefetch: before each linear, a parallel branch asks L2 for up to that much of the next linear's weights:");
+    println!("L2 prefetch: each launch's last blocks ask L2 for that much of the next linear's codes (in-kernel):");
     println!("|  M | PDL | L2 prefetch | us/layer |  GB/s  | of copy |");
     println!("|----|-----|-------------|----------|--------|---------|");
     for r in stacked_rows {

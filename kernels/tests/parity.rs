@@ -365,6 +365,55 @@ fn w4a16_row_slices_match_whole_launches() {
     }
 }
 
+/// A launch that asks L2 for the next linear's codes (every length: none,
+/// one chunk, more chunks than blocks, the whole weight and past it)
+/// writes the same bits as a plain launch, and the prefetched layer's own
+/// results are unchanged.
+#[test]
+fn w4a16_l2_prefetch_changes_no_result() {
+    let Some(dev) = device() else { return };
+    let (m, k, n, g) = (3usize, 1536usize, 264usize, 128usize);
+    let a = draw_w4(&mut Rng(81), m, k, n, g, false);
+    let b = draw_w4(&mut Rng(82), m, k, 4104, 64, true);
+    let la = W4A16Linear::new(&dev, &a.packed, None).unwrap();
+    let lb = W4A16Linear::new(&dev, &b.packed, b.bias.as_deref()).unwrap();
+    let xa = dev.upload(&a.x, m, k).unwrap();
+    let xb = dev.upload(&b.x, m, k).unwrap();
+    let mut plain = poisoned::<f32>(&dev, m, n);
+    la.forward(&dev, &xa, &mut plain).unwrap();
+    let plain = dev.download(&plain).unwrap();
+    compare(
+        "w4a16 before prefetch",
+        &plain,
+        &a.want,
+        W4_REL_L2_F32,
+        W4_MAX_REL,
+    );
+    for bytes in [0usize, 16, 40_000, 400_000, usize::MAX] {
+        let what = format!("w4a16 with {bytes} bytes of the next layer prefetched");
+        let mut out = poisoned::<f32>(&dev, m, n);
+        la.forward_prefetching(&dev, &xa, &mut out, &lb, bytes)
+            .unwrap();
+        let got = dev.download(&out).unwrap();
+        assert!(
+            got.iter()
+                .zip(&plain)
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{what}: differs from the plain launch"
+        );
+        let mut next = poisoned::<f32>(&dev, m, 4104);
+        lb.forward(&dev, &xb, &mut next).unwrap();
+        compare(
+            &what,
+            &dev.download(&next).unwrap(),
+            &b.want,
+            W4_REL_L2_F32,
+            W4_MAX_REL,
+        );
+    }
+    println!("w4a16 l2 prefetch: identical to plain launches");
+}
+
 #[test]
 fn w4a16_rejects_bad_shapes() {
     let Some(dev) = device() else { return };

@@ -106,7 +106,7 @@ fn check(dev: &GpuDevice, k: usize, half: usize, g: usize, with_bias: bool, seed
 #[test]
 fn fused_silu_pairs_match_two_launches() {
     let Some(dev) = device() else { return };
-    let mut seed = 0x51_1u64;
+    let mut seed = 0x0511_u64;
     for (k, half, g) in [
         (256usize, 64usize, 128usize),
         (576, 1536, 64),

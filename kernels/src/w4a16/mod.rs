@@ -91,6 +91,10 @@ struct LaunchSpec<'a> {
     /// The first row and the row count of a slice of x's rows (and the
     /// output's); None: all of them.
     rows: Option<(usize, usize)>,
+    /// The next linear and how many bytes of its codes the launch's last
+    /// blocks ask L2 for (classic kernels; see `l2_prefetch_share` in
+    /// cu/w4a16.cu). None: no prefetch.
+    l2_next: Option<(&'a W4A16Linear, usize)>,
 }
 
 impl LaunchSpec<'_> {
@@ -100,9 +104,14 @@ impl LaunchSpec<'_> {
             pdl,
             store: Store::Product,
             rows,
+            l2_next: None,
         }
     }
 }
+
+/// Bytes one block asks L2 for in an in-kernel prefetch of the next
+/// linear's codes: one bulk prefetch on sm_90.
+const L2_NEXT_CHUNK: u32 = 32 * 1024;
 
 /// A 4-bit linear layer resident on one GPU.
 pub struct W4A16Linear {
@@ -418,9 +427,7 @@ impl W4A16Linear {
             out,
             LaunchSpec {
                 splits,
-                pdl: self.pdl,
-                store: Store::Product,
-                rows: None,
+                ..LaunchSpec::product(self.pdl, None)
             },
         )
     }
@@ -437,6 +444,26 @@ impl W4A16Linear {
     ) -> Result<()> {
         self.launch_to(dev, x, out, LaunchSpec::product(false, None))
             .map(|_| ())
+    }
+
+    /// [`Self::forward`], and the launch's last blocks, once they have
+    /// read their weights, ask L2 for the first `max_bytes` of `next`'s
+    /// codes (classic kernels; the streaming kernel ignores it), so that
+    /// DRAM keeps streaming while this launch drains and `next`'s starts.
+    /// Results are those of [`Self::forward`].
+    pub fn forward_prefetching<O: OutElement>(
+        &self,
+        dev: &GpuDevice,
+        x: &DeviceMatrix<f16>,
+        out: &mut DeviceMatrix<O>,
+        next: &W4A16Linear,
+        max_bytes: usize,
+    ) -> Result<()> {
+        let spec = LaunchSpec {
+            l2_next: Some((next, max_bytes)),
+            ..LaunchSpec::product(self.pdl, None)
+        };
+        self.launch_to(dev, x, out, spec).map(|_| ())
     }
 
     /// Rows `row0 .. row0 + rows` of `x` (`[M, in]`, any M; at most
@@ -500,6 +527,7 @@ impl W4A16Linear {
             pdl: pdl && self.pdl,
             store: Store::SiluPairs(out_h),
             rows: None,
+            l2_next: None,
         };
         self.launch_to(dev, x, out, spec).map(|_| ())
     }
@@ -517,6 +545,7 @@ impl W4A16Linear {
             pdl,
             store,
             rows,
+            l2_next,
         } = spec;
         let total = x.rows();
         let (row0, m) = rows.unwrap_or((0, total));
@@ -665,9 +694,29 @@ impl W4A16Linear {
             }
             None => (0, None),
         };
+        // Then the L2 prefetch of the next linear's codes: its start, its
+        // length (0: none) and the bytes per block's bulk prefetch.
+        let (pf_ptr, pf_bytes, _pf_sync) = match l2_next {
+            Some((next, max_bytes)) if max_bytes >= 16 => {
+                if !std::sync::Arc::ptr_eq(next.qw.stream(), stream) {
+                    return Err(KernelError::invalid(
+                        OP,
+                        "the linear to prefetch belongs to another GpuDevice",
+                    ));
+                }
+                let (ptr, sync) = next.qw.device_ptr(stream);
+                let bytes = (4 * next.qw.len()).min(max_bytes) as u64 & !15;
+                (ptr, bytes, Some(sync))
+            }
+            _ => (0, 0u64, None),
+        };
+        let pf_chunk = L2_NEXT_CHUNK;
         if !streaming {
             args.push(&silu_pairs as *const _ as *mut _);
             args.push(&out_h_ptr as *const _ as *mut _);
+            args.push(&pf_ptr as *const _ as *mut _);
+            args.push(&pf_bytes as *const _ as *mut _);
+            args.push(&pf_chunk as *const _ as *mut _);
         }
         // SAFETY: the value of a programmatic-serialization attribute is the
         // int `programmaticStreamSerializationAllowed`; the rest of the
@@ -699,7 +748,10 @@ impl W4A16Linear {
         // SAFETY: `args` matches `w4a16_gemv_g{G}_r{R}_u{U}`'s signature in
         // cu/w4a16.cu (six device pointers, eight ints, the fp16 copy's
         // pointer: null, or m·N/2 halves with silu_pairs, whose out then
-        // holds m·N/2 elements, checked above), or with `streaming`
+        // holds m·N/2 elements, checked above; then the prefetch's start,
+        // u64 length and u32 chunk: a live allocation of this stream of at
+        // least pf_bytes bytes, or length 0, and a prefetch writes
+        // nothing), or with `streaming`
         // `w4a16_stream_g{G}_r{R}_s{NS}`'s (six pointers, eight ints, PPB
         // after KC; NS = p.stages, which sizes smem_bytes), G being this
         // layer's group size; every pointed-to value lives until after the
