@@ -58,6 +58,13 @@ if [[ "$PART" == 1 || "$PART" == all ]]; then
 fi
 [[ "$PART" == 1 ]] && exit 0
 if [[ "$PART" == 3 ]]; then
+    # Prefill attention with the integer tiles pipelined or not (the same
+    # binary; LMQ_PREFILL_INT_PIPE is read once per process).
+    gpu_env
+    unpack "$BIN" /tmp/lmq-smoke-bin
+    phase attn-prefill 90 /tmp/lmq-smoke-bin/bench_attn_prefill
+    phase attn-prefill-pipe 90 env LMQ_PREFILL_INT_PIPE=1 /tmp/lmq-smoke-bin/bench_attn_prefill
+    grep -E "^\|" "$LOG/attn-prefill.txt" "$LOG/attn-prefill-pipe.txt"
     # Decode batches of 32 and 48 on the 7B shape, with and without the
     # decode kernel on slices of rows.
     phase batch-7b 300 env BIN="$BIN" bash "$here/gpu-batch-bench.sh"

@@ -29,9 +29,28 @@
             ATTN_PREFILL_CALL(HD, DT, false);                                                     \
     }
 
+// The same with the integer tiles' raw codes pipelined (PIPE; opt-in,
+// LMQ_PREFILL_INT_PIPE=1, until measured on a GPU).
+#define ATTN_PREFILL_PIPE_CALL(HD, DT, ST)                                                        \
+    paged_attn_prefill<HD, DT, ST, true>(q, meta, rows, tiles_at, data,                          \
+                                         (const unsigned char*)params, statics, layer, L, H, NH, \
+                                         BL, scale, out, out_h)
+#define ATTN_PREFILL_PIPE_ENTRY(HD, DT, NAME)                                                     \
+    extern "C" __global__ void __launch_bounds__(PF_WARPS * 32)                                   \
+        paged_attn_prefill_h##HD##_##NAME##_pipe(ATTN_PREFILL_ARGS) {                            \
+        if (static_mode)                                                                          \
+            ATTN_PREFILL_PIPE_CALL(HD, DT, true);                                                 \
+        else                                                                                      \
+            ATTN_PREFILL_PIPE_CALL(HD, DT, false);                                                \
+    }
+
 ATTN_PREFILL_F16_ENTRY(64)
 ATTN_PREFILL_F16_ENTRY(128)
 ATTN_PREFILL_INT_ENTRY(64, DT_I8, i8)
 ATTN_PREFILL_INT_ENTRY(64, DT_I4, i4)
 ATTN_PREFILL_INT_ENTRY(128, DT_I8, i8)
 ATTN_PREFILL_INT_ENTRY(128, DT_I4, i4)
+ATTN_PREFILL_PIPE_ENTRY(64, DT_I8, i8)
+ATTN_PREFILL_PIPE_ENTRY(64, DT_I4, i4)
+ATTN_PREFILL_PIPE_ENTRY(128, DT_I8, i8)
+ATTN_PREFILL_PIPE_ENTRY(128, DT_I4, i4)

@@ -79,34 +79,35 @@ struct PrefillKey {
 // PF_KT rows of HD halves padded by 8 (16 bytes), so that the 8 rows of an
 // ldmatrix fall in distinct bank groups; then the 2·PF_KT token-heads of the
 // tile being loaded.
-template <int HD, int DT>
+//
+// PIPE (integer storage only): two more stages of the tile's raw codes,
+// K then V, each token-head's RB bytes as stored, filled by cp.async while
+// the tile before is dequantized and attended; and two token-head
+// buffers, one per raw stage.
+template <int HD, int DT, bool PIPE = false>
 struct PrefillSmem {
     static constexpr int RS = HD + 8;  // halves per row
     static constexpr int TILE = PF_KT * RS;  // halves per K (or V) tile
     static constexpr int NST = DT == DT_F16 ? 2 : 1;
-    static constexpr int KEYS_AT = NST * 2 * TILE * 2;  // bytes
-    static constexpr int BYTES = KEYS_AT + 2 * PF_KT * (int)sizeof(PrefillKey);
+    static constexpr int RB = DT == DT_I8 ? HD : HD / 2;  // raw bytes per token-head
+    static constexpr int RAW = PIPE ? 2 * PF_KT * RB : 0;  // bytes per raw stage
+    static constexpr int RAW_AT = NST * 2 * TILE * 2;  // bytes
+    static constexpr int KEYS_AT = RAW_AT + 2 * RAW;
+    static constexpr int KEYS = 2 * PF_KT;  // token-heads per buffer
+    static constexpr int BYTES = KEYS_AT + (PIPE ? 2 : 1) * KEYS * (int)sizeof(PrefillKey);
 };
 
-// The key tile [kt0, kt0 + PF_KT) of `head` (keys at or past `end` read key
-// end − 1), K then V, into `stage`: fp16 storage by cp.async (committed as
-// one group by the caller), integer storage dequantized through registers.
-// First one thread per token-head finds it (a block-table lookup and, for
-// integer storage, its parameters) for the others: each token-head is 8 to
-// 16 chunks of 8 values, copied by as many threads.
-template <int HD, int DT, bool STATIC>
-__device__ __forceinline__ void prefill_load_tile(__half* stage, PrefillKey* keys, int kt0, int end,
-                                                  const int* __restrict__ blocks,
-                                                  const unsigned char* __restrict__ data,
-                                                  const unsigned char* __restrict__ params,
-                                                  const float* __restrict__ statics, int layer,
-                                                  int L, int H, int head, int BL) {
-    using S = PrefillSmem<HD, DT>;
-    constexpr int CPK = HD / 8;  // chunks of 8 values per token-head
-    constexpr int CHUNKS = 2 * PF_KT * CPK;
+// Where the 2·PF_KT token-heads of the key tile [kt0, kt0 + PF_KT) of
+// `head` are (keys at or past `end` read key end − 1), K then V, and for
+// integer storage their parameters, into `keys`: one thread each (a
+// block-table lookup, then the parameters).
+template <int DT, bool STATIC>
+__device__ __forceinline__ void prefill_lookup(PrefillKey* keys, int kt0, int end,
+                                               const int* __restrict__ blocks,
+                                               const unsigned char* __restrict__ params,
+                                               const float* __restrict__ statics, int layer, int L,
+                                               int H, int head, int BL) {
     static_assert(2 * PF_KT <= PF_WARPS * 32, "one thread per token-head of a tile");
-    // `keys` is one buffer: callers put a barrier between one call's copies
-    // (which read it) and the next call (which rewrites it).
     if (threadIdx.x < 2 * PF_KT) {
         const int which = threadIdx.x / PF_KT, key = threadIdx.x % PF_KT;
         const int p = min(kt0 + key, end - 1);
@@ -125,6 +126,83 @@ __device__ __forceinline__ void prefill_load_tile(__half* stage, PrefillKey* key
         }
         keys[threadIdx.x] = k;
     }
+}
+
+// Eight codes of a token-head (int8: 8 bytes, int4: 4 bytes, byte j
+// holding values 2j in its low nibble and 2j + 1) as c·scale + zero in
+// fp32, rounded once to fp16, into 16 bytes of shared memory.
+template <int DT>
+__device__ __forceinline__ void prefill_dequant8(__half* dst, const unsigned char* src, float scale,
+                                                 float zero) {
+    float x[8];
+    if (DT == DT_I8) {
+        const uint2 w = *(const uint2*)src;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            x[i] = (float)((w.x >> (8 * i)) & 0xffu);
+            x[4 + i] = (float)((w.y >> (8 * i)) & 0xffu);
+        }
+    } else {
+        const u32 w = *(const u32*)src;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) x[i] = (float)((w >> (4 * i)) & 0xfu);
+    }
+    u32 h[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        h[i] = h2_bits(__floats2half2_rn(fmaf(x[2 * i], scale, zero), fmaf(x[2 * i + 1], scale, zero)));
+    *(uint4*)dst = make_uint4(h[0], h[1], h[2], h[3]);
+}
+
+// PIPE: the raw codes of the token-heads in `keys` into a raw stage, by
+// cp.async in 16-byte pieces (committed as one group by the caller).
+template <int HD, int DT>
+__device__ __forceinline__ void prefill_issue_raw(unsigned char* raw, const PrefillKey* keys,
+                                                  const unsigned char* __restrict__ data) {
+    constexpr int RB = PrefillSmem<HD, DT, true>::RB;
+    constexpr int CPR = RB / 16;  // pieces per token-head
+    for (int c = threadIdx.x; c < 2 * PF_KT * CPR; c += PF_WARPS * 32) {
+        const int kh = c / CPR, part = c % CPR;
+        copy16_async(raw + kh * RB + part * 16, data + keys[kh].th * RB + part * 16);
+    }
+}
+
+// PIPE: a raw stage, dequantized with the parameters in `keys`, into the
+// fp16 stage (the layout prefill_load_tile writes).
+template <int HD, int DT>
+__device__ __forceinline__ void prefill_dequant_raw(__half* stage, const unsigned char* raw,
+                                                    const PrefillKey* keys) {
+    using S = PrefillSmem<HD, DT, true>;
+    constexpr int CPK = HD / 8;
+    constexpr int CB = S::RB / CPK;  // raw bytes per chunk of 8 values
+    for (int c = threadIdx.x; c < 2 * PF_KT * CPK; c += PF_WARPS * 32) {
+        const int kh = c / CPK, part = c % CPK;
+        const int which = kh / PF_KT, key = kh % PF_KT;
+        const PrefillKey k = keys[kh];
+        prefill_dequant8<DT>(stage + which * S::TILE + key * S::RS + part * 8, raw + kh * S::RB + part * CB,
+                             k.scale, k.zero);
+    }
+}
+
+// The key tile [kt0, kt0 + PF_KT) of `head` (keys at or past `end` read key
+// end − 1), K then V, into `stage`: fp16 storage by cp.async (committed as
+// one group by the caller), integer storage dequantized through registers.
+// First one thread per token-head finds it (a block-table lookup and, for
+// integer storage, its parameters) for the others: each token-head is 8 to
+// 16 chunks of 8 values, copied by as many threads.
+template <int HD, int DT, bool STATIC>
+__device__ __forceinline__ void prefill_load_tile(__half* stage, PrefillKey* keys, int kt0, int end,
+                                                  const int* __restrict__ blocks,
+                                                  const unsigned char* __restrict__ data,
+                                                  const unsigned char* __restrict__ params,
+                                                  const float* __restrict__ statics, int layer,
+                                                  int L, int H, int head, int BL) {
+    using S = PrefillSmem<HD, DT>;
+    constexpr int CPK = HD / 8;  // chunks of 8 values per token-head
+    constexpr int CHUNKS = 2 * PF_KT * CPK;
+    // `keys` is one buffer: callers put a barrier between one call's copies
+    // (which read it) and the next call (which rewrites it).
+    prefill_lookup<DT, STATIC>(keys, kt0, end, blocks, params, statics, layer, L, H, head, BL);
     __syncthreads();
     for (int c = threadIdx.x; c < CHUNKS; c += PF_WARPS * 32) {
         const int which = c / (PF_KT * CPK);
@@ -137,30 +215,12 @@ __device__ __forceinline__ void prefill_load_tile(__half* stage, PrefillKey* key
             copy16_async(dst, data + th * (2 * HD) + part * 16);
             continue;
         }
-        const float scale = k.scale, zero = k.zero;
-        float x[8];
-        if (DT == DT_I8) {
-            const uint2 w = *(const uint2*)(data + th * HD + part * 8);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                x[i] = (float)((w.x >> (8 * i)) & 0xffu);
-                x[4 + i] = (float)((w.y >> (8 * i)) & 0xffu);
-            }
-        } else {
-            // Byte j holds values 2j (low nibble) and 2j + 1.
-            const u32 w = *(const u32*)(data + th * (HD / 2) + part * 4);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) x[i] = (float)((w >> (4 * i)) & 0xfu);
-        }
-        u32 h[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-            h[i] = h2_bits(__floats2half2_rn(fmaf(x[2 * i], scale, zero), fmaf(x[2 * i + 1], scale, zero)));
-        *(uint4*)dst = make_uint4(h[0], h[1], h[2], h[3]);
+        constexpr int CB = S::RB / CPK;
+        prefill_dequant8<DT>(dst, data + th * S::RB + part * CB, k.scale, k.zero);
     }
 }
 
-template <int HD, int DT, bool STATIC>
+template <int HD, int DT, bool STATIC, bool PIPE = false>
 __device__ void paged_attn_prefill(const float* __restrict__ q, const int* __restrict__ meta,
                                    int rows, int tiles_at, const unsigned char* __restrict__ data,
                                    const unsigned char* __restrict__ params,
@@ -169,7 +229,8 @@ __device__ void paged_attn_prefill(const float* __restrict__ q, const int* __res
                                    __half* __restrict__ out_h) {
     // Attention feeds o_proj: let it start (see act_f32.cu).
     grid_dep_launch();
-    using S = PrefillSmem<HD, DT>;
+    static_assert(!PIPE || DT != DT_F16, "fp16 storage is pipelined without PIPE");
+    using S = PrefillSmem<HD, DT, PIPE>;
     constexpr int KS = HD / 16;     // k-steps of Q·Kᵀ
     constexpr int NT = PF_KT / 8;   // key n-tiles of S
     constexpr int DTL = HD / 8;     // dim n-tiles of O
@@ -220,6 +281,14 @@ __device__ void paged_attn_prefill(const float* __restrict__ q, const int* __res
     for (int d = 0; d < DTL; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
 
     const int ntiles = (end - begin + PF_KT - 1) / PF_KT;
+    unsigned char* raw = smem_raw + S::RAW_AT;
+    if (PIPE) {
+        // Tile 0's token-heads, then its raw codes in flight.
+        prefill_lookup<DT, STATIC>(keys, begin, end, blocks, params, statics, layer, L, H, head, BL);
+        __syncthreads();
+        prefill_issue_raw<HD, DT>(raw, keys, data);
+        copy_commit();
+    }
     if (DT == DT_F16) {
         prefill_load_tile<HD, DT, STATIC>(smem, keys, begin, end, blocks, data, params, statics, layer, L, H,
                                           head, BL);
@@ -243,6 +312,27 @@ __device__ void paged_attn_prefill(const float* __restrict__ q, const int* __res
             } else {
                 copy_wait(0);
             }
+        } else if (PIPE) {
+            // The next tile's token-heads are looked up while this tile's
+            // codes arrive, and its codes go out before this tile is
+            // dequantized and attended. Buffer (it + 1) & 1 was last read
+            // by iteration it − 1's dequantization, before its barriers.
+            const int nb = (it + 1) & 1;
+            PrefillKey* next_keys = keys + nb * S::KEYS;
+            if (it + 1 < ntiles)
+                prefill_lookup<DT, STATIC>(next_keys, kt0 + PF_KT, end, blocks, params, statics, layer, L, H,
+                                           head, BL);
+            __syncthreads();
+            if (it + 1 < ntiles) {
+                prefill_issue_raw<HD, DT>(raw + nb * S::RAW, next_keys, data);
+                copy_commit();
+                copy_wait(1);
+            } else {
+                copy_wait(0);
+            }
+            // Every thread's copies of this tile have landed.
+            __syncthreads();
+            prefill_dequant_raw<HD, DT>(stage, raw + (it & 1) * S::RAW, keys + (it & 1) * S::KEYS);
         } else {
             prefill_load_tile<HD, DT, STATIC>(stage, keys, kt0, end, blocks, data, params, statics, layer, L,
                                               H, head, BL);

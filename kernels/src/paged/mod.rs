@@ -24,8 +24,10 @@ mod prefill;
 pub use fused::{split_rope_kv_write, RopeTable};
 use meta::check_meta;
 pub use meta::{check_rows, RowMeta, RowPlace};
+use prefill::{
+    int_pipe_from_env, prefill_entry, prefill_smem_bytes, prefill_supported, use_prefill_tiles,
+};
 pub use prefill::{plan_prefill, PrefillPlan, PrefillTile, PREFILL_MIN_RUN, PREFILL_TILE_ROWS};
-use prefill::{prefill_smem_bytes, prefill_supported, use_prefill_tiles};
 
 /// How the pool stores each value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -721,9 +723,9 @@ fn attend(
         )?;
     }
     if let Some(p) = prefill {
-        let name = format!("paged_attn_prefill_h{hd}_{}", l.storage.suffix());
-        let f = dev.function(Module::AttnPrefill, &name)?;
-        let bytes = prefill_smem_bytes(l.storage, hd);
+        let pipe = int_pipe_from_env();
+        let f = dev.function(Module::AttnPrefill, &prefill_entry(l.storage, hd, pipe))?;
+        let bytes = prefill_smem_bytes(l.storage, hd, pipe);
         f.set_attribute(
             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             check_i32(OP, "shared memory", bytes)?,

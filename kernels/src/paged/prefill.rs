@@ -110,13 +110,47 @@ pub(super) fn prefill_supported(dev: &GpuDevice, l: &KvLayout) -> bool {
         && dev.compute_capability() >= (8, 0)
 }
 
+/// Whether integer storage takes the prefill kernel whose raw codes are
+/// copied a tile ahead (`paged_attn_prefill_h{hd}_{i8,i4}_pipe`): opt-in
+/// with `LMQ_PREFILL_INT_PIPE=1` until a GPU has run its checks and timed
+/// it. The plain integer kernel looks up, loads and dequantizes each tile
+/// while no copy is in flight, and ran at about a third of the fp16
+/// kernel's rate (docs/BENCHMARKS.md, session 8).
+pub(super) fn int_pipe_from_env() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LMQ_PREFILL_INT_PIPE").is_ok_and(|v| v == "1"))
+}
+
+/// The prefill kernel's entry point for a storage type and head_dim, with
+/// the integer tiles pipelined or not (fp16 tiles always are).
+pub(super) fn prefill_entry(storage: KvStorage, head_dim: usize, int_pipe: bool) -> String {
+    let pipe = if int_pipe && storage != KvStorage::F16 {
+        "_pipe"
+    } else {
+        ""
+    };
+    format!("paged_attn_prefill_h{head_dim}_{}{pipe}", storage.suffix())
+}
+
 /// Dynamic shared memory of the prefill kernel (`PrefillSmem` in the
 /// kernel): K and V tiles of 64 rows of head_dim + 8 halves, two stages for
-/// fp16 storage (copied asynchronously), one for integer storage; then the
-/// tile's 128 token-heads (`PrefillKey`, 16 bytes each).
-pub(super) fn prefill_smem_bytes(storage: KvStorage, head_dim: usize) -> usize {
+/// fp16 storage (copied asynchronously), one for integer storage; with the
+/// integer tiles pipelined, two stages of their raw codes; then the tile's
+/// 128 token-heads (`PrefillKey`, 16 bytes each), twice when pipelined.
+pub(super) fn prefill_smem_bytes(storage: KvStorage, head_dim: usize, int_pipe: bool) -> usize {
     let stages = if storage == KvStorage::F16 { 2 } else { 1 };
-    stages * 2 * 64 * (head_dim + 8) * 2 + 2 * 64 * 16
+    let fp16_tiles = stages * 2 * 64 * (head_dim + 8) * 2;
+    let keys = 2 * 64 * 16;
+    let raw_row = match storage {
+        KvStorage::Int8 => head_dim,
+        KvStorage::Int4 => head_dim / 2,
+        _ => 0,
+    };
+    if int_pipe && raw_row > 0 {
+        fp16_tiles + 2 * (2 * 64 * raw_row) + 2 * keys
+    } else {
+        fp16_tiles + keys
+    }
 }
 
 #[cfg(test)]
