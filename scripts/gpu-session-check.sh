@@ -45,15 +45,22 @@ date -u
 # one call's 600 s.
 PART=${PART:-all}
 if [[ "$PART" == 1 || "$PART" == all ]]; then
-    phase smoke 260 env BIN="$BIN" SKIP_BENCH=1 bash "$here/gpu-smoke-check.sh"
-    grep -v "^attention \|max err" "$LOG/smoke.txt" | tail -n 60
-
-    # The prefill GEMM (whole weight, pipelined, and in slices) and the
-    # decode linears' launch-plan sweep and L2 prefetch, from the binaries
-    # the smoke phase unpacked.
+    # First the newest kernel's checks and timing (the wgmma prefill GEMM),
+    # so that a call cut short still returns them.
+    gpu_env
+    unpack "$BIN" /tmp/lmq-smoke-bin
+    if [[ -x /tmp/lmq-smoke-bin/w4_gemm ]]; then
+        phase w4-gemm 60 /tmp/lmq-smoke-bin/w4_gemm --nocapture
+        grep -E "wgmma m|cases on|refused|test result|panicked" "$LOG/w4-gemm.txt"
+    fi
     phase prefill 60 /tmp/lmq-smoke-bin/bench_prefill
     grep -E "^\|" "$LOG/prefill.txt"
-    phase w4-sweep 120 env LMQ_BENCH_M=1 LMQ_BENCH_SWEEP=1 /tmp/lmq-smoke-bin/bench_w4
+    phase smoke 300 env BIN="$BIN" SKIP_BENCH=1 bash "$here/gpu-smoke-check.sh"
+    grep -v "^attention \|max err" "$LOG/smoke.txt" | tail -n 60
+
+    # The decode linears' launch-plan sweep and in-kernel L2 prefetch,
+    # from the binaries the smoke phase unpacked.
+    phase w4-sweep 110 env LMQ_BENCH_M=1 LMQ_BENCH_SWEEP=1 /tmp/lmq-smoke-bin/bench_w4
     grep -E "^copy|^\|" "$LOG/w4-sweep.txt" | tail -n 34
 fi
 [[ "$PART" == 1 ]] && exit 0

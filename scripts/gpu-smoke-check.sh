@@ -40,6 +40,7 @@ if [[ "${1:-}" == "--collect" ]]; then
     pack "$BIN" pdl "$(newest "$target/release/deps/pdl-*")"
     pack "$BIN" rope_kv "$(newest "$target/release/deps/rope_kv-*")"
     pack "$BIN" dequant "$(newest "$target/release/deps/dequant-*")"
+    pack "$BIN" w4_gemm "$(newest "$target/release/deps/w4_gemm-*")"
     pack "$BIN" silu_pairs "$(newest "$target/release/deps/silu_pairs-*")"
     pack "$BIN" cuda_gate_up "$(newest "$target/release/deps/cuda_gate_up-*")"
     pack "$BIN" bench_attn_prefill "$target/release/examples/bench_attn_prefill"
@@ -95,6 +96,10 @@ if [[ -x "$R/pdl_old" ]]; then
 fi
 run_test rope_kv 60 --nocapture
 echo "$(grep -c "pool bytes identical" "$LOG/rope_kv.log") cases: fused rope + KV write = split_rope then kv_write, bit for bit"
+if [[ -x "$R/w4_gemm" ]]; then
+    run_test w4_gemm 60 --nocapture
+    grep -E "wgmma m|cases on|refused" "$LOG/w4_gemm.log"
+fi
 if [[ -x "$R/dequant" ]]; then
     run_test dequant 60 --nocapture
     echo "== cuda_backend linears with LMQ_W4_DECODE_ROWS=64 (17 rows: the decode kernel on two slices of rows)"

@@ -4,19 +4,12 @@
 //! W4A16 weights dequantized into a scratch fp16 matrix, then the same
 //! GEMM). Reports TFLOP/s of each and their ratio.
 //!
-//! Then the same 4-bit path pipelined as the prefetcher runs it: each
-//! call's GEMM reads the weight dequantized during the previous call, while
-//! the next weight is dequantized on a side stream, with cuBLAS asked to
-//! plan for all SMs but `r` (`cublasSetSmCountTarget`) so that the
-//! dequantization has SMs of its own; r = 0 is the prefetcher as first
-//! written (session 7), and turbomind's prefetcher keeps
-//! `LMQ_PREFILL_PREFETCH_SMS` (default 16).
-//!
-//! Last, the 4-bit path by slices (`W4A16Linear::prefill_chunked`): the
-//! 16-byte-per-thread kernel `w4_dequant_rows` expands `c` weight rows at
-//! a time into a `c`-row scratch and cuBLAS multiplies each slice into its
-//! columns of the output, so the fp16 slice can stay in L2 between the two;
-//! `c` = all rows is that kernel on the whole weight.
+//! Then the wgmma kernel (`W4A16Linear::forward_wgmma`, sm_90 only),
+//! which dequantizes the codes inside its main loop, and the largest
+//! difference between its output and the dequantize-then-GEMM path's. (The
+//! side-stream pipelining and the weight slices, both measured slower in
+//! sessions 9 and 10, are no longer timed here; docs/BENCHMARKS.md keeps
+//! their numbers.)
 //!
 //! Timing: CUDA events around 10 back-to-back calls, median of 7 rounds,
 //! after warm-up. `cargo run --release -p lmq-kernels --example bench_prefill`.
@@ -45,26 +38,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         seed ^= seed << 17;
         seed
     };
-    let side = dev.side_stream()?;
-    let sms = dev.num_sms() as usize;
-    let reserves = [0usize, 8, 16, 24, 32];
-    print!("| linear | K x N | cuBLAS fp16 TFLOP/s | W4 dequant+GEMM TFLOP/s | ratio |");
-    for r in reserves {
-        print!(" pipelined, {r} SMs kept |");
-    }
-    let chunks = [0usize, 4096, 2048, 1024, 512];
-    for c in chunks {
-        if c == 0 {
-            print!(" rows kernel, whole |");
-        } else {
-            print!(" slices of {c} |");
-        }
-    }
-    println!();
     println!(
-        "|---|---|---|---|---|{}",
-        "---|".repeat(reserves.len() + chunks.len())
+        "| linear | K x N | cuBLAS fp16 TFLOP/s | W4 dequant+GEMM TFLOP/s | ratio | W4 wgmma TFLOP/s | ratio | wgmma vs dequant+GEMM, max |Δ| / max |y| |"
     );
+    println!("|---|---|---|---|---|---|---|---|");
     for (name, k, n) in [
         ("q/k/v/o", 4096usize, 4096usize),
         ("gate/up", 4096, 11008),
@@ -93,32 +70,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             w4.dequantize_into(&dev, &mut scratch)?;
             blas.gemm_f16(&dev, &x, &scratch, &mut out)
         })?;
-        let mut ahead = dev.uninit::<f16>(n, k)?;
-        w4.dequantize_into(&dev, &mut scratch)?;
-        let mut pipelined = Vec::new();
-        for r in reserves {
-            blas.set_sm_count_target(&dev, if r == 0 { 0 } else { sms.saturating_sub(r) })?;
-            let ms = time(&mut || {
-                // `ahead` was last read by the previous call's GEMM, which
-                // the mark covers.
-                let mark = dev.mark()?;
-                w4.dequantize_on_side(&dev, &side, &mark, &mut ahead)?;
-                blas.gemm_f16(&dev, &x, &scratch, &mut out)?;
-                dev.join(&side)?;
-                std::mem::swap(&mut scratch, &mut ahead);
-                Ok(())
-            })?;
-            pipelined.push(ms);
-        }
-        blas.set_sm_count_target(&dev, 0)?;
-        let mut sliced = Vec::new();
-        for c in chunks {
-            let c = if c == 0 { n } else { c.min(n) };
-            let mut slice = dev.uninit::<f16>(c, k)?;
-            sliced.push(time(&mut || {
-                w4.prefill_chunked(&dev, &blas, &x, &mut out, c, &mut slice)
-            })?);
-        }
+        // The wgmma kernel, where it takes the shape (sm_90), and how far
+        // its output is from the dequantize-then-GEMM path's.
+        let wgmma = if w4.wgmma_supports(&dev) {
+            w4.dequantize_into(&dev, &mut scratch)?;
+            blas.gemm_f16(&dev, &x, &scratch, &mut out)?;
+            let reference = dev.download(&out)?;
+            let ms = time(&mut || w4.forward_wgmma(&dev, &x, &mut out))?;
+            let got = dev.download(&out)?;
+            let worst = got
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            let scale = reference.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+            Some((ms, worst / scale))
+        } else {
+            None
+        };
         dev.context().check_err()?;
         let flops = 2.0 * (M * k * n) as f64;
         let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
@@ -128,8 +97,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             tf(w4_ms),
             dense_ms / w4_ms
         );
-        for ms in pipelined.into_iter().chain(sliced) {
-            print!(" {:.0} ({:.2}x) |", tf(ms), dense_ms / ms);
+        match wgmma {
+            Some((ms, diff)) => print!(" {:.0} | {:.2}x | {diff:.1e} |", tf(ms), dense_ms / ms),
+            None => print!(" n/a | | |"),
         }
         println!();
     }

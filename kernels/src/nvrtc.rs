@@ -31,10 +31,12 @@ pub enum Module {
     AttnPrefill,
     W4Dequant,
     Sampling,
+    /// The 4-bit prefill GEMM on Hopper's wgmma (`sm_90a` only).
+    W4Gemm,
 }
 
 impl Module {
-    pub const ALL: [Module; 10] = [
+    pub const ALL: [Module; 11] = [
         Module::W4A16,
         Module::Norm,
         Module::Elementwise,
@@ -45,6 +47,7 @@ impl Module {
         Module::AttnPrefill,
         Module::W4Dequant,
         Module::Sampling,
+        Module::W4Gemm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,6 +62,18 @@ impl Module {
             Module::AttnPrefill => "attn_prefill",
             Module::W4Dequant => "w4_dequant",
             Module::Sampling => "sampling",
+            Module::W4Gemm => "w4_gemm_sm90",
+        }
+    }
+
+    /// The architecture NVRTC compiles this module for on a device of
+    /// architecture `arch`: the wgmma GEMM needs the architecture-specific
+    /// `sm_90a` on sm_90 (elsewhere it compiles to a trap and is never
+    /// launched); every other module takes the device's own.
+    pub fn arch_for(self, arch: &str) -> String {
+        match (self, arch) {
+            (Module::W4Gemm, "sm_90") => "sm_90a".to_string(),
+            _ => arch.to_string(),
         }
     }
 
@@ -99,6 +114,7 @@ impl Module {
             ),
             Module::W4Dequant => include_str!("cu/w4_dequant.cu"),
             Module::Sampling => include_str!("cu/sampling.cu"),
+            Module::W4Gemm => include_str!("cu/w4_gemm_sm90.cu"),
         }
     }
 
@@ -179,6 +195,7 @@ pub fn nvrtc_version() -> Option<(i32, i32)> {
 /// Compiles `module` for `arch` (e.g. `sm_90`) and returns the cubin,
 /// reading and writing the disk cache where one is enabled.
 pub fn compile(module: Module, arch: &str, include_dirs: &[PathBuf]) -> Result<Vec<u8>> {
+    let arch = &module.arch_for(arch);
     let src = module.source();
     let options = compile_options(arch, include_dirs);
     let cache = cache_path(module, arch, &src, &options);
@@ -320,6 +337,7 @@ fn store(path: &Path, bytes: &[u8]) {
 
 /// Removes a cache entry that failed to load, so the next call recompiles.
 pub(crate) fn evict(module: Module, arch: &str, include_dirs: &[PathBuf]) {
+    let arch = &module.arch_for(arch);
     let src = module.source();
     let options = compile_options(arch, include_dirs);
     if let Some(p) = cache_path(module, arch, &src, &options) {

@@ -18,6 +18,7 @@ use crate::nvrtc::Module;
 use crate::ops::out_shape;
 
 mod dequant;
+mod gemm_sm90;
 mod plan;
 mod prefetch;
 

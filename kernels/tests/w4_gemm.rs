@@ -1,0 +1,182 @@
+//! The wgmma 4-bit prefill GEMM (`W4A16Linear::forward_wgmma`, sm_90)
+//! against two f64 references: the product with the dequantized fp16
+//! weights that `dequantize_into` writes (the same weights the kernel
+//! feeds the tensor cores, so only fp32 summation separates them: any
+//! misplaced tile, chunk, swizzle or token shows as an O(1) error), and
+//! the product with the exact `(q − z)·s` weights (the fp16 rounding of
+//! the weights on top). Outputs are NaN-poisoned first; every case runs
+//! twice and must be bit-identical. Layers the kernel does not take must
+//! be refused with an error.
+//!
+//! Without a CUDA GPU the tests print "skipped: no CUDA device"; on a GPU
+//! other than sm_90 they check the refusal only.
+
+mod common;
+
+use common::{awq_pack, device, Rng};
+use half::f16;
+use lmq_kernels::{DeviceMatrix, Element, GpuDevice, PackedW4, W4A16Linear};
+
+struct Layer {
+    packed: PackedW4,
+    x: Vec<f16>,
+    /// x · W with the exact weights.
+    exact: Vec<f64>,
+}
+
+fn draw(rng: &mut Rng, m: usize, k: usize, n: usize, g: usize) -> Layer {
+    let groups = k / g;
+    let q: Vec<u8> = (0..k * n).map(|_| rng.below(16) as u8).collect();
+    let z: Vec<u8> = (0..groups * n).map(|_| rng.below(16) as u8).collect();
+    let s = rng.f16s(groups * n, 0.002, 0.02);
+    let x = rng.f16s(m * k, -1.0, 1.0);
+    let mut exact = vec![0.0f64; m * n];
+    for r in 0..m {
+        for j in 0..n {
+            let mut acc = 0.0f64;
+            for kk in 0..k {
+                let grp = kk / g;
+                let w = (q[kk * n + j] as f64 - z[grp * n + j] as f64) * s[grp * n + j].to_f64();
+                acc += x[r * k + kk].to_f64() * w;
+            }
+            exact[r * n + j] = acc;
+        }
+    }
+    let packed =
+        PackedW4::from_awq(&awq_pack(&q, k, n), &awq_pack(&z, groups, n), &s, k, n, g).unwrap();
+    Layer { packed, x, exact }
+}
+
+fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
+    let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
+    let den: f64 = want.iter().map(|b| b * b).sum();
+    (num / den).sqrt()
+}
+
+fn poisoned<T: Element>(dev: &GpuDevice, rows: usize, cols: usize) -> DeviceMatrix<T> {
+    let mut m = dev.zeros::<T>(rows, cols).unwrap();
+    dev.fill(&mut m, T::POISON).unwrap();
+    m
+}
+
+#[test]
+fn wgmma_gemm_matches_dequantized_product() {
+    let Some(dev) = device() else { return };
+    // (m, k, n, g): one token; a partial token block; several blocks both
+    // ways; groups of 64 and 128; K of 11 k-blocks (11008 = 86 of them is
+    // the down projection's).
+    let cases = [
+        (1usize, 128usize, 256usize, 64usize, 91u64),
+        (77, 256, 256, 128, 92),
+        (130, 512, 512, 64, 93),
+        (257, 1408, 768, 128, 94),
+    ];
+    let mut ran = 0;
+    for (m, k, n, g, seed) in cases {
+        let layer = draw(&mut Rng(seed), m, k, n, g);
+        let lin = W4A16Linear::new(&dev, &layer.packed, None).unwrap();
+        let xd = dev.upload(&layer.x, m, k).unwrap();
+        if !lin.wgmma_supports(&dev) {
+            let mut out = poisoned::<f32>(&dev, m, n);
+            assert!(
+                lin.forward_wgmma(&dev, &xd, &mut out).is_err(),
+                "m{m} k{k} n{n} g{g}: an unsupported device was not refused"
+            );
+            continue;
+        }
+        // The weights the kernel uses: dequantize_into's fp16 [n][k].
+        let mut w = dev.zeros::<f16>(n, k).unwrap();
+        lin.dequantize_into(&dev, &mut w).unwrap();
+        let w = dev.download(&w).unwrap();
+        let mut want = vec![0.0f64; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                want[r * n + j] = (0..k)
+                    .map(|kk| layer.x[r * k + kk].to_f64() * w[j * k + kk].to_f64())
+                    .sum();
+            }
+        }
+        let what = format!("wgmma m{m} k{k} n{n} g{g}");
+        let mut out = poisoned::<f32>(&dev, m, n);
+        lin.forward_wgmma(&dev, &xd, &mut out).unwrap();
+        let got: Vec<f64> = dev
+            .download(&out)
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        assert!(
+            got.iter().all(|v| v.is_finite()),
+            "{what}: NaN or inf (unwritten?)"
+        );
+        let e_deq = rel_l2(&got, &want);
+        let e_exact = rel_l2(&got, &layer.exact);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f64, f64::max);
+        let scale = want.iter().map(|v| v.abs()).fold(0.0f64, f64::max);
+        println!(
+            "{what}: rel L2 {e_deq:.2e} against the dequantized weights, {e_exact:.2e} against \
+             the exact ones; max |Δ| {worst:.2e} of {scale:.2e}"
+        );
+        // fp32 sums of K fp16 products: ~1e-7 relative; 1e-5 leaves room.
+        assert!(
+            e_deq <= 1e-5,
+            "{what}: {e_deq:.2e} against the dequantized weights"
+        );
+        assert!(
+            worst <= 1e-4 * scale,
+            "{what}: max |Δ| {worst:.2e} of {scale:.2e}"
+        );
+        // The fp16 rounding of the weights, as every W4A16 kernel has it.
+        assert!(
+            e_exact <= 1e-3,
+            "{what}: {e_exact:.2e} against the exact weights"
+        );
+        let mut again = poisoned::<f32>(&dev, m, n);
+        lin.forward_wgmma(&dev, &xd, &mut again).unwrap();
+        let again = dev.download(&again).unwrap();
+        assert!(
+            again
+                .iter()
+                .zip(&got)
+                .all(|(a, b)| (*a as f64).to_bits() == b.to_bits()),
+            "{what}: a second launch differs"
+        );
+        // fp16 output: the same sums rounded once.
+        let mut half = poisoned::<f16>(&dev, m, n);
+        lin.forward_wgmma(&dev, &xd, &mut half).unwrap();
+        let half: Vec<f64> = dev
+            .download(&half)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f64())
+            .collect();
+        let e_half = rel_l2(&half, &want);
+        assert!(e_half <= 1e-3, "{what}: fp16 output {e_half:.2e}");
+        ran += 1;
+    }
+    println!("wgmma GEMM: {ran} cases on the GPU");
+}
+
+#[test]
+fn wgmma_gemm_refuses_layers_it_does_not_take() {
+    let Some(dev) = device() else { return };
+    // 200 outputs (not a multiple of 256), 576 inputs (not of 128),
+    // groups of 32.
+    for (k, n, g) in [
+        (256usize, 200usize, 64usize),
+        (576, 256, 64),
+        (256, 256, 32),
+    ] {
+        let layer = draw(&mut Rng(95), 3, k, n, g);
+        let lin = W4A16Linear::new(&dev, &layer.packed, None).unwrap();
+        assert!(!lin.wgmma_supports(&dev), "k{k} n{n} g{g} claimed");
+        let xd = dev.upload(&layer.x, 3, k).unwrap();
+        let mut out = poisoned::<f32>(&dev, 3, n);
+        let err = lin.forward_wgmma(&dev, &xd, &mut out).unwrap_err();
+        println!("k{k} n{n} g{g}: refused: {err}");
+    }
+}
