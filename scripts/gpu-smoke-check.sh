@@ -99,6 +99,10 @@ echo "$(grep -c "pool bytes identical" "$LOG/rope_kv.log") cases: fused rope + K
 if [[ -x "$R/w4_gemm" ]]; then
     run_test w4_gemm 60 --nocapture
     grep -E "wgmma m|cases on|refused" "$LOG/w4_gemm.log"
+    echo "== cuda_backend linears with LMQ_W4_WGMMA=1 (4-bit prefill by the wgmma GEMM where it takes the layer)"
+    LMQ_W4_WGMMA=1 timeout 60 "$R/cuda_backend" linears_match_cpu --test-threads=1 --nocapture \
+        >"$LOG/cuda_backend_wgmma.log" 2>&1 || rc=1
+    grep -E "test result|panicked|256->512" "$LOG/cuda_backend_wgmma.log"
 fi
 if [[ -x "$R/dequant" ]]; then
     run_test dequant 60 --nocapture

@@ -547,6 +547,8 @@ fn linears_match_cpu() {
         (1536, 576, 64),
         (256, 200, 128),
         (320, 96, 32),
+        // Whole wgmma blocks (LMQ_W4_WGMMA=1 on sm_90 takes 17 and 67 rows).
+        (256, 512, 128),
     ] {
         let awq = random_awq(&mut rng, k, n, g);
         let bias: Vec<f32> = (0..n).map(|_| rng.uniform(-0.5, 0.5) as f32).collect();

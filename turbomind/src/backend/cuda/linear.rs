@@ -345,6 +345,11 @@ impl CudaLinear {
             Weight::W4(l, _) if m <= decode_rows_limit() => l
                 .forward_chunked(dev, xh, &mut out, !dev.is_recording())
                 .map_err(gpu_error)?,
+            // The wgmma GEMM (sm_90; opt-in), which dequantizes inside its
+            // main loop: no scratch weight, no side stream.
+            Weight::W4(l, _) if wgmma_prefill() && l.wgmma_supports(dev) => {
+                l.forward_wgmma(dev, xh, &mut out).map_err(gpu_error)?
+            }
             // Not while a decode step of more than MAX_ROWS sequences is
             // being recorded: a graph cannot hold the side stream's work.
             Weight::W4(l, ids) => match (aids.prefill, ids.prefill) {
@@ -392,6 +397,15 @@ fn decode_rows_limit() -> usize {
             .unwrap_or(MAX_ROWS)
             .max(MAX_ROWS)
     })
+}
+
+/// `LMQ_W4_WGMMA=1`: 4-bit products of more than the decode kernel's rows
+/// run the wgmma GEMM on sm_90 where it takes the layer
+/// (`W4A16Linear::forward_wgmma`), instead of dequantizing the weight for
+/// cuBLAS. Off by default until a GPU has checked and timed it.
+fn wgmma_prefill() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::env_switch("LMQ_W4_WGMMA", false))
 }
 
 /// Forks the L2 prefetch of the linear expected after this one, when the
