@@ -31,7 +31,7 @@
 // Needs K a multiple of 128 and of the group size, N a multiple of 256;
 // the host checks and otherwise takes the dequantize-then-cuBLAS path.
 // Compiled for sm_90a only (wgmma); elsewhere the entry point traps.
-#line 33 "w4_gemm_sm90.cu"
+#line 35 "w4_gemm_sm90.cu"
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define W4G_WGMMA 1
@@ -120,7 +120,7 @@ template <int G>
 __device__ __forceinline__ void w4g_load_codes(W4gCodes& c, const uint2* __restrict__ qw2,
                                                const __half* __restrict__ sc,
                                                const __half* __restrict__ zb, int tile0, int lane,
-                                               int n0, int stage, int N, int KB) {
+                                               int stage, int N, int KB) {
     const int kb = stage >> 1, h = stage & 1;
     const int grp = stage * W4G_BK / G;
 #pragma unroll
@@ -131,7 +131,6 @@ __device__ __forceinline__ void w4g_load_codes(W4gCodes& c, const uint2* __restr
         c.s[e] = __half2half2(__ldg(sc + (size_t)grp * N + n));
         c.z[e] = __half2half2(__ldg(zb + (size_t)grp * N + n));
     }
-    (void)n0;
 }
 
 // Eight codes (nibble p of `w` is input 2(p & 3) + (p >> 2)) as
@@ -189,7 +188,11 @@ __device__ __forceinline__ void w4_gemm_body(const __half* __restrict__ x, const
             // Block row of column 8·(tile0 + e) + g; its row & 7 is g.
             const int r = 8 * (16 * wg + 4 * warp + e) + g;
 #pragma unroll
-            for (int ii = 0; ii < 2; ++ii) {
+            for (int i = 0; i < 2; ++i) {
+                // Odd rows store their two chunks in the other order, so
+                // that the 8 lanes of a store phase (rows g, g + 1) cover
+                // all 32 banks.
+                const int ii = i ^ (g & 1);
                 const int chunk = 4 * ii + t;  // inputs 8·chunk .. + 7 of the stage
                 const u32 w = ii == 0 ? c.w[e].x : c.w[e].y;
                 w4g_dequant8(buf + r * 128 + ((chunk ^ g) << 4), w, c.s[e], c.z[e]);
@@ -210,9 +213,9 @@ __device__ __forceinline__ void w4_gemm_body(const __half* __restrict__ x, const
         w4g_copy_commit();
     }
     W4gCodes c0, c1, c2;
-    w4g_load_codes<G>(c0, qw2, sc, zb, tile0, lane, n0, 0, N, KB);
-    if (1 < stages) w4g_load_codes<G>(c1, qw2, sc, zb, tile0, lane, n0, 1, N, KB);
-    if (2 < stages) w4g_load_codes<G>(c2, qw2, sc, zb, tile0, lane, n0, 2, N, KB);
+    w4g_load_codes<G>(c0, qw2, sc, zb, tile0, lane, 0, N, KB);
+    if (1 < stages) w4g_load_codes<G>(c1, qw2, sc, zb, tile0, lane, 1, N, KB);
+    if (2 < stages) w4g_load_codes<G>(c2, qw2, sc, zb, tile0, lane, 2, N, KB);
 
     // A do-while (the host guarantees at least one stage): with a
     // zero-trip path the compiler merges the accumulators at the loop's
@@ -225,7 +228,7 @@ __device__ __forceinline__ void w4_gemm_body(const __half* __restrict__ x, const
         store_w(c0, s & 1);
         c0 = c1;
         c1 = c2;
-        if (s + 3 < stages) w4g_load_codes<G>(c2, qw2, sc, zb, tile0, lane, n0, s + 3, N, KB);
+        if (s + 3 < stages) w4g_load_codes<G>(c2, qw2, sc, zb, tile0, lane, s + 3, N, KB);
         // This thread's copies of x stage s have landed (AHEAD − 1 later
         // groups may still be in flight); then every thread's have, and
         // every W store of stage s is visible to the tensor cores.

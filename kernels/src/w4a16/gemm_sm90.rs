@@ -38,8 +38,9 @@ impl W4A16Linear {
     /// `out = x · W` for any number of rows (x `[M, in]` fp16, out
     /// `[M, out]`), by the wgmma kernel: the weights enter the tensor cores
     /// as `(q − z) · s` rounded once to fp16, the values
-    /// [`Self::dequantize_into`] writes, with fp32 sums. An error where
-    /// [`Self::wgmma_supports`] is false.
+    /// [`Self::dequantize_into`] writes, with fp32 sums. The layer's bias
+    /// is not added (as on the dequantize-then-cuBLAS path, the caller
+    /// adds it). An error where [`Self::wgmma_supports`] is false.
     pub fn forward_wgmma<O: OutElement>(
         &self,
         dev: &GpuDevice,
@@ -130,10 +131,13 @@ impl W4A16Linear {
         // at construction) and it reads groups below K/G; it writes
         // out[tok][col] for tok < M, col < N (N a multiple of 256 = the
         // grid's x times 256), as f32 or fp16 as out_f32 names, out being
-        // M×N of O (checked). The shared memory (SMEM_BYTES, which covers
-        // the kernel's W4G_SMEM) is below the limit just raised; the
-        // entry point exists only compiled for sm_90a, which this device
-        // is (checked). All buffers belong to this device's stream.
+        // M×N of O (checked). x's rows start 16-byte aligned (K a multiple
+        // of 128 halves), as its cp.async copies need, and qw is a device
+        // allocation (256-byte aligned), as its 8-byte loads need. The
+        // shared memory (SMEM_BYTES, which covers the kernel's W4G_SMEM) is
+        // below the limit just raised; the entry point traps unless
+        // compiled for sm_90a, which it is on this sm_90 device (checked).
+        // All buffers belong to this device's stream.
         unsafe { b.launch(cfg) }.during("launching w4_gemm_sm90")?;
         Ok(())
     }
