@@ -9,6 +9,7 @@
 # linears' plan sweep. Each phase has its own time limit, and its output goes to
 # $OUT as it finishes, so a call cut short still returns what ran.
 #
+#   BIN=.device/sN PART=0 bash scripts/gpu-session-check.sh   (essentials, about 5 min)
 #   BIN=.device/sN PART=1 bash scripts/gpu-session-check.sh   (checks, kernel benches)
 #   BIN=.device/sN PART=2 bash scripts/gpu-session-check.sh   (7B engine, profile)
 #   BIN=.device/sN PART=3 bash scripts/gpu-session-check.sh   (7B decode batches of 32, 48)
@@ -44,6 +45,28 @@ date -u
 # per-kernel profile and (TORCH=1) PyTorch. Unset: both, which may not fit
 # one call's 600 s.
 PART=${PART:-all}
+if [[ "$PART" == 0 ]]; then
+    # The essentials when device time is short: the new kernels' tests and
+    # timings and the decode linears' parity (every W4A16 launch changed).
+    gpu_env
+    unpack "$BIN" /tmp/lmq-smoke-bin
+    B=/tmp/lmq-smoke-bin
+    phase w4-gemm 60 "$B/w4_gemm" --nocapture
+    grep -E "wgmma m|cases on|refused|test result|panicked" "$LOG/w4-gemm.txt"
+    phase prefill 60 "$B/bench_prefill"
+    grep -E "^\|" "$LOG/prefill.txt"
+    phase parity 60 "$B/parity" --nocapture
+    grep -E "test result|panicked|prefetch" "$LOG/parity.txt"
+    phase pdl 40 "$B/pdl" --nocapture
+    grep -E "test result|panicked" "$LOG/pdl.txt"
+    phase attn-prefill-pipe-test 60 env LMQ_PREFILL_INT_PIPE=1 "$B/attn_prefill" --nocapture
+    grep -E "test result|panicked" "$LOG/attn-prefill-pipe-test.txt"
+    phase backend-wgmma 60 env LMQ_W4_WGMMA=1 "$B/cuda_backend" linears_match_cpu --test-threads=1 --nocapture
+    grep -E "test result|panicked|256->512" "$LOG/backend-wgmma.txt"
+    phase w4-stacked 90 env LMQ_BENCH_M=1 "$B/bench_w4"
+    grep -E "^copy|^\|" "$LOG/w4-stacked.txt" | tail -n 14
+    exit 0
+fi
 if [[ "$PART" == 1 || "$PART" == all ]]; then
     # First the newest kernel's checks and timing (the wgmma prefill GEMM),
     # so that a call cut short still returns them.
