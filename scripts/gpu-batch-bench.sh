@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Decode batches of more than 16 sequences on the Llama-2-7B shape (4-bit):
-# the W4A16 decode kernel once per slice of 16 rows
-# (LMQ_W4_DECODE_ROWS=64) against the default, which dequantizes every
-# weight for a cuBLAS GEMM at every step of such a batch; alternating, two
-# rounds. Runs on the GPU machine from the repo root with the binaries of
+# the W4A16 decode kernel once per slice of 16 rows (the default since
+# session 11, up to 64 rows) against LMQ_W4_DECODE_ROWS=16, which
+# dequantizes every weight for a cuBLAS GEMM at every step of such a batch;
+# alternating, two rounds. Runs on the GPU machine from the repo root with the binaries of
 # `scripts/gpu-smoke-check.sh --collect` in $BIN; about 3 minutes.
 set -uo pipefail
 . "$(dirname "$0")/gpu-lib.sh"
@@ -23,7 +23,7 @@ print("output %.0f tok/s, TPOT p50 %.2f ms" % (r["output_tok_per_s"], r["tpot_ms
 }
 for batch in ${BATCHES:-32 48}; do
     for round in 1 2; do
-        echo "batch $batch, round $round, default (dequantize + GEMM): $(bench "$batch")"
-        echo "batch $batch, round $round, LMQ_W4_DECODE_ROWS=64: $(LMQ_W4_DECODE_ROWS=64 bench "$batch")"
+        echo "batch $batch, round $round, LMQ_W4_DECODE_ROWS=16 (dequantize + GEMM): $(LMQ_W4_DECODE_ROWS=16 bench "$batch")"
+        echo "batch $batch, round $round, default (decode kernel per 16 rows): $(bench "$batch")"
     done
 done

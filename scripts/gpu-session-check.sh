@@ -59,7 +59,7 @@ if [[ "$PART" == 0 ]]; then
     grep -E "test result|panicked|prefetch" "$LOG/parity.txt"
     phase pdl 40 "$B/pdl" --nocapture
     grep -E "test result|panicked" "$LOG/pdl.txt"
-    phase attn-prefill-pipe-test 60 env LMQ_PREFILL_INT_PIPE=1 "$B/attn_prefill" --nocapture
+    phase attn-prefill-pipe-test 60 "$B/attn_prefill" --nocapture
     grep -E "test result|panicked" "$LOG/attn-prefill-pipe-test.txt"
     phase backend-wgmma 60 env LMQ_W4_WGMMA=1 "$B/cuda_backend" linears_match_cpu --test-threads=1 --nocapture
     grep -E "test result|panicked|256->512" "$LOG/backend-wgmma.txt"
@@ -92,8 +92,8 @@ if [[ "$PART" == 3 ]]; then
     # binary; LMQ_PREFILL_INT_PIPE is read once per process).
     gpu_env
     unpack "$BIN" /tmp/lmq-smoke-bin
-    phase attn-prefill 90 /tmp/lmq-smoke-bin/bench_attn_prefill
-    phase attn-prefill-pipe 90 env LMQ_PREFILL_INT_PIPE=1 /tmp/lmq-smoke-bin/bench_attn_prefill
+    phase attn-prefill 90 env LMQ_PREFILL_INT_PIPE=0 /tmp/lmq-smoke-bin/bench_attn_prefill
+    phase attn-prefill-pipe 90 /tmp/lmq-smoke-bin/bench_attn_prefill
     grep -E "^\|" "$LOG/attn-prefill.txt" "$LOG/attn-prefill-pipe.txt"
     # Decode batches of 32 and 48 on the 7B shape, with and without the
     # decode kernel on slices of rows.

@@ -106,8 +106,8 @@ if [[ -x "$R/w4_gemm" ]]; then
 fi
 if [[ -x "$R/dequant" ]]; then
     run_test dequant 60 --nocapture
-    echo "== cuda_backend linears with LMQ_W4_DECODE_ROWS=64 (17 rows: the decode kernel on two slices of rows)"
-    LMQ_W4_DECODE_ROWS=64 timeout 60 "$R/cuda_backend" linears_match_cpu --test-threads=1 --nocapture \
+    echo "== cuda_backend linears with LMQ_W4_DECODE_ROWS=16 (17 rows and more: dequantize + cuBLAS, the default's slices off)"
+    LMQ_W4_DECODE_ROWS=16 timeout 60 "$R/cuda_backend" linears_match_cpu --test-threads=1 --nocapture \
         >"$LOG/cuda_backend_rows.log" 2>&1 || rc=1
     grep -E "test result|panicked" "$LOG/cuda_backend_rows.log"
 fi
@@ -121,11 +121,11 @@ if [[ -x "$R/cuda_gate_up" ]]; then
 fi
 run_test attn_prefill 100 --nocapture
 grep -E "prefill vs decode" "$LOG/attn_prefill.log" | sort -k2 -t: -g | tail -n 3
-echo "== attn_prefill and cuda_backend's attention with LMQ_PREFILL_INT_PIPE=1 (integer tiles' raw codes copied a tile ahead)"
-LMQ_PREFILL_INT_PIPE=1 timeout 100 "$R/attn_prefill" --nocapture >"$LOG/attn_prefill_pipe.log" 2>&1 || rc=1
+echo "== attn_prefill and cuda_backend's attention with LMQ_PREFILL_INT_PIPE=0 (the plain integer prefill tiles)"
+LMQ_PREFILL_INT_PIPE=0 timeout 100 "$R/attn_prefill" --nocapture >"$LOG/attn_prefill_pipe.log" 2>&1 || rc=1
 grep -E "test result|panicked" "$LOG/attn_prefill_pipe.log"
 grep -E "prefill vs decode" "$LOG/attn_prefill_pipe.log" | sort -k2 -t: -g | tail -n 3
-LMQ_PREFILL_INT_PIPE=1 LMQ_PREFILL_ATTN=always timeout 120 "$R/cuda_backend" paged_attention --test-threads=1 --nocapture \
+LMQ_PREFILL_INT_PIPE=0 LMQ_PREFILL_ATTN=always timeout 120 "$R/cuda_backend" paged_attention --test-threads=1 --nocapture \
     >"$LOG/cuda_backend_pipe.log" 2>&1 || rc=1
 grep -E "test result|panicked" "$LOG/cuda_backend_pipe.log"
 echo "== cuda_backend, attention and whole models with LMQ_PREFILL_ATTN=always (the prefill kernel on every run of 16 rows)"

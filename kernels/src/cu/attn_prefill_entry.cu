@@ -29,8 +29,8 @@
             ATTN_PREFILL_CALL(HD, DT, false);                                                     \
     }
 
-// The same with the integer tiles' raw codes pipelined (PIPE; opt-in,
-// LMQ_PREFILL_INT_PIPE=1, until measured on a GPU).
+// The same with the integer tiles' raw codes pipelined (PIPE; the default,
+// LMQ_PREFILL_INT_PIPE=0 takes the entries above).
 #define ATTN_PREFILL_PIPE_CALL(HD, DT, ST)                                                        \
     paged_attn_prefill<HD, DT, ST, true>(q, meta, rows, tiles_at, data,                          \
                                          (const unsigned char*)params, statics, layer, L, H, NH, \

@@ -111,14 +111,14 @@ pub(super) fn prefill_supported(dev: &GpuDevice, l: &KvLayout) -> bool {
 }
 
 /// Whether integer storage takes the prefill kernel whose raw codes are
-/// copied a tile ahead (`paged_attn_prefill_h{hd}_{i8,i4}_pipe`): opt-in
-/// with `LMQ_PREFILL_INT_PIPE=1` until a GPU has run its checks and timed
-/// it. The plain integer kernel looks up, loads and dequantizes each tile
-/// while no copy is in flight, and ran at about a third of the fp16
-/// kernel's rate (docs/BENCHMARKS.md, session 8).
+/// copied a tile ahead (`paged_attn_prefill_h{hd}_{i8,i4}_pipe`): the
+/// default since an H100 ran its checks and measured it 1.9–2.1× faster
+/// than the plain integer kernel, which looks up, loads and dequantizes
+/// each tile while no copy is in flight (docs/BENCHMARKS.md, session 11).
+/// `LMQ_PREFILL_INT_PIPE=0` takes the plain kernel.
 pub(super) fn int_pipe_from_env() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LMQ_PREFILL_INT_PIPE").is_ok_and(|v| v == "1"))
+    *ON.get_or_init(|| !std::env::var("LMQ_PREFILL_INT_PIPE").is_ok_and(|v| v == "0"))
 }
 
 /// The prefill kernel's entry point for a storage type and head_dim, with

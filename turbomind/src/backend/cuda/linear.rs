@@ -383,18 +383,22 @@ impl CudaLinear {
     }
 }
 
-/// `LMQ_W4_DECODE_ROWS=<rows>`: 4-bit products of up to that many rows
-/// (more than `MAX_ROWS`) run the decode kernel once per slice of
-/// `MAX_ROWS` rows instead of dequantizing the weight for a cuBLAS GEMM.
-/// Each slice streams the weight again, but the dequantization writes and
-/// re-reads four times the codes' bytes, so a decode batch of a few slices
-/// (17 to about 64 sequences) should be faster this way. Unset: `MAX_ROWS`
-/// (off), until `gpu-sampling-bench.sh`'s batches have measured it.
+/// 4-bit products of up to this many rows (more than `MAX_ROWS`) run the
+/// decode kernel once per slice of `MAX_ROWS` rows instead of
+/// dequantizing the weight for a cuBLAS GEMM: each slice streams the
+/// weight again, but the dequantization writes and re-reads four times the
+/// codes' bytes. On an H100 (docs/BENCHMARKS.md, session 11) this took
+/// Llama-2-7B-shaped decode batches of 32 from 2128 to 4237 tok/s and of
+/// 48 from 2900 to 4287.
+const DEFAULT_DECODE_ROWS: usize = 64;
+
+/// `LMQ_W4_DECODE_ROWS=<rows>` overrides [`DEFAULT_DECODE_ROWS`];
+/// `LMQ_W4_DECODE_ROWS=16` turns the slices off.
 fn decode_rows_limit() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| {
         super::env_count("LMQ_W4_DECODE_ROWS")
-            .unwrap_or(MAX_ROWS)
+            .unwrap_or(DEFAULT_DECODE_ROWS)
             .max(MAX_ROWS)
     })
 }
