@@ -101,27 +101,3 @@ extern "C" __global__ void w4_dequant_rows(const uint4* __restrict__ qw, const _
         }
     }
 }
-
-// Asks the L2 cache to fetch bytes [p, p + bytes) for a kernel that will
-// read them soon: the next 4-bit linear's weights, queued on a parallel
-// branch (a side stream) while the device stream runs the current op, so
-// that DRAM keeps streaming weights while small kernels run and across the
-// drain and ramp between two linears. Nothing is written and nothing
-// waits for the data. One thread per 64 KiB: on sm_90 one bulk prefetch
-// (the TMA unit fetches it), elsewhere one prefetch per 128-byte line.
-// p must be 16-byte aligned (a device allocation).
-extern "C" __global__ void l2_prefetch(const char* __restrict__ p, u64 bytes) {
-    const u64 chunk = 65536;
-    for (u64 off = ((u64)blockIdx.x * blockDim.x + threadIdx.x) * chunk; off < bytes;
-         off += (u64)gridDim.x * blockDim.x * chunk) {
-        const u64 n = bytes - off < chunk ? bytes - off : chunk;
-#if __CUDA_ARCH__ >= 900
-        const unsigned size = (unsigned)(n & ~(u64)15);
-        if (size != 0)
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p + off), "r"(size)
-                         : "memory");
-#else
-        for (u64 o = 0; o < n; o += 128) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p + off + o));
-#endif
-    }
-}

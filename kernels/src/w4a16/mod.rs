@@ -143,6 +143,8 @@ pub struct W4A16Linear {
     /// Launch with programmatic dependent launch (sm_90+ only).
     pdl: bool,
     pdl_ok: bool,
+    /// The linear whose codes launches ask L2 for ([`Self::set_l2_next`]).
+    l2_next: std::sync::Mutex<prefetch::L2Next>,
 }
 
 impl std::fmt::Debug for W4A16Linear {
@@ -261,6 +263,7 @@ impl W4A16Linear {
             forced: None,
             pdl: false,
             pdl_ok,
+            l2_next: std::sync::Mutex::new(None),
         })
     }
 
@@ -447,26 +450,6 @@ impl W4A16Linear {
             .map(|_| ())
     }
 
-    /// [`Self::forward`], and the launch's last blocks, once they have
-    /// read their weights, ask L2 for the first `max_bytes` of `next`'s
-    /// codes (classic kernels; the streaming kernel ignores it), so that
-    /// DRAM keeps streaming while this launch drains and `next`'s starts.
-    /// Results are those of [`Self::forward`].
-    pub fn forward_prefetching<O: OutElement>(
-        &self,
-        dev: &GpuDevice,
-        x: &DeviceMatrix<f16>,
-        out: &mut DeviceMatrix<O>,
-        next: &W4A16Linear,
-        max_bytes: usize,
-    ) -> Result<()> {
-        let spec = LaunchSpec {
-            l2_next: Some((next, max_bytes)),
-            ..LaunchSpec::product(self.pdl, None)
-        };
-        self.launch_to(dev, x, out, spec).map(|_| ())
-    }
-
     /// Rows `row0 .. row0 + rows` of `x` (`[M, in]`, any M; at most
     /// [`MAX_ROWS`] rows) into the same rows of `out` (`[M, out]`), the
     /// other rows untouched: decode batches of more than [`MAX_ROWS`]
@@ -548,6 +531,14 @@ impl W4A16Linear {
             rows,
             l2_next,
         } = spec;
+        // Without a prefetch named for this launch, the layer's own (held
+        // for the launch: the Arc keeps the next layer's codes alive).
+        let stored = if l2_next.is_none() {
+            self.l2_next_now()
+        } else {
+            None
+        };
+        let l2_next = l2_next.or(stored.as_ref().map(|(l, bytes)| (l.as_ref(), *bytes)));
         let total = x.rows();
         let (row0, m) = rows.unwrap_or((0, total));
         if row0 + m > total {

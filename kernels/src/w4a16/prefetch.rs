@@ -1,56 +1,63 @@
-//! Weights fetched into L2 ahead of their linear (`l2_prefetch` in
-//! `cu/w4_dequant.cu`), on a parallel branch: while the device stream runs
-//! the current op (a small kernel, or another linear draining), the next
-//! 4-bit linear's codes, scales and zeros stream from DRAM into L2, so its
-//! kernel reads them at L2 speed.
+//! The next linear's codes asked into L2 by a launch's last blocks
+//! (`l2_prefetch_share` in `cu/w4a16.cu`): once they have read their own
+//! weights, they issue bulk prefetches of the start of the next linear's
+//! codes, so that DRAM keeps streaming while this launch drains and the
+//! next one ramps up. A prefetch writes nothing, so results are unchanged
+//! (`tests/parity.rs`). On an H100 the stacked Llama-2-7B layer gained
+//! 4.4–4.7% at 4 MB without PDL and nothing with it; 8 MB and more lost
+//! (docs/BENCHMARKS.md, session 11). Session 10's prefetch on a parallel
+//! graph branch, which this replaces, cost about 25 µs a branch.
 
-use cudarc::driver::{DevicePtr, PushKernelArg};
+use std::sync::{Arc, Weak};
 
-use super::W4A16Linear;
+use half::f16;
+
+use super::{LaunchSpec, OutElement, W4A16Linear};
+use crate::buffer::DeviceMatrix;
 use crate::device::GpuDevice;
-use crate::error::{DriverContext, Result};
-use crate::nvrtc::Module;
-use crate::side::SideStream;
+use crate::error::Result;
 
-/// Bytes one thread of `l2_prefetch` asks for (one bulk prefetch on sm_90).
-const CHUNK: u64 = 65536;
+/// The linear a launch prefetches for, held weakly (a model's linears form
+/// a ring, which strong references would leak), and how many bytes.
+pub(super) type L2Next = Option<(Weak<W4A16Linear>, usize)>;
 
 impl W4A16Linear {
-    /// Queues, on `side` (forked from the device stream:
-    /// [`GpuDevice::fork`]), prefetches into L2 of at most `max_bytes` of
-    /// this layer's weights: codes from the start of the buffer first,
-    /// then scales and zeros. Changes no data; the kernel that later reads
-    /// the weights needs no ordering against it.
-    pub fn prefetch_l2(&self, dev: &GpuDevice, side: &SideStream, max_bytes: usize) -> Result<()> {
-        let stream = side.stream();
-        let f = dev.function(Module::W4Dequant, "l2_prefetch")?;
-        let mut budget = max_bytes as u64;
-        let parts = [
-            (self.qw.device_ptr(stream), 4 * self.qw.len() as u64),
-            (self.scales.device_ptr(stream), 2 * self.scales.len() as u64),
-            (self.zeros.device_ptr(stream), 2 * self.zeros.len() as u64),
-        ];
-        for ((ptr, _sync), len) in parts {
-            let bytes = len.min(budget);
-            if bytes < 16 {
-                continue;
-            }
-            budget -= bytes;
-            let threads = bytes.div_ceil(CHUNK);
-            let cfg = cudarc::driver::LaunchConfig {
-                grid_dim: (threads.div_ceil(128) as u32, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut b = stream.launch_builder(&f);
-            b.arg(&ptr).arg(&bytes);
-            // SAFETY: matches `l2_prefetch(const char*, u64)`; ptr is the
-            // start of a live device allocation of this context (16-byte
-            // aligned) holding at least `bytes` bytes; the kernel only
-            // issues prefetches inside [ptr, ptr + bytes) and writes
-            // nothing.
-            unsafe { b.launch(cfg) }.during("launching l2_prefetch")?;
-        }
-        Ok(())
+    /// [`Self::forward`], and the launch's last blocks, once they have
+    /// read their weights, ask L2 for the first `max_bytes` of `next`'s
+    /// codes (classic kernels; the streaming kernel ignores it). Results
+    /// are those of [`Self::forward`].
+    pub fn forward_prefetching<O: OutElement>(
+        &self,
+        dev: &GpuDevice,
+        x: &DeviceMatrix<f16>,
+        out: &mut DeviceMatrix<O>,
+        next: &W4A16Linear,
+        max_bytes: usize,
+    ) -> Result<()> {
+        let spec = LaunchSpec {
+            l2_next: Some((next, max_bytes)),
+            ..LaunchSpec::product(self.pdl, None)
+        };
+        self.launch_to(dev, x, out, spec).map(|_| ())
+    }
+
+    /// Makes every later launch of this layer (that names no other) ask L2
+    /// for the first `max_bytes` of `next`'s codes, as
+    /// [`Self::forward_prefetching`] does; `None` stops it. A launch
+    /// recorded into a graph keeps the prefetch it was recorded with. If
+    /// `next` has been dropped by the time of a launch, nothing is
+    /// prefetched.
+    pub fn set_l2_next(&self, next: Option<(&Arc<W4A16Linear>, usize)>) {
+        let value = next.map(|(l, bytes)| (Arc::downgrade(l), bytes));
+        // A poisoned lock only means a panic elsewhere while it was held;
+        // the value itself is always whole.
+        *self.l2_next.lock().unwrap_or_else(|p| p.into_inner()) = value;
+    }
+
+    /// The linear set by [`Self::set_l2_next`], if it is still alive.
+    pub(super) fn l2_next_now(&self) -> Option<(Arc<W4A16Linear>, usize)> {
+        let guard = self.l2_next.lock().unwrap_or_else(|p| p.into_inner());
+        let (weak, bytes) = guard.as_ref()?;
+        Some((weak.upgrade()?, *bytes))
     }
 }

@@ -231,7 +231,7 @@ impl CudaLinear {
                 if x.cols() != self.in_features {
                     return Err(input_width_error(x.cols(), self.in_features));
                 }
-                prefetch_next(dev, aids, ids)?;
+                prefetch_next(aids, ids);
                 let mut slot = None;
                 let xh = fp16_input(dev, x, x_half, &mut slot)?;
                 let mut out = dev.uninit::<f32>(m, half_n).map_err(gpu_error)?;
@@ -282,8 +282,8 @@ impl CudaLinear {
     /// `x · Wᵀ + b` for fp32 `x` (`rows × in`); `x_half`, where the op
     /// that made `x` wrote it, is `fp16(x)` and spares the conversion.
     /// 4-bit prefill goes through the dequantization ahead, and 4-bit
-    /// decode first forks the next linear's L2 prefetch, when the backend
-    /// has them on (`aids`).
+    /// decode first points the layer's L2 prefetch at the next linear,
+    /// when the backend has them on (`aids`).
     pub(super) fn forward(
         &self,
         dev: &GpuDevice,
@@ -300,7 +300,7 @@ impl CudaLinear {
         // must stay next to the launch).
         if let Weight::W4(_, ids) = &self.weight {
             if (1..=MAX_ROWS).contains(&m) {
-                prefetch_next(dev, aids, ids)?;
+                prefetch_next(aids, ids);
             }
         }
         // A recorded 4-bit decode linear with PDL and its input's fp16 copy
@@ -412,12 +412,12 @@ fn wgmma_prefill() -> bool {
     *ON.get_or_init(|| super::env_switch("LMQ_W4_WGMMA", false))
 }
 
-/// Forks the L2 prefetch of the linear expected after this one, when the
-/// backend has the prefetcher on (`l2_ahead.rs`).
-fn prefetch_next(dev: &GpuDevice, aids: &LinearAids<'_>, ids: &W4Ids) -> Result<()> {
-    match (aids.l2, ids.l2) {
-        (Some(l2), Some(id)) => lock(l2).before(dev, id),
-        _ => Ok(()),
+/// Points this 4-bit linear's launches at the linear expected after it,
+/// for their in-kernel L2 prefetch, when the backend has the prefetcher on
+/// (`l2_ahead.rs`).
+fn prefetch_next(aids: &LinearAids<'_>, ids: &W4Ids) {
+    if let (Some(l2), Some(id)) = (aids.l2, ids.l2) {
+        lock(l2).before(id);
     }
 }
 

@@ -112,8 +112,8 @@ pub struct CudaBackend {
     /// stream, whose last kernel may still run, before the device (and its
     /// modules) go.
     prefetch: Option<Mutex<prefetch::Prefetch>>,
-    /// The next 4-bit linear's weights fetched into L2 during decode, when
-    /// on (`l2_ahead.rs`); dropped before the device for the same reason.
+    /// Which 4-bit linear each decode product prefetches into L2, when on
+    /// (`l2_ahead.rs`).
     l2: Option<Mutex<l2_ahead::L2Ahead>>,
     dev: GpuDevice,
     blas: Blas,
@@ -154,10 +154,8 @@ impl CudaBackend {
         } else {
             None
         };
-        let l2 = match l2_ahead::l2_prefetch_bytes()? {
-            Some(bytes) => Some(Mutex::new(l2_ahead::L2Ahead::new(&dev, bytes)?)),
-            None => None,
-        };
+        let l2 =
+            l2_ahead::l2_prefetch_bytes()?.map(|bytes| Mutex::new(l2_ahead::L2Ahead::new(bytes)));
         Ok(CudaBackend {
             prefetch,
             l2,
@@ -273,10 +271,6 @@ impl CudaBackend {
             .dev
             .uninit::<f32>(inputs.ids.rows(), cols)
             .map_err(gpu_error)?;
-        // Eager branches are joined outside the recording (inside, only
-        // the side stream's captured work may be joined), and before the
-        // recording state is set, which only this function clears.
-        self.join_l2()?;
         *lock(&self.recording) = Some(Recording {
             inputs: inputs.clone(),
             vocab: None,
@@ -284,13 +278,7 @@ impl CudaBackend {
         let mut failure = None;
         let spliced = self.dev.pdl_splices();
         let recorded = self.dev.record(|| -> lmq_kernels::Result<()> {
-            // Branches forked during the step rejoin before it ends, on
-            // every path.
-            let step = body(pool).and_then(|out| self.join_l2().map(|()| out));
-            if step.is_err() {
-                let _ = self.join_l2();
-            }
-            match step {
+            match body(pool) {
                 // The logits leave the graph through a buffer allocated
                 // outside it; `out`, a graph allocation, is freed inside.
                 Ok(out) => self.dev.copy(&mut logits, &out),
@@ -320,15 +308,6 @@ impl CudaBackend {
             blas: &self.blas,
             prefill: self.prefetch.as_ref(),
             l2: self.l2.as_ref(),
-        }
-    }
-
-    /// Joins the L2 prefetch's branches, if any (a recording must not end
-    /// with one open).
-    fn join_l2(&self) -> Result<()> {
-        match &self.l2 {
-            Some(l2) => lock(l2).join(&self.dev),
-            None => Ok(()),
         }
     }
 
