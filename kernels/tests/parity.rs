@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{awq_pack, device, Rng};
+use common::{device, draw_w4, Rng, W4Draw};
 use half::f16;
 use lmq_kernels::{
     add_rms_norm, embedding, rms_norm, rope, rope_inv_freq, silu_mul, DeviceMatrix, Element,
@@ -87,45 +87,6 @@ struct W4Case {
 const W4_REL_L2_F32: f64 = 1e-3;
 const W4_REL_L2_F16: f64 = 2e-3;
 const W4_MAX_REL: f64 = 5e-3;
-
-/// A random 4-bit layer `k → n` in groups of `g`, `m` rows of input, an
-/// optional bias, and the f64 reference `x · W + b` with `w[k][j] = (q −
-/// z)·s` straight from the definition.
-struct W4Draw {
-    packed: PackedW4,
-    x: Vec<f16>,
-    bias: Option<Vec<f16>>,
-    want: Vec<f64>,
-}
-
-fn draw_w4(rng: &mut Rng, m: usize, k: usize, n: usize, g: usize, bias: bool) -> W4Draw {
-    let groups = k / g;
-    let q: Vec<u8> = (0..k * n).map(|_| rng.below(16) as u8).collect();
-    let z: Vec<u8> = (0..groups * n).map(|_| rng.below(16) as u8).collect();
-    let s = rng.f16s(groups * n, 0.002, 0.02);
-    let x = rng.f16s(m * k, -1.0, 1.0);
-    let bias = bias.then(|| rng.f16s(n, -0.5, 0.5));
-    let mut want = vec![0.0f64; m * n];
-    for r in 0..m {
-        for j in 0..n {
-            let mut acc = 0.0f64;
-            for kk in 0..k {
-                let grp = kk / g;
-                let w = (q[kk * n + j] as f64 - z[grp * n + j] as f64) * s[grp * n + j].to_f64();
-                acc += x[r * k + kk].to_f64() * w;
-            }
-            want[r * n + j] = acc + bias.as_ref().map_or(0.0, |b| b[j].to_f64());
-        }
-    }
-    let packed =
-        PackedW4::from_awq(&awq_pack(&q, k, n), &awq_pack(&z, groups, n), &s, k, n, g).unwrap();
-    W4Draw {
-        packed,
-        x,
-        bias,
-        want,
-    }
-}
 
 fn run_w4<O: Element + ToF64 + lmq_kernels::OutElement>(dev: &GpuDevice, c: W4Case, seed: u64) {
     let W4Case { m, k, n, g, .. } = c;

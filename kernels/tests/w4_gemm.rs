@@ -13,39 +13,9 @@
 
 mod common;
 
-use common::{awq_pack, device, Rng};
+use common::{device, draw_w4, Rng, W4Draw};
 use half::f16;
-use lmq_kernels::{DeviceMatrix, Element, GpuDevice, PackedW4, W4A16Linear};
-
-struct Layer {
-    packed: PackedW4,
-    x: Vec<f16>,
-    /// x · W with the exact weights.
-    exact: Vec<f64>,
-}
-
-fn draw(rng: &mut Rng, m: usize, k: usize, n: usize, g: usize) -> Layer {
-    let groups = k / g;
-    let q: Vec<u8> = (0..k * n).map(|_| rng.below(16) as u8).collect();
-    let z: Vec<u8> = (0..groups * n).map(|_| rng.below(16) as u8).collect();
-    let s = rng.f16s(groups * n, 0.002, 0.02);
-    let x = rng.f16s(m * k, -1.0, 1.0);
-    let mut exact = vec![0.0f64; m * n];
-    for r in 0..m {
-        for j in 0..n {
-            let mut acc = 0.0f64;
-            for kk in 0..k {
-                let grp = kk / g;
-                let w = (q[kk * n + j] as f64 - z[grp * n + j] as f64) * s[grp * n + j].to_f64();
-                acc += x[r * k + kk].to_f64() * w;
-            }
-            exact[r * n + j] = acc;
-        }
-    }
-    let packed =
-        PackedW4::from_awq(&awq_pack(&q, k, n), &awq_pack(&z, groups, n), &s, k, n, g).unwrap();
-    Layer { packed, x, exact }
-}
+use lmq_kernels::{DeviceMatrix, Element, GpuDevice, W4A16Linear};
 
 fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
     let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
@@ -73,9 +43,14 @@ fn wgmma_gemm_matches_dequantized_product() {
     ];
     let mut ran = 0;
     for (m, k, n, g, seed) in cases {
-        let layer = draw(&mut Rng(seed), m, k, n, g);
-        let lin = W4A16Linear::new(&dev, &layer.packed, None).unwrap();
-        let xd = dev.upload(&layer.x, m, k).unwrap();
+        let W4Draw {
+            packed,
+            x,
+            want: exact,
+            ..
+        } = draw_w4(&mut Rng(seed), m, k, n, g, false);
+        let lin = W4A16Linear::new(&dev, &packed, None).unwrap();
+        let xd = dev.upload(&x, m, k).unwrap();
         if !lin.wgmma_supports(&dev) {
             let mut out = poisoned::<f32>(&dev, m, n);
             assert!(
@@ -92,7 +67,7 @@ fn wgmma_gemm_matches_dequantized_product() {
         for r in 0..m {
             for j in 0..n {
                 want[r * n + j] = (0..k)
-                    .map(|kk| layer.x[r * k + kk].to_f64() * w[j * k + kk].to_f64())
+                    .map(|kk| x[r * k + kk].to_f64() * w[j * k + kk].to_f64())
                     .sum();
             }
         }
@@ -110,7 +85,7 @@ fn wgmma_gemm_matches_dequantized_product() {
             "{what}: NaN or inf (unwritten?)"
         );
         let e_deq = rel_l2(&got, &want);
-        let e_exact = rel_l2(&got, &layer.exact);
+        let e_exact = rel_l2(&got, &exact);
         let worst = got
             .iter()
             .zip(&want)
@@ -173,10 +148,10 @@ fn wgmma_gemm_refuses_layers_it_does_not_take() {
         (576, 256, 64),
         (256, 256, 32),
     ] {
-        let layer = draw(&mut Rng(95), 3, k, n, g);
-        let lin = W4A16Linear::new(&dev, &layer.packed, None).unwrap();
+        let W4Draw { packed, x, .. } = draw_w4(&mut Rng(95), 3, k, n, g, false);
+        let lin = W4A16Linear::new(&dev, &packed, None).unwrap();
         assert!(!lin.wgmma_supports(&dev), "k{k} n{n} g{g} claimed");
-        let xd = dev.upload(&layer.x, 3, k).unwrap();
+        let xd = dev.upload(&x, 3, k).unwrap();
         let mut out = poisoned::<f32>(&dev, 3, n);
         let err = lin.forward_wgmma(&dev, &xd, &mut out).unwrap_err();
         println!("k{k} n{n} g{g}: refused: {err}");

@@ -81,12 +81,7 @@ impl W4A16Linear {
                 ),
             ));
         }
-        if !std::sync::Arc::ptr_eq(self.qw.stream(), dev.stream()) || !out.is_on(dev) {
-            return Err(KernelError::invalid(
-                OP,
-                "operands belong to another GpuDevice",
-            ));
-        }
+        self.check_device(OP, dev, &[out.is_on(dev)])?;
         // Whole tiles: the output count is a multiple of 8 (AWQ packs 8
         // outputs per word), so rounding the slice up stays inside it.
         let tiles = rows.div_ceil(8);
@@ -200,12 +195,7 @@ impl W4A16Linear {
             ));
         }
         out_shape(OP, out, self.out_features, self.in_features)?;
-        if !std::sync::Arc::ptr_eq(self.qw.stream(), dev.stream()) || !out.is_on(dev) {
-            return Err(KernelError::invalid(
-                OP,
-                "operands belong to another GpuDevice",
-            ));
-        }
+        self.check_device(OP, dev, &[out.is_on(dev)])?;
         let words = self.out_features * self.kbs * 16;
         let (ni, ki, kbi, gi) = (
             self.out_features as i32,

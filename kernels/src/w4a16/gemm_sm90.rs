@@ -75,15 +75,7 @@ impl W4A16Linear {
             ));
         }
         out_shape(OP, out, m, self.out_features)?;
-        if !std::sync::Arc::ptr_eq(self.qw.stream(), dev.stream())
-            || !x.is_on(dev)
-            || !out.is_on(dev)
-        {
-            return Err(KernelError::invalid(
-                OP,
-                "operands belong to another GpuDevice",
-            ));
-        }
+        self.check_device(OP, dev, &[x.is_on(dev), out.is_on(dev)])?;
         let token_blocks = m.div_ceil(BLOCK_TOKENS);
         if token_blocks > 65535 || m > i32::MAX as usize / self.in_features {
             return Err(KernelError::shape(OP, format!("{m} rows are too many")));

@@ -516,6 +516,20 @@ impl W4A16Linear {
         self.launch_to(dev, x, out, spec).map(|_| ())
     }
 
+    /// An error unless this layer and every operand (`operands_on`: each
+    /// one's `is_on(dev)`) belong to `dev`.
+    fn check_device(&self, op: &'static str, dev: &GpuDevice, operands_on: &[bool]) -> Result<()> {
+        if !std::sync::Arc::ptr_eq(self.qw.stream(), dev.stream())
+            || operands_on.iter().any(|on| !on)
+        {
+            return Err(KernelError::invalid(
+                op,
+                "operands belong to another GpuDevice",
+            ));
+        }
+        Ok(())
+    }
+
     fn launch_to<O: OutElement>(
         &self,
         dev: &GpuDevice,
@@ -589,15 +603,7 @@ impl W4A16Linear {
                 (1i32, h)
             }
         };
-        if !std::sync::Arc::ptr_eq(self.qw.stream(), dev.stream())
-            || !x.is_on(dev)
-            || !out.is_on(dev)
-        {
-            return Err(KernelError::invalid(
-                OP,
-                "operands belong to another GpuDevice",
-            ));
-        }
+        self.check_device(OP, dev, &[x.is_on(dev), out.is_on(dev)])?;
         let p = self.plan_with(m, splits)?;
         let streaming = p.stages > 0;
         let (mi, ni, ki) = (m as i32, self.out_features as i32, self.in_features as i32);

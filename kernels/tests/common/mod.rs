@@ -3,7 +3,7 @@
 #![allow(dead_code)] // each test crate uses a part
 
 use half::f16;
-use lmq_kernels::{GpuDevice, KernelError};
+use lmq_kernels::{GpuDevice, KernelError, PackedW4};
 
 /// GPU 0, or `None` (with a "skipped" line) on a machine without CUDA.
 pub fn device() -> Option<GpuDevice> {
@@ -160,4 +160,43 @@ pub fn scaled_diff(a: &[f32], b: &[f32]) -> f32 {
         assert!(x.is_finite() && y.is_finite(), "non-finite output: {x} {y}");
         m.max((x - y).abs())
     }) / scale
+}
+
+/// A random 4-bit layer `k → n` in groups of `g`, `m` rows of input, an
+/// optional bias, and the f64 reference `x · W + b` with `w[k][j] = (q −
+/// z)·s` straight from the definition.
+pub struct W4Draw {
+    pub packed: PackedW4,
+    pub x: Vec<f16>,
+    pub bias: Option<Vec<f16>>,
+    pub want: Vec<f64>,
+}
+
+pub fn draw_w4(rng: &mut Rng, m: usize, k: usize, n: usize, g: usize, bias: bool) -> W4Draw {
+    let groups = k / g;
+    let q: Vec<u8> = (0..k * n).map(|_| rng.below(16) as u8).collect();
+    let z: Vec<u8> = (0..groups * n).map(|_| rng.below(16) as u8).collect();
+    let s = rng.f16s(groups * n, 0.002, 0.02);
+    let x = rng.f16s(m * k, -1.0, 1.0);
+    let bias = bias.then(|| rng.f16s(n, -0.5, 0.5));
+    let mut want = vec![0.0f64; m * n];
+    for r in 0..m {
+        for j in 0..n {
+            let mut acc = 0.0f64;
+            for kk in 0..k {
+                let grp = kk / g;
+                let w = (q[kk * n + j] as f64 - z[grp * n + j] as f64) * s[grp * n + j].to_f64();
+                acc += x[r * k + kk].to_f64() * w;
+            }
+            want[r * n + j] = acc + bias.as_ref().map_or(0.0, |b| b[j].to_f64());
+        }
+    }
+    let packed =
+        PackedW4::from_awq(&awq_pack(&q, k, n), &awq_pack(&z, groups, n), &s, k, n, g).unwrap();
+    W4Draw {
+        packed,
+        x,
+        bias,
+        want,
+    }
 }
