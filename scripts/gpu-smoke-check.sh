@@ -122,12 +122,12 @@ fi
 run_test attn_prefill 100 --nocapture
 grep -E "prefill vs decode" "$LOG/attn_prefill.log" | sort -k2 -t: -g | tail -n 3
 echo "== attn_prefill and cuda_backend's attention with LMQ_PREFILL_INT_PIPE=0 (the plain integer prefill tiles)"
-LMQ_PREFILL_INT_PIPE=0 timeout 100 "$R/attn_prefill" --nocapture >"$LOG/attn_prefill_pipe.log" 2>&1 || rc=1
-grep -E "test result|panicked" "$LOG/attn_prefill_pipe.log"
-grep -E "prefill vs decode" "$LOG/attn_prefill_pipe.log" | sort -k2 -t: -g | tail -n 3
+LMQ_PREFILL_INT_PIPE=0 timeout 100 "$R/attn_prefill" --nocapture >"$LOG/attn_prefill_plain.log" 2>&1 || rc=1
+grep -E "test result|panicked" "$LOG/attn_prefill_plain.log"
+grep -E "prefill vs decode" "$LOG/attn_prefill_plain.log" | sort -k2 -t: -g | tail -n 3
 LMQ_PREFILL_INT_PIPE=0 LMQ_PREFILL_ATTN=always timeout 120 "$R/cuda_backend" paged_attention --test-threads=1 --nocapture \
-    >"$LOG/cuda_backend_pipe.log" 2>&1 || rc=1
-grep -E "test result|panicked" "$LOG/cuda_backend_pipe.log"
+    >"$LOG/cuda_backend_plain.log" 2>&1 || rc=1
+grep -E "test result|panicked" "$LOG/cuda_backend_plain.log"
 echo "== cuda_backend, attention and whole models with LMQ_PREFILL_ATTN=always (the prefill kernel on every run of 16 rows)"
 LMQ_PREFILL_ATTN=always timeout 120 "$R/cuda_backend" paged_attention whole_model --test-threads=1 --nocapture \
     >"$LOG/cuda_backend_prefill.log" 2>&1 || rc=1

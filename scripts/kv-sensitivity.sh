@@ -38,6 +38,10 @@ for w in fp16 w4; do
         [[ $w == fp16 && $2 == static ]] && continue
         a=$(ppl "$w" "$1" "$2" fp32)
         b=$(ppl "$w" "$1" "$2" fp16)
+        if [[ -z "$a" || -z "$b" ]]; then
+            echo "| $w | $1 $2 | eval ppl failed | | |"
+            continue
+        fi
         python3 -c "a,b=$a,$b; print(f'| $w | $1 $2 | {a:.4f} | {b:.4f} | {abs(a-b)/b*100:.4f}% |')"
     done
 done

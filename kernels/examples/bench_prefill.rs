@@ -76,8 +76,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             w4.dequantize_into(&dev, &mut scratch)?;
             blas.gemm_f16(&dev, &x, &scratch, &mut out)?;
             let reference = dev.download(&out)?;
-            let ms = time(&mut || w4.forward_wgmma(&dev, &x, &mut out))?;
+            // Poisoned first, so that an output the kernel did not write
+            // shows as NaN rather than as the GEMM's values.
+            dev.fill(&mut out, f32::NAN)?;
+            w4.forward_wgmma(&dev, &x, &mut out)?;
             let got = dev.download(&out)?;
+            if got.iter().any(|v| !v.is_finite()) {
+                return Err("the wgmma GEMM left outputs unwritten (NaN)".into());
+            }
+            let ms = time(&mut || w4.forward_wgmma(&dev, &x, &mut out))?;
             let worst = got
                 .iter()
                 .zip(&reference)

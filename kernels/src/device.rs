@@ -229,6 +229,9 @@ impl GpuDevice {
             Module::ALL
                 .into_iter()
                 .filter(|&m| m != Module::W4A16 || self.supports_w4a16())
+                // The wgmma GEMM only runs on sm_90 (elsewhere it is a
+                // trap), and is built on first use even there.
+                .filter(|&m| m != Module::W4Gemm)
                 .filter(|m| !cache.contains_key(m))
                 .collect()
         };

@@ -372,6 +372,30 @@ fn w4a16_l2_prefetch_changes_no_result() {
             W4_MAX_REL,
         );
     }
+    // The stored link (`set_l2_next`): plain and chunked launches keep
+    // their bits, and a dropped next layer turns the prefetch off.
+    let la = std::sync::Arc::new(la);
+    let lb = std::sync::Arc::new(lb);
+    la.set_l2_next(Some((&lb, 1 << 20)));
+    let mut out = poisoned::<f32>(&dev, m, n);
+    la.forward(&dev, &xa, &mut out).unwrap();
+    let got = dev.download(&out).unwrap();
+    assert!(
+        got.iter()
+            .zip(&plain)
+            .all(|(x, y)| x.to_bits() == y.to_bits()),
+        "w4a16 with a stored next layer: differs from the plain launch"
+    );
+    drop(lb);
+    let mut out = poisoned::<f32>(&dev, m, n);
+    la.forward_chunked(&dev, &xa, &mut out, false).unwrap();
+    let got = dev.download(&out).unwrap();
+    assert!(
+        got.iter()
+            .zip(&plain)
+            .all(|(x, y)| x.to_bits() == y.to_bits()),
+        "w4a16 after the stored next layer was dropped: differs from the plain launch"
+    );
     println!("w4a16 l2 prefetch: identical to plain launches");
 }
 

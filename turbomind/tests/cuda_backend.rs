@@ -535,8 +535,9 @@ fn attention_rejects_blocks_outside_the_pool() {
     assert!(gpu.write_kv(0, &k, &k, &mut pool, &spans).is_err());
 }
 
-/// The W4 linear (decode kernel at 1..=16 rows, dequantize + cuBLAS above)
-/// and a dense fp16 linear, against the CPU backend, with odd row counts.
+/// The W4 linear (decode kernel at 1..=16 rows, once per 16 rows up to 64,
+/// dequantize + cuBLAS above) and a dense fp16 linear, against the CPU
+/// backend, with odd row counts.
 #[test]
 fn linears_match_cpu() {
     let Some(gpu) = gpu() else { return };
@@ -547,7 +548,8 @@ fn linears_match_cpu() {
         (1536, 576, 64),
         (256, 200, 128),
         (320, 96, 32),
-        // Whole wgmma blocks (LMQ_W4_WGMMA=1 on sm_90 takes 17 and 67 rows).
+        // Whole wgmma blocks (LMQ_W4_WGMMA=1 on sm_90 takes the 67 rows;
+        // 17 go to the decode kernel in slices).
         (256, 512, 128),
     ] {
         let awq = random_awq(&mut rng, k, n, g);

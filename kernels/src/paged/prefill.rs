@@ -112,13 +112,19 @@ pub(super) fn prefill_supported(dev: &GpuDevice, l: &KvLayout) -> bool {
 
 /// Whether integer storage takes the prefill kernel whose raw codes are
 /// copied a tile ahead (`paged_attn_prefill_h{hd}_{i8,i4}_pipe`): the
-/// default since an H100 ran its checks and measured it 1.9–2.1× faster
-/// than the plain integer kernel, which looks up, loads and dequantizes
+/// default since an H100 ran its checks and measured it 1.4–2.1× faster
+/// than the plain integer kernel (1.9× on a 2048-token prompt with 32 KV
+/// heads), which looks up, loads and dequantizes
 /// each tile while no copy is in flight (docs/BENCHMARKS.md, session 11).
 /// `LMQ_PREFILL_INT_PIPE=0` takes the plain kernel.
 pub(super) fn int_pipe_from_env() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| !std::env::var("LMQ_PREFILL_INT_PIPE").is_ok_and(|v| v == "0"))
+    *ON.get_or_init(|| {
+        !matches!(
+            std::env::var("LMQ_PREFILL_INT_PIPE").as_deref(),
+            Ok("0" | "off" | "false" | "no")
+        )
+    })
 }
 
 /// The prefill kernel's entry point for a storage type and head_dim, with

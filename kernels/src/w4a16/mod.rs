@@ -21,6 +21,7 @@ mod dequant;
 mod gemm_sm90;
 mod plan;
 mod prefetch;
+use prefetch::L2Pick;
 
 pub use plan::W4Plan;
 use plan::{
@@ -92,10 +93,9 @@ struct LaunchSpec<'a> {
     /// The first row and the row count of a slice of x's rows (and the
     /// output's); None: all of them.
     rows: Option<(usize, usize)>,
-    /// The next linear and how many bytes of its codes the launch's last
-    /// blocks ask L2 for (classic kernels; see `l2_prefetch_share` in
-    /// cu/w4a16.cu). None: no prefetch.
-    l2_next: Option<(&'a W4A16Linear, usize)>,
+    /// What the launch's last blocks ask L2 for (classic kernels; see
+    /// `l2_prefetch_share` in cu/w4a16.cu).
+    l2_next: L2Pick<'a>,
 }
 
 impl LaunchSpec<'_> {
@@ -105,7 +105,7 @@ impl LaunchSpec<'_> {
             pdl,
             store: Store::Product,
             rows,
-            l2_next: None,
+            l2_next: L2Pick::Stored,
         }
     }
 }
@@ -484,7 +484,14 @@ impl W4A16Linear {
         let mut row0 = 0;
         while row0 < m {
             let rows = MAX_ROWS.min(m - row0);
-            self.forward_rows(dev, x, out, row0, rows, pdl)?;
+            // Only the last slice prefetches the next linear: the earlier
+            // ones would push out the weights the later ones re-read.
+            let last = row0 + rows == m;
+            let spec = LaunchSpec {
+                l2_next: if last { L2Pick::Stored } else { L2Pick::Off },
+                ..LaunchSpec::product(pdl && self.pdl, Some((row0, rows)))
+            };
+            self.launch_to(dev, x, out, spec)?;
             row0 += rows;
         }
         Ok(())
@@ -511,7 +518,7 @@ impl W4A16Linear {
             pdl: pdl && self.pdl,
             store: Store::SiluPairs(out_h),
             rows: None,
-            l2_next: None,
+            l2_next: L2Pick::Stored,
         };
         self.launch_to(dev, x, out, spec).map(|_| ())
     }
@@ -545,14 +552,17 @@ impl W4A16Linear {
             rows,
             l2_next,
         } = spec;
-        // Without a prefetch named for this launch, the layer's own (held
+        // The layer's own link unless the launch names one or none (held
         // for the launch: the Arc keeps the next layer's codes alive).
-        let stored = if l2_next.is_none() {
-            self.l2_next_now()
-        } else {
-            None
+        let stored = match l2_next {
+            L2Pick::Stored => self.l2_next_now(),
+            _ => None,
         };
-        let l2_next = l2_next.or(stored.as_ref().map(|(l, bytes)| (l.as_ref(), *bytes)));
+        let l2_next = match l2_next {
+            L2Pick::Next(l, bytes) => Some((l, bytes)),
+            L2Pick::Off => None,
+            L2Pick::Stored => stored.as_ref().map(|(l, bytes)| (l.as_ref(), *bytes)),
+        };
         let total = x.rows();
         let (row0, m) = rows.unwrap_or((0, total));
         if row0 + m > total {
@@ -739,7 +749,8 @@ impl W4A16Linear {
             .during("binding the context")?;
         // With `pdl` this launch may start while the kernel before it still
         // runs: sound only because every W4A16 kernel touches nothing but
-        // its own weights, scales and zeros before `griddepcontrol.wait`
+        // its own weights, scales and zeros (and asks L2 for another
+        // layer's immutable codes, reading nothing) before `griddepcontrol.wait`
         // (x through `ld_produced_v4`, `out` written after the wait;
         // tests/pdl.rs). A kernel launched with the attribute must keep that
         // rule.

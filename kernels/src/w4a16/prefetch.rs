@@ -17,6 +17,18 @@ use crate::buffer::DeviceMatrix;
 use crate::device::GpuDevice;
 use crate::error::Result;
 
+/// Which linear's codes a launch prefetches into L2.
+#[derive(Clone, Copy)]
+pub(super) enum L2Pick<'a> {
+    /// The one set by [`W4A16Linear::set_l2_next`], if any.
+    Stored,
+    /// None (the first slices of a chunked product, whose later slices
+    /// re-read this layer's own weights).
+    Off,
+    /// This linear, this many bytes.
+    Next(&'a W4A16Linear, usize),
+}
+
 /// The linear a launch prefetches for, held weakly (a model's linears form
 /// a ring, which strong references would leak), and how many bytes.
 pub(super) type L2Next = Option<(Weak<W4A16Linear>, usize)>;
@@ -35,18 +47,20 @@ impl W4A16Linear {
         max_bytes: usize,
     ) -> Result<()> {
         let spec = LaunchSpec {
-            l2_next: Some((next, max_bytes)),
+            l2_next: L2Pick::Next(next, max_bytes),
             ..LaunchSpec::product(self.pdl, None)
         };
         self.launch_to(dev, x, out, spec).map(|_| ())
     }
 
-    /// Makes every later launch of this layer (that names no other) ask L2
-    /// for the first `max_bytes` of `next`'s codes, as
-    /// [`Self::forward_prefetching`] does; `None` stops it. A launch
-    /// recorded into a graph keeps the prefetch it was recorded with. If
-    /// `next` has been dropped by the time of a launch, nothing is
-    /// prefetched.
+    /// Makes every later launch of this layer (that names no other; of a
+    /// chunked product, the last slice) ask L2 for the first `max_bytes`
+    /// of `next`'s codes, as [`Self::forward_prefetching`] does; `None`
+    /// stops it. If `next` has been dropped by the time of a launch,
+    /// nothing is prefetched. A launch recorded into a CUDA graph keeps the
+    /// address it was recorded with: the caller must keep `next` alive as
+    /// long as such a graph may be replayed (turbomind's prefetcher holds
+    /// every linear of the model for the backend's life).
     pub fn set_l2_next(&self, next: Option<(&Arc<W4A16Linear>, usize)>) {
         let value = next.map(|(l, bytes)| (Arc::downgrade(l), bytes));
         // A poisoned lock only means a panic elsewhere while it was held;

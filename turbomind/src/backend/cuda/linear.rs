@@ -2,9 +2,10 @@
 //! multiplied through cuBLAS; AWQ weights are repacked at load into the
 //! W4A16 kernel's layout (see kernels/README.md). Up to
 //! [`lmq_kernels::MAX_ROWS`] rows (decode) stream the 4-bit codes through
-//! the W4A16 kernel; more rows (prefill) dequantize the weights into a
-//! scratch fp16 matrix and run one cuBLAS GEMM, which at prefill sizes costs
-//! less than re-reading the codes once per 16 rows (with
+//! the W4A16 kernel, and up to 64 rows (larger decode batches) the same
+//! kernel runs once per 16 rows; more rows (prefill) dequantize the
+//! weights into a scratch fp16 matrix and run one cuBLAS GEMM, which at
+//! prefill sizes costs less than re-reading the codes once per 16 rows (with
 //! `LMQ_PREFILL_PREFETCH=1` the next weight is dequantized during this
 //! GEMM: see `prefetch.rs`).
 //!
@@ -388,8 +389,8 @@ impl CudaLinear {
 /// dequantizing the weight for a cuBLAS GEMM: each slice streams the
 /// weight again, but the dequantization writes and re-reads four times the
 /// codes' bytes. On an H100 (docs/BENCHMARKS.md, session 11) this took
-/// Llama-2-7B-shaped decode batches of 32 from 2128 to 4237 tok/s and of
-/// 48 from 2900 to 4287.
+/// Llama-2-7B-shaped decode batches of 32 from 2125–2128 to 4236–4237
+/// tok/s and of 48 from 2893–2900 to 4281–4292.
 const DEFAULT_DECODE_ROWS: usize = 64;
 
 /// `LMQ_W4_DECODE_ROWS=<rows>` overrides [`DEFAULT_DECODE_ROWS`];
