@@ -5,11 +5,9 @@
 //! caller's, through the marks and joins here. None of it may happen while
 //! the device stream is being recorded into a CUDA graph (an event from
 //! outside a capture invalidates it, and a side stream drawn into one never
-//! runs its work): each call refuses then. The exception is a fork
-//! ([`GpuDevice::fork`]): the side stream waits for the device stream's
-//! work so far, which, while recording, draws the side stream into the
-//! recording as a parallel branch, and [`GpuDevice::join_fork`] brings it
-//! back (a recording must not end with a branch still open).
+//! runs its work): each call refuses then. (Session 10's fork onto a
+//! parallel graph branch, for an L2 prefetch, is gone: that prefetch now
+//! happens inside the W4A16 kernel.)
 
 use std::sync::Arc;
 
@@ -62,29 +60,6 @@ impl GpuDevice {
         self.stream()
             .join(&side.stream)
             .during("joining the side stream")
-    }
-}
-
-impl GpuDevice {
-    /// Makes `side` wait for the work queued on the device stream so far,
-    /// eagerly or while the device stream is recorded (then `side` joins
-    /// the recording as a parallel branch). Work queued on `side`
-    /// afterwards runs beside the device stream's until
-    /// [`GpuDevice::join_fork`]; a side stream may be forked again before
-    /// that (each fork orders its later work after the device stream's).
-    /// A recording must not end with a fork open.
-    pub fn fork(&self, side: &SideStream) -> Result<()> {
-        side.stream
-            .join(self.stream())
-            .during("forking onto the side stream")
-    }
-
-    /// Makes the device stream wait for the work queued on `side` since
-    /// [`GpuDevice::fork`], closing the fork (also while recording).
-    pub fn join_fork(&self, side: &SideStream) -> Result<()> {
-        self.stream()
-            .join(&side.stream)
-            .during("joining the forked side stream")
     }
 }
 
