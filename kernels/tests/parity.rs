@@ -350,11 +350,10 @@ fn w4a16_l2_prefetch_changes_no_result() {
         W4_REL_L2_F32,
         W4_MAX_REL,
     );
-    for bytes in [0usize, 16, 40_000, 400_000, usize::MAX] {
-        let what = format!("w4a16 with {bytes} bytes of the next layer prefetched");
+    // A launch into a poisoned output must write the plain launch's bits.
+    let same_as_plain = |what: &str, launch: &dyn Fn(&mut DeviceMatrix<f32>)| {
         let mut out = poisoned::<f32>(&dev, m, n);
-        la.forward_prefetching(&dev, &xa, &mut out, &lb, bytes)
-            .unwrap();
+        launch(&mut out);
         let got = dev.download(&out).unwrap();
         assert!(
             got.iter()
@@ -362,6 +361,12 @@ fn w4a16_l2_prefetch_changes_no_result() {
                 .all(|(x, y)| x.to_bits() == y.to_bits()),
             "{what}: differs from the plain launch"
         );
+    };
+    for bytes in [0usize, 16, 40_000, 400_000, usize::MAX] {
+        let what = format!("w4a16 with {bytes} bytes of the next layer prefetched");
+        same_as_plain(&what, &|out| {
+            la.forward_prefetching(&dev, &xa, out, &lb, bytes).unwrap()
+        });
         let mut next = poisoned::<f32>(&dev, m, 4104);
         lb.forward(&dev, &xb, &mut next).unwrap();
         compare(
@@ -377,25 +382,13 @@ fn w4a16_l2_prefetch_changes_no_result() {
     let la = std::sync::Arc::new(la);
     let lb = std::sync::Arc::new(lb);
     la.set_l2_next(Some((&lb, 1 << 20)));
-    let mut out = poisoned::<f32>(&dev, m, n);
-    la.forward(&dev, &xa, &mut out).unwrap();
-    let got = dev.download(&out).unwrap();
-    assert!(
-        got.iter()
-            .zip(&plain)
-            .all(|(x, y)| x.to_bits() == y.to_bits()),
-        "w4a16 with a stored next layer: differs from the plain launch"
-    );
+    same_as_plain("w4a16 with a stored next layer", &|out| {
+        la.forward(&dev, &xa, out).unwrap()
+    });
     drop(lb);
-    let mut out = poisoned::<f32>(&dev, m, n);
-    la.forward_chunked(&dev, &xa, &mut out, false).unwrap();
-    let got = dev.download(&out).unwrap();
-    assert!(
-        got.iter()
-            .zip(&plain)
-            .all(|(x, y)| x.to_bits() == y.to_bits()),
-        "w4a16 after the stored next layer was dropped: differs from the plain launch"
-    );
+    same_as_plain("w4a16 after the stored next layer was dropped", &|out| {
+        la.forward_chunked(&dev, &xa, out, false).unwrap()
+    });
     println!("w4a16 l2 prefetch: identical to plain launches");
 }
 

@@ -31,6 +31,9 @@ pub(super) struct L2Ahead {
     linears: Vec<Arc<W4A16Linear>>,
     /// The order decode calls the linears in.
     order: CallOrder,
+    /// The linear each one's launches are pointed at now, by id, so that
+    /// a step that guesses as the last one did touches no linear.
+    pointed: Vec<Option<usize>>,
     max_bytes: usize,
 }
 
@@ -55,6 +58,7 @@ impl L2Ahead {
         Self {
             linears: Vec::new(),
             order: CallOrder::default(),
+            pointed: Vec::new(),
             max_bytes,
         }
     }
@@ -62,6 +66,7 @@ impl L2Ahead {
     /// Registers a 4-bit linear; its id is what [`L2Ahead::before`] takes.
     pub fn register(&mut self, linear: Arc<W4A16Linear>) -> usize {
         self.linears.push(linear);
+        self.pointed.push(None);
         self.linears.len() - 1
     }
 
@@ -70,8 +75,12 @@ impl L2Ahead {
     pub fn before(&mut self, id: usize) {
         let learned = self.order.call(id);
         let guess = learned.unwrap_or((id + 1) % self.linears.len().max(1));
+        if self.pointed.get(id) == Some(&Some(guess)) {
+            return;
+        }
         if let (Some(this), Some(next)) = (self.linears.get(id), self.linears.get(guess)) {
             this.set_l2_next(Some((next, self.max_bytes)));
+            self.pointed[id] = Some(guess);
         }
     }
 }
