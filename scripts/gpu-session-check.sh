@@ -103,7 +103,7 @@ if [[ "$PART" == 3 ]]; then
 fi
 
 # LMQ_DEFAULT=1 sets nothing lmq reads: it names the default run.
-ENVS=${ENVS:-"LMQ_DEFAULT=1 LMQ_L2_PREFETCH=4 LMQ_L2_PREFETCH=2 LMQ_PDL=1,LMQ_PDL_SPLICE=chain"}
+ENVS=${ENVS:-"LMQ_DEFAULT=1 LMQ_L2_PREFETCH=0 LMQ_PDL=1,LMQ_PDL_SPLICE=chain"}
 phase bench-7b 280 env BIN="$BIN" PRESETS=llama2-7b WEIGHTS=awq ENVS="$ENVS" \
     ${BASELINE:+BASELINE="$BASELINE"} bash "$here/gpu-7b-bench.sh"
 grep -E "^\||programmatic|turned off" "$LOG/bench-7b.txt"

@@ -31,6 +31,7 @@ pub struct GpuDevice {
     name: String,
     compute_capability: (i32, i32),
     num_sms: u32,
+    l2_bytes: usize,
     include_dirs: Vec<PathBuf>,
     modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
     /// Set while the stream is recorded into a graph (see `graph.rs`).
@@ -145,6 +146,10 @@ impl GpuDevice {
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         })?
         .during("reading the multiprocessor count")?;
+        let l2_bytes = no_panic("cuDeviceGetAttribute", || {
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+        })?
+        .during("reading the L2 cache size")?;
         // SAFETY: this turns off cudarc's cross-stream event tracking for
         // buffers created from now on in this (primary) context. That is
         // sound here because every op of this crate checks that all of its
@@ -165,6 +170,7 @@ impl GpuDevice {
             name,
             compute_capability,
             num_sms: num_sms.max(1) as u32,
+            l2_bytes: l2_bytes.max(0) as usize,
             include_dirs: nvrtc::cuda_include_dirs(),
             modules: Mutex::new(HashMap::new()),
             recording: AtomicBool::new(false),
@@ -191,6 +197,11 @@ impl GpuDevice {
     /// Streaming multiprocessors on the device.
     pub fn num_sms(&self) -> u32 {
         self.num_sms
+    }
+
+    /// Bytes of L2 cache on the device.
+    pub fn l2_bytes(&self) -> usize {
+        self.l2_bytes
     }
 
     /// The folders holding `cuda_fp16.h` that NVRTC is given.

@@ -20,6 +20,15 @@ pub(super) const STREAM_SMEM_LIMIT: usize = 112 * 1024;
 const AUTO_SPLITS: usize = 8;
 /// k-blocks a warp aims to own under the automatic plan (one batch of loads).
 const KB_PER_WARP: usize = 4;
+/// Single-row (decode of one sequence) split counts that beat the rule
+/// above, by (k-blocks, output features): the Llama-2-7B shape's fused
+/// q/k/v (4096 -> 12288) and fused gate/up (4096 -> 22016) layers.
+/// Measured with `LMQ_BENCH_M=1 LMQ_BENCH_SWEEP=1 bench_w4` on an H100 SXM
+/// in sessions 11 and 12 (three runs): the stacked layer took 45.5 µs with
+/// these against 47.7 µs with 8 splits for both (docs/BENCHMARKS.md). The
+/// other linears of that layer (4096 -> 4096, 11008 -> 4096) measured best
+/// with the rule's 8 splits.
+const TUNED_SINGLE_ROW_SPLITS: &[(usize, usize, usize)] = &[(32, 12288, 2), (32, 22016, 4)];
 
 /// How one launch divides the work: `n_blocks` blocks, each of `splits`
 /// warps that split K into chunks of `kc` k-blocks (128 inputs); the warps'
@@ -68,7 +77,8 @@ pub(super) fn halves(m: usize) -> usize {
 }
 
 /// Chooses the split of K over the warps of a block: about
-/// [`KB_PER_WARP`] k-blocks per warp, at most [`AUTO_SPLITS`] warps.
+/// [`KB_PER_WARP`] k-blocks per warp, at most [`AUTO_SPLITS`] warps, except
+/// for the single-row shapes of [`TUNED_SINGLE_ROW_SPLITS`].
 pub(super) fn plan(m: usize, kbs: usize, n: usize, splits: Option<usize>) -> Result<W4Plan> {
     plan_capped(m, kbs, n, splits, AUTO_SPLITS)
 }
@@ -82,8 +92,14 @@ pub(super) fn plan_capped(
     cap: usize,
 ) -> Result<W4Plan> {
     let n_blocks = n.div_ceil(BLOCK_COLS);
+    let tuned = TUNED_SINGLE_ROW_SPLITS
+        .iter()
+        .find(|&&(tk, tn, _)| m == 1 && tk == kbs && tn == n)
+        .map(|&(_, _, s)| s.min(cap.clamp(1, MAX_SPLITS)));
     let want = match splits {
-        None => kbs.div_ceil(KB_PER_WARP).clamp(1, cap.clamp(1, MAX_SPLITS)),
+        None => {
+            tuned.unwrap_or_else(|| kbs.div_ceil(KB_PER_WARP).clamp(1, cap.clamp(1, MAX_SPLITS)))
+        }
         Some(s) if (1..=MAX_SPLITS).contains(&s) => s.min(kbs),
         Some(s) => {
             return Err(KernelError::invalid(
@@ -215,5 +231,17 @@ mod tests {
         assert!(plan(16, 86, 4096, Some(0)).is_err());
         assert_eq!(plan(1, 12, 256, Some(1)).unwrap().splits, 1);
         assert_eq!(plan(1, 32, 4096, None).unwrap().splits, 8);
+    }
+
+    #[test]
+    fn tuned_single_row_splits_apply_to_one_row_only() {
+        // The measured shapes take their tuned split at one row, the rule's
+        // elsewhere; a forced split and a lower cap still win.
+        assert_eq!(plan(1, 32, 12288, None).unwrap().splits, 2);
+        assert_eq!(plan(1, 32, 22016, None).unwrap().splits, 4);
+        assert_eq!(plan(2, 32, 12288, None).unwrap().splits, 8);
+        assert_eq!(plan(1, 32, 12288, Some(8)).unwrap().splits, 8);
+        assert_eq!(plan_capped(1, 32, 22016, None, 3).unwrap().splits, 3);
+        assert_eq!(plan(1, 86, 12288, None).unwrap().splits, 8);
     }
 }

@@ -154,8 +154,8 @@ impl CudaBackend {
         } else {
             None
         };
-        let l2 =
-            l2_ahead::l2_prefetch_bytes()?.map(|bytes| Mutex::new(l2_ahead::L2Ahead::new(bytes)));
+        let l2 = l2_ahead::l2_prefetch_bytes(dev.compute_capability().0, dev.l2_bytes())?
+            .map(|bytes| Mutex::new(l2_ahead::L2Ahead::new(bytes)));
         Ok(CudaBackend {
             prefetch,
             l2,
