@@ -76,36 +76,7 @@ impl Blas {
                 ),
             ));
         }
-        self.gemm_raw(dev, x, w, out, Slice { rows: n, n0: 0 })
-    }
-
-    /// `out[:, n0 .. n0 + rows] = x · w[..rows]ᵀ`: the first `rows` rows of
-    /// `w` (`[≥ rows, K]`) against x `[M, K]`, into columns `n0 ..` of out
-    /// `[M, N]` fp32 (leading dimension N); the other columns are untouched.
-    pub fn gemm_f16_rows(
-        &self,
-        dev: &GpuDevice,
-        x: &DeviceMatrix<f16>,
-        w: &DeviceMatrix<f16>,
-        rows: usize,
-        out: &mut DeviceMatrix<f32>,
-        n0: usize,
-    ) -> Result<()> {
-        const OP: &str = "gemm_f16 (column slice)";
-        let (m, k, n) = (x.rows(), x.cols(), out.cols());
-        if w.cols() != k || rows > w.rows() || out.rows() != m || n0 + rows > n {
-            return Err(KernelError::shape(
-                OP,
-                format!(
-                    "x {m}×{k} · (rows ..{rows} of w {}×{})ᵀ into columns {n0}..{} of out {}×{n}",
-                    w.rows(),
-                    w.cols(),
-                    n0 + rows,
-                    out.rows(),
-                ),
-            ));
-        }
-        self.gemm_raw(dev, x, w, out, Slice { rows, n0 })
+        self.gemm_raw(dev, x, w, out)
     }
 
     /// Asks cuBLAS to plan its GEMMs for `sms` SMs (0: the whole device),
@@ -127,27 +98,17 @@ impl Blas {
     }
 }
 
-/// Which output columns a GEMM writes: `rows` weight rows into columns
-/// `n0 .. n0 + rows` of the output.
-#[derive(Clone, Copy)]
-struct Slice {
-    rows: usize,
-    n0: usize,
-}
-
 impl Blas {
-    /// The cuBLAS call behind [`Blas::gemm_f16`] and
-    /// [`Blas::gemm_f16_rows`], after their shape checks.
+    /// The cuBLAS call behind [`Blas::gemm_f16`], after its shape checks.
     fn gemm_raw(
         &self,
         dev: &GpuDevice,
         x: &DeviceMatrix<f16>,
         w: &DeviceMatrix<f16>,
         out: &mut DeviceMatrix<f32>,
-        slice: Slice,
     ) -> Result<()> {
         const OP: &str = "gemm_f16";
-        let (m, k, ldc, n) = (x.rows(), x.cols(), out.cols(), slice.rows);
+        let (m, k, ldc, n) = (x.rows(), x.cols(), out.cols(), w.rows());
         on_device(OP, dev, &[x.is_on(dev), w.is_on(dev), out.is_on(dev)])?;
         if !Arc::ptr_eq(&self.stream, dev.stream()) {
             return Err(KernelError::invalid(
@@ -169,14 +130,13 @@ impl Blas {
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (x_ptr, _xs) = x.data.device_ptr(stream);
         let (w_ptr, _ws) = w.data.device_ptr(stream);
-        let (o_base, _os) = out.data.device_ptr_mut(stream);
-        let o_ptr = o_base + (slice.n0 * std::mem::size_of::<f32>()) as u64;
+        let (o_ptr, _os) = out.data.device_ptr_mut(stream);
         // Row-major out[M][N] is column-major outᵀ (N × M), and outᵀ = W ·
         // xᵀ where W's row-major [N][K] is column-major K × N (so op T) and
         // x's row-major [M][K] is column-major K × M (op N).
         // SAFETY: the pointers are live device buffers of this stream with
         // the sizes the callers checked (x M·K halves, w at least N·K
-        // halves, out M rows of ldc floats, columns n0 + N ≤ ldc);
+        // halves, out M rows of ldc = N floats);
         // alpha and beta are host floats, the handle's default pointer mode;
         // the sync guards keep the buffers' stream order until they drop.
         unsafe {

@@ -357,24 +357,13 @@ impl CudaLinear {
                 (Some(p), Some(id)) if !dev.is_recording() => {
                     lock(p).gemm(dev, blas, id, xh, &mut out)?
                 }
-                _ => match prefill_slice_rows() {
-                    Some(rows) => {
-                        // The output count is a multiple of 8 (AWQ packing).
-                        let rows = rows.min(self.out_features);
-                        let mut w = dev
-                            .uninit::<f16>(rows, self.in_features)
-                            .map_err(gpu_error)?;
-                        l.prefill_chunked(dev, blas, xh, &mut out, rows, &mut w)
-                            .map_err(gpu_error)?;
-                    }
-                    None => {
-                        let mut w = dev
-                            .uninit::<f16>(self.out_features, self.in_features)
-                            .map_err(gpu_error)?;
-                        l.dequantize_into(dev, &mut w).map_err(gpu_error)?;
-                        blas.gemm_f16(dev, xh, &w, &mut out).map_err(gpu_error)?;
-                    }
-                },
+                _ => {
+                    let mut w = dev
+                        .uninit::<f16>(self.out_features, self.in_features)
+                        .map_err(gpu_error)?;
+                    l.dequantize_into(dev, &mut w).map_err(gpu_error)?;
+                    blas.gemm_f16(dev, xh, &w, &mut out).map_err(gpu_error)?;
+                }
             },
         }
         if let Some(b) = &self.bias {
@@ -420,16 +409,4 @@ fn prefetch_next(aids: &LinearAids<'_>, ids: &W4Ids) {
     if let (Some(l2), Some(id)) = (aids.l2, ids.l2) {
         lock(l2).before(id);
     }
-}
-
-/// `LMQ_PREFILL_SLICE=<rows>`: 4-bit prefill dequantizes that many weight
-/// rows (outputs) at a time and multiplies each slice into its columns of
-/// the output (`W4A16Linear::prefill_chunked`), so that the fp16 slice is
-/// still in L2 when cuBLAS reads it and the scratch is a slice, not the
-/// whole weight. Unset or 0: the whole weight at once. Opt-in until
-/// `bench_prefill` has measured it on a GPU.
-fn prefill_slice_rows() -> Option<usize> {
-    static ROWS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    // Whole 8-output tiles: rounded down, at least one tile.
-    *ROWS.get_or_init(|| super::env_count("LMQ_PREFILL_SLICE").map(|r| (r / 8 * 8).max(8)))
 }
