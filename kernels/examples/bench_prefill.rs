@@ -1,4 +1,5 @@
-//! Prefill linears at M = 2048 on Llama-2-7B's layer shapes: cuBLAS fp16
+//! Prefill linears at M = 2048 (`LMQ_BENCH_PREFILL_M` sets another row
+//! count) on Llama-2-7B's layer shapes: cuBLAS fp16
 //! GEMM over dense fp16 weights (the ceiling, fp32 output as the engine
 //! uses it) against the 4-bit path the engine takes above 16 rows (the
 //! W4A16 weights dequantized into a scratch fp16 matrix, then the same
@@ -21,7 +22,6 @@ use lmq_kernels::{Blas, KernelError, PackedW4, W4A16Linear};
 mod bench_common;
 use bench_common::{open_device, Timing};
 
-const M: usize = 2048;
 const CALLS: usize = 10;
 const ROUNDS: usize = 7;
 
@@ -29,6 +29,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let Some(dev) = open_device()? else {
         return Ok(());
     };
+    let rows: usize = match std::env::var("LMQ_BENCH_PREFILL_M") {
+        Ok(v) => v.trim().parse().ok().filter(|&m| m > 0).ok_or_else(|| {
+            format!("LMQ_BENCH_PREFILL_M must be a positive row count, got {v:?}")
+        })?,
+        Err(_) => 2048,
+    };
+    println!("M = {rows} rows");
     let blas = Blas::new(&dev)?;
     let timing = Timing::new(&dev, 3, ROUNDS, CALLS)?;
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
@@ -53,14 +60,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let scales: Vec<f16> = (0..(k / g) * n).map(|_| f16::from_f32(0.01)).collect();
         let packed = PackedW4::from_awq(&qweight, &qzeros, &scales, k, n, g)?;
         let w4 = W4A16Linear::new(&dev, &packed, None)?;
-        let x: Vec<f16> = (0..M * k)
+        let x: Vec<f16> = (0..rows * k)
             .map(|i| f16::from_f32(((i % 13) as f32 - 6.0) / 8.0))
             .collect();
-        let x = dev.upload(&x, M, k)?;
+        let x = dev.upload(&x, rows, k)?;
         let mut dense = dev.uninit::<f16>(n, k)?;
         w4.dequantize_into(&dev, &mut dense)?;
         let mut scratch = dev.uninit::<f16>(n, k)?;
-        let mut out = dev.uninit::<f32>(M, n)?;
+        let mut out = dev.uninit::<f32>(rows, n)?;
         // Milliseconds per call.
         let time = |f: &mut dyn FnMut() -> Result<(), KernelError>| -> Result<f64, Box<dyn std::error::Error>> {
             Ok(timing.us(f)? * 1e-3)
@@ -96,7 +103,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             None
         };
         dev.context().check_err()?;
-        let flops = 2.0 * (M * k * n) as f64;
+        let flops = 2.0 * (rows * k * n) as f64;
         let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
         print!(
             "| {name} | {k}x{n} | {:.0} | {:.0} | {:.2}x |",

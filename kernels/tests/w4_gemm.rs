@@ -33,13 +33,16 @@ fn poisoned<T: Element>(dev: &GpuDevice, rows: usize, cols: usize) -> DeviceMatr
 fn wgmma_gemm_matches_dequantized_product() {
     let Some(dev) = device() else { return };
     // (m, k, n, g): one token; a partial token block; several blocks both
-    // ways; groups of 64 and 128; K of 11 k-blocks (11008 = 86 of them is
-    // the down projection's).
+    // ways (blocks are 128 channels × 256 tokens); groups of 64 and 128; K
+    // of 11 k-blocks (11008 = 86 of them is the down projection's); an odd
+    // number of channel blocks; a whole token block with no tail.
     let cases = [
         (1usize, 128usize, 256usize, 64usize, 91u64),
         (77, 256, 256, 128, 92),
         (130, 512, 512, 64, 93),
         (257, 1408, 768, 128, 94),
+        (600, 384, 384, 64, 95),
+        (256, 256, 128, 128, 96),
     ];
     let mut ran = 0;
     for (m, k, n, g, seed) in cases {
@@ -141,10 +144,11 @@ fn wgmma_gemm_matches_dequantized_product() {
 #[test]
 fn wgmma_gemm_refuses_layers_it_does_not_take() {
     let Some(dev) = device() else { return };
-    // 200 outputs (not a multiple of 256), 576 inputs (not of 128),
+    // 200 and 320 outputs (not multiples of 128), 576 inputs (not of 128),
     // groups of 32.
     for (k, n, g) in [
         (256usize, 200usize, 64usize),
+        (256, 320, 64),
         (576, 256, 64),
         (256, 256, 32),
     ] {

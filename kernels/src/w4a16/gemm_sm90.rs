@@ -1,7 +1,7 @@
 //! The 4-bit prefill GEMM on Hopper's tensor cores (`cu/w4_gemm_sm90.cu`):
-//! the codes are dequantized inside the GEMM's main loop into shared
-//! memory and multiplied by wgmma, so no fp16 copy of the weight is
-//! written and read again (the dequantize-then-cuBLAS path spends
+//! the codes are dequantized inside the GEMM's main loop, in registers,
+//! and fed to wgmma as its register operand, so no fp16 copy of the weight
+//! is written and read again (the dequantize-then-cuBLAS path spends
 //! 0.18–0.19 of the GEMM's time on that at 2048 rows on an H100).
 //! Opt-in while it is measured (turbomind's CUDA linear asks
 //! [`W4A16Linear::wgmma_supports`] first).
@@ -17,16 +17,16 @@ use crate::nvrtc::Module;
 use crate::ops::out_shape;
 
 /// Output channels and tokens per block (`W4G_BM`, `W4G_BN`).
-const BLOCK_CHANNELS: usize = 256;
-const BLOCK_TOKENS: usize = 128;
-/// Dynamic shared memory (`W4G_SMEM`): alignment slack, two weight stages
-/// of 256 rows × 128 bytes, four activation stages of 128 rows × 128 bytes.
-const SMEM_BYTES: usize = 1024 + 2 * BLOCK_CHANNELS * 128 + 4 * BLOCK_TOKENS * 128;
+const BLOCK_CHANNELS: usize = 128;
+const BLOCK_TOKENS: usize = 256;
+/// Dynamic shared memory (`W4G_SMEM`): alignment slack and four activation
+/// stages of 256 rows × 128 bytes (the weights stay in registers).
+const SMEM_BYTES: usize = 1024 + 4 * BLOCK_TOKENS * 128;
 
 impl W4A16Linear {
     /// Whether [`Self::forward_wgmma`] takes this layer on `dev`: an sm_90
     /// GPU (wgmma), inputs a multiple of 128 (whole k-blocks, no padding),
-    /// outputs a multiple of 256 (whole blocks) and groups of 64 or 128
+    /// outputs a multiple of 128 (whole blocks) and groups of 64 or 128
     /// inputs (one group per 64-input stage).
     pub fn wgmma_supports(&self, dev: &GpuDevice) -> bool {
         dev.compute_capability() == (9, 0)
@@ -80,7 +80,11 @@ impl W4A16Linear {
         if token_blocks > 65535 || m > i32::MAX as usize / self.in_features {
             return Err(KernelError::shape(OP, format!("{m} rows are too many")));
         }
-        let name = format!("w4_gemm_sm90_g{}", self.group_size);
+        let name = if wgmma_depth() == 2 {
+            format!("w4_gemm_sm90_d2_g{}", self.group_size)
+        } else {
+            format!("w4_gemm_sm90_g{}", self.group_size)
+        };
         let f = dev.function(Module::W4Gemm, &name)?;
         f.set_attribute(
             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -114,16 +118,18 @@ impl W4A16Linear {
             block_dim: (256, 1, 1),
             shared_mem_bytes: SMEM_BYTES as u32,
         };
-        // SAFETY: matches `w4_gemm_sm90_g{G}(const half*, const uint2*,
+        // SAFETY: matches `w4_gemm_sm90_[d2_]g{G}(const half*, const uint2*,
         // const half*, const half*, void*, int × 5)` with G this layer's
         // group size (64 or 128, checked). x holds M·K fp16 (K = in, a
         // multiple of 128, so kbs = K/128 and every k-block the kernel
         // reads is inside qw's N·kbs·16 words); the kernel reads tokens
         // min(tok, M − 1) only; scales/zeros are (K/G)·N halves (validated
         // at construction) and it reads groups below K/G; it writes
-        // out[tok][col] for tok < M, col < N (N a multiple of 256 = the
-        // grid's x times 256), as f32 or fp16 as out_f32 names, out being
-        // M×N of O (checked). x's rows start 16-byte aligned (K a multiple
+        // out[tok][col] for tok < M, col < N (N a multiple of 128 = the
+        // grid's x times 128), as f32 or fp16 as out_f32 names, out being
+        // M×N of O (checked), with 16-byte stores: out is its own device
+        // allocation (256-byte aligned) and its rows are N·4 or N·2 bytes,
+        // multiples of 256. x's rows start 16-byte aligned (K a multiple
         // of 128 halves), as its cp.async copies need, and qw is a device
         // allocation (256-byte aligned), as its 8-byte loads need. The
         // shared memory (SMEM_BYTES, which covers the kernel's W4G_SMEM) is
@@ -133,4 +139,15 @@ impl W4A16Linear {
         unsafe { b.launch(cfg) }.during("launching w4_gemm_sm90")?;
         Ok(())
     }
+}
+
+/// `LMQ_W4_WGMMA_DEPTH=2`: each warpgroup keeps two wgmmas in flight (two
+/// sets of A registers) instead of waiting for each before building the
+/// next A; read once per process, for timing the two against each other.
+fn wgmma_depth() -> usize {
+    static DEPTH: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *DEPTH.get_or_init(|| match std::env::var("LMQ_W4_WGMMA_DEPTH") {
+        Ok(v) if v.trim() == "2" => 2,
+        _ => 1,
+    })
 }
