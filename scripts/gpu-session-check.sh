@@ -51,10 +51,16 @@ if [[ "$PART" == 0 ]]; then
     gpu_env
     unpack "$BIN" /tmp/lmq-smoke-bin
     B=/tmp/lmq-smoke-bin
-    phase w4-gemm 60 "$B/w4_gemm" --nocapture
-    grep -E "wgmma m|cases on|refused|test result|panicked" "$LOG/w4-gemm.txt"
-    phase prefill 60 "$B/bench_prefill"
-    grep -E "^\|" "$LOG/prefill.txt"
+    # The wgmma GEMM in both variants (one or two wgmmas in flight), its
+    # test and its timing at 2048 and 4096 rows.
+    for depth in 1 2; do
+        phase "w4-gemm-d$depth" 60 env LMQ_W4_WGMMA_DEPTH=$depth "$B/w4_gemm" --nocapture
+        grep -E "wgmma m|cases on|refused|test result|panicked" "$LOG/w4-gemm-d$depth.txt"
+        for rows in 2048 4096; do
+            phase "prefill-$rows-d$depth" 60 env LMQ_W4_WGMMA_DEPTH=$depth LMQ_BENCH_PREFILL_M=$rows "$B/bench_prefill"
+            grep -E "^\|" "$LOG/prefill-$rows-d$depth.txt" | tail -n 3
+        done
+    done
     phase parity 60 "$B/parity" --nocapture
     grep -E "test result|panicked|prefetch" "$LOG/parity.txt"
     phase pdl 40 "$B/pdl" --nocapture
