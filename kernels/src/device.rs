@@ -154,11 +154,8 @@ impl GpuDevice {
         // buffers created from now on in this (primary) context. That is
         // sound here because every op of this crate checks that all of its
         // buffers were allocated on the stream it launches on, so no buffer
-        // is shared between streams through this crate, except by
-        // `W4A16Linear::dequantize_on_side`, whose callers order the two
-        // streams by hand with `GpuDevice::mark` and `GpuDevice::join`
-        // (side.rs). Without it each launch would record an event per
-        // argument.
+        // is shared between streams through this crate. Without it each
+        // launch would record an event per argument.
         unsafe { ctx.disable_event_tracking() };
         // An explicit stream rather than the legacy default one, so that the
         // work on it can be captured into a CUDA graph.

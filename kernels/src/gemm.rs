@@ -78,24 +78,6 @@ impl Blas {
         }
         self.gemm_raw(dev, x, w, out)
     }
-
-    /// Asks cuBLAS to plan its GEMMs for `sms` SMs (0: the whole device),
-    /// leaving the others to work on another stream, e.g. a weight being
-    /// dequantized for the next GEMM. Hopper's GEMM kernels otherwise likely
-    /// keep every SM busy until they finish, so that side-stream work waits
-    /// for them.
-    pub fn set_sm_count_target(&self, dev: &GpuDevice, sms: usize) -> Result<()> {
-        let target = check_i32("cublasSetSmCountTarget", "SM count", sms)?;
-        bind_context(dev)?;
-        // SAFETY: the handle is live for as long as `self`; the call only
-        // stores an int in it.
-        unsafe { sys::cublasSetSmCountTarget(*self.handle.handle(), target) }
-            .result()
-            .map_err(|e| KernelError::Blas {
-                context: "cublasSetSmCountTarget",
-                message: e.to_string(),
-            })
-    }
 }
 
 impl Blas {

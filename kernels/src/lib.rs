@@ -32,7 +32,6 @@ pub mod nvrtc;
 pub mod ops;
 pub mod paged;
 pub mod sampling;
-pub mod side;
 pub mod timer;
 pub mod w4a16;
 
@@ -46,6 +45,5 @@ pub use graph_pdl::PdlSplice;
 pub use ops::{add_rms_norm, embedding, rms_norm, rope, rope_inv_freq, silu_mul};
 pub use paged::{DeviceKvPool, KvLayout, KvStorage, RowMeta, RowPlace};
 pub use sampling::{sample_rows, PenaltyEntry, RowSampling};
-pub use side::{SideStream, StreamMark};
 pub use timer::GpuTimer;
 pub use w4a16::{OutElement, W4A16Linear, W4Kernel, W4Plan, DEFAULT_KERNEL, MAX_ROWS};

@@ -1,7 +1,6 @@
 //! The W4A16 layout back to dense fp16 `[out][in]` (`cu/w4_dequant.cu`),
 //! for prefill: more rows than the decode kernel takes go through one
-//! cuBLAS GEMM on the dequantized weight, on the device stream or on a side
-//! stream while the previous GEMM runs.
+//! cuBLAS GEMM on the dequantized weight.
 
 use cudarc::driver::PushKernelArg;
 use half::f16;
@@ -9,7 +8,7 @@ use half::f16;
 use super::W4A16Linear;
 use crate::buffer::DeviceMatrix;
 use crate::device::GpuDevice;
-use crate::error::{DriverContext, KernelError, Result};
+use crate::error::{DriverContext, Result};
 use crate::nvrtc::Module;
 use crate::ops::out_shape;
 
@@ -17,44 +16,7 @@ impl W4A16Linear {
     /// Writes the dense fp16 weights `[out][in]` (`(q − z) · s`, the
     /// products the GEMV kernel forms) into `out`, for a cuBLAS GEMM.
     pub fn dequantize_into(&self, dev: &GpuDevice, out: &mut DeviceMatrix<f16>) -> Result<()> {
-        self.dequantize_on(dev, dev.stream(), out)
-    }
-
-    /// [`W4A16Linear::dequantize_into`] queued on `side`, a side stream of
-    /// `dev` (weights and `out` still belong to `dev`), after the device
-    /// stream's work up to `after`: a [`GpuDevice::mark`] taken once `out`
-    /// was allocated. The caller must make every later use or free of
-    /// `out` wait for this write ([`GpuDevice::join`]).
-    pub fn dequantize_on_side(
-        &self,
-        dev: &GpuDevice,
-        side: &crate::SideStream,
-        after: &crate::StreamMark,
-        out: &mut DeviceMatrix<f16>,
-    ) -> Result<()> {
-        if dev.is_recording() {
-            return Err(KernelError::invalid(
-                "W4 dequantize",
-                "no side-stream work while the device stream is recorded",
-            ));
-        }
-        side.wait(after)?;
-        self.dequantize_on(dev, side.stream(), out)
-    }
-
-    fn dequantize_on(
-        &self,
-        dev: &GpuDevice,
-        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
-        out: &mut DeviceMatrix<f16>,
-    ) -> Result<()> {
         const OP: &str = "W4 dequantize";
-        if stream.context() != dev.context() {
-            return Err(KernelError::invalid(
-                OP,
-                "the stream belongs to another CUDA context",
-            ));
-        }
         out_shape(OP, out, self.out_features, self.in_features)?;
         self.check_device(OP, dev, &[out.is_on(dev)])?;
         let words = self.out_features * self.kbs * 16;
@@ -65,7 +27,7 @@ impl W4A16Linear {
             self.group_size as i32,
         );
         let f = dev.function(Module::W4Dequant, "w4_dequant_f16")?;
-        let mut b = stream.launch_builder(&f);
+        let mut b = dev.stream().launch_builder(&f);
         b.arg(&self.qw)
             .arg(&self.scales)
             .arg(&self.zeros)

@@ -5,9 +5,9 @@
 //! the W4A16 kernel, and up to 64 rows (larger decode batches) the same
 //! kernel runs once per 16 rows; more rows (prefill) dequantize the
 //! weights into a scratch fp16 matrix and run one cuBLAS GEMM, which at
-//! prefill sizes costs less than re-reading the codes once per 16 rows (with
-//! `LMQ_PREFILL_PREFETCH=1` the next weight is dequantized during this
-//! GEMM: see `prefetch.rs`).
+//! prefill sizes costs less than re-reading the codes once per 16 rows (on
+//! sm_90, `LMQ_W4_WGMMA=1` takes a GEMM that dequantizes in its main loop
+//! instead).
 //!
 //! Inputs are fp32 activations rounded to fp16 once per call (or the fp16
 //! copy their producer wrote, the same values); outputs are fp32. A bias
@@ -19,33 +19,29 @@ use half::f16;
 use lmq_kernels::{act, Blas, DeviceMatrix, GpuDevice, PackedW4, W4A16Linear, MAX_ROWS};
 
 use super::l2_ahead::L2Ahead;
-use super::prefetch::Prefetch;
 use super::{gpu_error, lock};
 use crate::backend::{HostLinear, HostWeight};
 use crate::error::Result;
 
 enum Weight {
     Dense(DeviceMatrix<f16>),
-    /// The kernel's layout, and the linear's ids in the prefetchers that
-    /// are on.
+    /// The kernel's layout, and the linear's id in the L2 prefetcher when
+    /// it is on.
     W4(Arc<W4A16Linear>, W4Ids),
 }
 
-/// A 4-bit linear's ids in the backend's optional prefetchers.
+/// A 4-bit linear's id in the backend's optional prefetcher.
 #[derive(Clone, Copy)]
 struct W4Ids {
-    /// In the prefill dequantization ahead (`prefetch.rs`).
-    prefill: Option<usize>,
     /// In the decode L2 prefetch (`l2_ahead.rs`).
     l2: Option<usize>,
 }
 
 /// What a linear may use of its backend besides the device: cuBLAS, and
-/// the prefetchers that are on.
+/// the L2 prefetcher when it is on.
 #[derive(Clone, Copy)]
 pub(super) struct LinearAids<'a> {
     pub blas: &'a Blas,
-    pub prefill: Option<&'a Mutex<Prefetch>>,
     pub l2: Option<&'a Mutex<L2Ahead>>,
 }
 
@@ -91,7 +87,6 @@ fn w4_weight(
     linear.set_pdl(pdl_mode() != PdlMode::Off);
     let linear = Arc::new(linear);
     let ids = W4Ids {
-        prefill: aids.prefill.map(|p| lock(p).register(linear.clone())),
         l2: aids.l2.map(|p| lock(p).register(linear.clone())),
     };
     Ok(Weight::W4(linear, ids))
@@ -351,20 +346,15 @@ impl CudaLinear {
             Weight::W4(l, _) if wgmma_prefill() && l.wgmma_supports(dev) => {
                 l.forward_wgmma(dev, xh, &mut out).map_err(gpu_error)?
             }
-            // Not while a decode step of more than MAX_ROWS sequences is
-            // being recorded: a graph cannot hold the side stream's work.
-            Weight::W4(l, ids) => match (aids.prefill, ids.prefill) {
-                (Some(p), Some(id)) if !dev.is_recording() => {
-                    lock(p).gemm(dev, blas, id, xh, &mut out)?
-                }
-                _ => {
-                    let mut w = dev
-                        .uninit::<f16>(self.out_features, self.in_features)
-                        .map_err(gpu_error)?;
-                    l.dequantize_into(dev, &mut w).map_err(gpu_error)?;
-                    blas.gemm_f16(dev, xh, &w, &mut out).map_err(gpu_error)?;
-                }
-            },
+            // Prefill: the whole weight dequantized into a scratch fp16
+            // matrix, then one cuBLAS GEMM.
+            Weight::W4(l, _) => {
+                let mut w = dev
+                    .uninit::<f16>(self.out_features, self.in_features)
+                    .map_err(gpu_error)?;
+                l.dequantize_into(dev, &mut w).map_err(gpu_error)?;
+                blas.gemm_f16(dev, xh, &w, &mut out).map_err(gpu_error)?;
+            }
         }
         if let Some(b) = &self.bias {
             act::add_bias(dev, &mut out, b).map_err(gpu_error)?;

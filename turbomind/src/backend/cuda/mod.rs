@@ -29,7 +29,6 @@ mod kv_pool;
 mod l2_ahead;
 mod linear;
 mod order;
-mod prefetch;
 mod profile;
 mod sample;
 
@@ -107,11 +106,6 @@ struct Recording {
 
 /// The CUDA implementation of [`Backend`] on one GPU.
 pub struct CudaBackend {
-    /// Dequantization ahead of prefill GEMMs, when on (`prefetch.rs`).
-    /// First, so that it is dropped first: its drop waits for the side
-    /// stream, whose last kernel may still run, before the device (and its
-    /// modules) go.
-    prefetch: Option<Mutex<prefetch::Prefetch>>,
     /// Which 4-bit linear each decode product prefetches into L2, when on
     /// (`l2_ahead.rs`).
     l2: Option<Mutex<l2_ahead::L2Ahead>>,
@@ -139,25 +133,12 @@ impl CudaBackend {
     /// Opens GPU `ordinal`, loads cuBLAS and compiles the kernels (so that
     /// a broken toolkit fails here, not mid-request).
     pub fn new(ordinal: usize) -> Result<Self> {
-        Self::with_prefill_prefetch(ordinal, prefetch::prefetch_enabled())
-    }
-
-    /// [`CudaBackend::new`] with the dequantization ahead of 4-bit prefill
-    /// GEMMs on or off (`prefetch.rs`; off by default until it has run on a
-    /// GPU, `LMQ_PREFILL_PREFETCH=1` turns it on).
-    pub fn with_prefill_prefetch(ordinal: usize, prefetch: bool) -> Result<Self> {
         let dev = GpuDevice::new(ordinal).map_err(gpu_error)?;
         dev.compile_all().map_err(gpu_error)?;
         let blas = Blas::new(&dev).map_err(gpu_error)?;
-        let prefetch = if prefetch {
-            Some(Mutex::new(prefetch::Prefetch::new(&dev)?))
-        } else {
-            None
-        };
         let l2 = l2_ahead::l2_prefetch_bytes(dev.compute_capability().0, dev.l2_bytes())?
             .map(|bytes| Mutex::new(l2_ahead::L2Ahead::new(bytes)));
         Ok(CudaBackend {
-            prefetch,
             l2,
             profile: Mutex::new(profile::StepProfile::from_env(&dev)),
             dev,
@@ -306,7 +287,6 @@ impl CudaBackend {
     fn aids(&self) -> linear::LinearAids<'_> {
         linear::LinearAids {
             blas: &self.blas,
-            prefill: self.prefetch.as_ref(),
             l2: self.l2.as_ref(),
         }
     }

@@ -1,7 +1,6 @@
 //! Which 4-bit linear a model calls after which. A model calls its linears
-//! in a fixed order, so both prefetchers (the prefill dequantization ahead,
-//! `prefetch.rs`, and the decode L2 prefetch, `l2_ahead.rs`) learn it from
-//! the calls they see and expect the linear that followed last time.
+//! in a fixed order, so the decode L2 prefetch (`l2_ahead.rs`) learns it
+//! from the calls it sees and expects the linear that followed last time.
 
 use std::collections::HashMap;
 
