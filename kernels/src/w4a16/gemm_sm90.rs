@@ -80,7 +80,7 @@ impl W4A16Linear {
         if token_blocks > 65535 || m > i32::MAX as usize / self.in_features {
             return Err(KernelError::shape(OP, format!("{m} rows are too many")));
         }
-        let name = if wgmma_depth() == 2 {
+        let name = if wgmma_depth()? == 2 {
             format!("w4_gemm_sm90_d2_g{}", self.group_size)
         } else {
             format!("w4_gemm_sm90_g{}", self.group_size)
@@ -143,11 +143,20 @@ impl W4A16Linear {
 
 /// `LMQ_W4_WGMMA_DEPTH=2`: each warpgroup keeps two wgmmas in flight (two
 /// sets of A registers) instead of waiting for each before building the
-/// next A; read once per process, for timing the two against each other.
-fn wgmma_depth() -> usize {
-    static DEPTH: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *DEPTH.get_or_init(|| match std::env::var("LMQ_W4_WGMMA_DEPTH") {
-        Ok(v) if v.trim() == "2" => 2,
-        _ => 1,
-    })
+/// next A (1, the default); read once per process, for timing the two
+/// against each other. Any other value is an error.
+fn wgmma_depth() -> Result<usize> {
+    static DEPTH: std::sync::OnceLock<std::result::Result<usize, String>> =
+        std::sync::OnceLock::new();
+    DEPTH
+        .get_or_init(|| match std::env::var("LMQ_W4_WGMMA_DEPTH") {
+            Err(_) => Ok(1),
+            Ok(v) => match v.trim() {
+                "1" => Ok(1),
+                "2" => Ok(2),
+                _ => Err(format!("LMQ_W4_WGMMA_DEPTH must be 1 or 2, got {v:?}")),
+            },
+        })
+        .clone()
+        .map_err(|detail| KernelError::invalid("W4 wgmma GEMM", detail))
 }

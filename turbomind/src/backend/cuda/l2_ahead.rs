@@ -49,13 +49,19 @@ const DEFAULT_BYTES: usize = 4 << 20;
 /// Least L2 for the default prefetch (the H100 and H200 have 50 MB).
 const DEFAULT_MIN_L2: usize = 40 << 20;
 
+/// The prefetch without `LMQ_L2_PREFETCH`: [`DEFAULT_BYTES`] on compute
+/// capability 9 or more with at least [`DEFAULT_MIN_L2`] of L2, else none.
+fn default_bytes(major: i32, l2_bytes: usize) -> Option<usize> {
+    (major >= 9 && l2_bytes >= DEFAULT_MIN_L2).then_some(DEFAULT_BYTES)
+}
+
 /// Bytes of the next linear's codes to prefetch, from `LMQ_L2_PREFETCH`
 /// (in MB; 0: off), or the default for a GPU of compute capability
 /// `major` with `l2_bytes` of L2 when unset. A value that is not a number
 /// is an error.
 pub(super) fn l2_prefetch_bytes(major: i32, l2_bytes: usize) -> Result<Option<usize>> {
     match std::env::var("LMQ_L2_PREFETCH") {
-        Err(_) => Ok((major >= 9 && l2_bytes >= DEFAULT_MIN_L2).then_some(DEFAULT_BYTES)),
+        Err(_) => Ok(default_bytes(major, l2_bytes)),
         Ok(v) => {
             let mb: usize = v.trim().parse().map_err(|_| {
                 Error::InvalidRequest(format!(
@@ -96,5 +102,23 @@ impl L2Ahead {
             this.set_l2_next(Some((next, self.max_bytes)));
             self.pointed[id] = Some(guess);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_prefetch_only_where_measured() {
+        const MB: usize = 1 << 20;
+        // H100 and H200 (sm_90, 50 MB of L2): on, 4 MB.
+        assert_eq!(default_bytes(9, 50 * MB), Some(4 * MB));
+        // A100 (sm_80, 40 MB), L4 and RTX 4090 (sm_89, 48 and 72 MB): the
+        // per-line prefetch path, not timed: off.
+        assert_eq!(default_bytes(8, 40 * MB), None);
+        assert_eq!(default_bytes(8, 72 * MB), None);
+        // A Hopper-class part with a small L2: off.
+        assert_eq!(default_bytes(9, 30 * MB), None);
     }
 }
