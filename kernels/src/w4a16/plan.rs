@@ -92,14 +92,13 @@ pub(super) fn plan_capped(
     cap: usize,
 ) -> Result<W4Plan> {
     let n_blocks = n.div_ceil(BLOCK_COLS);
-    let tuned = TUNED_SINGLE_ROW_SPLITS
-        .iter()
-        .find(|&&(tk, tn, _)| m == 1 && tk == kbs && tn == n)
-        .map(|&(_, _, s)| s.min(cap.clamp(1, MAX_SPLITS)));
+    let cap = cap.clamp(1, MAX_SPLITS);
     let want = match splits {
-        None => {
-            tuned.unwrap_or_else(|| kbs.div_ceil(KB_PER_WARP).clamp(1, cap.clamp(1, MAX_SPLITS)))
-        }
+        None => TUNED_SINGLE_ROW_SPLITS
+            .iter()
+            .find(|&&(tk, tn, _)| m == 1 && tk == kbs && tn == n)
+            .map_or(kbs.div_ceil(KB_PER_WARP), |&(_, _, s)| s)
+            .clamp(1, cap),
         Some(s) if (1..=MAX_SPLITS).contains(&s) => s.min(kbs),
         Some(s) => {
             return Err(KernelError::invalid(

@@ -25,16 +25,9 @@ use crate::error::Result;
 
 enum Weight {
     Dense(DeviceMatrix<f16>),
-    /// The kernel's layout, and the linear's id in the L2 prefetcher when
-    /// it is on.
-    W4(Arc<W4A16Linear>, W4Ids),
-}
-
-/// A 4-bit linear's id in the backend's optional prefetcher.
-#[derive(Clone, Copy)]
-struct W4Ids {
-    /// In the decode L2 prefetch (`l2_ahead.rs`).
-    l2: Option<usize>,
+    /// The kernel's layout, and the linear's id in the decode L2
+    /// prefetcher (`l2_ahead.rs`) when it is on.
+    W4(Arc<W4A16Linear>, Option<usize>),
 }
 
 /// What a linear may use of its backend besides the device: cuBLAS, and
@@ -86,10 +79,8 @@ fn w4_weight(
     // with the old kernels and passed with the new.
     linear.set_pdl(pdl_mode() != PdlMode::Off);
     let linear = Arc::new(linear);
-    let ids = W4Ids {
-        l2: aids.l2.map(|p| lock(p).register(linear.clone())),
-    };
-    Ok(Weight::W4(linear, ids))
+    let l2_id = aids.l2.map(|p| lock(p).register(linear.clone()));
+    Ok(Weight::W4(linear, l2_id))
 }
 
 /// `x` as fp16: `x_half` where its producer wrote it (the same values),
@@ -223,11 +214,11 @@ impl CudaLinear {
         let m = x.rows();
         let half_n = self.out_features / 2;
         match &self.weight {
-            Weight::W4(l, ids) if self.paired && (1..=MAX_ROWS).contains(&m) => {
+            Weight::W4(l, l2_id) if self.paired && (1..=MAX_ROWS).contains(&m) => {
                 if x.cols() != self.in_features {
                     return Err(input_width_error(x.cols(), self.in_features));
                 }
-                prefetch_next(aids, ids);
+                prefetch_next(aids, *l2_id);
                 let mut slot = None;
                 let xh = fp16_input(dev, x, x_half, &mut slot)?;
                 let mut out = dev.uninit::<f32>(m, half_n).map_err(gpu_error)?;
@@ -277,9 +268,8 @@ impl CudaLinear {
 
     /// `x · Wᵀ + b` for fp32 `x` (`rows × in`); `x_half`, where the op
     /// that made `x` wrote it, is `fp16(x)` and spares the conversion.
-    /// 4-bit prefill goes through the dequantization ahead, and 4-bit
-    /// decode first points the layer's L2 prefetch at the next linear,
-    /// when the backend has them on (`aids`).
+    /// 4-bit decode first points the layer's L2 prefetch at the next
+    /// linear, when the backend has it on (`aids`).
     pub(super) fn forward(
         &self,
         dev: &GpuDevice,
@@ -294,9 +284,9 @@ impl CudaLinear {
         let blas = aids.blas;
         // Before anything of this product is queued (the splice below
         // must stay next to the launch).
-        if let Weight::W4(_, ids) = &self.weight {
+        if let Weight::W4(_, l2_id) = &self.weight {
             if (1..=MAX_ROWS).contains(&m) {
-                prefetch_next(aids, ids);
+                prefetch_next(aids, *l2_id);
             }
         }
         // A recorded 4-bit decode linear with PDL and its input's fp16 copy
@@ -395,8 +385,8 @@ fn wgmma_prefill() -> bool {
 /// Points this 4-bit linear's launches at the linear expected after it,
 /// for their in-kernel L2 prefetch, when the backend has the prefetcher on
 /// (`l2_ahead.rs`).
-fn prefetch_next(aids: &LinearAids<'_>, ids: &W4Ids) {
-    if let (Some(l2), Some(id)) = (aids.l2, ids.l2) {
+fn prefetch_next(aids: &LinearAids<'_>, l2_id: Option<usize>) {
+    if let (Some(l2), Some(id)) = (aids.l2, l2_id) {
         lock(l2).before(id);
     }
 }
