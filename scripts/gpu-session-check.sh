@@ -13,6 +13,7 @@
 #   BIN=.device/sN PART=1 bash scripts/gpu-session-check.sh   (checks, kernel benches)
 #   BIN=.device/sN PART=2 bash scripts/gpu-session-check.sh   (7B engine, profile)
 #   BIN=.device/sN PART=3 bash scripts/gpu-session-check.sh   (7B decode batches of 32, 48)
+#   BIN=.device/sN PART=n bash scripts/gpu-session-check.sh   (deferred norm: tests, text, 7B, profile)
 #
 # BIN holds the binaries packed by `scripts/gpu-smoke-check.sh --collect`
 # (bench_attn included: the 7B bench reads the copy bandwidth from it).
@@ -71,6 +72,43 @@ if [[ "$PART" == 0 ]]; then
     grep -E "test result|panicked|256->512" "$LOG/backend-wgmma.txt"
     phase w4-stacked 90 env LMQ_BENCH_M=1 "$B/bench_w4"
     grep -E "^copy|^\|" "$LOG/w4-stacked.txt" | tail -n 14
+    exit 0
+fi
+if [[ "$PART" == n ]]; then
+    # The deferred norm (LMQ_DEFERRED_NORM=1): its kernel and backend
+    # tests, greedy text (graphs on = off with it; against the default,
+    # reported: the rounding moves), the 7B decode against the default,
+    # and its decode-step profile.
+    gpu_env
+    unpack "$BIN" /tmp/lmq-smoke-bin
+    B=/tmp/lmq-smoke-bin
+    phase deferred-norm-kernels 60 "$B/deferred_norm" --nocapture
+    grep -E "test result|panicked|M (1|16), PDL true" "$LOG/deferred-norm-kernels.txt"
+    phase deferred-norm-backend 90 "$B/cuda_deferred_norm" --nocapture
+    grep -E "test result|panicked|(1|16) rows" "$LOG/deferred-norm-backend.txt"
+    "$B/lmq" synth-model --preset smollm2-135m --weights awq --out /tmp/lmq-s135 --quiet --force
+    gen() {
+        env "$@" timeout 40 "$B/lmq" generate --model /tmp/lmq-s135 --device cuda \
+            --prompt "the quick brown fox" --max-tokens 200 --ignore-eos 2>>"$LOG/generate.err"
+    }
+    gen LMQ_DEFAULT=1 >"$LOG/text-default.txt"
+    gen LMQ_DEFERRED_NORM=1 >"$LOG/text-deferred.txt"
+    gen LMQ_DEFERRED_NORM=1 LMQ_CUDA_GRAPHS=0 >"$LOG/text-deferred-eager.txt"
+    if cmp -s "$LOG/text-deferred.txt" "$LOG/text-deferred-eager.txt" && [[ -s "$LOG/text-deferred.txt" ]]; then
+        echo "deferred norm: graph = eager ($(wc -c <"$LOG/text-deferred.txt") bytes)"
+    else
+        echo "deferred norm: graph and eager outputs differ (or are empty)"
+    fi
+    if cmp -s "$LOG/text-default.txt" "$LOG/text-deferred.txt"; then
+        echo "deferred norm: text = default"
+    else
+        echo "deferred norm: text differs from the default after $(cmp "$LOG/text-default.txt" "$LOG/text-deferred.txt" | sed -n 's/.*byte \([0-9]*\).*/\1/p') bytes"
+    fi
+    phase bench-7b 280 env BIN="$BIN" PRESETS=llama2-7b WEIGHTS=awq INPUT_LEN="${INPUT_LEN:-2048}" \
+        ENVS="${ENVS:-LMQ_DEFAULT=1 LMQ_DEFERRED_NORM=1}" bash "$here/gpu-7b-bench.sh"
+    grep -E "^\||programmatic|turned off" "$LOG/bench-7b.txt"
+    phase profile 120 env BIN="$BIN" PRESET=llama2-7b LMQ_DEFERRED_NORM=1 bash "$here/gpu-kernel-profile.sh"
+    tail -n 14 "$LOG/profile.txt"
     exit 0
 fi
 if [[ "$PART" == 1 || "$PART" == all ]]; then

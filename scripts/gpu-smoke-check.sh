@@ -16,7 +16,7 @@
 # baseline lmq binary whose greedy output must equal the new one's):
 #   cargo build --release && cargo build --release -p lmq-kernels --examples
 #   cargo test --release -p lmq-kernels --no-run   (includes attn_prefill)
-#   cargo test --release -p lmq-turbomind --test cuda_backend --test cuda_sampling --test cuda_graph_buckets --test cuda_gate_up --no-run
+#   cargo test --release -p lmq-turbomind --test cuda_backend --test cuda_sampling --test cuda_graph_buckets --test cuda_gate_up --test cuda_deferred_norm --no-run
 #   BASE=/path/to/old/bench_attn scripts/gpu-smoke-check.sh --collect
 # Optionally also pack, as pdl_old, tests/pdl.rs built against the W4A16
 # kernels before the PDL fix (cu/w4a16.cu of 13214ae: check it out, build
@@ -43,6 +43,8 @@ if [[ "${1:-}" == "--collect" ]]; then
     pack "$BIN" w4_gemm "$(newest "$target/release/deps/w4_gemm-*")"
     pack "$BIN" silu_pairs "$(newest "$target/release/deps/silu_pairs-*")"
     pack "$BIN" cuda_gate_up "$(newest "$target/release/deps/cuda_gate_up-*")"
+    pack "$BIN" cuda_deferred_norm "$(newest "$target/release/deps/cuda_deferred_norm-*")"
+    pack "$BIN" deferred_norm "$(newest "$target/release/deps/deferred_norm-*")"
     pack "$BIN" bench_attn_prefill "$target/release/examples/bench_attn_prefill"
     pack "$BIN" unit "$(newest "$target/release/deps/lmq_kernels-*")"
     pack "$BIN" parity "$(newest "$target/release/deps/parity-*")"

@@ -378,6 +378,76 @@ pub fn add_rms_norm(
     rms_launch(dev, residual, Some(delta), weight, eps, out, out_half)
 }
 
+/// The values of a deferred norm's output (`W4A16Linear::forward_add_norm`)
+/// for an op that cannot apply the norm's factor itself: `out[r] = h[r] ·
+/// inv(r)` with `inv(r) = 1 / sqrt(Σ parts[r] / d + eps)` formed as the
+/// linears after the norm form it, and `out_half = fp16(out)`. `h` is the
+/// `fp16(residual · w)` that linear stored (`rows × d`), `parts` its partial
+/// sums of squares (`rows × p`).
+pub fn deferred_norm_values(
+    dev: &GpuDevice,
+    h: &DeviceMatrix<f16>,
+    parts: &DeviceMatrix<f32>,
+    eps: f32,
+    out: &mut DeviceMatrix<f32>,
+    out_half: &mut DeviceMatrix<f16>,
+) -> Result<()> {
+    const OP: &str = "deferred_norm_values_f32";
+    same_shape(OP, ("h", h), ("out", &*out))?;
+    same_shape(OP, ("out", &*out), ("out_half", &*out_half))?;
+    if parts.rows() != h.rows() || (parts.cols() == 0 && !h.is_empty()) {
+        return Err(KernelError::shape(
+            OP,
+            format!(
+                "partial sums are {}×{}, h has {} rows",
+                parts.rows(),
+                parts.cols(),
+                h.rows()
+            ),
+        ));
+    }
+    on_device(
+        OP,
+        dev,
+        &[
+            h.is_on(dev),
+            parts.is_on(dev),
+            out.is_on(dev),
+            out_half.is_on(dev),
+        ],
+    )?;
+    if h.is_empty() {
+        return Ok(());
+    }
+    if !(eps.is_finite() && eps > 0.0) {
+        return Err(KernelError::invalid(
+            OP,
+            format!("eps must be positive, got {eps}"),
+        ));
+    }
+    let d = check_i32(OP, "row length", h.cols())?;
+    let p = check_i32(OP, "partial sums per row", parts.cols())?;
+    let f = dev.function(Module::ActF32, OP)?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&h.data)
+        .arg(&parts.data)
+        .arg(&mut out.data)
+        .arg(&mut out_half.data)
+        .arg(&d)
+        .arg(&p)
+        .arg(&eps);
+    let cfg = LaunchConfig {
+        grid_dim: (check_i32(OP, "rows", h.rows())? as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `deferred_norm_values_f32(const half*, const float*,
+    // float*, half*, int, int, float)`; h, out and out_half are rows×d and
+    // parts rows×p (checked above), one block per row.
+    unsafe { b.launch(cfg) }.during("launching deferred_norm_values_f32")?;
+    Ok(())
+}
+
 /// Rotary embedding (half-split form) of `x` (`rows × heads·head_dim`) in
 /// place, each row at its position in `meta`; positions are multiplied by
 /// `pos_scale` (linear scaling) before the `inv_freq` (`head_dim/2`) rates.

@@ -46,4 +46,6 @@ pub use ops::{add_rms_norm, embedding, rms_norm, rope, rope_inv_freq, silu_mul};
 pub use paged::{DeviceKvPool, KvLayout, KvStorage, RowMeta, RowPlace};
 pub use sampling::{sample_rows, PenaltyEntry, RowSampling};
 pub use timer::GpuTimer;
-pub use w4a16::{OutElement, W4A16Linear, W4Kernel, W4Plan, DEFAULT_KERNEL, MAX_ROWS};
+pub use w4a16::{
+    AddNorm, OutElement, RowScale, W4A16Linear, W4Kernel, W4Plan, DEFAULT_KERNEL, MAX_ROWS,
+};

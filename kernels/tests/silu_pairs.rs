@@ -74,7 +74,7 @@ fn check(dev: &GpuDevice, k: usize, half: usize, g: usize, with_bias: bool, seed
             let mut got_h = dev.zeros::<f16>(m, half).unwrap();
             dev.fill(&mut got_h, f16::NAN).unwrap();
             fused
-                .forward_silu_pairs(dev, &x, &mut got, Some(&mut got_h), true)
+                .forward_silu_pairs(dev, &x, &mut got, Some(&mut got_h), true, None)
                 .expect("fused launch");
             assert_eq!(
                 bits32(&dev.download(&got).unwrap()),
@@ -135,12 +135,12 @@ fn streaming_kernel_is_refused() {
     let x = dev.upload(&rng.f16s(256, -1.0, 1.0), 1, 256).unwrap();
     let mut out = dev.zeros::<f32>(1, 32).unwrap();
     assert!(l
-        .forward_silu_pairs(&dev, &x, &mut out, None, false)
+        .forward_silu_pairs(&dev, &x, &mut out, None, false, None)
         .is_err());
     // And a plain-product-sized output is a shape error for the pair store.
     let mut wide = dev.zeros::<f32>(1, 64).unwrap();
     l.set_kernel_kind(W4Kernel::Classic).unwrap();
     assert!(l
-        .forward_silu_pairs(&dev, &x, &mut wide, None, false)
+        .forward_silu_pairs(&dev, &x, &mut wide, None, false, None)
         .is_err());
 }

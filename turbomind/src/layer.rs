@@ -166,6 +166,21 @@ impl<B: Backend> DecoderLayer<B> {
         ctx: &LayerContext<'_>,
         observer: &mut dyn Observer<B>,
     ) -> Result<B::Act> {
+        let attn = self.attention_heads(b, h, pool, ctx, observer)?;
+        b.linear(&attn, &self.o)
+    }
+
+    /// [`Self::attention`] up to o_proj: the attention output, o_proj's
+    /// input (for a caller that runs o_proj with the residual add and the
+    /// next norm, `Backend::linear_add_rms_norm`).
+    pub fn attention_heads(
+        &self,
+        b: &B,
+        h: &B::Act,
+        pool: &mut B::KvPool,
+        ctx: &LayerContext<'_>,
+        observer: &mut dyn Observer<B>,
+    ) -> Result<B::Act> {
         observer.observe(LinearInput::Qkv, h)?;
         let q = match &self.qkv {
             SharedInput::Stacked { linear, widths } => b.split_qkv_rope_write_kv(
@@ -195,11 +210,23 @@ impl<B: Backend> DecoderLayer<B> {
         };
         let attn = b.attention(ctx.kv_layer, &q, pool, ctx.spans, ctx.shape)?;
         observer.observe(LinearInput::O, &attn)?;
-        b.linear(&attn, &self.o)
+        Ok(attn)
     }
 
     /// The MLP block on normed input `h`: `down(silu(gate(h)) · up(h))`.
     pub fn mlp(&self, b: &B, h: &B::Act, observer: &mut dyn Observer<B>) -> Result<B::Act> {
+        let act = self.mlp_activation(b, h, observer)?;
+        b.linear(&act, &self.down)
+    }
+
+    /// [`Self::mlp`] up to down_proj: `silu(gate(h)) · up(h)`, down_proj's
+    /// input.
+    pub fn mlp_activation(
+        &self,
+        b: &B,
+        h: &B::Act,
+        observer: &mut dyn Observer<B>,
+    ) -> Result<B::Act> {
         observer.observe(LinearInput::GateUp, h)?;
         let act = match &self.gate_up {
             SharedInput::Stacked { linear, .. } => b.gate_up_silu(h, linear)?,
@@ -213,7 +240,7 @@ impl<B: Backend> DecoderLayer<B> {
             },
         };
         observer.observe(LinearInput::Down, &act)?;
-        b.linear(&act, &self.down)
+        Ok(act)
     }
 }
 

@@ -294,19 +294,33 @@ impl<B: Backend> Model<B> {
                 rope: &self.rope,
                 shape: &self.shape,
             };
-            let o = layer.attention(b, &h, pool, &ctx, &mut NoObserver)?;
-            h = b.add_rms_norm(
+            // o_proj and down_proj run with the residual add and the next
+            // norm (`linear_add_rms_norm`: one op, which the CUDA backend
+            // may defer into the linears that read the norm).
+            let attn = layer.attention_heads(b, &h, pool, &ctx, &mut NoObserver)?;
+            h = b.linear_add_rms_norm(
+                &attn,
+                &layer.o,
                 &mut residual,
-                &o,
                 &layer.post_attention_norm,
                 c.rms_norm_eps,
             )?;
-            let down = layer.mlp(b, &h, &mut NoObserver)?;
-            let next_norm = match self.layers.get(i + 1) {
-                Some(next) => &next.input_norm,
-                None => &self.final_norm,
+            let act = layer.mlp_activation(b, &h, &mut NoObserver)?;
+            h = match self.layers.get(i + 1) {
+                Some(next) => b.linear_add_rms_norm(
+                    &act,
+                    &layer.down,
+                    &mut residual,
+                    &next.input_norm,
+                    c.rms_norm_eps,
+                )?,
+                // The final norm feeds the LM head, whose rows may be
+                // gathered first: the norm's values are needed.
+                None => {
+                    let down = b.linear(&act, &layer.down)?;
+                    b.add_rms_norm(&mut residual, &down, &self.final_norm, c.rms_norm_eps)?
+                }
             };
-            h = b.add_rms_norm(&mut residual, &down, next_norm, c.rms_norm_eps)?;
         }
         Ok(h)
     }

@@ -55,7 +55,9 @@
 // end) with arguments
 // (x [M][K] fp16, qw tiles, sc [K/G][N] fp16, zb [K/G][N] fp16, bias [N]
 // fp16 (read only if has_bias), out [M][N] fp16 or fp32 (out_f32), M, N, K,
-// KB = ceil(K/128), KC, has_bias, out_f32, silu_pairs, out_h). With
+// KB = ceil(K/128), KC, has_bias, out_f32, silu_pairs, out_h, the L2
+// prefetch's pf, pf_bytes, pf_chunk, and the deferred norm's res, w, part,
+// mode, parts, eps: W4Norm). With
 // silu_pairs the layer is a gate/up pair with interleaved tiles and out
 // (and out_h, fp16, if not null) is [M][N/2] silu(gate) · up (see the
 // end of w4a16_body). Grid ceil(N/16) blocks of
@@ -271,15 +273,56 @@ __device__ __forceinline__ void l2_prefetch_share(const char* __restrict__ pf, u
     }
 }
 
+// A scalar load of data an earlier kernel wrote (see ld_produced_v4).
+__device__ __forceinline__ float ld_produced_f32(const float* p) {
+    float v;
+    asm volatile("ld.global.f32 %0, [%1];\n" : "=f"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// The deferred RMSNorm of a decode step (kernels/README.md, "Deferred
+// norm"). A norm between two linears is split over them:
+//   W4_NORM_ADD (the linear before the norm, o_proj or down_proj): each
+//     output v is added to the fp32 residual in place (r = res + v, as
+//     add_rms_norm_f32), `out` (fp16) gets fp16(r · w[col]), and each block
+//     stores the sum of r² over its 16 columns of each row in
+//     part[row · gridDim.x + block];
+//   W4_NORM_SCALE (each linear after it, whose x is that fp16(r · w)):
+//     every output is multiplied by 1 / sqrt(Σ part[row][0 .. parts) / K
+//     + eps) before the bias (and before SiLU·mul), which is the norm's
+//     factor since a linear is linear in its input (the sum as
+//     deferred_norm_values_f32 in act_f32.cu forms it, bit for bit).
+// One launch fewer per norm. The linear after the norm multiplies by the
+// factor after its fp32 sums instead of reading fp16(r · factor · w): the
+// rounding differs within fp16's. Blocks own whole columns, so the
+// in-place add races with nothing.
+#define W4_NORM_OFF 0
+#define W4_NORM_ADD 1
+#define W4_NORM_SCALE 2
+struct W4Norm {
+    float* res;        // [M][N] fp32 residual (ADD)
+    const float* w;    // [N] norm weight (ADD)
+    float* part;       // [M][parts] partial sums of squares (ADD writes, SCALE reads)
+    int mode, parts;
+    float eps;         // (SCALE)
+};
+#define W4_NORM_PARAMS                                                                    \
+    float *__restrict__ norm_res, const float *__restrict__ norm_w,                      \
+        float *__restrict__ norm_part, int norm_mode, int norm_parts, float norm_eps
+#define W4_NORM_ARGS W4Norm{norm_res, norm_w, norm_part, norm_mode, norm_parts, norm_eps}
+
 template <int G, int R, int U, int LD, bool EARLY = false>
 __device__ __forceinline__ void w4a16_body(
     const __half* __restrict__ x, const uint4* __restrict__ qw,
     const unsigned short* __restrict__ sc, const unsigned short* __restrict__ zb,
     const __half* __restrict__ bias, void* __restrict__ out, int M, int N, int K, int KB,
     int KC, int has_bias, int out_f32, int silu_pairs, __half* __restrict__ out_h,
-    const char* __restrict__ pf, u64 pf_bytes, u32 pf_chunk) {
+    const char* __restrict__ pf, u64 pf_bytes, u32 pf_chunk, const W4Norm& nrm) {
     constexpr int NGK = 128 / G;
     extern __shared__ float red[];
+    // The deferred norm's per-row factors (consumer) or the block's squares
+    // (producer); see W4Norm.
+    __shared__ float norm_sq[16 * 16], norm_inv[16];
     const int tid = threadIdx.x;
     const int warp = tid >> 5, lane = tid & 31;
     const int nwarps = blockDim.x >> 5;
@@ -351,6 +394,21 @@ __device__ __forceinline__ void w4a16_body(
     for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int c = 0; c < 4; ++c) red[(warp * 4 * R + 4 * r + c) * 32 + lane] = acc[r][c];
+    if (nrm.mode == W4_NORM_SCALE) {
+        // 1 / rms of each row from the producer's partial sums of squares:
+        // one warp per row adds them in a fixed order (lane-strided, then a
+        // butterfly; lane 0's result), so that every block of this launch
+        // (and every launch reading these partials) gets the same factor.
+        for (int tok = warp; tok < M; tok += nwarps) {
+            const float* p = nrm.part + (size_t)tok * nrm.parts;
+            float s = 0.0f;
+            for (int j = lane; j < nrm.parts; j += 32) s += ld_produced_f32(p + j);
+            s = warp_sum(s);
+            if (lane == 0) norm_inv[tok] = 1.0f / sqrtf(s / (float)K + nrm.eps);
+        }
+    } else if (nrm.mode == W4_NORM_ADD) {
+        for (int i = tid; i < 16 * 16; i += blockDim.x) norm_sq[i] = 0.0f;
+    }
     __syncthreads();
     if (silu_pairs) {
         // Tiles 2b and 2b + 1 hold gate and up outputs 8b .. 8b + 7 of a
@@ -369,6 +427,10 @@ __device__ __forceinline__ void w4a16_body(
             float vg = 0.0f, vu = 0.0f;
             for (int w = 0; w < nwarps; ++w) vg += red[(w * 4 * R + 4 * r + c) * 32 + ln];
             for (int w = 0; w < nwarps; ++w) vu += red[(w * 4 * R + 4 * r + c + 2) * 32 + ln];
+            if (nrm.mode == W4_NORM_SCALE) {
+                vg *= norm_inv[tok];
+                vu *= norm_inv[tok];
+            }
             if (has_bias) {
                 vg += __half2float(bias[ta * 8 + gg]);
                 vu += __half2float(bias[(ta + 1) * 8 + gg]);
@@ -390,10 +452,30 @@ __device__ __forceinline__ void w4a16_body(
         const int col = (c < 2 ? ta : ta + 1) * 8 + gg;
         float v = 0.0f;
         for (int w = 0; w < nwarps; ++w) v += red[(w * 4 * R + s) * 32 + ln];
+        if (nrm.mode == W4_NORM_SCALE) v *= norm_inv[tok];
         if (has_bias) v += __half2float(bias[col]);
         const size_t idx = (size_t)tok * N + col;
+        if (nrm.mode == W4_NORM_ADD) {
+            // The residual add of add_rms_norm_f32 (the same fp32 sum), the
+            // input of the next linear before its row factor, fp16(r · w),
+            // and r² for this block's partial sum.
+            const float r = ld_produced_f32(nrm.res + idx) + v;
+            nrm.res[idx] = r;
+            reinterpret_cast<__half*>(out)[idx] = __float2half_rn(r * nrm.w[col]);
+            norm_sq[tok * 16 + (c < 2 ? 0 : 8) + gg] = r * r;
+            continue;
+        }
         if (out_f32) reinterpret_cast<float*>(out)[idx] = v;
         else reinterpret_cast<__half*>(out)[idx] = __float2half_rn(v);
+    }
+    if (nrm.mode == W4_NORM_ADD) {
+        // This block's 16 columns of each row, added in column order.
+        __syncthreads();
+        if (tid < M) {
+            float s = 0.0f;
+            for (int i = 0; i < 16; ++i) s += norm_sq[tid * 16 + i];
+            nrm.part[(size_t)tid * gridDim.x + blockIdx.x] = s;
+        }
     }
 }
 
@@ -406,9 +488,10 @@ __device__ __forceinline__ void w4a16_body(
         const __half* __restrict__ bias, void* __restrict__ out, int M, int N, int K,      \
         int KB, int KC, int has_bias, int out_f32, int silu_pairs,                         \
         __half* __restrict__ out_h, const char* __restrict__ pf, u64 pf_bytes,             \
-        u32 pf_chunk) {                                                                    \
+        u32 pf_chunk, W4_NORM_PARAMS) {                                                    \
         w4a16_body<GS, R, U, LD>(x, qw, sc, zb, bias, out, M, N, K, KB, KC, has_bias,      \
-                                 out_f32, silu_pairs, out_h, pf, pf_bytes, pf_chunk);      \
+                                 out_f32, silu_pairs, out_h, pf, pf_bytes, pf_chunk,       \
+                                 W4_NORM_ARGS);                                            \
     }
 #define W4_ENTRY(GS, R, U) W4_ENTRY_LD(GS, R, U, 0, w4a16_gemv_g##GS##_r##R##_u##U)
 // Early-trigger entries (see EARLY in w4a16_body), group size 128 only.
@@ -419,9 +502,10 @@ __device__ __forceinline__ void w4a16_body(
         const __half* __restrict__ bias, void* __restrict__ out, int M, int N, int K,      \
         int KB, int KC, int has_bias, int out_f32, int silu_pairs,                         \
         __half* __restrict__ out_h, const char* __restrict__ pf, u64 pf_bytes,             \
-        u32 pf_chunk) {                                                                    \
+        u32 pf_chunk, W4_NORM_PARAMS) {                                                    \
         w4a16_body<GS, R, U, 0, true>(x, qw, sc, zb, bias, out, M, N, K, KB, KC, has_bias, \
-                                      out_f32, silu_pairs, out_h, pf, pf_bytes, pf_chunk); \
+                                      out_f32, silu_pairs, out_h, pf, pf_bytes, pf_chunk,  \
+                                      W4_NORM_ARGS);                                       \
     }
 
 W4_ENTRY(32, 1, 1)

@@ -7,7 +7,7 @@
 //! [`W4Kernel::Stream`]).
 
 use cudarc::driver::sys;
-use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaFunction, CudaSlice};
 use half::f16;
 
 use crate::awq::PackedW4;
@@ -15,17 +15,19 @@ use crate::buffer::{DeviceMatrix, Element};
 use crate::device::GpuDevice;
 use crate::error::{DriverContext, KernelError, Result};
 use crate::nvrtc::Module;
-use crate::ops::out_shape;
 
 mod dequant;
 mod gemm_sm90;
+mod launch;
 mod plan;
 mod prefetch;
 use prefetch::L2Pick;
 
+pub use launch::{AddNorm, RowScale};
+use launch::{LaunchSpec, Store};
 pub use plan::W4Plan;
 use plan::{
-    halves, kernel_variants, plan, plan_capped, plan_stream, stream_variants, MAX_STREAM_WARPS,
+    kernel_variants, plan, plan_capped, plan_stream, stream_variants, MAX_STREAM_WARPS,
     STREAM_SMEM_LIMIT,
 };
 
@@ -73,46 +75,6 @@ pub enum W4Kernel {
 /// the streaming and early-trigger kernels are kept, selectable through
 /// [`W4A16Linear::set_kernel_kind`], as the base of further work.
 pub const DEFAULT_KERNEL: W4Kernel = W4Kernel::Classic;
-
-/// What a launch stores.
-enum Store<'a> {
-    /// Every output: the plain product.
-    Product,
-    /// `silu(gate) · up` of an interleaved gate/up layer, `out/2` outputs,
-    /// and optionally their fp16 copy.
-    SiluPairs(Option<&'a mut DeviceMatrix<f16>>),
-}
-
-/// How one launch runs.
-struct LaunchSpec<'a> {
-    /// K splits forced (tests and tuning); None: the plan's.
-    splits: Option<usize>,
-    /// With programmatic dependent launch.
-    pdl: bool,
-    store: Store<'a>,
-    /// The first row and the row count of a slice of x's rows (and the
-    /// output's); None: all of them.
-    rows: Option<(usize, usize)>,
-    /// What the launch's last blocks ask L2 for (classic kernels; see
-    /// `l2_prefetch_share` in cu/w4a16.cu).
-    l2_next: L2Pick<'a>,
-}
-
-impl LaunchSpec<'_> {
-    fn product(pdl: bool, rows: Option<(usize, usize)>) -> Self {
-        LaunchSpec {
-            splits: None,
-            pdl,
-            store: Store::Product,
-            rows,
-            l2_next: L2Pick::Stored,
-        }
-    }
-}
-
-/// Bytes one block asks L2 for in an in-kernel prefetch of the next
-/// linear's codes: one bulk prefetch on sm_90.
-const L2_NEXT_CHUNK: u32 = 32 * 1024;
 
 /// A 4-bit linear layer resident on one GPU.
 pub struct W4A16Linear {
@@ -306,6 +268,12 @@ impl W4A16Linear {
     pub fn group_size(&self) -> usize {
         self.group_size
     }
+    /// Partial sums of squares per row that a launch before a deferred
+    /// norm stores ([`AddNorm`]): one per block of 16 output columns.
+    pub fn norm_parts(&self) -> usize {
+        self.out_features.div_ceil(16)
+    }
+
     /// Bytes of codes, scales and zeros one call streams from memory.
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
@@ -450,6 +418,44 @@ impl W4A16Linear {
             .map(|_| ())
     }
 
+    /// The linear before a deferred RMSNorm ([`AddNorm`]): `norm.residual
+    /// += x · W (+ bias)`, `out = fp16(residual · norm.weight)` (`[M, out]`)
+    /// and the partial sums of squares into `norm.parts`, in one launch of
+    /// the classic kernel. `pdl` as in [`Self::forward_silu_pairs`].
+    pub fn forward_add_norm(
+        &self,
+        dev: &GpuDevice,
+        x: &DeviceMatrix<f16>,
+        out: &mut DeviceMatrix<f16>,
+        norm: AddNorm<'_>,
+        pdl: bool,
+    ) -> Result<()> {
+        let spec = LaunchSpec {
+            store: Store::AddNorm(norm),
+            ..LaunchSpec::product(pdl && self.pdl, None)
+        };
+        self.launch_to(dev, x, out, spec).map(|_| ())
+    }
+
+    /// A linear after a deferred RMSNorm: [`Self::forward`] with each row
+    /// times the norm's factor from `scale` (before the bias), `x` being
+    /// the `fp16(r · w)` that [`Self::forward_add_norm`] stored. `pdl` as
+    /// in [`Self::forward_silu_pairs`].
+    pub fn forward_scaled<O: OutElement>(
+        &self,
+        dev: &GpuDevice,
+        x: &DeviceMatrix<f16>,
+        out: &mut DeviceMatrix<O>,
+        scale: RowScale<'_>,
+        pdl: bool,
+    ) -> Result<()> {
+        let spec = LaunchSpec {
+            row_scale: Some(scale),
+            ..LaunchSpec::product(pdl && self.pdl, None)
+        };
+        self.launch_to(dev, x, out, spec).map(|_| ())
+    }
+
     /// Rows `row0 .. row0 + rows` of `x` (`[M, in]`, any M; at most
     /// [`MAX_ROWS`] rows) into the same rows of `out` (`[M, out]`), the
     /// other rows untouched: decode batches of more than [`MAX_ROWS`]
@@ -504,7 +510,8 @@ impl W4A16Linear {
     /// [`Self::forward`] on the stacked layer followed by
     /// `act::silu_mul_halves`. Classic kernels only. `pdl` launches with
     /// programmatic dependent launch if this layer has it on
-    /// ([`Self::set_pdl`]).
+    /// ([`Self::set_pdl`]). With `row_scale` (a linear after a deferred
+    /// norm, as [`Self::forward_scaled`]) gate and up are scaled first.
     pub fn forward_silu_pairs<O: OutElement>(
         &self,
         dev: &GpuDevice,
@@ -512,6 +519,7 @@ impl W4A16Linear {
         out: &mut DeviceMatrix<O>,
         out_h: Option<&mut DeviceMatrix<f16>>,
         pdl: bool,
+        row_scale: Option<RowScale<'_>>,
     ) -> Result<()> {
         let spec = LaunchSpec {
             splits: None,
@@ -519,273 +527,8 @@ impl W4A16Linear {
             store: Store::SiluPairs(out_h),
             rows: None,
             l2_next: L2Pick::Stored,
+            row_scale,
         };
         self.launch_to(dev, x, out, spec).map(|_| ())
-    }
-
-    /// An error unless this layer and every operand (`operands_on`: each
-    /// one's `is_on(dev)`) belong to `dev`.
-    fn check_device(&self, op: &'static str, dev: &GpuDevice, operands_on: &[bool]) -> Result<()> {
-        if !std::sync::Arc::ptr_eq(self.qw.stream(), dev.stream())
-            || operands_on.iter().any(|on| !on)
-        {
-            return Err(KernelError::invalid(
-                op,
-                "operands belong to another GpuDevice",
-            ));
-        }
-        Ok(())
-    }
-
-    fn launch_to<O: OutElement>(
-        &self,
-        dev: &GpuDevice,
-        x: &DeviceMatrix<f16>,
-        out: &mut DeviceMatrix<O>,
-        spec: LaunchSpec<'_>,
-    ) -> Result<W4Plan> {
-        const OP: &str = "W4A16 linear";
-        let LaunchSpec {
-            splits,
-            pdl,
-            store,
-            rows,
-            l2_next,
-        } = spec;
-        // The layer's own link unless the launch names one or none (held
-        // for the launch: the Arc keeps the next layer's codes alive).
-        let stored = match l2_next {
-            L2Pick::Stored => self.l2_next_now(),
-            _ => None,
-        };
-        let l2_next = match l2_next {
-            L2Pick::Next(l, bytes) => Some((l, bytes)),
-            L2Pick::Off => None,
-            L2Pick::Stored => stored.as_ref().map(|(l, bytes)| (l.as_ref(), *bytes)),
-        };
-        let total = x.rows();
-        let (row0, m) = rows.unwrap_or((0, total));
-        if row0 + m > total {
-            return Err(KernelError::shape(
-                OP,
-                format!("rows {row0}..{} of x, which has {total}", row0 + m),
-            ));
-        }
-        self.check_rows(m)?;
-        if x.cols() != self.in_features {
-            return Err(KernelError::shape(
-                OP,
-                format!(
-                    "x is {m}×{}, the layer takes {} inputs",
-                    x.cols(),
-                    self.in_features
-                ),
-            ));
-        }
-        let (silu_pairs, out_h) = match store {
-            Store::Product => {
-                out_shape(OP, out, total, self.out_features)?;
-                (0i32, None)
-            }
-            Store::SiluPairs(h) => {
-                if !self.out_features.is_multiple_of(16)
-                    || matches!(self.kernel, W4Kernel::Stream { .. })
-                {
-                    return Err(KernelError::invalid(
-                        OP,
-                        format!(
-                            "silu(gate)·up needs a classic kernel and whole tile pairs \
-                             ({} outputs, kernel {:?})",
-                            self.out_features, self.kernel
-                        ),
-                    ));
-                }
-                out_shape(OP, out, total, self.out_features / 2)?;
-                if let Some(h) = &h {
-                    out_shape(OP, h, total, self.out_features / 2)?;
-                    if !h.is_on(dev) {
-                        return Err(KernelError::invalid(
-                            OP,
-                            "operands belong to another GpuDevice",
-                        ));
-                    }
-                }
-                (1i32, h)
-            }
-        };
-        self.check_device(OP, dev, &[x.is_on(dev), out.is_on(dev)])?;
-        let p = self.plan_with(m, splits)?;
-        let streaming = p.stages > 0;
-        let (mi, ni, ki) = (m as i32, self.out_features as i32, self.in_features as i32);
-        let (kbi, kci, ppbi) = (self.kbs as i32, p.kc as i32, p.pairs_per_block as i32);
-        let has_bias = i32::from(self.bias.is_some());
-        let out_f32 = O::IS_F32;
-        let stream = dev.stream();
-        let r = halves(m);
-        let stream_func = self
-            .stream_funcs
-            .iter()
-            .find(|((fr, ns), _)| (*fr, *ns) == (r, p.stages))
-            .map(|(_, f)| f);
-        let early_func = self
-            .early_funcs
-            .iter()
-            .find(|(fr, _)| *fr == r)
-            .map(|(_, f)| f)
-            .filter(|_| {
-                matches!(self.kernel, W4Kernel::ClassicEarly { .. }) && self.batch.is_none()
-            });
-        if streaming && stream_func.is_none() {
-            // The classic kernels take another argument list.
-            return Err(KernelError::invalid(
-                OP,
-                format!("no streaming kernel with {} stages is compiled", p.stages),
-            ));
-        }
-        let func = stream_func
-            .filter(|_| streaming)
-            .or(early_func)
-            .or_else(|| self.forced.as_ref().filter(|_| r == 1))
-            .or_else(|| {
-                self.batch
-                    .and_then(|u| self.funcs.iter().find(|((fr, fu), _)| (*fr, *fu) == (r, u)))
-                    .map(|(_, f)| f)
-            })
-            .or_else(|| {
-                self.funcs
-                    .iter()
-                    .find(|((fr, _), _)| *fr == r)
-                    .map(|(_, f)| f)
-            })
-            .ok_or_else(|| KernelError::invalid(OP, "no kernel variant for this row count"))?;
-        let bias = self.bias.as_ref().unwrap_or(&self.no_bias);
-        // A slice of rows starts `row0` rows into x and the output (and
-        // the fp16 copy), all row-major.
-        let out_cols = if silu_pairs == 1 {
-            self.out_features / 2
-        } else {
-            self.out_features
-        };
-        let (x_base, _x_sync) = x.data.device_ptr(stream);
-        let x_ptr = x_base + (row0 * self.in_features * 2) as u64;
-        let (qw_ptr, _qw_sync) = self.qw.device_ptr(stream);
-        let (sc_ptr, _sc_sync) = self.scales.device_ptr(stream);
-        let (zb_ptr, _zb_sync) = self.zeros.device_ptr(stream);
-        let (bias_ptr, _bias_sync) = bias.device_ptr(stream);
-        let (out_base, _out_sync) = out.data.device_ptr_mut(stream);
-        let out_ptr = out_base + (row0 * out_cols * std::mem::size_of::<O>()) as u64;
-        // The streaming kernels take the pairs per block after KC.
-        let mut args: Vec<*mut std::ffi::c_void> = vec![
-            &x_ptr as *const _ as *mut _,
-            &qw_ptr as *const _ as *mut _,
-            &sc_ptr as *const _ as *mut _,
-            &zb_ptr as *const _ as *mut _,
-            &bias_ptr as *const _ as *mut _,
-            &out_ptr as *const _ as *mut _,
-            &mi as *const _ as *mut _,
-            &ni as *const _ as *mut _,
-            &ki as *const _ as *mut _,
-            &kbi as *const _ as *mut _,
-            &kci as *const _ as *mut _,
-        ];
-        if streaming {
-            args.push(&ppbi as *const _ as *mut _);
-        }
-        args.push(&has_bias as *const _ as *mut _);
-        args.push(&out_f32 as *const _ as *mut _);
-        // The classic kernels then take the epilogue: silu_pairs and the
-        // fp16 copy's pointer (null: none).
-        let (out_h_ptr, _out_h_sync) = match out_h {
-            Some(h) => {
-                let (ptr, sync) = h.data.device_ptr_mut(stream);
-                (ptr + (row0 * out_cols * 2) as u64, Some(sync))
-            }
-            None => (0, None),
-        };
-        // Then the L2 prefetch of the next linear's codes: its start, its
-        // length (0: none) and the bytes per block's bulk prefetch.
-        let (pf_ptr, pf_bytes, _pf_sync) = match l2_next {
-            Some((next, max_bytes)) if max_bytes >= 16 => {
-                if !std::sync::Arc::ptr_eq(next.qw.stream(), stream) {
-                    return Err(KernelError::invalid(
-                        OP,
-                        "the linear to prefetch belongs to another GpuDevice",
-                    ));
-                }
-                let (ptr, sync) = next.qw.device_ptr(stream);
-                let bytes = (4 * next.qw.len()).min(max_bytes) as u64 & !15;
-                (ptr, bytes, Some(sync))
-            }
-            _ => (0, 0u64, None),
-        };
-        let pf_chunk = L2_NEXT_CHUNK;
-        if !streaming {
-            args.push(&silu_pairs as *const _ as *mut _);
-            args.push(&out_h_ptr as *const _ as *mut _);
-            args.push(&pf_ptr as *const _ as *mut _);
-            args.push(&pf_bytes as *const _ as *mut _);
-            args.push(&pf_chunk as *const _ as *mut _);
-        }
-        // SAFETY: the value of a programmatic-serialization attribute is the
-        // int `programmaticStreamSerializationAllowed`; the rest of the
-        // union is padding.
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
-        let cfg = sys::CUlaunchConfig {
-            gridDimX: p.n_blocks as u32,
-            gridDimY: 1,
-            gridDimZ: 1,
-            blockDimX: (32 * p.splits) as u32,
-            blockDimY: 1,
-            blockDimZ: 1,
-            sharedMemBytes: p.smem_bytes as u32,
-            hStream: stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: u32::from(pdl),
-        };
-        dev.context()
-            .bind_to_thread()
-            .during("binding the context")?;
-        // With `pdl` this launch may start while the kernel before it still
-        // runs: sound only because every W4A16 kernel touches nothing but
-        // its own weights, scales and zeros (and asks L2 for another
-        // layer's immutable codes, reading nothing) before `griddepcontrol.wait`
-        // (x through `ld_produced_v4`, `out` written after the wait;
-        // tests/pdl.rs). A kernel launched with the attribute must keep that
-        // rule.
-        // SAFETY: `args` matches `w4a16_gemv_g{G}_r{R}_u{U}`'s signature in
-        // cu/w4a16.cu (six device pointers, eight ints, the fp16 copy's
-        // pointer: null, or m·N/2 halves with silu_pairs, whose out then
-        // holds m·N/2 elements, checked above; then the prefetch's start,
-        // u64 length and u32 chunk: a live allocation of this stream of at
-        // least pf_bytes bytes, or length 0, and a prefetch writes
-        // nothing), or with `streaming`
-        // `w4a16_stream_g{G}_r{R}_s{NS}`'s (six pointers, eight ints, PPB
-        // after KC; NS = p.stages, which sizes smem_bytes), G being this
-        // layer's group size; every pointed-to value lives until after the
-        // call, which copies them. The streaming plan gives every warp at
-        // least one k-block and every block at least one pair, which the
-        // kernel's block barriers rely on, and its shared memory is below
-        // the limit raised at construction. Shapes were checked above: from
-        // the (row-offset) pointers, x holds m·K fp16 (K a multiple of 32;
-        // row0 + m ≤ x's rows), out m·N elements of the type `out_f32`
-        // names (out has x's rows), qw/scales/zeros were validated against (K, N, G) at
-        // construction, bias holds N fp16 when has_bias; the block has
-        // 32·splits ≤ 512 threads and smem_bytes covers splits·32·4·halves
-        // floats. All buffers belong to this device's stream (checked
-        // above), and the sync guards record the launch on them when they
-        // drop.
-        unsafe {
-            sys::cuLaunchKernelEx(
-                &cfg,
-                func.cu_function(),
-                args.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        }
-        .result()
-        .during("launching w4a16_gemv")?;
-        Ok(p)
     }
 }

@@ -327,6 +327,22 @@ pub trait Backend: Send + Sync {
         w: &Self::Vector,
         eps: f32,
     ) -> Result<Self::Act>;
+    /// `residual += x · Wᵀ + b`, then returns `rms_norm(residual) · norm`:
+    /// the linear before a norm (o_proj, down_proj) and the norm. The
+    /// result may be consumable only by [`Self::linear`] and
+    /// [`Self::gate_up_silu`] (the CUDA backend defers the norm into the
+    /// linears that read it); the default is the two ops.
+    fn linear_add_rms_norm(
+        &self,
+        x: &Self::Act,
+        w: &Self::Linear,
+        residual: &mut Self::Act,
+        norm: &Self::Vector,
+        eps: f32,
+    ) -> Result<Self::Act> {
+        let delta = self.linear(x, w)?;
+        self.add_rms_norm(residual, &delta, norm, eps)
+    }
     /// `residual += delta`.
     fn add_in_place(&self, residual: &mut Self::Act, delta: &Self::Act) -> Result<()>;
     /// `x · Wᵀ + b`.

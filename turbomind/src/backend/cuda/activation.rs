@@ -6,6 +6,14 @@
 //!
 //! Invariant: the fp16 copy, when present, is `fp16(values)` element for
 //! element. Mutable access to the values drops it.
+//!
+//! A deferred norm's output ([`CudaAct::deferred`], made by
+//! `linear_add_rms_norm`) is the exception: its fp16 matrix is `fp16(r · w)`
+//! before the norm's factor, and its "values" are the factor's partial
+//! sums of squares (`rows × parts`), not activations. Only the linears
+//! take it (`CudaLinear::forward_after_norm`): they apply the factor or
+//! materialize the values first. Any other op sees a matrix whose width is
+//! not the model's and fails its shape check instead of reading it.
 
 use std::ops::{Deref, DerefMut};
 
@@ -16,6 +24,18 @@ use lmq_kernels::DeviceMatrix;
 pub struct CudaAct {
     values: DeviceMatrix<f32>,
     half: Option<DeviceMatrix<f16>>,
+    /// A deferred norm's eps: `values` are partial sums, `half` is
+    /// `fp16(r · w)` (see the module's header).
+    deferred_eps: Option<f32>,
+}
+
+/// The parts of a deferred norm's output.
+pub struct DeferredNorm<'a> {
+    /// `fp16(r · w)`, `rows × d`.
+    pub scaled_input: &'a DeviceMatrix<f16>,
+    /// Partial sums of `r²`, `rows × parts`.
+    pub parts: &'a DeviceMatrix<f32>,
+    pub eps: f32,
 }
 
 impl CudaAct {
@@ -24,12 +44,39 @@ impl CudaAct {
         CudaAct {
             values,
             half: Some(half),
+            deferred_eps: None,
+        }
+    }
+
+    /// A deferred norm's output: `scaled_input = fp16(r · w)` and the
+    /// partial sums of `r²` that give the norm's factor.
+    pub(super) fn deferred(
+        parts: DeviceMatrix<f32>,
+        scaled_input: DeviceMatrix<f16>,
+        eps: f32,
+    ) -> Self {
+        CudaAct {
+            values: parts,
+            half: Some(scaled_input),
+            deferred_eps: Some(eps),
+        }
+    }
+
+    /// The parts of a deferred norm's output, if this is one.
+    pub fn deferred_norm(&self) -> Option<DeferredNorm<'_>> {
+        match (self.deferred_eps, &self.half) {
+            (Some(eps), Some(h)) => Some(DeferredNorm {
+                scaled_input: h,
+                parts: &self.values,
+                eps,
+            }),
+            _ => None,
         }
     }
 
     /// The fp16 copy, if the op that made this matrix wrote one.
     pub fn half(&self) -> Option<&DeviceMatrix<f16>> {
-        self.half.as_ref()
+        self.half.as_ref().filter(|_| self.deferred_eps.is_none())
     }
 
     /// The fp32 values.
@@ -40,7 +87,11 @@ impl CudaAct {
 
 impl From<DeviceMatrix<f32>> for CudaAct {
     fn from(values: DeviceMatrix<f32>) -> Self {
-        CudaAct { values, half: None }
+        CudaAct {
+            values,
+            half: None,
+            deferred_eps: None,
+        }
     }
 }
 
@@ -57,6 +108,7 @@ impl DerefMut for CudaAct {
     /// copy is dropped first.
     fn deref_mut(&mut self) -> &mut DeviceMatrix<f32> {
         self.half = None;
+        self.deferred_eps = None;
         &mut self.values
     }
 }

@@ -16,8 +16,12 @@
 use std::sync::{Arc, Mutex};
 
 use half::f16;
-use lmq_kernels::{act, Blas, DeviceMatrix, GpuDevice, PackedW4, W4A16Linear, MAX_ROWS};
+use lmq_kernels::{
+    act, AddNorm, Blas, DeviceMatrix, GpuDevice, PackedW4, RowScale, W4A16Linear, W4Kernel,
+    MAX_ROWS,
+};
 
+use super::activation::{CudaAct, DeferredNorm};
 use super::l2_ahead::L2Ahead;
 use super::{gpu_error, lock};
 use crate::backend::{HostLinear, HostWeight};
@@ -204,13 +208,46 @@ impl CudaLinear {
     /// and pairs its tiles (`act::silu_mul_pairs`); a layer stored
     /// `[gate | up]` takes the product and `act::silu_mul_halves`. The
     /// values are the same bits every way.
+    /// A deferred norm's output (`CudaAct::deferred`) as input: an
+    /// interleaved 4-bit decode layer scales gate and up by the norm's
+    /// factor in the same launch; anything else materializes the values
+    /// first.
     pub(super) fn forward_gate_up_silu(
         &self,
         dev: &GpuDevice,
-        x: &DeviceMatrix<f32>,
-        x_half: Option<&DeviceMatrix<f16>>,
+        x_act: &CudaAct,
         aids: &LinearAids<'_>,
     ) -> Result<(DeviceMatrix<f32>, DeviceMatrix<f16>)> {
+        if let Some(dn) = x_act.deferred_norm() {
+            let m = dn.scaled_input.rows();
+            let half_n = self.out_features / 2;
+            return match &self.weight {
+                Weight::W4(l, l2_id) if self.paired && takes_deferred_norm(l, m) => {
+                    if dn.scaled_input.cols() != self.in_features {
+                        return Err(input_width_error(dn.scaled_input.cols(), self.in_features));
+                    }
+                    prefetch_next(aids, *l2_id);
+                    let mut out = dev.uninit::<f32>(m, half_n).map_err(gpu_error)?;
+                    let mut half = dev.uninit::<f16>(m, half_n).map_err(gpu_error)?;
+                    let scale = RowScale {
+                        parts: dn.parts,
+                        eps: dn.eps,
+                    };
+                    l.forward_silu_pairs(
+                        dev,
+                        dn.scaled_input,
+                        &mut out,
+                        Some(&mut half),
+                        !dev.is_recording(),
+                        Some(scale),
+                    )
+                    .map_err(gpu_error)?;
+                    Ok((out, half))
+                }
+                _ => self.forward_gate_up_silu(dev, &materialize(dev, &dn)?, aids),
+            };
+        }
+        let (x, x_half) = (&**x_act, x_act.half());
         let m = x.rows();
         let half_n = self.out_features / 2;
         match &self.weight {
@@ -226,8 +263,15 @@ impl CudaLinear {
                 // PDL on eager launches, plain ones while a step is
                 // recorded (`PdlMode::Eager`; under `LMQ_PDL=1` this launch
                 // is not spliced, unlike `forward`'s).
-                l.forward_silu_pairs(dev, xh, &mut out, Some(&mut half), !dev.is_recording())
-                    .map_err(gpu_error)?;
+                l.forward_silu_pairs(
+                    dev,
+                    xh,
+                    &mut out,
+                    Some(&mut half),
+                    !dev.is_recording(),
+                    None,
+                )
+                .map_err(gpu_error)?;
                 Ok((out, half))
             }
             _ => {
@@ -246,6 +290,86 @@ impl CudaLinear {
                     .map_err(gpu_error)?;
                 }
                 Ok((out, half))
+            }
+        }
+    }
+
+    /// The linear before a norm, with the norm deferred into the linears
+    /// that read its output (`AddNorm` in lmq_kernels): `residual += x ·
+    /// Wᵀ` and a deferred norm's output (`CudaAct::deferred`) in one
+    /// launch. `None` where this linear cannot (dense weights, a bias, rows
+    /// outside 1..=MAX_ROWS, a streaming kernel, interleaved gate/up
+    /// columns): the caller then runs the product and the norm.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward_add_norm(
+        &self,
+        dev: &GpuDevice,
+        x: &CudaAct,
+        residual: &mut DeviceMatrix<f32>,
+        norm_weight: &DeviceMatrix<f32>,
+        eps: f32,
+        aids: &LinearAids<'_>,
+    ) -> Result<Option<CudaAct>> {
+        let m = x.rows();
+        let Weight::W4(l, l2_id) = &self.weight else {
+            return Ok(None);
+        };
+        if self.bias.is_some()
+            || self.paired
+            || !takes_deferred_norm(l, m)
+            || x.deferred_norm().is_some()
+        {
+            return Ok(None);
+        }
+        if x.cols() != self.in_features {
+            return Err(input_width_error(x.cols(), self.in_features));
+        }
+        prefetch_next(aids, *l2_id);
+        let mut slot = None;
+        let xh = fp16_input(dev, x, x.half(), &mut slot)?;
+        let mut scaled = dev.uninit::<f16>(m, self.out_features).map_err(gpu_error)?;
+        let mut parts = dev.uninit::<f32>(m, l.norm_parts()).map_err(gpu_error)?;
+        let norm = AddNorm {
+            residual,
+            weight: norm_weight,
+            parts: &mut parts,
+        };
+        l.forward_add_norm(dev, xh, &mut scaled, norm, !dev.is_recording())
+            .map_err(gpu_error)?;
+        Ok(Some(CudaAct::deferred(parts, scaled, eps)))
+    }
+
+    /// `x · Wᵀ + b` for a deferred norm's output: a 4-bit decode layer
+    /// multiplies its sums by the norm's factor (`RowScale`); anything else
+    /// materializes the values first.
+    pub(super) fn forward_after_norm(
+        &self,
+        dev: &GpuDevice,
+        x: &DeferredNorm<'_>,
+        aids: &LinearAids<'_>,
+    ) -> Result<DeviceMatrix<f32>> {
+        let m = x.scaled_input.rows();
+        match &self.weight {
+            Weight::W4(l, l2_id) if takes_deferred_norm(l, m) => {
+                if x.scaled_input.cols() != self.in_features {
+                    return Err(input_width_error(x.scaled_input.cols(), self.in_features));
+                }
+                prefetch_next(aids, *l2_id);
+                let mut out = dev.uninit::<f32>(m, self.out_features).map_err(gpu_error)?;
+                let scale = RowScale {
+                    parts: x.parts,
+                    eps: x.eps,
+                };
+                l.forward_scaled(dev, x.scaled_input, &mut out, scale, !dev.is_recording())
+                    .map_err(gpu_error)?;
+                if let Some(b) = &self.bias {
+                    act::add_bias(dev, &mut out, b).map_err(gpu_error)?;
+                }
+                Ok(out)
+            }
+            _ => {
+                let values = materialize(dev, x)?;
+                self.forward(dev, &values, values.half(), aids)
             }
         }
     }
@@ -351,6 +475,23 @@ impl CudaLinear {
         }
         Ok(out)
     }
+}
+
+/// Whether a 4-bit launch of `m` rows can carry half of a deferred norm:
+/// the classic kernels over all rows of one decode launch.
+fn takes_deferred_norm(l: &W4A16Linear, m: usize) -> bool {
+    (1..=MAX_ROWS).contains(&m) && !matches!(l.kernel_kind(), W4Kernel::Stream { .. })
+}
+
+/// The values of a deferred norm's output, with their fp16 copy, for an
+/// op that cannot apply the factor itself.
+fn materialize(dev: &GpuDevice, x: &DeferredNorm<'_>) -> Result<CudaAct> {
+    let (m, d) = (x.scaled_input.rows(), x.scaled_input.cols());
+    let mut values = dev.uninit::<f32>(m, d).map_err(gpu_error)?;
+    let mut half = dev.uninit::<f16>(m, d).map_err(gpu_error)?;
+    act::deferred_norm_values(dev, x.scaled_input, x.parts, x.eps, &mut values, &mut half)
+        .map_err(gpu_error)?;
+    Ok(CudaAct::with_half(values, half))
 }
 
 /// 4-bit products of up to this many rows (more than `MAX_ROWS`) run the

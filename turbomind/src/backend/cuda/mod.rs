@@ -61,6 +61,13 @@ fn env_switch(name: &str, default: bool) -> bool {
 }
 
 /// A count from the environment; unset, unparsable or 0: `None`.
+/// `LMQ_DEFERRED_NORM=1` defers the norms between 4-bit decode linears
+/// into them ([`CudaBackend::set_deferred_norm`]). Off by default until a
+/// GPU has checked and timed it.
+fn deferred_norm_from_env() -> bool {
+    env_switch("LMQ_DEFERRED_NORM", false)
+}
+
 fn env_count(name: &str) -> Option<usize> {
     std::env::var(name)
         .ok()
@@ -121,6 +128,9 @@ pub struct CudaBackend {
     /// `silu(gate) · up` from their decode kernel (on unless
     /// `LMQ_FUSED_SILU=0`).
     fused_silu: std::sync::atomic::AtomicBool,
+    /// Whether decode steps defer each norm between two 4-bit linears into
+    /// them (`linear_add_rms_norm`; `LMQ_DEFERRED_NORM`).
+    deferred_norm: std::sync::atomic::AtomicBool,
 }
 
 /// Locks `m`; a poisoned lock only means a panic elsewhere, and every
@@ -148,7 +158,23 @@ impl CudaBackend {
             graphs: Mutex::new(graph::StepGraphs::new()),
             recording: Mutex::new(None),
             fused_silu: linear::fused_silu_from_env().into(),
+            deferred_norm: deferred_norm_from_env().into(),
         })
+    }
+
+    /// Defers each norm between two 4-bit decode linears into them (see
+    /// `linear_add_rms_norm`): one launch fewer per norm, the rounding of
+    /// the norm's output moved from `fp16(r · inv · w)` to `fp16(r · w)`
+    /// times `inv` after the sums. Steps recorded before are dropped, so
+    /// that every later step runs the new way.
+    pub fn set_deferred_norm(&self, on: bool) {
+        self.deferred_norm
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        let mut graphs = lock(&self.graphs);
+        if graphs.enabled() {
+            graphs.set_enabled(false);
+            graphs.set_enabled(true);
+        }
     }
 
     /// Makes 4-bit gate/up projections uploaded from now on interleave
@@ -411,8 +437,33 @@ impl Backend for CudaBackend {
     }
 
     fn linear(&self, x: &CudaAct, w: &CudaLinear) -> Result<CudaAct> {
+        if let Some(dn) = x.deferred_norm() {
+            return w
+                .forward_after_norm(&self.dev, &dn, &self.aids())
+                .map(CudaAct::from);
+        }
         w.forward(&self.dev, x, x.half(), &self.aids())
             .map(CudaAct::from)
+    }
+
+    fn linear_add_rms_norm(
+        &self,
+        x: &CudaAct,
+        w: &CudaLinear,
+        residual: &mut CudaAct,
+        norm: &DeviceMatrix<f32>,
+        eps: f32,
+    ) -> Result<CudaAct> {
+        if self
+            .deferred_norm
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            if let Some(h) = w.forward_add_norm(&self.dev, x, residual, norm, eps, &self.aids())? {
+                return Ok(h);
+            }
+        }
+        let delta = self.linear(x, w)?;
+        self.add_rms_norm(residual, &delta, norm, eps)
     }
 
     fn rope(&self, x: &mut CudaAct, heads: usize, spans: &[SeqSpan], rope: &Rope) -> Result<()> {
@@ -475,7 +526,7 @@ impl Backend for CudaBackend {
     }
 
     fn gate_up_silu(&self, x: &CudaAct, w: &CudaLinear) -> Result<CudaAct> {
-        let (out, half) = w.forward_gate_up_silu(&self.dev, x, x.half(), &self.aids())?;
+        let (out, half) = w.forward_gate_up_silu(&self.dev, x, &self.aids())?;
         Ok(CudaAct::with_half(out, half))
     }
 
