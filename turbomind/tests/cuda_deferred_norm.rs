@@ -10,6 +10,8 @@
 //!   factor in their launch, and a dense linear, which materializes the
 //!   norm's values first, stay within 2e-3 of the unfused path and of the
 //!   CPU (the rounding moves from `fp16(r · inv · w)` to `fp16(r · w)`);
+//! - gate/up stored `[gate | up]` (`set_fused_silu(false)`) gives the
+//!   interleaved launch's bits;
 //! - rows beyond one decode launch (24) take the two ops, bit for bit.
 //!
 //! Without a GPU the test prints that it was skipped and passes.
@@ -104,6 +106,11 @@ fn deferred_norm_matches_two_ops_and_cpu() {
     plain.set_deferred_norm(false);
     let deferred = CudaBackend::new(0).expect("CUDA backend");
     deferred.set_deferred_norm(true);
+    // Gate and up stored apart (`LMQ_FUSED_SILU=0`): the scaled product,
+    // then SiLU·mul, which must give the paired launch's bits.
+    let unpaired = CudaBackend::new(0).expect("CUDA backend");
+    unpaired.set_deferred_norm(true);
+    unpaired.set_fused_silu(false);
     let cpu = CpuBackend::with_options(CpuOptions {
         w4_activations: W4Activations::F16,
     });
@@ -131,9 +138,10 @@ fn deferred_norm_matches_two_ops_and_cpu() {
             dense: dense_linear(&mut rng, d, 96),
             norm: (0..d).map(|_| rng.uniform(0.5, 1.5) as f32).collect(),
         };
-        let (lp, ld, lc) = (
+        let (lp, ld, lu, lc) = (
             upload(&plain, &hosts),
             upload(&deferred, &hosts),
+            upload(&unpaired, &hosts),
             upload(&cpu, &hosts),
         );
         for m in [1usize, 7, 16, 24] {
@@ -149,6 +157,15 @@ fn deferred_norm_matches_two_ops_and_cpu() {
             };
             let a = on_gpu(&plain, &lp);
             let b = on_gpu(&deferred, &ld);
+            let u = on_gpu(&unpaired, &lu);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            if m <= 16 {
+                assert_eq!(
+                    bits(&u[3]),
+                    bits(&b[3]),
+                    "{m} rows: [gate | up] differs from pairs"
+                );
+            }
             let c = run(
                 &cpu,
                 &lc,
@@ -165,7 +182,6 @@ fn deferred_norm_matches_two_ops_and_cpu() {
             );
             for (i, name) in names.iter().enumerate() {
                 let what = format!("{q_dim}->{d} g{g}, {m} rows, {name}");
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 if i == 0 || m > 16 {
                     assert_eq!(bits(&a[i]), bits(&b[i]), "{what}: differs from the two ops");
                 }

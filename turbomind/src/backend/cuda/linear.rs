@@ -210,8 +210,8 @@ impl CudaLinear {
     /// values are the same bits every way.
     /// A deferred norm's output (`CudaAct::deferred`) as input: an
     /// interleaved 4-bit decode layer scales gate and up by the norm's
-    /// factor in the same launch; anything else materializes the values
-    /// first.
+    /// factor in the same launch, one stored `[gate | up]` in its product
+    /// launch; anything else materializes the values first.
     pub(super) fn forward_gate_up_silu(
         &self,
         dev: &GpuDevice,
@@ -242,6 +242,16 @@ impl CudaLinear {
                         Some(scale),
                     )
                     .map_err(gpu_error)?;
+                    Ok((out, half))
+                }
+                // Stored `[gate | up]` (`LMQ_FUSED_SILU=0`): the scaled
+                // product, then SiLU·mul, the same bits as the paired launch.
+                Weight::W4(l, _) if takes_deferred_norm(l, m) => {
+                    let gate_up = self.forward_after_norm(dev, &dn, aids)?;
+                    let mut out = dev.uninit::<f32>(m, half_n).map_err(gpu_error)?;
+                    let mut half = dev.uninit::<f16>(m, half_n).map_err(gpu_error)?;
+                    act::silu_mul_halves(dev, &gate_up, &mut out, Some(&mut half))
+                        .map_err(gpu_error)?;
                     Ok((out, half))
                 }
                 _ => self.forward_gate_up_silu(dev, &materialize(dev, &dn)?, aids),
