@@ -252,50 +252,33 @@ fn deferred_norm_misuse_is_refused() {
     let mut lin = W4A16Linear::new(&dev, &l.packed, None).expect("upload");
     let x = dev.upload(&rng.f16s(2 * 128, -1.0, 1.0), 2, 128).unwrap();
     let gamma = dev.upload(&rng.values(128, 0.5, 1.5), 128, 1).unwrap();
-    let mut out = dev.zeros::<f32>(2, 128).unwrap();
     let mut out16 = dev.zeros::<f16>(2, 128).unwrap();
     let mut res = dev.zeros::<f32>(2, 128).unwrap();
     let short = dev.zeros::<f32>(1, lin.norm_parts()).unwrap();
     let parts = dev.zeros::<f32>(2, lin.norm_parts()).unwrap();
-    let err = lin
-        .forward_scaled(
-            &dev,
-            &x,
-            &mut out,
-            RowScale {
-                parts: &short,
-                eps: 1e-5,
-            },
-            false,
-        )
-        .expect_err("one row of partial sums for two rows");
-    assert!(err.to_string().contains("partial sums"), "{err}");
-    let err = lin
-        .forward_scaled(
-            &dev,
-            &x,
-            &mut out,
-            RowScale {
-                parts: &parts,
-                eps: 0.0,
-            },
-            false,
-        )
-        .expect_err("eps 0");
-    assert!(err.to_string().contains("eps"), "{err}");
+    // The error of a scaled product of x with these partial sums and eps.
+    let scaled = |lin: &W4A16Linear, parts, eps| {
+        let mut out = dev.zeros::<f32>(2, 128).unwrap();
+        let scale = RowScale { parts, eps };
+        lin.forward_scaled(&dev, &x, &mut out, scale, false)
+            .expect_err("refused")
+            .to_string()
+    };
+    let err = scaled(&lin, &short, 1e-5);
+    assert!(
+        err.contains("partial sums"),
+        "one row of sums for two: {err}"
+    );
+    let err = scaled(&lin, &parts, 0.0);
+    assert!(err.contains("eps"), "eps 0: {err}");
     let mut wrong_parts = dev.zeros::<f32>(2, 3).unwrap();
+    let norm = AddNorm {
+        residual: &mut res,
+        weight: &gamma,
+        parts: &mut wrong_parts,
+    };
     let err = lin
-        .forward_add_norm(
-            &dev,
-            &x,
-            &mut out16,
-            AddNorm {
-                residual: &mut res,
-                weight: &gamma,
-                parts: &mut wrong_parts,
-            },
-            false,
-        )
+        .forward_add_norm(&dev, &x, &mut out16, norm, false)
         .expect_err("partial sums of the wrong width");
     assert!(err.to_string().contains("out is 2×3"), "{err}");
     lin.set_kernel_kind(W4Kernel::Stream {
@@ -304,17 +287,6 @@ fn deferred_norm_misuse_is_refused() {
         blocks_per_sm: 1,
     })
     .expect("streaming kernel");
-    let err = lin
-        .forward_scaled(
-            &dev,
-            &x,
-            &mut out,
-            RowScale {
-                parts: &parts,
-                eps: 1e-5,
-            },
-            false,
-        )
-        .expect_err("streaming kernel");
-    assert!(err.to_string().contains("classic kernel"), "{err}");
+    let err = scaled(&lin, &parts, 1e-5);
+    assert!(err.contains("classic kernel"), "streaming kernel: {err}");
 }

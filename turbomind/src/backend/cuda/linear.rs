@@ -527,7 +527,9 @@ fn decode_rows_limit() -> usize {
 /// `LMQ_W4_WGMMA=1`: 4-bit products of more than the decode kernel's rows
 /// run the wgmma GEMM on sm_90 where it takes the layer
 /// (`W4A16Linear::forward_wgmma`), instead of dequantizing the weight for
-/// cuBLAS. Off by default until a GPU has checked and timed it.
+/// cuBLAS. Off by default: exact on an H200 in session 13, but 0.55–0.61×
+/// of cuBLAS against 0.81–0.91× for dequantize-then-cuBLAS
+/// (docs/BENCHMARKS.md).
 fn wgmma_prefill() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| super::env_switch("LMQ_W4_WGMMA", false))
