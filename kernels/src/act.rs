@@ -380,30 +380,39 @@ pub fn add_rms_norm(
 
 /// The values of a deferred norm's output (`W4A16Linear::forward_add_norm`)
 /// for an op that cannot apply the norm's factor itself: `out[r] = h[r] ·
-/// inv(r)` with `inv(r) = 1 / sqrt(Σ parts[r] / d + eps)` formed as the
-/// linears after the norm form it, and `out_half = fp16(out)`. `h` is the
-/// `fp16(residual · w)` that linear stored (`rows × d`), `parts` its partial
-/// sums of squares (`rows × p`).
+/// inv(r)` with `inv(r) = scale / sqrt(Σ parts[r] / d + eps)` formed as
+/// the linears after the norm form it (`RowScale`), and `out_half =
+/// fp16(out)`. `h` is the `fp16(residual · w · 2^-k)` that linear stored
+/// (`rows × d`), `parts` its partial sums of squares (`rows × ⌈d/16⌉`),
+/// `scale` the matching `2^k`.
 pub fn deferred_norm_values(
     dev: &GpuDevice,
     h: &DeviceMatrix<f16>,
     parts: &DeviceMatrix<f32>,
     eps: f32,
+    scale: f32,
     out: &mut DeviceMatrix<f32>,
     out_half: &mut DeviceMatrix<f16>,
 ) -> Result<()> {
     const OP: &str = "deferred_norm_values_f32";
     same_shape(OP, ("h", h), ("out", &*out))?;
     same_shape(OP, ("out", &*out), ("out_half", &*out_half))?;
-    if parts.rows() != h.rows() || (parts.cols() == 0 && !h.is_empty()) {
+    if parts.rows() != h.rows() || parts.cols() != h.cols().div_ceil(16) {
         return Err(KernelError::shape(
             OP,
             format!(
-                "partial sums are {}×{}, h has {} rows",
+                "partial sums are {}×{}, h is {}×{} (one sum per 16 columns)",
                 parts.rows(),
                 parts.cols(),
-                h.rows()
+                h.rows(),
+                h.cols()
             ),
+        ));
+    }
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(KernelError::invalid(
+            OP,
+            format!("scale must be positive, got {scale}"),
         ));
     }
     on_device(
@@ -435,14 +444,15 @@ pub fn deferred_norm_values(
         .arg(&mut out_half.data)
         .arg(&d)
         .arg(&p)
-        .arg(&eps);
+        .arg(&eps)
+        .arg(&scale);
     let cfg = LaunchConfig {
         grid_dim: (check_i32(OP, "rows", h.rows())? as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: matches `deferred_norm_values_f32(const half*, const float*,
-    // float*, half*, int, int, float)`; h, out and out_half are rows×d and
+    // float*, half*, int, int, float, float)`; h, out and out_half are rows×d and
     // parts rows×p (checked above), one block per row.
     unsafe { b.launch(cfg) }.during("launching deferred_norm_values_f32")?;
     Ok(())

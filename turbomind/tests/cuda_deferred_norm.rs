@@ -12,7 +12,11 @@
 //!   CPU (the rounding moves from `fp16(r · inv · w)` to `fp16(r · w)`);
 //! - gate/up stored `[gate | up]` (`set_fused_silu(false)`) gives the
 //!   interleaved launch's bits;
-//! - rows beyond one decode launch (24) take the two ops, bit for bit.
+//! - the normed values read back (`to_host`, which materializes a
+//!   deferred norm's output) match too;
+//! - the norm is deferred on decode rows and only there: rows beyond one
+//!   decode launch (24) take the two ops, bit for bit. The norm's weights
+//!   exceed 1, so its output carries the power-of-two scale (k = 1).
 //!
 //! Without a GPU the test prints that it was skipped and passes.
 
@@ -20,7 +24,7 @@ mod tiny;
 
 use lmq_kernels::GpuDevice;
 use lmq_turbomind::backend::cpu::{CpuBackend, CpuOptions, Matrix, W4Activations};
-use lmq_turbomind::backend::cuda::CudaBackend;
+use lmq_turbomind::backend::cuda::{CudaAct, CudaBackend};
 use lmq_turbomind::backend::{Backend, HostLinear, HostWeight};
 use tiny::{random_awq, Rng};
 
@@ -93,6 +97,7 @@ fn run<B: Backend>(b: &B, l: &After<B>, x: B::Act, mut residual: B::Act) -> Vec<
         b.to_host(&b.linear(&h, &l.qkv_bias).unwrap()).unwrap(),
         b.to_host(&b.gate_up_silu(&h, &l.gate_up).unwrap()).unwrap(),
         b.to_host(&b.linear(&h, &l.dense).unwrap()).unwrap(),
+        b.to_host(&h).unwrap(),
     ]
 }
 
@@ -120,6 +125,7 @@ fn deferred_norm_matches_two_ops_and_cpu() {
         "q/k/v + bias",
         "silu(gate)·up",
         "dense",
+        "normed values",
     ];
     let mut rng = Rng(0xdef0);
     for (q_dim, d, inter, g) in [
@@ -158,6 +164,19 @@ fn deferred_norm_matches_two_ops_and_cpu() {
             let a = on_gpu(&plain, &lp);
             let b = on_gpu(&deferred, &ld);
             let u = on_gpu(&unpaired, &lu);
+            // The norm was deferred on decode rows (else every comparison
+            // here would hold trivially), and only there.
+            let deferred_here = |b: &CudaBackend, l: &After<CudaBackend>| {
+                let dev = b.device();
+                let xa: CudaAct = dev.upload(&x, m, q_dim).unwrap().into();
+                let mut ra: CudaAct = dev.upload(&r, m, d).unwrap().into();
+                b.linear_add_rms_norm(&xa, &l.o, &mut ra, &l.norm, 1e-5)
+                    .unwrap()
+                    .deferred_norm()
+                    .is_some()
+            };
+            assert_eq!(deferred_here(&deferred, &ld), m <= 16, "{m} rows deferred?");
+            assert!(!deferred_here(&plain, &lp), "{m} rows deferred with it off");
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             if m <= 16 {
                 assert_eq!(

@@ -284,18 +284,22 @@ __device__ __forceinline__ float ld_produced_f32(const float* p) {
 // norm"). A norm between two linears is split over them:
 //   W4_NORM_ADD (the linear before the norm, o_proj or down_proj): each
 //     output v is added to the fp32 residual in place (r = res + v, as
-//     add_rms_norm_f32), `out` (fp16) gets fp16(r · w[col]), and each block
-//     stores the sum of r² over its 16 columns of each row in
+//     add_rms_norm_f32), `out` (fp16) gets fp16(r · w[col] · scale), and
+//     each block stores the sum of r² over its 16 columns of each row in
 //     part[row · gridDim.x + block];
-//   W4_NORM_SCALE (each linear after it, whose x is that fp16(r · w)):
-//     every output is multiplied by 1 / sqrt(Σ part[row][0 .. parts) / K
-//     + eps) before the bias (and before SiLU·mul), which is the norm's
-//     factor since a linear is linear in its input (the sum as
-//     deferred_norm_values_f32 in act_f32.cu forms it, bit for bit).
+//   W4_NORM_SCALE (each linear after it, whose x is that fp16(r · w ·
+//     2^-k)): every output is multiplied by scale / sqrt(Σ part[row][0 ..
+//     parts) / K + eps), scale = 2^k, before the bias (and before SiLU·mul),
+//     which is the norm's factor since a linear is linear in its input
+//     (formed as deferred_norm_values_f32 in act_f32.cu forms it).
 // One launch fewer per norm. The linear after the norm multiplies by the
 // factor after its fp32 sums instead of reading fp16(r · factor · w): the
-// rounding differs within fp16's. Blocks own whole columns, so the
-// in-place add races with nothing.
+// rounding differs within fp16's. The power of two 2^-k (k from the
+// weight's largest magnitude, 0 when it is at most 1) keeps |r · w · 2^-k|
+// at most |r|, so fp16 holds it whenever the residual fits fp16 (as fp16
+// inference of the model needs anyway); it is exact, so k = 0 and k > 0
+// round alike. Blocks own whole columns, so the in-place add races with
+// nothing.
 #define W4_NORM_OFF 0
 #define W4_NORM_ADD 1
 #define W4_NORM_SCALE 2
@@ -305,11 +309,14 @@ struct W4Norm {
     float* part;       // [M][parts] partial sums of squares (ADD writes, SCALE reads)
     int mode, parts;
     float eps;         // (SCALE)
+    float scale;       // 2^-k (ADD) or 2^k (SCALE)
 };
 #define W4_NORM_PARAMS                                                                    \
     float *__restrict__ norm_res, const float *__restrict__ norm_w,                      \
-        float *__restrict__ norm_part, int norm_mode, int norm_parts, float norm_eps
-#define W4_NORM_ARGS W4Norm{norm_res, norm_w, norm_part, norm_mode, norm_parts, norm_eps}
+        float *__restrict__ norm_part, int norm_mode, int norm_parts, float norm_eps,    \
+        float norm_scale
+#define W4_NORM_ARGS \
+    W4Norm{norm_res, norm_w, norm_part, norm_mode, norm_parts, norm_eps, norm_scale}
 
 template <int G, int R, int U, int LD, bool EARLY = false>
 __device__ __forceinline__ void w4a16_body(
@@ -404,7 +411,7 @@ __device__ __forceinline__ void w4a16_body(
             float s = 0.0f;
             for (int j = lane; j < nrm.parts; j += 32) s += ld_produced_f32(p + j);
             s = warp_sum(s);
-            if (lane == 0) norm_inv[tok] = 1.0f / sqrtf(s / (float)K + nrm.eps);
+            if (lane == 0) norm_inv[tok] = nrm.scale * (1.0f / sqrtf(s / (float)K + nrm.eps));
         }
     } else if (nrm.mode == W4_NORM_ADD) {
         for (int i = tid; i < 16 * 16; i += blockDim.x) norm_sq[i] = 0.0f;
@@ -457,11 +464,11 @@ __device__ __forceinline__ void w4a16_body(
         const size_t idx = (size_t)tok * N + col;
         if (nrm.mode == W4_NORM_ADD) {
             // The residual add of add_rms_norm_f32 (the same fp32 sum), the
-            // input of the next linear before its row factor, fp16(r · w),
-            // and r² for this block's partial sum.
+            // input of the next linear before its row factor, fp16(r · w ·
+            // 2^-k), and r² for this block's partial sum.
             const float r = ld_produced_f32(nrm.res + idx) + v;
             nrm.res[idx] = r;
-            reinterpret_cast<__half*>(out)[idx] = __float2half_rn(r * nrm.w[col]);
+            reinterpret_cast<__half*>(out)[idx] = __float2half_rn(r * nrm.w[col] * nrm.scale);
             norm_sq[tok * 16 + (c < 2 ? 0 : 8) + gg] = r * r;
             continue;
         }

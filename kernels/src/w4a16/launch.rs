@@ -19,9 +19,9 @@ use crate::ops::out_shape;
 
 /// The linear before a deferred RMSNorm (o_proj or down_proj of a decode
 /// step): its product `v` is added to `residual` in place (`r = residual +
-/// v`, in fp32 as `act::add_rms_norm`), its fp16 output is `fp16(r · w)`
-/// (the next linears' input before the norm's factor), and each block of
-/// 16 columns stores its sum of `r²` per row in `parts`
+/// v`, in fp32 as `act::add_rms_norm`), its fp16 output is `fp16(r · w ·
+/// scale)` (the next linears' input before the norm's factor), and each
+/// block of 16 columns stores its sum of `r²` per row in `parts`
 /// (`[rows, W4A16Linear::norm_parts()]`), from which those linears take
 /// the factor ([`RowScale`]).
 pub struct AddNorm<'a> {
@@ -29,16 +29,49 @@ pub struct AddNorm<'a> {
     /// The norm's weight, one per output column.
     pub weight: &'a DeviceMatrix<f32>,
     pub parts: &'a mut DeviceMatrix<f32>,
+    /// `2^-k` with `2^k` at least the weight's largest magnitude
+    /// ([`norm_weight_shift`]), so that `|r · w · scale| ≤ |r|` fits fp16
+    /// wherever the residual does; exact, so the rounding is that of `k =
+    /// 0`.
+    pub scale: f32,
 }
 
 /// A linear after a deferred RMSNorm: each output row is multiplied by
-/// `1 / sqrt(Σ parts[row] / in_features + eps)` (before the kernel's bias
-/// and SiLU·mul), the norm's factor for the row whose `fp16(r · w)` is
-/// the input.
+/// `scale / sqrt(Σ parts[row] / in_features + eps)` (before the kernel's
+/// bias and SiLU·mul), the norm's factor for the row whose `fp16(r · w ·
+/// 2^-k)` is the input when `scale` is the matching `2^k`.
 #[derive(Clone, Copy)]
 pub struct RowScale<'a> {
     pub parts: &'a DeviceMatrix<f32>,
     pub eps: f32,
+    pub scale: f32,
+}
+
+/// The `k` of a deferred norm's `2^-k` ([`AddNorm::scale`]) for a weight
+/// whose largest magnitude is `max_abs`: the least `k ≥ 0` with `2^k ≥
+/// max_abs` (0 for a weight within ±1, a non-finite or an absurd one; at
+/// most 64).
+pub fn norm_weight_shift(max_abs: f32) -> i32 {
+    if !(max_abs.is_finite() && max_abs > 1.0) {
+        return 0;
+    }
+    let mut k = 0;
+    while k < 64 && 2f32.powi(k) < max_abs {
+        k += 1;
+    }
+    k
+}
+
+/// A deferred norm's scale is a finite positive power of two (so that
+/// applying it is exact).
+fn check_norm_scale(op: &'static str, scale: f32) -> Result<()> {
+    if !(scale.is_finite() && scale > 0.0 && scale.to_bits() & 0x007f_ffff == 0) {
+        return Err(KernelError::invalid(
+            op,
+            format!("a deferred norm's scale must be a power of two, got {scale}"),
+        ));
+    }
+    Ok(())
 }
 
 /// The `norm_mode` argument of the classic entry points (cu/w4a16.cu).
@@ -189,6 +222,7 @@ impl W4A16Linear {
                 out_shape(OP, &*n.residual, total, self.out_features)?;
                 out_shape(OP, &*n.parts, total, self.norm_parts())?;
                 out_shape(OP, n.weight, self.out_features, 1)?;
+                check_norm_scale(OP, n.scale)?;
                 if !(n.residual.is_on(dev) && n.weight.is_on(dev) && n.parts.is_on(dev)) {
                     return Err(KernelError::invalid(
                         OP,
@@ -232,16 +266,20 @@ impl W4A16Linear {
                     "one launch is either before a deferred norm or after it",
                 ));
             }
-            if rs.parts.rows() != total || rs.parts.cols() == 0 || !rs.parts.is_on(dev) {
+            // The producer of width in_features wrote one sum per 16
+            // columns; others would give a wrong factor.
+            let want_cols = self.in_features.div_ceil(16);
+            if rs.parts.rows() != total || rs.parts.cols() != want_cols || !rs.parts.is_on(dev) {
                 return Err(KernelError::shape(
                     OP,
                     format!(
-                        "the norm's partial sums are {}×{}, expected {total} rows",
+                        "the norm's partial sums are {}×{}, expected {total}×{want_cols}",
                         rs.parts.rows(),
                         rs.parts.cols()
                     ),
                 ));
             }
+            check_norm_scale(OP, rs.scale)?;
             if !(rs.eps.is_finite() && rs.eps > 0.0) {
                 return Err(KernelError::invalid(
                     OP,
@@ -356,9 +394,10 @@ impl W4A16Linear {
         };
         let pf_chunk = L2_NEXT_CHUNK;
         // Then the deferred norm (W4Norm): the residual, the norm's weight,
-        // the partial sums, the mode, their count and eps.
+        // the partial sums, the mode, their count, eps and the scale.
         let (mut norm_res, mut norm_w, mut norm_part) = (0u64, 0u64, 0u64);
         let (mut norm_mode, mut norm_parts, mut norm_eps) = (NORM_OFF, 0i32, 0f32);
+        let mut norm_scale = 1f32;
         let mut _norm_syncs = Vec::new();
         if let Some(n) = add_norm {
             let (ptr, sync) = n.residual.data.device_ptr_mut(stream);
@@ -371,6 +410,7 @@ impl W4A16Linear {
             norm_w = ptr;
             _norm_syncs.push(sync);
             norm_mode = NORM_ADD;
+            norm_scale = n.scale;
         }
         if let Some(rs) = row_scale {
             let (ptr, sync) = rs.parts.data.device_ptr(stream);
@@ -379,6 +419,7 @@ impl W4A16Linear {
             norm_mode = NORM_SCALE;
             norm_parts = rs.parts.cols() as i32;
             norm_eps = rs.eps;
+            norm_scale = rs.scale;
         }
         if !streaming {
             args.push(&silu_pairs as *const _ as *mut _);
@@ -392,6 +433,7 @@ impl W4A16Linear {
             args.push(&norm_mode as *const _ as *mut _);
             args.push(&norm_parts as *const _ as *mut _);
             args.push(&norm_eps as *const _ as *mut _);
+            args.push(&norm_scale as *const _ as *mut _);
         }
         // SAFETY: the value of a programmatic-serialization attribute is the
         // int `programmaticStreamSerializationAllowed`; the rest of the
@@ -427,11 +469,12 @@ impl W4A16Linear {
         // holds m·N/2 elements, checked above; then the prefetch's start,
         // u64 length and u32 chunk: a live allocation of this stream of at
         // least pf_bytes bytes, or length 0, and a prefetch writes
-        // nothing; then the deferred norm's three pointers, two ints and a
-        // float: with NORM_ADD a residual of m·N f32, a weight of N f32 and
+        // nothing; then the deferred norm's three pointers, two ints and two
+        // floats: with NORM_ADD a residual of m·N f32, a weight of N f32 and
         // m·norm_parts() f32 of partial sums, out then fp16; with
         // NORM_SCALE m·norm_parts f32 of partial sums; all checked above,
-        // and null pointers the kernel never reads with NORM_OFF), or with `streaming`
+        // and null pointers the kernel never reads with NORM_OFF), or with
+        // `streaming`
         // `w4a16_stream_g{G}_r{R}_s{NS}`'s (six pointers, eight ints, PPB
         // after KC; NS = p.stages, which sizes smem_bytes), G being this
         // layer's group size; every pointed-to value lives until after the

@@ -23,7 +23,7 @@ mod plan;
 mod prefetch;
 use prefetch::L2Pick;
 
-pub use launch::{AddNorm, RowScale};
+pub use launch::{norm_weight_shift, AddNorm, RowScale};
 use launch::{LaunchSpec, Store};
 pub use plan::W4Plan;
 use plan::{

@@ -8,12 +8,14 @@
 //! element. Mutable access to the values drops it.
 //!
 //! A deferred norm's output ([`CudaAct::deferred`], made by
-//! `linear_add_rms_norm`) is the exception: its fp16 matrix is `fp16(r · w)`
+//! `linear_add_rms_norm`) is the exception: its fp16 matrix is `fp16(r · w · 2^-k)`
 //! before the norm's factor, and its "values" are the factor's partial
-//! sums of squares (`rows × parts`), not activations. Only the linears
-//! take it (`CudaLinear::forward_after_norm`): they apply the factor or
-//! materialize the values first. Any other op sees a matrix whose width is
-//! not the model's and fails its shape check instead of reading it.
+//! sums of squares (`rows × parts`), not activations. The linears take it
+//! (`CudaLinear::forward_after_norm`, `forward_gate_up_silu`): they apply
+//! the factor or materialize the values first; the backend's other ops
+//! that read an activation's values materialize them
+//! (`CudaBackend::values_of`). Only code that reads `values` directly
+//! through `Deref` would see the partial sums.
 
 use std::ops::{Deref, DerefMut};
 
@@ -24,18 +26,20 @@ use lmq_kernels::DeviceMatrix;
 pub struct CudaAct {
     values: DeviceMatrix<f32>,
     half: Option<DeviceMatrix<f16>>,
-    /// A deferred norm's eps: `values` are partial sums, `half` is
-    /// `fp16(r · w)` (see the module's header).
-    deferred_eps: Option<f32>,
+    /// A deferred norm's eps and factor scale `2^k`: `values` are partial
+    /// sums, `half` is `fp16(r · w · 2^-k)` (see the module's header).
+    deferred: Option<(f32, f32)>,
 }
 
 /// The parts of a deferred norm's output.
 pub struct DeferredNorm<'a> {
-    /// `fp16(r · w)`, `rows × d`.
+    /// `fp16(r · w · 2^-k)`, `rows × d`.
     pub scaled_input: &'a DeviceMatrix<f16>,
-    /// Partial sums of `r²`, `rows × parts`.
+    /// Partial sums of `r²`, `rows × ⌈d/16⌉`.
     pub parts: &'a DeviceMatrix<f32>,
     pub eps: f32,
+    /// `2^k`, by which the norm's factor is multiplied.
+    pub factor_scale: f32,
 }
 
 impl CudaAct {
@@ -44,31 +48,33 @@ impl CudaAct {
         CudaAct {
             values,
             half: Some(half),
-            deferred_eps: None,
+            deferred: None,
         }
     }
 
-    /// A deferred norm's output: `scaled_input = fp16(r · w)` and the
-    /// partial sums of `r²` that give the norm's factor.
+    /// A deferred norm's output: `scaled_input = fp16(r · w · 2^-k)`, the
+    /// partial sums of `r²` that give the norm's factor, and `2^k`.
     pub(super) fn deferred(
         parts: DeviceMatrix<f32>,
         scaled_input: DeviceMatrix<f16>,
         eps: f32,
+        factor_scale: f32,
     ) -> Self {
         CudaAct {
             values: parts,
             half: Some(scaled_input),
-            deferred_eps: Some(eps),
+            deferred: Some((eps, factor_scale)),
         }
     }
 
     /// The parts of a deferred norm's output, if this is one.
     pub fn deferred_norm(&self) -> Option<DeferredNorm<'_>> {
-        match (self.deferred_eps, &self.half) {
-            (Some(eps), Some(h)) => Some(DeferredNorm {
+        match (self.deferred, &self.half) {
+            (Some((eps, factor_scale)), Some(h)) => Some(DeferredNorm {
                 scaled_input: h,
                 parts: &self.values,
                 eps,
+                factor_scale,
             }),
             _ => None,
         }
@@ -76,7 +82,7 @@ impl CudaAct {
 
     /// The fp16 copy, if the op that made this matrix wrote one.
     pub fn half(&self) -> Option<&DeviceMatrix<f16>> {
-        self.half.as_ref().filter(|_| self.deferred_eps.is_none())
+        self.half.as_ref().filter(|_| self.deferred.is_none())
     }
 
     /// The fp32 values.
@@ -90,7 +96,7 @@ impl From<DeviceMatrix<f32>> for CudaAct {
         CudaAct {
             values,
             half: None,
-            deferred_eps: None,
+            deferred: None,
         }
     }
 }
@@ -108,7 +114,7 @@ impl DerefMut for CudaAct {
     /// copy is dropped first.
     fn deref_mut(&mut self) -> &mut DeviceMatrix<f32> {
         self.half = None;
-        self.deferred_eps = None;
+        self.deferred = None;
         &mut self.values
     }
 }

@@ -23,6 +23,7 @@ use lmq_kernels::{
 
 use super::activation::{CudaAct, DeferredNorm};
 use super::l2_ahead::L2Ahead;
+use super::vector::CudaVector;
 use super::{gpu_error, lock};
 use crate::backend::{HostLinear, HostWeight};
 use crate::error::Result;
@@ -232,6 +233,7 @@ impl CudaLinear {
                     let scale = RowScale {
                         parts: dn.parts,
                         eps: dn.eps,
+                        scale: dn.factor_scale,
                     };
                     l.forward_silu_pairs(
                         dev,
@@ -316,7 +318,7 @@ impl CudaLinear {
         dev: &GpuDevice,
         x: &CudaAct,
         residual: &mut DeviceMatrix<f32>,
-        norm_weight: &DeviceMatrix<f32>,
+        norm_weight: &CudaVector,
         eps: f32,
         aids: &LinearAids<'_>,
     ) -> Result<Option<CudaAct>> {
@@ -339,14 +341,16 @@ impl CudaLinear {
         let xh = fp16_input(dev, x, x.half(), &mut slot)?;
         let mut scaled = dev.uninit::<f16>(m, self.out_features).map_err(gpu_error)?;
         let mut parts = dev.uninit::<f32>(m, l.norm_parts()).map_err(gpu_error)?;
+        let scale = norm_weight.deferred_scale();
         let norm = AddNorm {
             residual,
             weight: norm_weight,
             parts: &mut parts,
+            scale,
         };
         l.forward_add_norm(dev, xh, &mut scaled, norm, !dev.is_recording())
             .map_err(gpu_error)?;
-        Ok(Some(CudaAct::deferred(parts, scaled, eps)))
+        Ok(Some(CudaAct::deferred(parts, scaled, eps, 1.0 / scale)))
     }
 
     /// `x · Wᵀ + b` for a deferred norm's output: a 4-bit decode layer
@@ -369,6 +373,7 @@ impl CudaLinear {
                 let scale = RowScale {
                     parts: x.parts,
                     eps: x.eps,
+                    scale: x.factor_scale,
                 };
                 l.forward_scaled(dev, x.scaled_input, &mut out, scale, !dev.is_recording())
                     .map_err(gpu_error)?;
@@ -495,12 +500,20 @@ fn takes_deferred_norm(l: &W4A16Linear, m: usize) -> bool {
 
 /// The values of a deferred norm's output, with their fp16 copy, for an
 /// op that cannot apply the factor itself.
-fn materialize(dev: &GpuDevice, x: &DeferredNorm<'_>) -> Result<CudaAct> {
+pub(super) fn materialize(dev: &GpuDevice, x: &DeferredNorm<'_>) -> Result<CudaAct> {
     let (m, d) = (x.scaled_input.rows(), x.scaled_input.cols());
     let mut values = dev.uninit::<f32>(m, d).map_err(gpu_error)?;
     let mut half = dev.uninit::<f16>(m, d).map_err(gpu_error)?;
-    act::deferred_norm_values(dev, x.scaled_input, x.parts, x.eps, &mut values, &mut half)
-        .map_err(gpu_error)?;
+    act::deferred_norm_values(
+        dev,
+        x.scaled_input,
+        x.parts,
+        x.eps,
+        x.factor_scale,
+        &mut values,
+        &mut half,
+    )
+    .map_err(gpu_error)?;
     Ok(CudaAct::with_half(values, half))
 }
 

@@ -31,6 +31,7 @@ mod linear;
 mod order;
 mod profile;
 mod sample;
+mod vector;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -48,6 +49,7 @@ use crate::rope::Rope;
 pub use activation::CudaAct;
 pub use kv_pool::CudaKvPool;
 pub use linear::CudaLinear;
+pub use vector::CudaVector;
 
 /// An on/off switch from the environment: `0`, `off`, `false` or `no`
 /// turn it off, `1`, `on`, `true` or `yes` on; unset (or anything else)
@@ -312,6 +314,16 @@ impl CudaBackend {
     }
 
     /// What the linears may use besides the device.
+    /// `x`, or, for a deferred norm's output, its values (materialized
+    /// into `slot`): for the ops that read an activation's values, which
+    /// only the linears can do without.
+    fn values_of<'a>(&self, x: &'a CudaAct, slot: &'a mut Option<CudaAct>) -> Result<&'a CudaAct> {
+        match x.deferred_norm() {
+            Some(dn) => Ok(slot.insert(linear::materialize(&self.dev, &dn)?)),
+            None => Ok(x),
+        }
+    }
+
     fn aids(&self) -> linear::LinearAids<'_> {
         linear::LinearAids {
             blas: &self.blas,
@@ -353,7 +365,7 @@ fn shape_error(message: String) -> Error {
 impl Backend for CudaBackend {
     type Act = CudaAct;
     type Linear = CudaLinear;
-    type Vector = DeviceMatrix<f32>;
+    type Vector = CudaVector;
     type KvPool = CudaKvPool;
 
     fn name(&self) -> &'static str {
@@ -368,9 +380,10 @@ impl Backend for CudaBackend {
         w.stored_bytes()
     }
 
-    fn upload_vector(&self, v: Vec<f32>) -> Result<DeviceMatrix<f32>> {
+    fn upload_vector(&self, v: Vec<f32>) -> Result<CudaVector> {
         let n = v.len();
-        self.dev.upload(&v, n, 1).map_err(gpu_error)
+        let values = self.dev.upload(&v, n, 1).map_err(gpu_error)?;
+        Ok(CudaVector::new(values, &v))
     }
 
     fn new_kv_pool(&self, spec: &KvPoolSpec) -> Result<CudaKvPool> {
@@ -407,7 +420,9 @@ impl Backend for CudaBackend {
             })
     }
 
-    fn rms_norm(&self, x: &CudaAct, w: &DeviceMatrix<f32>, eps: f32) -> Result<CudaAct> {
+    fn rms_norm(&self, x: &CudaAct, w: &CudaVector, eps: f32) -> Result<CudaAct> {
+        let mut slot = None;
+        let x = self.values_of(x, &mut slot)?;
         let (mut out, mut half) = self.act_pair(x.rows(), x.cols())?;
         act::rms_norm(&self.dev, x, w, eps, &mut out, Some(&mut half)).map_err(gpu_error)?;
         Ok(CudaAct::with_half(out, half))
@@ -417,9 +432,11 @@ impl Backend for CudaBackend {
         &self,
         residual: &mut CudaAct,
         delta: &CudaAct,
-        w: &DeviceMatrix<f32>,
+        w: &CudaVector,
         eps: f32,
     ) -> Result<CudaAct> {
+        let mut slot = None;
+        let delta = self.values_of(delta, &mut slot)?;
         let (mut out, mut half) = self.act_pair(residual.rows(), residual.cols())?;
         act::add_rms_norm(
             &self.dev,
@@ -435,6 +452,8 @@ impl Backend for CudaBackend {
     }
 
     fn add_in_place(&self, residual: &mut CudaAct, delta: &CudaAct) -> Result<()> {
+        let mut slot = None;
+        let delta = self.values_of(delta, &mut slot)?;
         act::add(&self.dev, residual, delta).map_err(gpu_error)
     }
 
@@ -453,7 +472,7 @@ impl Backend for CudaBackend {
         x: &CudaAct,
         w: &CudaLinear,
         residual: &mut CudaAct,
-        norm: &DeviceMatrix<f32>,
+        norm: &CudaVector,
         eps: f32,
     ) -> Result<CudaAct> {
         if self
@@ -511,12 +530,17 @@ impl Backend for CudaBackend {
     }
 
     fn silu_mul(&self, gate: &CudaAct, up: &CudaAct) -> Result<CudaAct> {
+        let (mut gate_slot, mut up_slot) = (None, None);
+        let gate = self.values_of(gate, &mut gate_slot)?;
+        let up = self.values_of(up, &mut up_slot)?;
         let (mut out, mut half) = self.act_pair(gate.rows(), gate.cols())?;
         act::silu_mul(&self.dev, gate, up, &mut out, Some(&mut half)).map_err(gpu_error)?;
         Ok(CudaAct::with_half(out, half))
     }
 
     fn silu_mul_halves(&self, gate_up: &CudaAct) -> Result<CudaAct> {
+        let mut slot = None;
+        let gate_up = self.values_of(gate_up, &mut slot)?;
         let (mut out, mut half) = self.act_pair(gate_up.rows(), gate_up.cols() / 2)?;
         act::silu_mul_halves(&self.dev, gate_up, &mut out, Some(&mut half)).map_err(gpu_error)?;
         Ok(CudaAct::with_half(out, half))
@@ -533,6 +557,8 @@ impl Backend for CudaBackend {
     }
 
     fn split_cols(&self, x: &CudaAct, widths: &[usize]) -> Result<Vec<CudaAct>> {
+        let mut slot = None;
+        let x = self.values_of(x, &mut slot)?;
         let mut outs = widths
             .iter()
             .map(|&w| self.dev.uninit(x.rows(), w))
@@ -599,12 +625,16 @@ impl Backend for CudaBackend {
     }
 
     fn gather_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<CudaAct> {
+        let mut slot = None;
+        let x = self.values_of(x, &mut slot)?;
         act::gather_rows(&self.dev, x, rows)
             .map(CudaAct::from)
             .map_err(gpu_error)
     }
 
     fn to_host(&self, x: &CudaAct) -> Result<Vec<f32>> {
+        let mut slot = None;
+        let x = self.values_of(x, &mut slot)?;
         self.dev.download(x).map_err(gpu_error)
     }
 
