@@ -24,6 +24,9 @@
 #     greedy tokens for 5 prompts × 64 tokens, and perplexity (eval.txt,
 #     ctx 512, $PPL_WINDOWS windows), for fp16 and 4-bit weights with fp16,
 #     int8 and int4 KV (online), plus int8 static on the 4-bit checkpoint;
+#     CUDA_B (e.g. "LMQ_DEFERRED_NORM=0": space-separated settings) adds
+#     a column: the CUDA perplexity under those settings, for comparing a
+#     default's numerics with the path it replaced on the real model;
 #  4. benchmarks: paged decode attention (bench_attn), W4A16 (bench_w4),
 #     and `lmq bench --latency` on both backends.
 set -uo pipefail
@@ -85,8 +88,13 @@ prompts=(
     "In 1776, the thirteen colonies"
     "Explain why the sky is blue in one paragraph."
 )
-echo "| weights | KV | greedy 5×64 identical | ppl CPU | ppl CUDA | Δ |" >"$LOG/model.md"
-echo "|---|---|---|---|---|---|" >>"$LOG/model.md"
+if [[ -n "${CUDA_B:-}" ]]; then
+    echo "| weights | KV | greedy 5×64 identical | ppl CPU | ppl CUDA | Δ | ppl CUDA, $CUDA_B |" >"$LOG/model.md"
+    echo "|---|---|---|---|---|---|---|" >>"$LOG/model.md"
+else
+    echo "| weights | KV | greedy 5×64 identical | ppl CPU | ppl CUDA | Δ |" >"$LOG/model.md"
+    echo "|---|---|---|---|---|---|" >>"$LOG/model.md"
+fi
 model_ok=0
 for w in fp16 w4; do
     for kv in "fp16 online" "int8 online" "int4 online" "int8 static"; do
@@ -109,7 +117,12 @@ for w in fp16 w4; do
         pc=$("$LMQ" eval ppl --model "$M/$w" --text calib_data/eval.txt --ctx 512 --max-windows "$PPL_WINDOWS" --json "${flags[@]}" "${exact[@]}" --device cpu 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["ppl"])')
         pg=$("$LMQ" eval ppl --model "$M/$w" --text calib_data/eval.txt --ctx 512 --max-windows "$PPL_WINDOWS" --json "${flags[@]}" --device cuda 2>>"$LOG/eval-cuda.err" | python3 -c 'import json,sys; print(json.load(sys.stdin)["ppl"])')
         d=$(python3 -c "print(f'{100*abs($pg-$pc)/$pc:.4f}%')" 2>/dev/null || echo "n/a")
-        echo "| $w | $kv | $same/5 | $pc | $pg | $d |" >>"$LOG/model.md"
+        if [[ -n "${CUDA_B:-}" ]]; then
+            pb=$(env $CUDA_B "$LMQ" eval ppl --model "$M/$w" --text calib_data/eval.txt --ctx 512 --max-windows "$PPL_WINDOWS" --json "${flags[@]}" --device cuda 2>>"$LOG/eval-cuda.err" | python3 -c 'import json,sys; print(json.load(sys.stdin)["ppl"])')
+            echo "| $w | $kv | $same/5 | $pc | $pg | $d | $pb |" >>"$LOG/model.md"
+        else
+            echo "| $w | $kv | $same/5 | $pc | $pg | $d |" >>"$LOG/model.md"
+        fi
         [[ $same -eq 5 ]] || model_ok=1
     done
 done
