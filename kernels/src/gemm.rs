@@ -76,21 +76,6 @@ impl Blas {
                 ),
             ));
         }
-        self.gemm_raw(dev, x, w, out)
-    }
-}
-
-impl Blas {
-    /// The cuBLAS call behind [`Blas::gemm_f16`], after its shape checks.
-    fn gemm_raw(
-        &self,
-        dev: &GpuDevice,
-        x: &DeviceMatrix<f16>,
-        w: &DeviceMatrix<f16>,
-        out: &mut DeviceMatrix<f32>,
-    ) -> Result<()> {
-        const OP: &str = "gemm_f16";
-        let (m, k, ldc, n) = (x.rows(), x.cols(), out.cols(), w.rows());
         on_device(OP, dev, &[x.is_on(dev), w.is_on(dev), out.is_on(dev)])?;
         if !Arc::ptr_eq(&self.stream, dev.stream()) {
             return Err(KernelError::invalid(
@@ -106,7 +91,6 @@ impl Blas {
             check_i32(OP, "K", k)?,
             check_i32(OP, "N", n)?,
         );
-        let ldc_i = check_i32(OP, "the output's row length", ldc)?;
         bind_context(dev)?;
         let stream = dev.stream();
         let (alpha, beta) = (1.0f32, 0.0f32);
@@ -117,8 +101,8 @@ impl Blas {
         // xᵀ where W's row-major [N][K] is column-major K × N (so op T) and
         // x's row-major [M][K] is column-major K × M (op N).
         // SAFETY: the pointers are live device buffers of this stream with
-        // the sizes the callers checked (x M·K halves, w at least N·K
-        // halves, out M rows of ldc = N floats);
+        // the sizes checked above (x M·K halves, w N·K halves, out M·N
+        // floats, its leading dimension N);
         // alpha and beta are host floats, the handle's default pointer mode;
         // the sync guards keep the buffers' stream order until they drop.
         unsafe {
@@ -139,7 +123,7 @@ impl Blas {
                 (&beta as *const f32).cast(),
                 o_ptr as *mut _,
                 sys::cudaDataType::CUDA_R_32F,
-                ldc_i,
+                ni,
                 sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )

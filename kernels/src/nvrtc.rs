@@ -79,7 +79,10 @@ impl Module {
 
     fn body(self) -> &'static str {
         match self {
-            Module::W4A16 => include_str!("cu/w4a16.cu"),
+            Module::W4A16 => concat!(
+                include_str!("cu/w4a16.cu"),
+                include_str!("cu/w4a16_stream.cu")
+            ),
             Module::Norm => include_str!("cu/norm.cu"),
             Module::Elementwise => include_str!("cu/elementwise.cu"),
             Module::ActF32 => include_str!("cu/act_f32.cu"),

@@ -22,35 +22,9 @@
 
 mod common;
 
-use common::{awq_pack, device, scaled_diff, Rng};
+use common::{device, random_w4_layer, scaled_diff, Rng};
 use half::f16;
-use lmq_kernels::{
-    act, norm_weight_shift, AddNorm, GpuDevice, PackedW4, RowScale, W4A16Linear, W4Kernel,
-};
-
-/// A random 4-bit layer `k → n` in groups of `g`, with its dequantized
-/// weight `w[kk][j] = (q − z)·s` in f64.
-struct Layer {
-    packed: PackedW4,
-    w: Vec<f64>,
-}
-
-fn layer(rng: &mut Rng, k: usize, n: usize, g: usize) -> Layer {
-    let groups = k / g;
-    let q: Vec<u8> = (0..k * n).map(|_| rng.below(16) as u8).collect();
-    let z: Vec<u8> = (0..groups * n).map(|_| rng.below(16) as u8).collect();
-    let s = rng.f16s(groups * n, 0.002, 0.02);
-    let w = (0..k * n)
-        .map(|i| {
-            let (kk, j) = (i / n, i % n);
-            let gi = (kk / g) * n + j;
-            (q[i] as f64 - z[gi] as f64) * s[gi].to_f64()
-        })
-        .collect();
-    let packed =
-        PackedW4::from_awq(&awq_pack(&q, k, n), &awq_pack(&z, groups, n), &s, k, n, g).unwrap();
-    Layer { packed, w }
-}
+use lmq_kernels::{act, norm_weight_shift, AddNorm, GpuDevice, RowScale, W4A16Linear, W4Kernel};
 
 /// `h · w` in f64 for `m` rows of `k` inputs.
 fn product(h: &[f64], w: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
@@ -85,9 +59,9 @@ fn check(dev: &GpuDevice, case: &Case) {
     let (k0, d, half, g) = (256usize, case.d, 192usize, case.g);
     let eps = 1e-5f32;
     let mut rng = Rng(case.seed);
-    let before = layer(&mut rng, k0, d, g);
-    let after = layer(&mut rng, d, d, g);
-    let gate_up = layer(&mut rng, d, 2 * half, g);
+    let before = random_w4_layer(&mut rng, k0, d, g);
+    let after = random_w4_layer(&mut rng, d, d, g);
+    let gate_up = random_w4_layer(&mut rng, d, 2 * half, g);
     let paired_packed = gate_up.packed.interleave_halves().expect("interleave");
     let gamma = rng.values(d, case.gamma.0, case.gamma.1);
     let gamma_d = dev.upload(&gamma, d, 1).unwrap();
@@ -337,7 +311,7 @@ fn deferred_norm_add_with_a_half_block() {
     }
     let (k0, n, m, eps) = (256usize, 392usize, 5usize, 1e-5f32);
     let mut rng = Rng(45);
-    let before = layer(&mut rng, k0, n, 64);
+    let before = random_w4_layer(&mut rng, k0, n, 64);
     let o = W4A16Linear::new(&dev, &before.packed, None).expect("upload");
     assert_eq!(o.norm_parts(), 25);
     let gamma = rng.values(n, 0.25, 0.75);
@@ -410,7 +384,7 @@ fn deferred_norm_misuse_is_refused() {
         return;
     }
     let mut rng = Rng(7);
-    let l = layer(&mut rng, 128, 128, 128);
+    let l = random_w4_layer(&mut rng, 128, 128, 128);
     let mut lin = W4A16Linear::new(&dev, &l.packed, None).expect("upload");
     let x = dev.upload(&rng.f16s(2 * 128, -1.0, 1.0), 2, 128).unwrap();
     let gamma = dev.upload(&rng.values(128, 0.5, 1.5), 128, 1).unwrap();

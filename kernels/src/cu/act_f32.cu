@@ -318,9 +318,9 @@ extern "C" __global__ void gather_rows_f32(const float* __restrict__ x, const in
 // The values of a deferred norm's output (W4Norm in w4a16.cu), for an op
 // that cannot take the norm's factor itself: out[r][c] = h[r][c] · inv(r),
 // h being fp16(residual · w · 2^-k) and inv = 2^k / rms formed from the
-// partial sums of r² as the linears after the norm form it (one warp,
-// lane-strided sums, then warp_sum; lane 0's value), and out_h =
-// fp16(out). One block per row.
+// partial sums of r² as the linears after the norm form it
+// (deferred_norm_factor in common.cuh), and out_h = fp16(out). One block
+// per row.
 extern "C" __global__ void deferred_norm_values_f32(const __half* __restrict__ h,
                                                     const float* __restrict__ part,
                                                     float* __restrict__ out,
@@ -329,10 +329,8 @@ extern "C" __global__ void deferred_norm_values_f32(const __half* __restrict__ h
     __shared__ float inv_s;
     const size_t row = blockIdx.x;
     if (threadIdx.x < 32) {
-        float s = 0.0f;
-        for (int j = threadIdx.x; j < parts; j += 32) s += part[row * parts + j];
-        s = warp_sum(s);
-        if (threadIdx.x == 0) inv_s = scale * (1.0f / sqrtf(s / (float)d + eps));
+        const float f = deferred_norm_factor(part + row * parts, parts, d, eps, scale, threadIdx.x);
+        if (threadIdx.x == 0) inv_s = f;
     }
     __syncthreads();
     const float inv = inv_s;

@@ -60,3 +60,23 @@ __device__ __forceinline__ uint4 ld_produced_v4(const void* p) {
                  : "memory");
     return v;
 }
+
+// A scalar load of data an earlier kernel wrote (see ld_produced_v4).
+__device__ __forceinline__ float ld_produced_f32(const float* p) {
+    float v;
+    asm volatile("ld.global.f32 %0, [%1];\n" : "=f"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// A deferred RMSNorm's factor for one row (W4Norm in w4a16.cu), by one
+// warp: scale / sqrt(Σ part[0 .. parts) / d + eps), the lanes adding
+// every 32nd partial sum, then warp_sum. The linears after the norm and
+// deferred_norm_values_f32 (act_f32.cu) both form it here, so that they
+// agree bit for bit.
+__device__ __forceinline__ float deferred_norm_factor(const float* part, int parts, int d,
+                                                      float eps, float scale, int lane) {
+    float s = 0.0f;
+    for (int j = lane; j < parts; j += 32) s += ld_produced_f32(part + j);
+    s = warp_sum(s);
+    return scale * (1.0f / sqrtf(s / (float)d + eps));
+}

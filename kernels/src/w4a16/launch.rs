@@ -398,28 +398,24 @@ impl W4A16Linear {
         let (mut norm_res, mut norm_w, mut norm_part) = (0u64, 0u64, 0u64);
         let (mut norm_mode, mut norm_parts, mut norm_eps) = (NORM_OFF, 0i32, 0f32);
         let mut norm_scale = 1f32;
-        let mut _norm_syncs = Vec::new();
+        // The sync guards of the norm's buffers, held until the launch is
+        // queued.
+        let (mut _res_sync, mut _part_sync, mut _w_sync, mut _scale_part_sync) =
+            (None, None, None, None);
         if let Some(n) = add_norm {
             let (ptr, sync) = n.residual.data.device_ptr_mut(stream);
-            norm_res = ptr;
-            _norm_syncs.push(sync);
+            (norm_res, _res_sync) = (ptr, Some(sync));
             let (ptr, sync) = n.parts.data.device_ptr_mut(stream);
-            norm_part = ptr;
-            _norm_syncs.push(sync);
+            (norm_part, _part_sync) = (ptr, Some(sync));
             let (ptr, sync) = n.weight.data.device_ptr(stream);
-            norm_w = ptr;
-            _norm_syncs.push(sync);
-            norm_mode = NORM_ADD;
-            norm_scale = n.scale;
+            (norm_w, _w_sync) = (ptr, Some(sync));
+            (norm_mode, norm_scale) = (NORM_ADD, n.scale);
         }
         if let Some(rs) = row_scale {
             let (ptr, sync) = rs.parts.data.device_ptr(stream);
-            norm_part = ptr;
-            _norm_syncs.push(sync);
-            norm_mode = NORM_SCALE;
-            norm_parts = rs.parts.cols() as i32;
-            norm_eps = rs.eps;
-            norm_scale = rs.scale;
+            (norm_part, _scale_part_sync) = (ptr, Some(sync));
+            (norm_mode, norm_parts) = (NORM_SCALE, rs.parts.cols() as i32);
+            (norm_eps, norm_scale) = (rs.eps, rs.scale);
         }
         if !streaming {
             args.push(&silu_pairs as *const _ as *mut _);

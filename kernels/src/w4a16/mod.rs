@@ -1,6 +1,7 @@
 //! The W4A16 decode linear: `out[M][N] = x[M][K] · W[K][N] (+ bias)` for
 //! `M ≤ 16` rows of fp16 activations and 4-bit AWQ weights held in the
-//! layout of [`PackedW4`]. The kernels are in `cu/w4a16.cu`, whose comments
+//! layout of [`PackedW4`]. The kernels are in `cu/w4a16.cu` (and the
+//! streaming one in `cu/w4a16_stream.cu`), whose comments
 //! explain the work split: the default register-pipelined kernel
 //! (`w4a16_gemv_*`, [`W4Kernel::Classic`]), its early-trigger variant and
 //! the experimental cp.async streaming kernel (`w4a16_stream_*`,

@@ -47,7 +47,7 @@ pub struct W4Plan {
 }
 
 /// The compiled (token halves, ring stages) streaming variants for group
-/// size `g` (cu/w4a16.cu's W4S_ENTRY list).
+/// size `g` (cu/w4a16_stream.cu's W4S_ENTRY list).
 pub(super) fn stream_variants(g: usize) -> &'static [(usize, usize)] {
     if g == 128 {
         &[(1, 4), (2, 4), (1, 8), (2, 8)]

@@ -162,9 +162,33 @@ pub fn scaled_diff(a: &[f32], b: &[f32]) -> f32 {
     }) / scale
 }
 
-/// A random 4-bit layer `k → n` in groups of `g`, `m` rows of input, an
-/// optional bias, and the f64 reference `x · W + b` with `w[k][j] = (q −
-/// z)·s` straight from the definition.
+/// A random 4-bit layer `k → n` in groups of `g` (scales 0.002–0.02),
+/// with its dequantized weight `w[kk][j] = (q − z)·s` in f64, straight
+/// from the definition.
+pub struct W4Layer {
+    pub packed: PackedW4,
+    pub w: Vec<f64>,
+}
+
+pub fn random_w4_layer(rng: &mut Rng, k: usize, n: usize, g: usize) -> W4Layer {
+    let groups = k / g;
+    let q: Vec<u8> = (0..k * n).map(|_| rng.below(16) as u8).collect();
+    let z: Vec<u8> = (0..groups * n).map(|_| rng.below(16) as u8).collect();
+    let s = rng.f16s(groups * n, 0.002, 0.02);
+    let w = (0..k * n)
+        .map(|i| {
+            let (kk, j) = (i / n, i % n);
+            let gi = (kk / g) * n + j;
+            (q[i] as f64 - z[gi] as f64) * s[gi].to_f64()
+        })
+        .collect();
+    let packed =
+        PackedW4::from_awq(&awq_pack(&q, k, n), &awq_pack(&z, groups, n), &s, k, n, g).unwrap();
+    W4Layer { packed, w }
+}
+
+/// A random 4-bit layer `k → n` in groups of `g` ([`random_w4_layer`]),
+/// `m` rows of input, an optional bias, and the f64 reference `x · W + b`.
 pub struct W4Draw {
     pub packed: PackedW4,
     pub x: Vec<f16>,
@@ -173,10 +197,7 @@ pub struct W4Draw {
 }
 
 pub fn draw_w4(rng: &mut Rng, m: usize, k: usize, n: usize, g: usize, bias: bool) -> W4Draw {
-    let groups = k / g;
-    let q: Vec<u8> = (0..k * n).map(|_| rng.below(16) as u8).collect();
-    let z: Vec<u8> = (0..groups * n).map(|_| rng.below(16) as u8).collect();
-    let s = rng.f16s(groups * n, 0.002, 0.02);
+    let W4Layer { packed, w } = random_w4_layer(rng, k, n, g);
     let x = rng.f16s(m * k, -1.0, 1.0);
     let bias = bias.then(|| rng.f16s(n, -0.5, 0.5));
     let mut want = vec![0.0f64; m * n];
@@ -184,15 +205,11 @@ pub fn draw_w4(rng: &mut Rng, m: usize, k: usize, n: usize, g: usize, bias: bool
         for j in 0..n {
             let mut acc = 0.0f64;
             for kk in 0..k {
-                let grp = kk / g;
-                let w = (q[kk * n + j] as f64 - z[grp * n + j] as f64) * s[grp * n + j].to_f64();
-                acc += x[r * k + kk].to_f64() * w;
+                acc += x[r * k + kk].to_f64() * w[kk * n + j];
             }
             want[r * n + j] = acc + bias.as_ref().map_or(0.0, |b| b[j].to_f64());
         }
     }
-    let packed =
-        PackedW4::from_awq(&awq_pack(&q, k, n), &awq_pack(&z, groups, n), &s, k, n, g).unwrap();
     W4Draw {
         packed,
         x,

@@ -20,7 +20,7 @@
 use std::ops::{Deref, DerefMut};
 
 use half::f16;
-use lmq_kernels::DeviceMatrix;
+use lmq_kernels::{DeviceMatrix, RowScale};
 
 /// A `rows × cols` fp32 activation on the GPU, with an optional fp16 copy.
 pub struct CudaAct {
@@ -40,6 +40,17 @@ pub struct DeferredNorm<'a> {
     pub eps: f32,
     /// `2^k`, by which the norm's factor is multiplied.
     pub factor_scale: f32,
+}
+
+impl<'a> DeferredNorm<'a> {
+    /// The norm's factor as a linear after it takes it.
+    pub fn row_scale(&self) -> RowScale<'a> {
+        RowScale {
+            parts: self.parts,
+            eps: self.eps,
+            scale: self.factor_scale,
+        }
+    }
 }
 
 impl CudaAct {

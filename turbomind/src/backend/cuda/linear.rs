@@ -17,8 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use half::f16;
 use lmq_kernels::{
-    act, AddNorm, Blas, DeviceMatrix, GpuDevice, PackedW4, RowScale, W4A16Linear, W4Kernel,
-    MAX_ROWS,
+    act, AddNorm, Blas, DeviceMatrix, GpuDevice, PackedW4, W4A16Linear, W4Kernel, MAX_ROWS,
 };
 
 use super::activation::{CudaAct, DeferredNorm};
@@ -208,68 +207,40 @@ impl CudaLinear {
     /// launch that stores the pairs; interleaved prefill takes the product
     /// and pairs its tiles (`act::silu_mul_pairs`); a layer stored
     /// `[gate | up]` takes the product and `act::silu_mul_halves`. The
-    /// values are the same bits every way.
-    /// A deferred norm's output (`CudaAct::deferred`) as input: an
-    /// interleaved 4-bit decode layer scales gate and up by the norm's
-    /// factor in the same launch, one stored `[gate | up]` in its product
-    /// launch; anything else materializes the values first.
+    /// values are the same bits every way. After a deferred norm
+    /// (`CudaAct::deferred`) a 4-bit decode layer scales gate and up by the
+    /// norm's factor in its launch; anything else materializes the values
+    /// first.
     pub(super) fn forward_gate_up_silu(
         &self,
         dev: &GpuDevice,
-        x_act: &CudaAct,
+        x: &CudaAct,
         aids: &LinearAids<'_>,
     ) -> Result<(DeviceMatrix<f32>, DeviceMatrix<f16>)> {
-        if let Some(dn) = x_act.deferred_norm() {
-            let m = dn.scaled_input.rows();
-            let half_n = self.out_features / 2;
-            return match &self.weight {
-                Weight::W4(l, l2_id) if self.paired && takes_deferred_norm(l, m) => {
-                    if dn.scaled_input.cols() != self.in_features {
-                        return Err(input_width_error(dn.scaled_input.cols(), self.in_features));
-                    }
-                    prefetch_next(aids, *l2_id);
-                    let mut out = dev.uninit::<f32>(m, half_n).map_err(gpu_error)?;
-                    let mut half = dev.uninit::<f16>(m, half_n).map_err(gpu_error)?;
-                    let scale = RowScale {
-                        parts: dn.parts,
-                        eps: dn.eps,
-                        scale: dn.factor_scale,
-                    };
-                    l.forward_silu_pairs(
-                        dev,
-                        dn.scaled_input,
-                        &mut out,
-                        Some(&mut half),
-                        !dev.is_recording(),
-                        Some(scale),
-                    )
-                    .map_err(gpu_error)?;
-                    Ok((out, half))
-                }
-                // Stored `[gate | up]` (`LMQ_FUSED_SILU=0`): the scaled
-                // product, then SiLU·mul, the same bits as the paired launch.
-                Weight::W4(l, _) if takes_deferred_norm(l, m) => {
-                    let gate_up = self.forward_after_norm(dev, &dn, aids)?;
-                    let mut out = dev.uninit::<f32>(m, half_n).map_err(gpu_error)?;
-                    let mut half = dev.uninit::<f16>(m, half_n).map_err(gpu_error)?;
-                    act::silu_mul_halves(dev, &gate_up, &mut out, Some(&mut half))
-                        .map_err(gpu_error)?;
-                    Ok((out, half))
-                }
-                _ => self.forward_gate_up_silu(dev, &materialize(dev, &dn)?, aids),
-            };
-        }
-        let (x, x_half) = (&**x_act, x_act.half());
+        // A deferred norm's output has one row of partial sums per row.
         let m = x.rows();
+        let deferred = x.deferred_norm();
+        if let Some(dn) = &deferred {
+            if !matches!(&self.weight, Weight::W4(l, _) if takes_deferred_norm(l, m)) {
+                return self.forward_gate_up_silu(dev, &materialize(dev, dn)?, aids);
+            }
+        }
         let half_n = self.out_features / 2;
         match &self.weight {
             Weight::W4(l, l2_id) if self.paired && (1..=MAX_ROWS).contains(&m) => {
-                if x.cols() != self.in_features {
-                    return Err(input_width_error(x.cols(), self.in_features));
+                let in_cols = deferred
+                    .as_ref()
+                    .map_or(x.cols(), |dn| dn.scaled_input.cols());
+                if in_cols != self.in_features {
+                    return Err(input_width_error(in_cols, self.in_features));
                 }
                 prefetch_next(aids, *l2_id);
+                // The fp16 input, and after a deferred norm its factor.
                 let mut slot = None;
-                let xh = fp16_input(dev, x, x_half, &mut slot)?;
+                let (xh, row_scale) = match &deferred {
+                    Some(dn) => (dn.scaled_input, Some(dn.row_scale())),
+                    None => (fp16_input(dev, x, x.half(), &mut slot)?, None),
+                };
                 let mut out = dev.uninit::<f32>(m, half_n).map_err(gpu_error)?;
                 let mut half = dev.uninit::<f16>(m, half_n).map_err(gpu_error)?;
                 // PDL on eager launches, plain ones while a step is
@@ -281,7 +252,7 @@ impl CudaLinear {
                     &mut out,
                     Some(&mut half),
                     !dev.is_recording(),
-                    None,
+                    row_scale,
                 )
                 .map_err(gpu_error)?;
                 Ok((out, half))
@@ -290,7 +261,10 @@ impl CudaLinear {
                 // The product first: its launch must follow its producer
                 // directly for a PDL splice (an allocation between them
                 // would end it).
-                let gate_up = self.forward(dev, x, x_half, aids)?;
+                let gate_up = match &deferred {
+                    Some(dn) => self.forward_after_norm(dev, dn, aids)?,
+                    None => self.forward(dev, x, x.half(), aids)?,
+                };
                 let mut out = dev.uninit::<f32>(m, half_n).map_err(gpu_error)?;
                 let mut half = dev.uninit::<f16>(m, half_n).map_err(gpu_error)?;
                 if m > 0 {
@@ -312,7 +286,6 @@ impl CudaLinear {
     /// launch. `None` where this linear cannot (dense weights, a bias, rows
     /// outside 1..=MAX_ROWS, a streaming kernel, interleaved gate/up
     /// columns): the caller then runs the product and the norm.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn forward_add_norm(
         &self,
         dev: &GpuDevice,
@@ -370,13 +343,14 @@ impl CudaLinear {
                 }
                 prefetch_next(aids, *l2_id);
                 let mut out = dev.uninit::<f32>(m, self.out_features).map_err(gpu_error)?;
-                let scale = RowScale {
-                    parts: x.parts,
-                    eps: x.eps,
-                    scale: x.factor_scale,
-                };
-                l.forward_scaled(dev, x.scaled_input, &mut out, scale, !dev.is_recording())
-                    .map_err(gpu_error)?;
+                l.forward_scaled(
+                    dev,
+                    x.scaled_input,
+                    &mut out,
+                    x.row_scale(),
+                    !dev.is_recording(),
+                )
+                .map_err(gpu_error)?;
                 if let Some(b) = &self.bias {
                     act::add_bias(dev, &mut out, b).map_err(gpu_error)?;
                 }
