@@ -5,9 +5,11 @@
 //! W4A16 weights dequantized into a scratch fp16 matrix, then the same
 //! GEMM). Reports TFLOP/s of each and their ratio.
 //!
-//! Then the wgmma kernel (`W4A16Linear::forward_wgmma`, sm_90 only),
-//! which dequantizes the codes inside its main loop, and the largest
-//! difference between its output and the dequantize-then-GEMM path's. (The
+//! Then the two wgmma kernels (`W4A16Linear::forward_wgmma_with`, sm_90
+//! only: `WgmmaKernel::Registers` and the warp-specialized
+//! `WgmmaKernel::Specialized`), which dequantize the codes inside their
+//! main loops, and the largest difference between each one's output and
+//! the dequantize-then-GEMM path's. (The
 //! side-stream pipelining and the weight slices, both measured slower in
 //! sessions 9 and 10, are no longer timed here; docs/BENCHMARKS.md keeps
 //! their numbers.)
@@ -16,7 +18,7 @@
 //! after warm-up. `cargo run --release -p lmq-kernels --example bench_prefill`.
 
 use half::f16;
-use lmq_kernels::{Blas, KernelError, PackedW4, W4A16Linear};
+use lmq_kernels::{Blas, KernelError, PackedW4, W4A16Linear, WgmmaKernel};
 
 #[path = "bench_common/mod.rs"]
 mod bench_common;
@@ -46,9 +48,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         seed
     };
     println!(
-        "| linear | K x N | cuBLAS fp16 TFLOP/s | W4 dequant+GEMM TFLOP/s | ratio | W4 wgmma TFLOP/s | ratio | wgmma vs dequant+GEMM, max |Δ| / max |y| |"
+        "| linear | K x N | cuBLAS fp16 TFLOP/s | W4 dequant+GEMM TFLOP/s | ratio | wgmma registers TFLOP/s | ratio | wgmma specialized TFLOP/s | ratio | wgmma vs dequant+GEMM, max |Δ| / max |y| |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (name, k, n) in [
         ("q/k/v/o", 4096usize, 4096usize),
         ("gate/up", 4096, 11008),
@@ -77,31 +79,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             w4.dequantize_into(&dev, &mut scratch)?;
             blas.gemm_f16(&dev, &x, &scratch, &mut out)
         })?;
-        // The wgmma kernel, where it takes the shape (sm_90), and how far
-        // its output is from the dequantize-then-GEMM path's.
-        let wgmma = if w4.wgmma_supports(&dev) {
+        // The wgmma kernels, where they take the shape (sm_90), and how far
+        // their outputs are from the dequantize-then-GEMM path's.
+        let mut wgmma = Vec::new();
+        if w4.wgmma_supports(&dev) {
             w4.dequantize_into(&dev, &mut scratch)?;
             blas.gemm_f16(&dev, &x, &scratch, &mut out)?;
             let reference = dev.download(&out)?;
-            // Poisoned first, so that an output the kernel did not write
-            // shows as NaN rather than as the GEMM's values.
-            dev.fill(&mut out, f32::NAN)?;
-            w4.forward_wgmma(&dev, &x, &mut out)?;
-            let got = dev.download(&out)?;
-            if got.iter().any(|v| !v.is_finite()) {
-                return Err("the wgmma GEMM left outputs unwritten (NaN)".into());
-            }
-            let ms = time(&mut || w4.forward_wgmma(&dev, &x, &mut out))?;
-            let worst = got
-                .iter()
-                .zip(&reference)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
             let scale = reference.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
-            Some((ms, worst / scale))
-        } else {
-            None
-        };
+            for kernel in WgmmaKernel::ALL {
+                // Poisoned first, so that an output the kernel did not
+                // write shows as NaN rather than as the GEMM's values.
+                dev.fill(&mut out, f32::NAN)?;
+                w4.forward_wgmma_with(kernel, &dev, &x, &mut out)?;
+                let got = dev.download(&out)?;
+                if got.iter().any(|v| !v.is_finite()) {
+                    return Err(format!(
+                        "the {} wgmma GEMM left outputs unwritten (NaN)",
+                        kernel.name()
+                    )
+                    .into());
+                }
+                let ms = time(&mut || w4.forward_wgmma_with(kernel, &dev, &x, &mut out))?;
+                let worst = got
+                    .iter()
+                    .zip(&reference)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                wgmma.push((ms, worst / scale));
+            }
+        }
         dev.context().check_err()?;
         let flops = 2.0 * (rows * k * n) as f64;
         let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
@@ -111,9 +118,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             tf(w4_ms),
             dense_ms / w4_ms
         );
-        match wgmma {
-            Some((ms, diff)) => print!(" {:.0} | {:.2}x | {diff:.1e} |", tf(ms), dense_ms / ms),
-            None => print!(" n/a | | |"),
+        if wgmma.is_empty() {
+            print!(" n/a | | n/a | | |");
+        } else {
+            for (ms, _) in &wgmma {
+                print!(" {:.0} | {:.2}x |", tf(*ms), dense_ms / ms);
+            }
+            let diff = wgmma.iter().map(|(_, d)| *d).fold(0.0f32, f32::max);
+            print!(" {diff:.1e} |");
         }
         println!();
     }

@@ -117,7 +117,10 @@ impl Module {
             ),
             Module::W4Dequant => include_str!("cu/w4_dequant.cu"),
             Module::Sampling => include_str!("cu/sampling.cu"),
-            Module::W4Gemm => include_str!("cu/w4_gemm_sm90.cu"),
+            Module::W4Gemm => concat!(
+                include_str!("cu/w4_gemm_sm90.cu"),
+                include_str!("cu/w4_gemm_ws.cu")
+            ),
         }
     }
 

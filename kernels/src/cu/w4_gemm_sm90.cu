@@ -194,6 +194,75 @@ __device__ __forceinline__ u32 w4g_dequant_pair(u32 w, int c, __half2 z, __half2
 }
 #endif
 
+// The epilogue of both wgmma GEMMs: the 256 threads of the two compute
+// warpgroups (`ct` 0..255, warpgroup `wg`) hold a 128-channel × 256-token
+// tile of fp32 sums, acc[4j + e] being row 16·warp + g + 8·(e >> 1) of the
+// warpgroup's 64 channels, token 8j + 2t + (e & 1). Two halves of 128
+// tokens: staged as fp32 [token][channel] in `stage_out` (128 × 132
+// floats), then each row's 128 channels go out with 16-byte stores.
+// `sync` is a barrier over exactly those 256 threads; the caller has
+// passed one since the last wgmma read shared memory.
+template <typename Sync>
+__device__ __forceinline__ void w4g_store_tile(const float* acc, float* stage_out, void* __restrict__ out,
+                                               int ct, int wg, int warp, int g, int t, int m0, int n0,
+                                               int M, int N, int out_f32, Sync sync) {
+    const int row = 64 * wg + 16 * warp + g;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+#pragma unroll
+        for (int jj = 0; jj < 16; ++jj) {
+            const int j = 16 * half + jj;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int tok = 8 * jj + 2 * t + (e & 1);
+                stage_out[tok * W4G_OUT_LD + row + 8 * (e >> 1)] = acc[4 * j + e];
+            }
+        }
+        sync();
+        if (out_f32) {
+            // 128 tokens × 32 float4 per row.
+#pragma unroll 4
+            for (int q = ct; q < 128 * 32; q += 256) {
+                const int r = q >> 5, c4 = q & 31;
+                const int tok = m0 + 128 * half + r;
+                if (tok < M) {
+                    const float4 v = *reinterpret_cast<const float4*>(stage_out + r * W4G_OUT_LD + 4 * c4);
+                    *reinterpret_cast<float4*>(reinterpret_cast<float*>(out) + (size_t)tok * N + n0 + 4 * c4) = v;
+                }
+            }
+        } else {
+            // 128 tokens × 16 chunks of 8 halves per row.
+#pragma unroll 4
+            for (int q = ct; q < 128 * 16; q += 256) {
+                const int r = q >> 4, c8 = q & 15;
+                const int tok = m0 + 128 * half + r;
+                if (tok < M) {
+                    const float* src = stage_out + r * W4G_OUT_LD + 8 * c8;
+                    // Lanes c8 and c8 + 4 would hit the same banks: odd
+                    // quarters read their two float4s in the other order.
+                    const int first = 4 * ((c8 >> 2) & 1);
+                    float4 p = *reinterpret_cast<const float4*>(src + first);
+                    float4 q4 = *reinterpret_cast<const float4*>(src + 4 - first);
+                    if (first) {
+                        const float4 tmp = p;
+                        p = q4;
+                        q4 = tmp;
+                    }
+                    const __half2 h0 = __floats2half2_rn(p.x, p.y), h1 = __floats2half2_rn(p.z, p.w);
+                    const __half2 h2 = __floats2half2_rn(q4.x, q4.y), h3 = __floats2half2_rn(q4.z, q4.w);
+                    uint4 v;
+                    v.x = *reinterpret_cast<const u32*>(&h0);
+                    v.y = *reinterpret_cast<const u32*>(&h1);
+                    v.z = *reinterpret_cast<const u32*>(&h2);
+                    v.w = *reinterpret_cast<const u32*>(&h3);
+                    *reinterpret_cast<uint4*>(reinterpret_cast<__half*>(out) + (size_t)tok * N + n0 + 8 * c8) = v;
+                }
+            }
+        }
+        sync();
+    }
+}
+
 template <int G, int DEPTH>
 __device__ __forceinline__ void w4_gemm_body(const __half* __restrict__ x, const uint2* __restrict__ qw2,
                                              const __half* __restrict__ sc,
@@ -343,66 +412,8 @@ __device__ __forceinline__ void w4_gemm_body(const __half* __restrict__ x, const
     // become the output staging area.
     __syncthreads();
 
-    // acc[4j + e]: row 16·warp + g + 8·(e >> 1) of the warpgroup's 64
-    // channels, token 8j + 2t + (e & 1) of the block's 256. Two halves of
-    // 128 tokens: stage as fp32 [token][channel], then each row's 128
-    // channels go out with 16-byte stores.
     float* stage_out = reinterpret_cast<float*>(w4g_smem + (b_smem - (u32)__cvta_generic_to_shared(w4g_smem)));
-    const int row = 64 * wg + 16 * warp + g;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-#pragma unroll
-        for (int jj = 0; jj < 16; ++jj) {
-            const int j = 16 * half + jj;
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int tok = 8 * jj + 2 * t + (e & 1);
-                stage_out[tok * W4G_OUT_LD + row + 8 * (e >> 1)] = acc[4 * j + e];
-            }
-        }
-        __syncthreads();
-        if (out_f32) {
-            // 128 tokens × 32 float4 per row.
-#pragma unroll 4
-            for (int q = tid; q < 128 * 32; q += 256) {
-                const int r = q >> 5, c4 = q & 31;
-                const int tok = m0 + 128 * half + r;
-                if (tok < M) {
-                    const float4 v = *reinterpret_cast<const float4*>(stage_out + r * W4G_OUT_LD + 4 * c4);
-                    *reinterpret_cast<float4*>(reinterpret_cast<float*>(out) + (size_t)tok * N + n0 + 4 * c4) = v;
-                }
-            }
-        } else {
-            // 128 tokens × 16 chunks of 8 halves per row.
-#pragma unroll 4
-            for (int q = tid; q < 128 * 16; q += 256) {
-                const int r = q >> 4, c8 = q & 15;
-                const int tok = m0 + 128 * half + r;
-                if (tok < M) {
-                    const float* src = stage_out + r * W4G_OUT_LD + 8 * c8;
-                    // Lanes c8 and c8 + 4 would hit the same banks: odd
-                    // quarters read their two float4s in the other order.
-                    const int first = 4 * ((c8 >> 2) & 1);
-                    float4 p = *reinterpret_cast<const float4*>(src + first);
-                    float4 q4 = *reinterpret_cast<const float4*>(src + 4 - first);
-                    if (first) {
-                        const float4 tmp = p;
-                        p = q4;
-                        q4 = tmp;
-                    }
-                    const __half2 h0 = __floats2half2_rn(p.x, p.y), h1 = __floats2half2_rn(p.z, p.w);
-                    const __half2 h2 = __floats2half2_rn(q4.x, q4.y), h3 = __floats2half2_rn(q4.z, q4.w);
-                    uint4 v;
-                    v.x = *reinterpret_cast<const u32*>(&h0);
-                    v.y = *reinterpret_cast<const u32*>(&h1);
-                    v.z = *reinterpret_cast<const u32*>(&h2);
-                    v.w = *reinterpret_cast<const u32*>(&h3);
-                    *reinterpret_cast<uint4*>(reinterpret_cast<__half*>(out) + (size_t)tok * N + n0 + 8 * c8) = v;
-                }
-            }
-        }
-        __syncthreads();
-    }
+    w4g_store_tile(acc, stage_out, out, tid, wg, warp, g, t, m0, n0, M, N, out_f32, [] { __syncthreads(); });
 #else
     __trap();
 #endif

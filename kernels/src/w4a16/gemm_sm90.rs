@@ -5,8 +5,14 @@
 //! 0.18–0.19 of the GEMM's time on that at 2048 rows on an H100).
 //! Opt-in while it is measured (turbomind's CUDA linear asks
 //! [`W4A16Linear::wgmma_supports`] first).
+//!
+//! Two kernels ([`WgmmaKernel`]): the first (session 12) has its compute
+//! warps copy, dequantize and multiply, meeting at a block barrier every 64
+//! inputs; the warp-specialized one (`cu/w4_gemm_ws.cu`) has a producer
+//! warpgroup bring the activations by TMA (a tensor map encoded per call)
+//! and the codes by bulk copies, through mbarrier-tracked stages.
 
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{DevicePtr, PushKernelArg};
 use half::f16;
 
 use super::{OutElement, W4A16Linear};
@@ -22,6 +28,114 @@ const BLOCK_TOKENS: usize = 256;
 /// Dynamic shared memory (`W4G_SMEM`): alignment slack and four activation
 /// stages of 256 rows × 128 bytes (the weights stay in registers).
 const SMEM_BYTES: usize = 1024 + 4 * BLOCK_TOKENS * 128;
+/// The warp-specialized kernel's (`W4W_SMEM`): alignment slack and three
+/// stages of 128 inputs: x (256 rows × 256 bytes), the codes of 16 tiles
+/// (16 × 512 bytes), and two groups' scales and zeros (1024 bytes).
+const WS_SMEM_BYTES: usize = 1024 + 3 * (2 * BLOCK_TOKENS * 128 + 16 * 512 + 1024);
+/// The TMA box of x: 64 inputs (128 bytes, the swizzle's row) × 256 tokens.
+const WS_BOX: [u32; 2] = [64, BLOCK_TOKENS as u32];
+
+/// Which wgmma GEMM [`W4A16Linear::forward_wgmma_with`] launches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WgmmaKernel {
+    /// `w4_gemm_sm90_[d2_]g{G}`: 256 threads that copy, dequantize and
+    /// multiply (`LMQ_W4_WGMMA_DEPTH` picks one or two wgmmas in flight).
+    Registers,
+    /// `w4_gemm_ws_g{G}`: a producer warpgroup (TMA and bulk copies) and
+    /// two compute warpgroups, with mbarrier-tracked stages.
+    Specialized,
+}
+
+impl WgmmaKernel {
+    pub const ALL: [WgmmaKernel; 2] = [WgmmaKernel::Registers, WgmmaKernel::Specialized];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WgmmaKernel::Registers => "registers",
+            WgmmaKernel::Specialized => "specialized",
+        }
+    }
+
+    /// `LMQ_W4_WGMMA_KERNEL` (`registers` or `specialized`; the first when
+    /// unset), read once per process. Any other value is an error.
+    pub fn from_env() -> Result<WgmmaKernel> {
+        static KERNEL: std::sync::OnceLock<std::result::Result<WgmmaKernel, String>> =
+            std::sync::OnceLock::new();
+        KERNEL
+            .get_or_init(|| match std::env::var("LMQ_W4_WGMMA_KERNEL") {
+                Err(_) => Ok(WgmmaKernel::Registers),
+                Ok(v) => WgmmaKernel::ALL
+                    .into_iter()
+                    .find(|k| k.name() == v.trim())
+                    .ok_or_else(|| {
+                        format!("LMQ_W4_WGMMA_KERNEL must be registers or specialized, got {v:?}")
+                    }),
+            })
+            .clone()
+            .map_err(|detail| KernelError::invalid("W4 wgmma GEMM", detail))
+    }
+}
+
+/// A `CUtensorMap` as a kernel parameter (the kernels take it by value,
+/// `__grid_constant__`, and TMA reads it from parameter space).
+#[repr(transparent)]
+struct TensorMapParam(cudarc::driver::sys::CUtensorMap);
+
+// SAFETY: a plain 128-byte, 128-byte aligned struct of integers with no
+// pointers into host memory; the driver copies its bytes into the kernel's
+// parameter space, which is what a DeviceRepr promises.
+unsafe impl cudarc::driver::DeviceRepr for TensorMapParam {}
+
+/// The tensor map of x `[m][k]` fp16 at device address `ptr` for the
+/// warp-specialized kernel: boxes of [`WS_BOX`] with the 128-byte swizzle,
+/// rows past `m` read as zeros.
+fn x_tensor_map(ptr: u64, m: usize, k: usize) -> Result<TensorMapParam> {
+    use cudarc::driver::sys::{
+        cuTensorMapEncodeTiled, CUresult, CUtensorMapDataType, CUtensorMapFloatOOBfill,
+        CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
+    };
+    const OP: &str = "W4 wgmma GEMM";
+    // TMA needs a 16-byte aligned start and row pitch (K is a multiple of
+    // 128, checked by the caller; device allocations are 256-byte aligned).
+    if !ptr.is_multiple_of(16) || !(2 * k).is_multiple_of(16) {
+        return Err(KernelError::invalid(
+            OP,
+            "x must start 16-byte aligned, with rows a multiple of 16 bytes",
+        ));
+    }
+    let mut map = TensorMapParam(cudarc::driver::sys::CUtensorMap { opaque: [0; 16] });
+    let dims: [u64; 2] = [k as u64, m as u64];
+    let strides: [u64; 1] = [2 * k as u64];
+    let element_strides: [u32; 2] = [1, 1];
+    // SAFETY: `map` is a writable CUtensorMap; dims, strides, box and
+    // element strides are arrays of the lengths rank 2 asks for (rank − 1
+    // strides), alive for the call; `ptr` is a device address that the
+    // driver only records (it is dereferenced by the launch that uses the
+    // map, while x is borrowed by it).
+    let rc = unsafe {
+        cuTensorMapEncodeTiled(
+            &mut map.0,
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+            2,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            WS_BOX.as_ptr(),
+            element_strides.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if rc != CUresult::CUDA_SUCCESS {
+        return Err(KernelError::invalid(
+            OP,
+            format!("encoding the tensor map of x ({m}×{k} fp16) failed: {rc:?}"),
+        ));
+    }
+    Ok(map)
+}
 
 impl W4A16Linear {
     /// Whether [`Self::forward_wgmma`] takes this layer on `dev`: an sm_90
@@ -35,14 +149,26 @@ impl W4A16Linear {
             && matches!(self.group_size, 64 | 128)
     }
 
+    /// `out = x · W` by the kernel `LMQ_W4_WGMMA_KERNEL` names (see
+    /// [`Self::forward_wgmma_with`]).
+    pub fn forward_wgmma<O: OutElement>(
+        &self,
+        dev: &GpuDevice,
+        x: &DeviceMatrix<f16>,
+        out: &mut DeviceMatrix<O>,
+    ) -> Result<()> {
+        self.forward_wgmma_with(WgmmaKernel::from_env()?, dev, x, out)
+    }
+
     /// `out = x · W` for any number of rows (x `[M, in]` fp16, out
-    /// `[M, out]`), by the wgmma kernel: the weights enter the tensor cores
-    /// as `(q − z) · s` rounded once to fp16, the values
+    /// `[M, out]`), by the wgmma kernel `kernel`: the weights enter the
+    /// tensor cores as `(q − z) · s` rounded once to fp16, the values
     /// [`Self::dequantize_into`] writes, with fp32 sums. The layer's bias
     /// is not added (as on the dequantize-then-cuBLAS path, the caller
     /// adds it). An error where [`Self::wgmma_supports`] is false.
-    pub fn forward_wgmma<O: OutElement>(
+    pub fn forward_wgmma_with<O: OutElement>(
         &self,
+        kernel: WgmmaKernel,
         dev: &GpuDevice,
         x: &DeviceMatrix<f16>,
         out: &mut DeviceMatrix<O>,
@@ -80,6 +206,26 @@ impl W4A16Linear {
         if token_blocks > 65535 || m > i32::MAX as usize / self.in_features {
             return Err(KernelError::shape(OP, format!("{m} rows are too many")));
         }
+        let grid = (
+            (self.out_features / BLOCK_CHANNELS) as u32,
+            token_blocks as u32,
+            1,
+        );
+        match kernel {
+            WgmmaKernel::Registers => self.launch_registers(dev, x, out, grid),
+            WgmmaKernel::Specialized => self.launch_specialized(dev, x, out, grid),
+        }
+    }
+
+    /// The first kernel, shapes checked by [`Self::forward_wgmma_with`].
+    fn launch_registers<O: OutElement>(
+        &self,
+        dev: &GpuDevice,
+        x: &DeviceMatrix<f16>,
+        out: &mut DeviceMatrix<O>,
+        grid: (u32, u32, u32),
+    ) -> Result<()> {
+        let m = x.rows();
         let name = if wgmma_depth()? == 2 {
             format!("w4_gemm_sm90_d2_g{}", self.group_size)
         } else {
@@ -110,11 +256,7 @@ impl W4A16Linear {
             .arg(&kbi)
             .arg(&out_f32);
         let cfg = cudarc::driver::LaunchConfig {
-            grid_dim: (
-                (self.out_features / BLOCK_CHANNELS) as u32,
-                token_blocks as u32,
-                1,
-            ),
+            grid_dim: grid,
             block_dim: (256, 1, 1),
             shared_mem_bytes: SMEM_BYTES as u32,
         };
@@ -137,6 +279,67 @@ impl W4A16Linear {
         // compiled for sm_90a, which it is on this sm_90 device (checked).
         // All buffers belong to this device's stream.
         unsafe { b.launch(cfg) }.during("launching w4_gemm_sm90")?;
+        Ok(())
+    }
+
+    /// The warp-specialized kernel, shapes checked by
+    /// [`Self::forward_wgmma_with`].
+    fn launch_specialized<O: OutElement>(
+        &self,
+        dev: &GpuDevice,
+        x: &DeviceMatrix<f16>,
+        out: &mut DeviceMatrix<O>,
+        grid: (u32, u32, u32),
+    ) -> Result<()> {
+        let stream = dev.stream();
+        let m = x.rows();
+        let f = dev.function(Module::W4Gemm, &format!("w4_gemm_ws_g{}", self.group_size))?;
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            WS_SMEM_BYTES as i32,
+        )
+        .during("raising the warp-specialized wgmma GEMM's shared-memory limit")?;
+        // The map records x's address; the guard keeps x's stream order
+        // until the launch is queued.
+        let (x_ptr, _x_sync) = x.data.device_ptr(stream);
+        let map = x_tensor_map(x_ptr, m, self.in_features)?;
+        let (mi, ni, kbi) = (m as i32, self.out_features as i32, self.kbs as i32);
+        let out_f32 = O::IS_F32;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&map)
+            .arg(&self.qw)
+            .arg(&self.scales)
+            .arg(&self.zeros)
+            .arg(&mut out.data)
+            .arg(&mi)
+            .arg(&ni)
+            .arg(&kbi)
+            .arg(&out_f32);
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: grid,
+            block_dim: (384, 1, 1),
+            shared_mem_bytes: WS_SMEM_BYTES as u32,
+        };
+        // SAFETY: matches `w4_gemm_ws_g{G}(W4wTensorMap, const unsigned
+        // char*, const half*, const half*, void*, int × 4)` with G this
+        // layer's group size (64 or 128, checked). The tensor map describes
+        // x as M rows of K fp16 (its own allocation, M·K checked below
+        // 2³¹), so TMA reads only inside it (tokens past M are filled with
+        // zeros, not read). The kernel reads, per block x and stage s below
+        // kbs = K/128, the 512-byte code blocks of tiles 16·x .. 16·x + 15
+        // at ((tile·kbs + s)·512) bytes of qw (N/8 tiles × kbs blocks ×
+        // 512 bytes: inside it, N a multiple of 128), and 128 scales and
+        // zeros from group rows below K/G (validated at construction),
+        // columns 128·x .. 128·x + 127 < N, by bulk copies of 256 bytes
+        // from 256-byte aligned offsets (N a multiple of 128 halves). It
+        // writes out[tok][col] for tok < M, col < N, as f32 or fp16 as
+        // out_f32 names (out is M×N of O, checked), with 16-byte stores
+        // into rows of N·4 or N·2 bytes (multiples of 256). The shared
+        // memory (WS_SMEM_BYTES, the kernel's W4W_SMEM) is below the limit
+        // just raised; the entry point traps unless compiled for sm_90a,
+        // which it is on this sm_90 device (checked). All buffers belong to
+        // this device's stream.
+        unsafe { b.launch(cfg) }.during("launching w4_gemm_ws")?;
         Ok(())
     }
 }
