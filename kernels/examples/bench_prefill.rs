@@ -6,8 +6,9 @@
 //! GEMM). Reports TFLOP/s of each and their ratio.
 //!
 //! Then the two wgmma kernels (`W4A16Linear::forward_wgmma_with`, sm_90
-//! only: `WgmmaKernel::Registers` and the warp-specialized
-//! `WgmmaKernel::Specialized`), which dequantize the codes inside their
+//! only: `WgmmaKernel::Registers`, the warp-specialized
+//! `WgmmaKernel::Specialized` and its CTA pairs, `WgmmaKernel::Multicast`),
+//! which dequantize the codes inside their
 //! main loops, and the largest difference between each one's output and
 //! the dequantize-then-GEMM path's. (The
 //! side-stream pipelining and the weight slices, both measured slower in
@@ -48,9 +49,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         seed
     };
     println!(
-        "| linear | K x N | cuBLAS fp16 TFLOP/s | W4 dequant+GEMM TFLOP/s | ratio | wgmma registers TFLOP/s | ratio | wgmma specialized TFLOP/s | ratio | wgmma vs dequant+GEMM, max |Δ| / max |y| |"
+        "| linear | K x N | cuBLAS fp16 TFLOP/s | W4 dequant+GEMM TFLOP/s | ratio | wgmma registers TFLOP/s | ratio | wgmma specialized TFLOP/s | ratio | wgmma multicast TFLOP/s | ratio | wgmma vs dequant+GEMM, max |Δ| / max |y| |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (name, k, n) in [
         ("q/k/v/o", 4096usize, 4096usize),
         ("gate/up", 4096, 11008),
@@ -119,7 +120,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             dense_ms / w4_ms
         );
         if wgmma.is_empty() {
-            print!(" n/a | | n/a | | |");
+            print!(" n/a | | n/a | | n/a | | |");
         } else {
             for (ms, _) in &wgmma {
                 print!(" {:.0} | {:.2}x |", tf(*ms), dense_ms / ms);

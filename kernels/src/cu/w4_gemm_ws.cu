@@ -88,6 +88,47 @@ __device__ __forceinline__ void w4w_tma_2d(u32 dst, const W4wTensorMap* map, int
         "l"((u64)map), "r"(k), "r"(tok), "r"(bar)
         : "memory");
 }
+// The same box written into the same offsets of every CTA of the cluster
+// in `mask`, completing on each one's barrier at offset `bar`.
+__device__ __forceinline__ void w4w_tma_2d_multicast(u32 dst, const W4wTensorMap* map, int k, int tok,
+                                                     u32 bar, unsigned short mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster "
+        "[%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+        "l"((u64)map), "r"(k), "r"(tok), "r"(bar), "h"(mask)
+        : "memory");
+}
+// The shared::cluster address of offset `addr` in cluster CTA `rank`.
+__device__ __forceinline__ u32 w4w_map_to(u32 addr, u32 rank) {
+    u32 remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
+    return remote;
+}
+// An arrival on the barrier at shared::cluster address `remote` (release at
+// cluster scope: this CTA's reads of its stage come first).
+__device__ __forceinline__ void w4w_bar_arrive_remote(u32 remote) {
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+}
+// As w4w_bar_wait, acquiring at cluster scope (the arrivals it waits for
+// may come from the other CTA).
+__device__ __forceinline__ void w4w_bar_wait_cluster(u32 bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile(
+            "{\n"
+            ".reg .pred p;\n"
+            "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n"
+            "}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+// Every thread of both CTAs of the cluster.
+__device__ __forceinline__ void w4w_cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
 // `bytes` (a multiple of 16, both addresses 16-byte aligned) global →
 // shared, completing on `bar`.
 __device__ __forceinline__ void w4w_bulk(u32 dst, const void* src, u32 bytes, u32 bar) {
@@ -99,7 +140,7 @@ __device__ __forceinline__ void w4w_bulk(u32 dst, const void* src, u32 bytes, u3
 }
 #endif
 
-template <int G>
+template <int G, int CLUSTER>
 __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const unsigned char* __restrict__ qw,
                                                 const __half* __restrict__ sc, const __half* __restrict__ zb,
                                                 void* __restrict__ out, int M, int N, int KB, int out_f32) {
@@ -114,15 +155,23 @@ __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const 
     const int n0 = blockIdx.x * W4G_BM, m0 = blockIdx.y * W4G_BN;
     const int stages = KB;  // one k-block of 128 inputs per stage
 
+    // With CLUSTER 2, CTA `rank` of a pair (adjacent channel blocks, the
+    // same tokens) loads tokens 128·rank .. + 127 of each x box for both.
+    const u32 rank = CLUSTER == 2 ? (blockIdx.x & 1) : 0;
+
     if (tid == 0) {
         for (int b = 0; b < W4W_NST; ++b) {
-            w4w_bar_init(bars + 8 * b, 1);                   // the producer's arrival + bytes
-            w4w_bar_init(bars + 8 * (W4W_NST + b), 8);       // one per compute warp
+            w4w_bar_init(bars + 8 * b, 1);                          // the producer's arrival + bytes
+            w4w_bar_init(bars + 8 * (W4W_NST + b), 8 * CLUSTER);   // one per compute warp of the cluster
         }
-        // The initialized barriers visible to the async proxy (TMA).
+        // The initialized barriers visible to the async proxy (TMA) and
+        // to the other CTA.
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    __syncthreads();
+    if (CLUSTER == 2)
+        w4w_cluster_sync();  // the peer's barriers exist before anything lands there
+    else
+        __syncthreads();
 
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(W4W_PRODUCER_REGS));
@@ -134,12 +183,29 @@ __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const 
             for (int s = 0; s < stages; ++s) {
                 const int b = s % W4W_NST;
                 const u32 full = bars + 8 * b;
-                // Use u of this buffer needs use u − 1 released.
-                if (s >= W4W_NST) w4w_bar_wait(bars + 8 * (W4W_NST + b), ((s / W4W_NST) & 1) ^ 1);
+                // Use u of this buffer needs use u − 1 released (by both
+                // CTAs' compute warps with CLUSTER 2: this CTA's copies of
+                // x land in the peer's buffer too).
+                if (s >= W4W_NST) {
+                    const u32 empty = bars + 8 * (W4W_NST + b), parity = ((s / W4W_NST) & 1) ^ 1;
+                    if (CLUSTER == 2)
+                        w4w_bar_wait_cluster(empty, parity);
+                    else
+                        w4w_bar_wait(empty, parity);
+                }
                 const u32 st = base + b * W4W_STAGE_BYTES;
+                // The whole stage's bytes are expected here, the peer's
+                // half of x included.
                 w4w_bar_expect(full, tx);
-                w4w_tma_2d(st, xmap, s * 128, m0, full);
-                w4w_tma_2d(st + W4W_X_BYTES, xmap, s * 128 + 64, m0, full);
+                if (CLUSTER == 2) {
+                    const u32 half = rank * (W4W_X_BYTES / 2);
+                    const int tok = m0 + (W4G_BN / 2) * rank;
+                    w4w_tma_2d_multicast(st + half, xmap, s * 128, tok, full, 3);
+                    w4w_tma_2d_multicast(st + W4W_X_BYTES + half, xmap, s * 128 + 64, tok, full, 3);
+                } else {
+                    w4w_tma_2d(st, xmap, s * 128, m0, full);
+                    w4w_tma_2d(st + W4W_X_BYTES, xmap, s * 128 + 64, m0, full);
+                }
 #pragma unroll 4
                 for (int i = 0; i < 16; ++i)
                     w4w_bulk(st + 2 * W4W_X_BYTES + 512 * i, codes + ((size_t)i * KB + s) * 512, 512, full);
@@ -151,6 +217,12 @@ __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const 
                     w4w_bulk(sz + 512 + 256 * q, zb + grp * N + n0, 256, full);
                 }
             }
+        }
+        // With CLUSTER 2 the producer stays for the final cluster barrier
+        // (each warp converged first: the barrier is .aligned).
+        if (CLUSTER == 2) {
+            __syncwarp();
+            w4w_cluster_sync();
         }
         return;
     }
@@ -167,6 +239,9 @@ __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const 
     for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
 
     const W4gQuad quad = w4g_quad(t);
+    // The peer's empty barriers (CLUSTER 2), mapped once: issuing the
+    // mapping between two wgmmas makes ptxas serialize them.
+    const u32 peer_empty = CLUSTER == 2 ? w4w_map_to(bars + 8 * W4W_NST, rank ^ 1) : 0;
     u32 tw[2][4] = {};      // transposed code words: [e][32-input chunk]
     __half2 sv[2][2], zv[2][2];  // [group within the stage][e]
     u32 aa[2][4];
@@ -221,7 +296,11 @@ __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const 
                 // Step j − 1, the last reader of the other set, has
                 // completed (and at j = 0 every step of stage s − 1).
                 w4g_wait<1>();
-                if (j == 0 && s > 0 && lane == 0) w4w_bar_arrive(bars + 8 * (W4W_NST + (s - 1) % W4W_NST));
+                if (j == 0 && s > 0 && lane == 0) {
+                    const u32 empty = bars + 8 * (W4W_NST + (s - 1) % W4W_NST);
+                    w4w_bar_arrive(empty);
+                    if (CLUSTER == 2) w4w_bar_arrive_remote(peer_empty + 8 * ((s - 1) % W4W_NST));
+                }
                 build_a(j + 1);
             }
         }
@@ -235,18 +314,25 @@ __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const 
     sync();
     float* stage_out = reinterpret_cast<float*>(w4w_smem + (base - smem0));
     w4g_store_tile(acc, stage_out, out, ct, cw, warp, g, t, m0, n0, M, N, out_f32, sync);
+    // No CTA of a pair exits while the other may still arrive on its
+    // barriers.
+    if (CLUSTER == 2) w4w_cluster_sync();
 #else
     __trap();
 #endif
 }
 
-#define W4_GEMM_WS_ENTRY(NAME, GS)                                                                     \
-    extern "C" __global__ void __launch_bounds__(384, 1)                                               \
+#define W4_GEMM_WS_ENTRY(NAME, GS, CLUSTER, ATTRS)                                                     \
+    extern "C" __global__ void __launch_bounds__(384, 1) ATTRS                                         \
         NAME(const __grid_constant__ W4wTensorMap xmap, const unsigned char* __restrict__ qw,          \
              const __half* __restrict__ sc, const __half* __restrict__ zb, void* __restrict__ out, int M, \
              int N, int KB, int out_f32) {                                                             \
-        w4_gemm_ws_body<GS>(&xmap, qw, sc, zb, out, M, N, KB, out_f32);                                \
+        w4_gemm_ws_body<GS, CLUSTER>(&xmap, qw, sc, zb, out, M, N, KB, out_f32);                                \
     }
 
-W4_GEMM_WS_ENTRY(w4_gemm_ws_g64, 64)
-W4_GEMM_WS_ENTRY(w4_gemm_ws_g128, 128)
+W4_GEMM_WS_ENTRY(w4_gemm_ws_g64, 64, 1, )
+W4_GEMM_WS_ENTRY(w4_gemm_ws_g128, 128, 1, )
+// Pairs of CTAs (clusters of 2 along the channels) sharing each x box by
+// TMA multicast: half the activation traffic from L2.
+W4_GEMM_WS_ENTRY(w4_gemm_ws2_g64, 64, 2, __cluster_dims__(2, 1, 1))
+W4_GEMM_WS_ENTRY(w4_gemm_ws2_g128, 128, 2, __cluster_dims__(2, 1, 1))

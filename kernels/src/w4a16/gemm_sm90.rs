@@ -32,8 +32,10 @@ const SMEM_BYTES: usize = 1024 + 4 * BLOCK_TOKENS * 128;
 /// stages of 128 inputs: x (256 rows × 256 bytes), the codes of 16 tiles
 /// (16 × 512 bytes), and two groups' scales and zeros (1024 bytes).
 const WS_SMEM_BYTES: usize = 1024 + 3 * (2 * BLOCK_TOKENS * 128 + 16 * 512 + 1024);
-/// The TMA box of x: 64 inputs (128 bytes, the swizzle's row) × 256 tokens.
+/// The TMA box of x: 64 inputs (128 bytes, the swizzle's row) × 256 tokens,
+/// or × 128 where a pair of CTAs multicasts one half each.
 const WS_BOX: [u32; 2] = [64, BLOCK_TOKENS as u32];
+const WS_PAIR_BOX: [u32; 2] = [64, BLOCK_TOKENS as u32 / 2];
 
 /// Which wgmma GEMM [`W4A16Linear::forward_wgmma_with`] launches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,20 +46,31 @@ pub enum WgmmaKernel {
     /// `w4_gemm_ws_g{G}`: a producer warpgroup (TMA and bulk copies) and
     /// two compute warpgroups, with mbarrier-tracked stages.
     Specialized,
+    /// `w4_gemm_ws2_g{G}`: the same in clusters of two CTAs (adjacent
+    /// channel blocks), each loading half of every x box for both by TMA
+    /// multicast. Layers with an odd number of 128-channel blocks take
+    /// [`WgmmaKernel::Specialized`].
+    Multicast,
 }
 
 impl WgmmaKernel {
-    pub const ALL: [WgmmaKernel; 2] = [WgmmaKernel::Registers, WgmmaKernel::Specialized];
+    pub const ALL: [WgmmaKernel; 3] = [
+        WgmmaKernel::Registers,
+        WgmmaKernel::Specialized,
+        WgmmaKernel::Multicast,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             WgmmaKernel::Registers => "registers",
             WgmmaKernel::Specialized => "specialized",
+            WgmmaKernel::Multicast => "multicast",
         }
     }
 
-    /// `LMQ_W4_WGMMA_KERNEL` (`registers` or `specialized`; the first when
-    /// unset), read once per process. Any other value is an error.
+    /// `LMQ_W4_WGMMA_KERNEL` (`registers`, `specialized` or `multicast`;
+    /// the first when unset), read once per process. Any other value is an
+    /// error.
     pub fn from_env() -> Result<WgmmaKernel> {
         static KERNEL: std::sync::OnceLock<std::result::Result<WgmmaKernel, String>> =
             std::sync::OnceLock::new();
@@ -68,7 +81,10 @@ impl WgmmaKernel {
                     .into_iter()
                     .find(|k| k.name() == v.trim())
                     .ok_or_else(|| {
-                        format!("LMQ_W4_WGMMA_KERNEL must be registers or specialized, got {v:?}")
+                        format!(
+                            "LMQ_W4_WGMMA_KERNEL must be registers, specialized or multicast, \
+                             got {v:?}"
+                        )
                     }),
             })
             .clone()
@@ -87,9 +103,9 @@ struct TensorMapParam(cudarc::driver::sys::CUtensorMap);
 unsafe impl cudarc::driver::DeviceRepr for TensorMapParam {}
 
 /// The tensor map of x `[m][k]` fp16 at device address `ptr` for the
-/// warp-specialized kernel: boxes of [`WS_BOX`] with the 128-byte swizzle,
-/// rows past `m` read as zeros.
-fn x_tensor_map(ptr: u64, m: usize, k: usize) -> Result<TensorMapParam> {
+/// warp-specialized kernels: boxes of `box_dims` (inputs, tokens) with the
+/// 128-byte swizzle, rows past `m` read as zeros.
+fn x_tensor_map(ptr: u64, m: usize, k: usize, box_dims: [u32; 2]) -> Result<TensorMapParam> {
     use cudarc::driver::sys::{
         cuTensorMapEncodeTiled, CUresult, CUtensorMapDataType, CUtensorMapFloatOOBfill,
         CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
@@ -120,7 +136,7 @@ fn x_tensor_map(ptr: u64, m: usize, k: usize) -> Result<TensorMapParam> {
             ptr as *mut std::ffi::c_void,
             dims.as_ptr(),
             strides.as_ptr(),
-            WS_BOX.as_ptr(),
+            box_dims.as_ptr(),
             element_strides.as_ptr(),
             CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
             CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
@@ -213,7 +229,11 @@ impl W4A16Linear {
         );
         match kernel {
             WgmmaKernel::Registers => self.launch_registers(dev, x, out, grid),
-            WgmmaKernel::Specialized => self.launch_specialized(dev, x, out, grid),
+            WgmmaKernel::Specialized => self.launch_specialized(dev, x, out, grid, false),
+            WgmmaKernel::Multicast => {
+                let pairs = grid.0.is_multiple_of(2);
+                self.launch_specialized(dev, x, out, grid, pairs)
+            }
         }
     }
 
@@ -282,7 +302,8 @@ impl W4A16Linear {
         Ok(())
     }
 
-    /// The warp-specialized kernel, shapes checked by
+    /// The warp-specialized kernel, in CTA pairs that multicast x when
+    /// `pairs` (the grid's channel blocks even), shapes checked by
     /// [`Self::forward_wgmma_with`].
     fn launch_specialized<O: OutElement>(
         &self,
@@ -290,10 +311,16 @@ impl W4A16Linear {
         x: &DeviceMatrix<f16>,
         out: &mut DeviceMatrix<O>,
         grid: (u32, u32, u32),
+        pairs: bool,
     ) -> Result<()> {
         let stream = dev.stream();
         let m = x.rows();
-        let f = dev.function(Module::W4Gemm, &format!("w4_gemm_ws_g{}", self.group_size))?;
+        let (entry, box_dims) = if pairs {
+            ("w4_gemm_ws2", WS_PAIR_BOX)
+        } else {
+            ("w4_gemm_ws", WS_BOX)
+        };
+        let f = dev.function(Module::W4Gemm, &format!("{entry}_g{}", self.group_size))?;
         f.set_attribute(
             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             WS_SMEM_BYTES as i32,
@@ -302,7 +329,7 @@ impl W4A16Linear {
         // The map records x's address; the guard keeps x's stream order
         // until the launch is queued.
         let (x_ptr, _x_sync) = x.data.device_ptr(stream);
-        let map = x_tensor_map(x_ptr, m, self.in_features)?;
+        let map = x_tensor_map(x_ptr, m, self.in_features, box_dims)?;
         let (mi, ni, kbi) = (m as i32, self.out_features as i32, self.kbs as i32);
         let out_f32 = O::IS_F32;
         let mut b = stream.launch_builder(&f);
@@ -320,9 +347,12 @@ impl W4A16Linear {
             block_dim: (384, 1, 1),
             shared_mem_bytes: WS_SMEM_BYTES as u32,
         };
-        // SAFETY: matches `w4_gemm_ws_g{G}(W4wTensorMap, const unsigned
+        // SAFETY: matches `w4_gemm_ws[2]_g{G}(W4wTensorMap, const unsigned
         // char*, const half*, const half*, void*, int × 4)` with G this
-        // layer's group size (64 or 128, checked). The tensor map describes
+        // layer's group size (64 or 128, checked); the pair kernels are
+        // compiled with clusters of 2 along x, and `pairs` holds only for
+        // an even grid x. Their map's box is half the tokens, each CTA
+        // loading its half for both. The tensor map describes
         // x as M rows of K fp16 (its own allocation, M·K checked below
         // 2³¹), so TMA reads only inside it (tokens past M are filled with
         // zeros, not read). The kernel reads, per block x and stage s below
