@@ -69,14 +69,14 @@ impl WgmmaKernel {
     }
 
     /// `LMQ_W4_WGMMA_KERNEL` (`registers`, `specialized` or `multicast`;
-    /// the first when unset), read once per process. Any other value is an
-    /// error.
+    /// `specialized` when unset, the fastest of the three on an H200 in
+    /// session 14), read once per process. Any other value is an error.
     pub fn from_env() -> Result<WgmmaKernel> {
         static KERNEL: std::sync::OnceLock<std::result::Result<WgmmaKernel, String>> =
             std::sync::OnceLock::new();
         KERNEL
             .get_or_init(|| match std::env::var("LMQ_W4_WGMMA_KERNEL") {
-                Err(_) => Ok(WgmmaKernel::Registers),
+                Err(_) => Ok(WgmmaKernel::Specialized),
                 Ok(v) => WgmmaKernel::ALL
                     .into_iter()
                     .find(|k| k.name() == v.trim())
@@ -163,6 +163,19 @@ impl W4A16Linear {
             && self.in_features.is_multiple_of(128)
             && self.out_features.is_multiple_of(BLOCK_CHANNELS)
             && matches!(self.group_size, 64 | 128)
+    }
+
+    /// Whether the wgmma GEMM is expected to beat dequantize-then-cuBLAS
+    /// on `m` rows: it takes the layer, and its grid (128 channels × 256
+    /// tokens a block, one block per SM) fills at least 5/8 of the SMs.
+    /// On an H200 (docs/BENCHMARKS.md, session 14) the specialized kernel
+    /// won from 86 blocks on (the 4096×11008 layer at 64 rows and more,
+    /// the 4096-wide ones from 1024 rows: 0.86–1.02× of cuBLAS fp16
+    /// against 0.71–0.94× for dequantize-then-cuBLAS) and lost with 32 or
+    /// 64 blocks (the 4096-wide layers at 256 and 512 rows).
+    pub fn wgmma_preferred(&self, dev: &GpuDevice, m: usize) -> bool {
+        let blocks = (self.out_features / BLOCK_CHANNELS) * m.div_ceil(BLOCK_TOKENS);
+        self.wgmma_supports(dev) && 8 * blocks >= 5 * dev.num_sms() as usize
     }
 
     /// `out = x · W` by the kernel `LMQ_W4_WGMMA_KERNEL` names (see

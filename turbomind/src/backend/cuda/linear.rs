@@ -5,9 +5,10 @@
 //! the W4A16 kernel, and up to 64 rows (larger decode batches) the same
 //! kernel runs once per 16 rows; more rows (prefill) dequantize the
 //! weights into a scratch fp16 matrix and run one cuBLAS GEMM, which at
-//! prefill sizes costs less than re-reading the codes once per 16 rows (on
-//! sm_90, `LMQ_W4_WGMMA=1` takes a GEMM that dequantizes in its main loop
-//! instead).
+//! prefill sizes costs less than re-reading the codes once per 16 rows. On
+//! sm_90, products whose grid fills the GPU take instead a wgmma GEMM that
+//! dequantizes in its main loop (`W4A16Linear::wgmma_preferred`;
+//! `LMQ_W4_WGMMA=0` turns it off, `=1` takes it wherever it fits).
 //!
 //! Inputs are fp32 activations rounded to fp16 once per call (or the fp16
 //! copy their producer wrote, the same values); outputs are fp32. A bias
@@ -444,9 +445,9 @@ impl CudaLinear {
             Weight::W4(l, _) if m <= decode_rows_limit() => l
                 .forward_chunked(dev, xh, &mut out, !dev.is_recording())
                 .map_err(gpu_error)?,
-            // The wgmma GEMM (sm_90; opt-in), which dequantizes inside its
-            // main loop: no scratch weight, no side stream.
-            Weight::W4(l, _) if wgmma_prefill() && l.wgmma_supports(dev) => {
+            // The wgmma GEMM (sm_90), which dequantizes inside its main
+            // loop: no scratch weight.
+            Weight::W4(l, _) if wgmma_prefill(l, dev, m) => {
                 l.forward_wgmma(dev, xh, &mut out).map_err(gpu_error)?
             }
             // Prefill: the whole weight dequantized into a scratch fp16
@@ -511,15 +512,28 @@ fn decode_rows_limit() -> usize {
     })
 }
 
-/// `LMQ_W4_WGMMA=1`: 4-bit products of more than the decode kernel's rows
-/// run the wgmma GEMM on sm_90 where it takes the layer
-/// (`W4A16Linear::forward_wgmma`), instead of dequantizing the weight for
-/// cuBLAS. Off by default: exact on an H200 in session 13, but 0.55–0.61×
-/// of cuBLAS against 0.81–0.91× for dequantize-then-cuBLAS
-/// (docs/BENCHMARKS.md).
-fn wgmma_prefill() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| super::env_switch("LMQ_W4_WGMMA", false))
+/// Whether a 4-bit product of `m` rows (more than the decode kernel's)
+/// runs the wgmma GEMM (`W4A16Linear::forward_wgmma`, the kernel
+/// `LMQ_W4_WGMMA_KERNEL` names, the warp-specialized one by default)
+/// instead of dequantizing the weight for cuBLAS. By default where
+/// `W4A16Linear::wgmma_preferred` expects it to win: on an H200 in session
+/// 14 (docs/BENCHMARKS.md) the specialized kernel ran at 0.88–0.95× of
+/// cuBLAS fp16 on Llama-2-7B's linears at 2048 rows against 0.81–0.84× for
+/// dequantize-then-cuBLAS, and the 7B-shaped prefill went from 33028–33088
+/// to 35241–35337 tok/s. `LMQ_W4_WGMMA=0` never takes it; `=1` takes it
+/// wherever it fits the layer (the tests' way to reach it at any size).
+fn wgmma_prefill(l: &W4A16Linear, dev: &GpuDevice, m: usize) -> bool {
+    static MODE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let forced = *MODE.get_or_init(|| match std::env::var("LMQ_W4_WGMMA").as_deref() {
+        Ok("0" | "off" | "false" | "no") => Some(false),
+        Ok("1" | "on" | "true" | "yes") => Some(true),
+        _ => None,
+    });
+    match forced {
+        Some(true) => l.wgmma_supports(dev),
+        Some(false) => false,
+        None => l.wgmma_preferred(dev, m),
+    }
 }
 
 /// Points this 4-bit linear's launches at the linear expected after it,

@@ -62,7 +62,6 @@ fn env_switch(name: &str, default: bool) -> bool {
     }
 }
 
-/// A count from the environment; unset, unparsable or 0: `None`.
 /// Whether the norms between 4-bit decode linears are deferred into them
 /// ([`CudaBackend::set_deferred_norm`]): on unless `LMQ_DEFERRED_NORM=0`.
 /// On an H200 (session 13, docs/BENCHMARKS.md) Llama-2-7B-shaped batch-1
@@ -72,6 +71,7 @@ fn deferred_norm_from_env() -> bool {
     env_switch("LMQ_DEFERRED_NORM", true)
 }
 
+/// A count from the environment; unset, unparsable or 0: `None`.
 fn env_count(name: &str) -> Option<usize> {
     std::env::var(name)
         .ok()
