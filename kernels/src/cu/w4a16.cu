@@ -273,7 +273,7 @@ __device__ __forceinline__ void l2_prefetch_share(const char* __restrict__ pf, u
     }
 }
 
-// The deferred RMSNorm of a decode step (kernels/README.md, "Deferred
+// The deferred RMSNorm of a decode step (kernels/SESSIONS.md, "Deferred
 // norm"). A norm between two linears is split over them:
 //   W4_NORM_ADD (the linear before the norm, o_proj or down_proj): each
 //     output v is added to the fp32 residual in place (r = res + v, as
