@@ -16,6 +16,12 @@
 //!    into one linear each (4 launches per layer).
 //! 5. With `LMQ_BENCH_SWEEP=1`, that layer again with each linear's launch
 //!    plan (K splits, batch depth) varied in turn, PDL on.
+//! 6. With `LMQ_BENCH_ALLOC=1`, the stacked layer (PDL off, no prefetch)
+//!    with each output allocated inside the captured graph and freed after
+//!    the next launch, as the engine's recorded decode steps allocate
+//!    theirs (stream-ordered allocation nodes between the kernels), against
+//!    the same launches into preallocated outputs: what the allocation
+//!    nodes of a recorded step cost.
 //!
 //! Timing: CUDA events around a CUDA-graph replay of 32 back-to-back calls
 //! (one per copy; one per layer in 3.), after a warm-up; the median of 20
@@ -32,7 +38,9 @@ use std::sync::Arc;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaEvent, CudaGraph, CudaStream};
 use half::f16;
-use lmq_kernels::{GpuDevice, KernelError, PackedW4, W4A16Linear, W4Kernel, DEFAULT_KERNEL};
+use lmq_kernels::{
+    DeviceMatrix, GpuDevice, KernelError, PackedW4, W4A16Linear, W4Kernel, DEFAULT_KERNEL,
+};
 
 #[path = "bench_common/mod.rs"]
 mod bench_common;
@@ -127,6 +135,23 @@ fn kernel_configs() -> Vec<(String, W4Kernel)> {
         v.push((name, k));
     }
     v
+}
+
+/// The stacked layer's inputs at `m` rows ([m][4096] and [m][11008], all
+/// 0.01) and one output per linear of `shapes` (in, out).
+type StackedIo = (DeviceMatrix<f16>, DeviceMatrix<f16>, Vec<DeviceMatrix<f32>>);
+fn stacked_io(
+    dev: &GpuDevice,
+    m: usize,
+    shapes: &[(usize, usize)],
+) -> Result<StackedIo, KernelError> {
+    let x4 = dev.upload(&vec![f16::from_f32(0.01); m * 4096], m, 4096)?;
+    let x11 = dev.upload(&vec![f16::from_f32(0.01); m * 11008], m, 11008)?;
+    let outs = shapes
+        .iter()
+        .map(|&(_, n)| dev.zeros::<f32>(m, n))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((x4, x11, outs))
 }
 
 /// Median µs of one replay of `graph` over `ROUNDS` rounds.
@@ -362,12 +387,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let stacked_bytes: f64 = stacked.iter().map(|s| s[0].weight_bytes() as f64).sum();
     let mut stacked_rows = Vec::new();
     for &m in &ms_list {
-        let x4 = dev.upload(&vec![f16::from_f32(0.01); m * 4096], m, 4096)?;
-        let x11 = dev.upload(&vec![f16::from_f32(0.01); m * 11008], m, 11008)?;
-        let mut outs: Vec<_> = stacked_shapes
-            .iter()
-            .map(|&(_, n)| dev.zeros::<f32>(m, n))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (x4, x11, mut outs) = stacked_io(&dev, m, &stacked_shapes)?;
         for prefetch_mb in [0usize, 2, 4, 8, 16] {
             for pdl in [false, true] {
                 for set in stacked.iter_mut() {
@@ -426,12 +446,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             set_all(set, DEFAULT_KERNEL, true)?;
         }
         for &m in &ms_list {
-            let x4 = dev.upload(&vec![f16::from_f32(0.01); m * 4096], m, 4096)?;
-            let x11 = dev.upload(&vec![f16::from_f32(0.01); m * 11008], m, 11008)?;
-            let mut outs: Vec<_> = stacked_shapes
-                .iter()
-                .map(|&(_, n)| dev.zeros::<f32>(m, n))
-                .collect::<Result<Vec<_>, _>>()?;
+            let (x4, x11, mut outs) = stacked_io(&dev, m, &stacked_shapes)?;
             // (splits, batch) per linear; None = the automatic choice.
             let mut time_plans = |plans: &[(Option<usize>, Option<usize>)],
                                   stacked: &mut [Vec<W4A16Linear>]|
@@ -499,6 +514,51 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
+    // 6. LMQ_BENCH_ALLOC=1: allocation nodes between the kernels.
+    let mut alloc_rows = Vec::new();
+    if std::env::var("LMQ_BENCH_ALLOC").is_ok_and(|v| v == "1") {
+        for set in stacked.iter_mut() {
+            set_all(set, DEFAULT_KERNEL, false)?;
+        }
+        for &m in &ms_list {
+            let (x4, x11, mut outs) = stacked_io(&dev, m, &stacked_shapes)?;
+            for allocating in [false, true] {
+                let mut run = || -> Result<(), KernelError> {
+                    // The previous launch's output, freed after this launch
+                    // (the engine frees an activation once its consumer is
+                    // queued).
+                    let mut previous = None;
+                    for c in 0..COPIES {
+                        for (i, set) in stacked.iter().enumerate() {
+                            let x = if i == 3 { &x11 } else { &x4 };
+                            if allocating {
+                                let mut out = dev.uninit::<f32>(m, stacked_shapes[i].1)?;
+                                set[c].forward(&dev, x, &mut out)?;
+                                previous = Some(out);
+                            } else {
+                                set[c].forward(&dev, x, &mut outs[i])?;
+                            }
+                        }
+                    }
+                    drop(previous);
+                    Ok(())
+                };
+                run()?;
+                let graph = capture(&stream, run)?;
+                let us = replay_us(&dev, &start, &end, &stream, &graph)? / COPIES as f64;
+                alloc_rows.push(format!(
+                    "| {m:2} | {:>27} | {us:7.2} | {:5.1}% |",
+                    if allocating {
+                        "allocated in the graph"
+                    } else {
+                        "preallocated"
+                    },
+                    pct(stacked_bytes, us)
+                ));
+            }
+        }
+    }
+
     println!();
     println!("W4A16 GEMV, g = {g}, {COPIES} weight copies, fp16 x, fp32 out, median of {ROUNDS} graph replays of {COPIES} calls;");
     println!("bytes = codes + fp16 scales + fp16 zeros; % = of the copy bandwidth above ({copy_gbs:.0} GB/s)");
@@ -521,6 +581,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("|----|-----|-------------|----------|--------|---------|");
     for r in stacked_rows {
         println!("{r}");
+    }
+    if !alloc_rows.is_empty() {
+        println!();
+        println!("Allocation nodes (LMQ_BENCH_ALLOC=1), stacked layer, PDL off, no prefetch:");
+        println!("|  M | outputs                     | us/layer | of copy |");
+        println!("|----|-----------------------------|----------|---------|");
+        for r in alloc_rows {
+            println!("{r}");
+        }
     }
     if !sweep_rows.is_empty() {
         println!();

@@ -77,7 +77,7 @@ fn probe_libraries() -> std::result::Result<(), String> {
 
 /// Runs a cudarc call that may panic inside its dynamic loader (a missing
 /// symbol in an old driver), turning the panic into `NoDevice`.
-fn no_panic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
+pub(crate) fn no_panic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
     catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
         let msg = p
             .downcast_ref::<String>()

@@ -78,6 +78,8 @@ fn wgmma_gemm_matches_dequantized_product() {
         }
         let mut first: Option<Vec<f64>> = None;
         for kernel in WgmmaKernel::ALL {
+            // A kernel that fell back to another would pass unnoticed.
+            assert!(kernel.available(), "{}: no tensor maps", kernel.name());
             let what = format!("wgmma {} m{m} k{k} n{n} g{g}", kernel.name());
             let mut out = poisoned::<f32>(&dev, m, n);
             lin.forward_wgmma_with(kernel, &dev, &xd, &mut out).unwrap();

@@ -64,19 +64,33 @@ __device__ __forceinline__ void w4w_bar_expect(u32 bar, u32 bytes) {
 __device__ __forceinline__ void w4w_bar_arrive(u32 bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-// Returns once the phase of parity `parity` has completed.
+// Returns once the phase of parity `parity` has completed; CLUSTER_SCOPE
+// acquires at cluster scope (for arrivals that may come from the other
+// CTA of a pair).
+template <bool CLUSTER_SCOPE = false>
 __device__ __forceinline__ void w4w_bar_wait(u32 bar, u32 parity) {
     u32 done;
     do {
-        asm volatile(
-            "{\n"
-            ".reg .pred p;\n"
-            "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-            "selp.u32 %0, 1, 0, p;\n"
-            "}\n"
-            : "=r"(done)
-            : "r"(bar), "r"(parity)
-            : "memory");
+        if (CLUSTER_SCOPE)
+            asm volatile(
+                "{\n"
+                ".reg .pred p;\n"
+                "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+                "selp.u32 %0, 1, 0, p;\n"
+                "}\n"
+                : "=r"(done)
+                : "r"(bar), "r"(parity)
+                : "memory");
+        else
+            asm volatile(
+                "{\n"
+                ".reg .pred p;\n"
+                "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                "selp.u32 %0, 1, 0, p;\n"
+                "}\n"
+                : "=r"(done)
+                : "r"(bar), "r"(parity)
+                : "memory");
     } while (!done);
 }
 // A 2-D TMA box (inner coordinate k, outer coordinate token) into shared
@@ -108,22 +122,6 @@ __device__ __forceinline__ u32 w4w_map_to(u32 addr, u32 rank) {
 // cluster scope: this CTA's reads of its stage come first).
 __device__ __forceinline__ void w4w_bar_arrive_remote(u32 remote) {
     asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
-}
-// As w4w_bar_wait, acquiring at cluster scope (the arrivals it waits for
-// may come from the other CTA).
-__device__ __forceinline__ void w4w_bar_wait_cluster(u32 bar, u32 parity) {
-    u32 done;
-    do {
-        asm volatile(
-            "{\n"
-            ".reg .pred p;\n"
-            "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-            "selp.u32 %0, 1, 0, p;\n"
-            "}\n"
-            : "=r"(done)
-            : "r"(bar), "r"(parity)
-            : "memory");
-    } while (!done);
 }
 // Every thread of both CTAs of the cluster.
 __device__ __forceinline__ void w4w_cluster_sync() {
@@ -188,10 +186,7 @@ __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const 
                 // x land in the peer's buffer too).
                 if (s >= W4W_NST) {
                     const u32 empty = bars + 8 * (W4W_NST + b), parity = ((s / W4W_NST) & 1) ^ 1;
-                    if (CLUSTER == 2)
-                        w4w_bar_wait_cluster(empty, parity);
-                    else
-                        w4w_bar_wait(empty, parity);
+                    w4w_bar_wait<CLUSTER == 2>(empty, parity);
                 }
                 const u32 st = base + b * W4W_STAGE_BYTES;
                 // The whole stage's bytes are expected here, the peer's

@@ -12,7 +12,7 @@
 //! warpgroup bring the activations by TMA (a tensor map encoded per call)
 //! and the codes by bulk copies, through mbarrier-tracked stages.
 
-use cudarc::driver::{DevicePtr, PushKernelArg};
+use cudarc::driver::{CudaFunction, DevicePtr, PushKernelArg};
 use half::f16;
 
 use super::{OutElement, W4A16Linear};
@@ -60,6 +60,14 @@ impl WgmmaKernel {
         WgmmaKernel::Multicast,
     ];
 
+    /// Whether this kernel runs as itself on this driver: the
+    /// warp-specialized ones need tensor maps (CUDA 12 on); without them
+    /// [`W4A16Linear::forward_wgmma_with`] runs [`WgmmaKernel::Registers`]
+    /// instead (the same bits, slower).
+    pub fn available(self) -> bool {
+        self == WgmmaKernel::Registers || tensor_maps_available()
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             WgmmaKernel::Registers => "registers",
@@ -90,6 +98,26 @@ impl WgmmaKernel {
             .clone()
             .map_err(|detail| KernelError::invalid("W4 wgmma GEMM", detail))
     }
+}
+
+/// The wgmma GEMM entry point `name`, its dynamic shared-memory limit
+/// raised to `smem_bytes`.
+fn gemm_function(dev: &GpuDevice, name: &str, smem_bytes: usize) -> Result<CudaFunction> {
+    let f = dev.function(Module::W4Gemm, name)?;
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem_bytes as i32,
+    )
+    .during("raising a wgmma GEMM's shared-memory limit")?;
+    Ok(f)
+}
+
+/// Whether the driver can encode tensor maps (`cuTensorMapEncodeTiled`,
+/// CUDA 12 on): probed once by encoding a map of a made-up address, which
+/// the driver records without reading.
+fn tensor_maps_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| x_tensor_map(1 << 20, 1, 128, WS_BOX).is_ok())
 }
 
 /// A `CUtensorMap` as a kernel parameter (the kernels take it by value,
@@ -123,12 +151,15 @@ fn x_tensor_map(ptr: u64, m: usize, k: usize, box_dims: [u32; 2]) -> Result<Tens
     let dims: [u64; 2] = [k as u64, m as u64];
     let strides: [u64; 1] = [2 * k as u64];
     let element_strides: [u32; 2] = [1, 1];
+    // A driver without the function (before CUDA 12) makes cudarc's
+    // loader panic; that becomes an error (and `tensor_maps_available`
+    // keeps the launch from getting here).
     // SAFETY: `map` is a writable CUtensorMap; dims, strides, box and
     // element strides are arrays of the lengths rank 2 asks for (rank − 1
     // strides), alive for the call; `ptr` is a device address that the
     // driver only records (it is dereferenced by the launch that uses the
     // map, while x is borrowed by it).
-    let rc = unsafe {
+    let rc = crate::device::no_panic("cuTensorMapEncodeTiled", || unsafe {
         cuTensorMapEncodeTiled(
             &mut map.0,
             CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
@@ -143,7 +174,7 @@ fn x_tensor_map(ptr: u64, m: usize, k: usize, box_dims: [u32; 2]) -> Result<Tens
             CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
             CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
-    };
+    })?;
     if rc != CUresult::CUDA_SUCCESS {
         return Err(KernelError::invalid(
             OP,
@@ -240,6 +271,13 @@ impl W4A16Linear {
             token_blocks as u32,
             1,
         );
+        // The warp-specialized kernels need tensor maps; a driver without
+        // them gets the first kernel, whose results are the same bits.
+        let kernel = if kernel.available() {
+            kernel
+        } else {
+            WgmmaKernel::Registers
+        };
         match kernel {
             WgmmaKernel::Registers => self.launch_registers(dev, x, out, grid),
             WgmmaKernel::Specialized => self.launch_specialized(dev, x, out, grid, false),
@@ -264,12 +302,7 @@ impl W4A16Linear {
         } else {
             format!("w4_gemm_sm90_g{}", self.group_size)
         };
-        let f = dev.function(Module::W4Gemm, &name)?;
-        f.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            SMEM_BYTES as i32,
-        )
-        .during("raising the wgmma GEMM's shared-memory limit")?;
+        let f = gemm_function(dev, &name, SMEM_BYTES)?;
         let (mi, ni, ki, kbi) = (
             m as i32,
             self.out_features as i32,
@@ -333,12 +366,7 @@ impl W4A16Linear {
         } else {
             ("w4_gemm_ws", WS_BOX)
         };
-        let f = dev.function(Module::W4Gemm, &format!("{entry}_g{}", self.group_size))?;
-        f.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            WS_SMEM_BYTES as i32,
-        )
-        .during("raising the warp-specialized wgmma GEMM's shared-memory limit")?;
+        let f = gemm_function(dev, &format!("{entry}_g{}", self.group_size), WS_SMEM_BYTES)?;
         // The map records x's address; the guard keeps x's stream order
         // until the launch is queued.
         let (x_ptr, _x_sync) = x.data.device_ptr(stream);
