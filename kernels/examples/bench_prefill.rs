@@ -1,5 +1,5 @@
 //! Prefill linears at M = 2048 (`LMQ_BENCH_PREFILL_M` sets another row
-//! count) on Llama-2-7B's layer shapes: cuBLAS fp16
+//! count) on Llama-2-7B's layer shapes (and gate|up stacked, as the engine runs them): cuBLAS fp16
 //! GEMM over dense fp16 weights (the ceiling, fp32 output as the engine
 //! uses it) against the 4-bit path the engine takes above 16 rows (the
 //! W4A16 weights dequantized into a scratch fp16 matrix, then the same
@@ -56,6 +56,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("q/k/v/o", 4096usize, 4096usize),
         ("gate/up", 4096, 11008),
         ("down", 11008, 4096),
+        // gate and up stacked, as the engine runs them.
+        ("gate|up", 4096, 22016),
     ] {
         let g = 128;
         let qweight: Vec<i32> = (0..k * n / 8).map(|_| next() as i32).collect();
