@@ -8,7 +8,7 @@
 //! twice and must be bit-identical. Layers the kernel does not take must
 //! be refused with an error.
 //!
-//! Both kernels ([`WgmmaKernel::ALL`]) run every case.
+//! All three kernels ([`WgmmaKernel::ALL`]) run every case.
 //!
 //! Without a CUDA GPU the tests print "skipped: no CUDA device"; on a GPU
 //! other than sm_90 they check the refusal only.
@@ -45,6 +45,8 @@ fn wgmma_gemm_matches_dequantized_product() {
         (257, 1408, 768, 128, 94),
         (600, 384, 384, 64, 95),
         (256, 256, 128, 128, 96),
+        // Both halves of a pair's boxes past M (M ≤ 128) over 8 stages.
+        (64, 1024, 256, 64, 97),
     ];
     let mut ran = 0;
     for (m, k, n, g, seed) in cases {

@@ -3,8 +3,8 @@
 //! and fed to wgmma as its register operand, so no fp16 copy of the weight
 //! is written and read again (the dequantize-then-cuBLAS path spends
 //! 0.18–0.19 of the GEMM's time on that at 2048 rows on an H100).
-//! Opt-in while it is measured (turbomind's CUDA linear asks
-//! [`W4A16Linear::wgmma_supports`] first).
+//! turbomind's CUDA linear takes it where [`W4A16Linear::wgmma_preferred`]
+//! holds.
 //!
 //! Two kernels ([`WgmmaKernel`]): the first (session 12) has its compute
 //! warps copy, dequantize and multiply, meeting at a block barrier every 64
@@ -187,10 +187,12 @@ fn x_tensor_map(ptr: u64, m: usize, k: usize, box_dims: [u32; 2]) -> Result<Tens
 impl W4A16Linear {
     /// Whether [`Self::forward_wgmma`] takes this layer on `dev`: an sm_90
     /// GPU (wgmma), inputs a multiple of 128 (whole k-blocks, no padding),
-    /// outputs a multiple of 128 (whole blocks) and groups of 64 or 128
-    /// inputs (one group per 64-input stage).
+    /// outputs a multiple of 128 (whole blocks, below 2³¹) and groups of
+    /// 64 or 128 inputs (whole groups per stage of 64 or 128 inputs).
     pub fn wgmma_supports(&self, dev: &GpuDevice) -> bool {
         dev.compute_capability() == (9, 0)
+            && self.in_features > 0
+            && (1..=i32::MAX as usize).contains(&self.out_features)
             && self.in_features.is_multiple_of(128)
             && self.out_features.is_multiple_of(BLOCK_CHANNELS)
             && matches!(self.group_size, 64 | 128)
@@ -204,9 +206,15 @@ impl W4A16Linear {
     /// the 4096-wide ones from 1024 rows: 0.86–1.02× of cuBLAS fp16
     /// against 0.71–0.94× for dequantize-then-cuBLAS) and lost with 32 or
     /// 64 blocks (the 4096-wide layers at 256 and 512 rows).
+    /// Only the specialized kernel was measured to win, so another one
+    /// named by `LMQ_W4_WGMMA_KERNEL`, or a driver without tensor maps
+    /// (which would run the first kernel), is never preferred.
     pub fn wgmma_preferred(&self, dev: &GpuDevice, m: usize) -> bool {
         let blocks = (self.out_features / BLOCK_CHANNELS) * m.div_ceil(BLOCK_TOKENS);
-        self.wgmma_supports(dev) && 8 * blocks >= 5 * dev.num_sms() as usize
+        matches!(WgmmaKernel::from_env(), Ok(WgmmaKernel::Specialized))
+            && WgmmaKernel::Specialized.available()
+            && self.wgmma_supports(dev)
+            && 8 * blocks >= 5 * dev.num_sms() as usize
     }
 
     /// `out = x · W` by the kernel `LMQ_W4_WGMMA_KERNEL` names (see
