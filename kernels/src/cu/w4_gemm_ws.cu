@@ -64,6 +64,14 @@ __device__ __forceinline__ void w4w_bar_expect(u32 bar, u32 bytes) {
 __device__ __forceinline__ void w4w_bar_arrive(u32 bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
+// One try_wait on the phase of parity %2 of the barrier at %1, %0 = 1 once
+// it has completed; SEM is empty (acquire at CTA scope) or a scope.
+#define W4W_TRY_WAIT(SEM)                                                  \
+    "{\n"                                                                  \
+    ".reg .pred p;\n"                                                      \
+    "mbarrier.try_wait.parity" SEM ".shared::cta.b64 p, [%1], %2;\n"       \
+    "selp.u32 %0, 1, 0, p;\n"                                              \
+    "}\n"
 // Returns once the phase of parity `parity` has completed; CLUSTER_SCOPE
 // acquires at cluster scope (for arrivals that may come from the other
 // CTA of a pair).
@@ -72,25 +80,9 @@ __device__ __forceinline__ void w4w_bar_wait(u32 bar, u32 parity) {
     u32 done;
     do {
         if (CLUSTER_SCOPE)
-            asm volatile(
-                "{\n"
-                ".reg .pred p;\n"
-                "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-                "selp.u32 %0, 1, 0, p;\n"
-                "}\n"
-                : "=r"(done)
-                : "r"(bar), "r"(parity)
-                : "memory");
+            asm volatile(W4W_TRY_WAIT(".acquire.cluster") : "=r"(done) : "r"(bar), "r"(parity) : "memory");
         else
-            asm volatile(
-                "{\n"
-                ".reg .pred p;\n"
-                "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                "selp.u32 %0, 1, 0, p;\n"
-                "}\n"
-                : "=r"(done)
-                : "r"(bar), "r"(parity)
-                : "memory");
+            asm volatile(W4W_TRY_WAIT("") : "=r"(done) : "r"(bar), "r"(parity) : "memory");
     } while (!done);
 }
 // A 2-D TMA box (inner coordinate k, outer coordinate token) into shared

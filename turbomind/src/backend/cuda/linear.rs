@@ -524,11 +524,7 @@ fn decode_rows_limit() -> usize {
 /// wherever it fits the layer (the tests' way to reach it at any size).
 fn wgmma_prefill(l: &W4A16Linear, dev: &GpuDevice, m: usize) -> bool {
     static MODE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    let forced = *MODE.get_or_init(|| match std::env::var("LMQ_W4_WGMMA").as_deref() {
-        Ok("0" | "off" | "false" | "no") => Some(false),
-        Ok("1" | "on" | "true" | "yes") => Some(true),
-        _ => None,
-    });
+    let forced = *MODE.get_or_init(|| super::env_choice("LMQ_W4_WGMMA"));
     match forced {
         Some(true) => l.wgmma_supports(dev),
         Some(false) => false,

@@ -55,10 +55,16 @@ pub use vector::CudaVector;
 /// turn it off, `1`, `on`, `true` or `yes` on; unset (or anything else)
 /// leaves `default`.
 fn env_switch(name: &str, default: bool) -> bool {
+    env_choice(name).unwrap_or(default)
+}
+
+/// [`env_switch`] without a default: `None` where the variable is unset
+/// or neither on nor off (for switches whose default depends on more).
+fn env_choice(name: &str) -> Option<bool> {
     match std::env::var(name).as_deref() {
-        Ok("0" | "off" | "false" | "no") => false,
-        Ok("1" | "on" | "true" | "yes") => true,
-        _ => default,
+        Ok("0" | "off" | "false" | "no") => Some(false),
+        Ok("1" | "on" | "true" | "yes") => Some(true),
+        _ => None,
     }
 }
 
