@@ -22,6 +22,10 @@
 //!    theirs (stream-ordered allocation nodes between the kernels), against
 //!    the same launches into preallocated outputs: what the allocation
 //!    nodes of a recorded step cost.
+//! 7. With `LMQ_BENCH_L2_FETCH=<bytes>` (32, 64 or 128), the context's
+//!    largest L2 fetch from DRAM (`CU_LIMIT_MAX_L2_FETCH_GRANULARITY`) is
+//!    set before anything is timed, copy included: whether longer DRAM
+//!    bursts help the decode kernel's many short streams.
 //!
 //! Timing: CUDA events around a CUDA-graph replay of 32 back-to-back calls
 //! (one per copy; one per layer in 3.), after a warm-up; the median of 20
@@ -183,11 +187,40 @@ fn set_all(layers: &mut [W4A16Linear], kernel: W4Kernel, pdl: bool) -> Result<()
     Ok(())
 }
 
+/// Applies `LMQ_BENCH_L2_FETCH` (bytes) to the context, then prints the
+/// granularity in force either way.
+fn set_l2_fetch_granularity(dev: &GpuDevice) -> Result<(), Box<dyn std::error::Error>> {
+    use cudarc::driver::sys::{cuCtxGetLimit, cuCtxSetLimit, CUlimit, CUresult};
+    let limit = CUlimit::CU_LIMIT_MAX_L2_FETCH_GRANULARITY;
+    dev.context().bind_to_thread()?;
+    if let Ok(v) = std::env::var("LMQ_BENCH_L2_FETCH") {
+        let bytes: usize = match v.parse() {
+            Ok(b @ (32 | 64 | 128)) => b,
+            _ => return Err(format!("LMQ_BENCH_L2_FETCH={v}: expected 32, 64 or 128").into()),
+        };
+        // SAFETY: the context is current on this thread (bound above) and
+        // the limit is one the driver documents for values 0 to 128.
+        let r = unsafe { cuCtxSetLimit(limit, bytes) };
+        if r != CUresult::CUDA_SUCCESS {
+            return Err(format!("cuCtxSetLimit(L2 fetch granularity, {bytes}): {r:?}").into());
+        }
+    }
+    let mut now = 0usize;
+    // SAFETY: as above; `now` is a valid place for the driver to write.
+    let r = unsafe { cuCtxGetLimit(&mut now, limit) };
+    if r != CUresult::CUDA_SUCCESS {
+        return Err(format!("cuCtxGetLimit(L2 fetch granularity): {r:?}").into());
+    }
+    println!("L2 fetch granularity: {now} bytes");
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let Some(dev) = open_device()? else {
         return Ok(());
     };
     dev.compile_all()?;
+    set_l2_fetch_granularity(&dev)?;
     let stream = dev.stream().clone();
     let (start, end) = timing_events(&dev)?;
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
