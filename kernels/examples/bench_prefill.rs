@@ -5,9 +5,11 @@
 //! W4A16 weights dequantized into a scratch fp16 matrix, then the same
 //! GEMM). Reports TFLOP/s of each and their ratio.
 //!
-//! Then the two wgmma kernels (`W4A16Linear::forward_wgmma_with`, sm_90
+//! Then the wgmma kernels (`W4A16Linear::forward_wgmma_split`, sm_90
 //! only: `WgmmaKernel::Registers`, the warp-specialized
-//! `WgmmaKernel::Specialized` and its CTA pairs, `WgmmaKernel::Multicast`),
+//! `WgmmaKernel::Specialized` with K unsplit and with the split
+//! `W4A16Linear::wgmma_auto_splits` picks for these rows (its S printed; 1 where
+//! the tiles fill the GPU), and its CTA pairs, `WgmmaKernel::Multicast`),
 //! which dequantize the codes inside their
 //! main loops, and the largest difference between each one's output and
 //! the dequantize-then-GEMM path's. (The
@@ -49,9 +51,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         seed
     };
     println!(
-        "| linear | K x N | cuBLAS fp16 TFLOP/s | W4 dequant+GEMM TFLOP/s | ratio | wgmma registers TFLOP/s | ratio | wgmma specialized TFLOP/s | ratio | wgmma multicast TFLOP/s | ratio | wgmma vs dequant+GEMM, max |Δ| / max |y| |"
+        "| linear | K x N | cuBLAS fp16 TFLOP/s | W4 dequant+GEMM TFLOP/s | ratio | wgmma registers TFLOP/s | ratio | wgmma specialized TFLOP/s | ratio | split S | specialized split-K TFLOP/s | ratio | wgmma multicast TFLOP/s | ratio | wgmma vs dequant+GEMM, max |Δ| / max |y| |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (name, k, n) in [
         ("q/k/v/o", 4096usize, 4096usize),
         ("gate/up", 4096, 11008),
@@ -85,16 +87,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The wgmma kernels, where they take the shape (sm_90), and how far
         // their outputs are from the dequantize-then-GEMM path's.
         let mut wgmma = Vec::new();
+        let mut split = 1;
         if w4.wgmma_supports(&dev) {
             w4.dequantize_into(&dev, &mut scratch)?;
             blas.gemm_f16(&dev, &x, &scratch, &mut out)?;
             let reference = dev.download(&out)?;
             let scale = reference.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
-            for kernel in WgmmaKernel::ALL {
+            split = w4.wgmma_auto_splits(&dev, rows);
+            for (kernel, splits) in [
+                (WgmmaKernel::Registers, 1),
+                (WgmmaKernel::Specialized, 1),
+                (WgmmaKernel::Specialized, split),
+                (WgmmaKernel::Multicast, 1),
+            ] {
                 // Poisoned first, so that an output the kernel did not
                 // write shows as NaN rather than as the GEMM's values.
                 dev.fill(&mut out, f32::NAN)?;
-                w4.forward_wgmma_with(kernel, &dev, &x, &mut out)?;
+                w4.forward_wgmma_split(kernel, splits, &dev, &x, &mut out)?;
                 let got = dev.download(&out)?;
                 if got.iter().any(|v| !v.is_finite()) {
                     return Err(format!(
@@ -103,7 +112,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     )
                     .into());
                 }
-                let ms = time(&mut || w4.forward_wgmma_with(kernel, &dev, &x, &mut out))?;
+                let ms = time(&mut || w4.forward_wgmma_split(kernel, splits, &dev, &x, &mut out))?;
                 let worst = got
                     .iter()
                     .zip(&reference)
@@ -122,9 +131,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             dense_ms / w4_ms
         );
         if wgmma.is_empty() {
-            print!(" n/a | | n/a | | n/a | | |");
+            print!(" n/a | | n/a | | | n/a | | n/a | | |");
         } else {
-            for (ms, _) in &wgmma {
+            for (i, (ms, _)) in wgmma.iter().enumerate() {
+                if i == 2 {
+                    print!(" {split} |");
+                }
                 print!(" {:.0} | {:.2}x |", tf(*ms), dense_ms / ms);
             }
             let diff = wgmma.iter().map(|(_, d)| *d).fold(0.0f32, f32::max);

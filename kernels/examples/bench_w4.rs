@@ -24,8 +24,8 @@
 //!    nodes of a recorded step cost.
 //! 7. With `LMQ_BENCH_L2_FETCH=<bytes>` (32, 64 or 128), the context's
 //!    largest L2 fetch from DRAM (`CU_LIMIT_MAX_L2_FETCH_GRANULARITY`) is
-//!    set before anything is timed, copy included: whether longer DRAM
-//!    bursts help the decode kernel's many short streams.
+//!    set before anything is timed, copy included, over the 128 bytes
+//!    `GpuDevice::new` sets (64 is the driver's own default).
 //!
 //! Timing: CUDA events around a CUDA-graph replay of 32 back-to-back calls
 //! (one per copy; one per layer in 3.), after a warm-up; the median of 20

@@ -8,7 +8,15 @@
 //! twice and must be bit-identical. Layers the kernel does not take must
 //! be refused with an error.
 //!
-//! All three kernels ([`WgmmaKernel::ALL`]) run every case.
+//! All three kernels ([`WgmmaKernel::ALL`]) run every case through
+//! `forward_wgmma_with` (unsplit unless `LMQ_W4_WGMMA_SPLIT` says
+//! otherwise), and the specialized one also with K split 2, 3 and 8 ways
+//! asked (each distinct count the layer makes of them, uneven splits
+//! included; `split_plan`): split sums add the same products in another
+//! order, so they meet the same bounds and must be as deterministic. The
+//! partial tiles are NaN-poisoned before every split launch, so a block
+//! that summed one before it was written would show. A split the layer
+//! cannot take is refused.
 //!
 //! Without a CUDA GPU the tests print "skipped: no CUDA device"; on a GPU
 //! other than sm_90 they check the refusal only.
@@ -79,12 +87,33 @@ fn wgmma_gemm_matches_dequantized_product() {
             }
         }
         let mut first: Option<Vec<f64>> = None;
-        for kernel in WgmmaKernel::ALL {
+        let kbs = k / 128;
+        W4A16Linear::poison_split_partials(true);
+        // (kernel, splits made; None: forward_wgmma_with's choice).
+        let mut variants: Vec<(WgmmaKernel, Option<usize>)> = WgmmaKernel::ALL
+            .into_iter()
+            .map(|kernel| (kernel, None))
+            .collect();
+        for asked in [2usize, 3, 8].into_iter().filter(|&s| s <= kbs) {
+            let made = lin.split_plan(asked).1;
+            if made > 1 && !variants.contains(&(WgmmaKernel::Specialized, Some(made))) {
+                variants.push((WgmmaKernel::Specialized, Some(made)));
+            }
+        }
+        for (kernel, splits) in variants {
             // A kernel that fell back to another would pass unnoticed.
             assert!(kernel.available(), "{}: no tensor maps", kernel.name());
-            let what = format!("wgmma {} m{m} k{k} n{n} g{g}", kernel.name());
+            let what = format!(
+                "wgmma {} split {} m{m} k{k} n{n} g{g}",
+                kernel.name(),
+                splits.map_or("default".to_string(), |s| s.to_string())
+            );
+            let run = |out: &mut DeviceMatrix<f32>| match splits {
+                None => lin.forward_wgmma_with(kernel, &dev, &xd, out),
+                Some(s) => lin.forward_wgmma_split(kernel, s, &dev, &xd, out),
+            };
             let mut out = poisoned::<f32>(&dev, m, n);
-            lin.forward_wgmma_with(kernel, &dev, &xd, &mut out).unwrap();
+            run(&mut out).unwrap();
             let got: Vec<f64> = dev
                 .download(&out)
                 .unwrap()
@@ -122,8 +151,7 @@ fn wgmma_gemm_matches_dequantized_product() {
                 "{what}: {e_exact:.2e} against the exact weights"
             );
             let mut again = poisoned::<f32>(&dev, m, n);
-            lin.forward_wgmma_with(kernel, &dev, &xd, &mut again)
-                .unwrap();
+            run(&mut again).unwrap();
             let again = dev.download(&again).unwrap();
             assert!(
                 again
@@ -134,8 +162,11 @@ fn wgmma_gemm_matches_dequantized_product() {
             );
             // fp16 output: the same (deterministic) sums, rounded once.
             let mut half = poisoned::<f16>(&dev, m, n);
-            lin.forward_wgmma_with(kernel, &dev, &xd, &mut half)
-                .unwrap();
+            match splits {
+                None => lin.forward_wgmma_with(kernel, &dev, &xd, &mut half),
+                Some(s) => lin.forward_wgmma_split(kernel, s, &dev, &xd, &mut half),
+            }
+            .unwrap();
             let half = dev.download(&half).unwrap();
             assert!(
                 half.iter()
@@ -156,6 +187,22 @@ fn wgmma_gemm_matches_dequantized_product() {
                     println!("{what}: max |Δ| {d:.2e} against the first kernel");
                 }
             }
+        }
+        // Splits past the k-blocks (or past 8), and splits of another
+        // kernel, are refused.
+        let mut out = poisoned::<f32>(&dev, m, n);
+        for (kernel, splits) in [
+            (WgmmaKernel::Specialized, 0),
+            (WgmmaKernel::Specialized, kbs.min(8) + 1),
+            (WgmmaKernel::Registers, 2),
+            (WgmmaKernel::Multicast, 2),
+        ] {
+            assert!(
+                lin.forward_wgmma_split(kernel, splits, &dev, &xd, &mut out)
+                    .is_err(),
+                "{} split {splits} of k{k} was not refused",
+                kernel.name()
+            );
         }
         ran += 1;
     }

@@ -30,10 +30,20 @@
 // aligned for the swizzle), codes (16 × 512 bytes), scales (2 × 256 bytes)
 // then biased zeros (2 × 256 bytes). The epilogue stages through stage 0.
 //
+// Split-K (grid z > 1, single CTAs only): where the output tiles alone
+// would leave most SMs idle (a 4096-wide layer up to 512 rows makes 64
+// blocks or fewer on 132 SMs), block z takes stages z·kb_split .. +
+// kb_split − 1 of every tile (the last split may have fewer). Each block
+// stores its fp32 partial tile in `part`, and the last of a tile's blocks
+// to finish (a counter per tile, zeroed by the host for each launch) adds
+// the partials in split order, 0 first, and stores the tile as the plain
+// kernel does: the sum's order does not depend on which block comes last,
+// so the bits are the same on every run.
+//
 // Needs K a multiple of 128 and of the group size, N a multiple of 128, x
 // 16-byte aligned with rows of K halves (the host encodes the tensor map
 // and checks); otherwise the host takes another path.
-#line 37 "w4_gemm_ws.cu"
+#line 47 "w4_gemm_ws.cu"
 
 #define W4W_NST 3
 #define W4W_X_BYTES (W4G_BN * 128)                 // one 64-input half of x
@@ -128,12 +138,50 @@ __device__ __forceinline__ void w4w_bulk(u32 dst, const void* src, u32 bytes, u3
         "l"(src), "r"(bytes), "r"(bar)
         : "memory");
 }
+
+// Split-K: this block's partial tile (acc, thread ct of the 256 compute
+// threads) into `part` [split][tile][128 accumulators][256 threads]; then,
+// if this is the tile's last block, acc becomes the sum of all the
+// partials in split order and true is returned (the caller stores it);
+// otherwise false (the block is done). Called by the compute threads only.
+__device__ __forceinline__ bool w4w_split_reduce(float (&acc)[128], float* __restrict__ part,
+                                                 unsigned* __restrict__ count, int ct) {
+    __shared__ unsigned w4w_is_last;
+    const unsigned tiles = gridDim.x * gridDim.y, tile = blockIdx.y * gridDim.x + blockIdx.x;
+    const unsigned splits = gridDim.z, split = blockIdx.z;
+    const size_t tile_words = 128 * 256;
+    float* mine = part + ((size_t)split * tiles + tile) * tile_words + ct;
+#pragma unroll
+    for (int i = 0; i < 128; ++i) __stcg(mine + 256 * i, acc[i]);
+    // Each thread's partials are visible device-wide before the count
+    // that announces them (the threadFenceReduction pattern).
+    __threadfence();
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    if (ct == 0) w4w_is_last = atomicAdd(count + tile, 1u) == splits - 1;
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    if (!w4w_is_last) return false;
+    __threadfence();
+    // Split 0's partial, then each next one added: this block's own comes
+    // back from L2 like the others (the same value it stored), so the
+    // order of the sum is fixed and the accumulators stay in registers.
+    const float* tile0 = part + (size_t)tile * tile_words + ct;
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i] = __ldcg(tile0 + 256 * i);
+    for (unsigned z = 1; z < splits; ++z) {
+        const float* pz = tile0 + (size_t)z * tiles * tile_words;
+#pragma unroll
+        for (int i = 0; i < 128; ++i) acc[i] += __ldcg(pz + 256 * i);
+    }
+    return true;
+}
 #endif
 
 template <int G, int CLUSTER>
 __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const unsigned char* __restrict__ qw,
                                                 const __half* __restrict__ sc, const __half* __restrict__ zb,
-                                                void* __restrict__ out, int M, int N, int KB, int out_f32) {
+                                                void* __restrict__ out, int M, int N, int KB, int out_f32,
+                                                float* __restrict__ part, unsigned* __restrict__ count,
+                                                int kb_split) {
 #ifdef W4G_WGMMA
     extern __shared__ unsigned char w4w_smem[];
     // full[b] at bars + 8b, empty[b] at bars + 8(NST + b).
@@ -143,7 +191,11 @@ __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const 
     const u32 bars = (u32)__cvta_generic_to_shared(w4w_bars);
     const int tid = threadIdx.x, wg = tid >> 7;
     const int n0 = blockIdx.x * W4G_BM, m0 = blockIdx.y * W4G_BN;
-    const int stages = KB;  // one k-block of 128 inputs per stage
+    // One k-block of 128 inputs per stage: this block's k-blocks kb0 ..
+    // kb0 + stages − 1 (all of them without split-K; the host makes every
+    // split non-empty).
+    const int kb0 = CLUSTER == 1 ? (int)blockIdx.z * kb_split : 0;
+    const int stages = CLUSTER == 1 && gridDim.z > 1 ? min(kb_split, KB - kb0) : KB;
 
     // With CLUSTER 2, CTA `rank` of a pair (adjacent channel blocks, the
     // same tokens) loads tokens 128·rank .. + 127 of each x box for both.
@@ -190,16 +242,16 @@ __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const 
                     w4w_tma_2d_multicast(st + half, xmap, s * 128, tok, full, 3);
                     w4w_tma_2d_multicast(st + W4W_X_BYTES + half, xmap, s * 128 + 64, tok, full, 3);
                 } else {
-                    w4w_tma_2d(st, xmap, s * 128, m0, full);
-                    w4w_tma_2d(st + W4W_X_BYTES, xmap, s * 128 + 64, m0, full);
+                    w4w_tma_2d(st, xmap, (kb0 + s) * 128, m0, full);
+                    w4w_tma_2d(st + W4W_X_BYTES, xmap, (kb0 + s) * 128 + 64, m0, full);
                 }
 #pragma unroll 4
                 for (int i = 0; i < 16; ++i)
-                    w4w_bulk(st + 2 * W4W_X_BYTES + 512 * i, codes + ((size_t)i * KB + s) * 512, 512, full);
+                    w4w_bulk(st + 2 * W4W_X_BYTES + 512 * i, codes + ((size_t)i * KB + kb0 + s) * 512, 512, full);
                 const u32 sz = st + 2 * W4W_X_BYTES + W4W_CODE_BYTES;
 #pragma unroll
                 for (int q = 0; q < GROUPS; ++q) {
-                    const size_t grp = (size_t)s * GROUPS + q;
+                    const size_t grp = (size_t)(kb0 + s) * GROUPS + q;
                     w4w_bulk(sz + 256 * q, sc + grp * N + n0, 256, full);
                     w4w_bulk(sz + 512 + 256 * q, zb + grp * N + n0, 256, full);
                 }
@@ -294,6 +346,7 @@ __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const 
     } while (++s < stages);
     w4g_wait<0>();
     w4g_touch(acc, 128);
+    if (CLUSTER == 1 && gridDim.z > 1 && !w4w_split_reduce(acc, part, count, ct)) return;
     // Both compute warpgroups' wgmmas are done with shared memory (and
     // every copy has landed: each stage was waited for) before stage 0
     // becomes the output staging area.
@@ -313,8 +366,9 @@ __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const 
     extern "C" __global__ void __launch_bounds__(384, 1) ATTRS                                         \
         NAME(const __grid_constant__ W4wTensorMap xmap, const unsigned char* __restrict__ qw,          \
              const __half* __restrict__ sc, const __half* __restrict__ zb, void* __restrict__ out, int M, \
-             int N, int KB, int out_f32) {                                                             \
-        w4_gemm_ws_body<GS, CLUSTER>(&xmap, qw, sc, zb, out, M, N, KB, out_f32);                                \
+             int N, int KB, int out_f32, float* __restrict__ part, unsigned* __restrict__ count,       \
+             int kb_split) {                                                                           \
+        w4_gemm_ws_body<GS, CLUSTER>(&xmap, qw, sc, zb, out, M, N, KB, out_f32, part, count, kb_split); \
     }
 
 W4_GEMM_WS_ENTRY(w4_gemm_ws_g64, 64, 1, )

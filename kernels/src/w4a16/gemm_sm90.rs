@@ -10,7 +10,10 @@
 //! warps copy, dequantize and multiply, meeting at a block barrier every 64
 //! inputs; the warp-specialized one (`cu/w4_gemm_ws.cu`) has a producer
 //! warpgroup bring the activations by TMA (a tensor map encoded per call)
-//! and the codes by bulk copies, through mbarrier-tracked stages.
+//! and the codes by bulk copies, through mbarrier-tracked stages. Where
+//! its output tiles would leave SMs idle (few rows), the specialized one
+//! splits K over blocks and the last block of each tile adds the fp32
+//! partials in a fixed order ([`W4A16Linear::wgmma_splits`]).
 
 use cudarc::driver::{CudaFunction, DevicePtr, PushKernelArg};
 use half::f16;
@@ -36,6 +39,13 @@ const WS_SMEM_BYTES: usize = 1024 + 3 * (2 * BLOCK_TOKENS * 128 + 16 * 512 + 102
 /// or × 128 where a pair of CTAs multicasts one half each.
 const WS_BOX: [u32; 2] = [64, BLOCK_TOKENS as u32];
 const WS_PAIR_BOX: [u32; 2] = [64, BLOCK_TOKENS as u32 / 2];
+/// Split-K keeps at least this many 128-input stages per split (one more
+/// than the kernel's ring of three, so that each split's pipeline fills).
+const MIN_STAGES_PER_SPLIT: usize = 4;
+/// Most splits of K (each adds a partial tile to write and read back).
+const MAX_SPLITS: usize = 8;
+/// fp32 words of one block's partial output tile (128 channels × 256 tokens).
+const TILE_WORDS: usize = BLOCK_CHANNELS * BLOCK_TOKENS;
 
 /// Which wgmma GEMM [`W4A16Linear::forward_wgmma_with`] launches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,19 +208,72 @@ impl W4A16Linear {
             && matches!(self.group_size, 64 | 128)
     }
 
+    /// The output tiles of the wgmma GEMM on `m` rows, and whether they
+    /// leave SMs idle (fill less than 5/8 of them), where split-K applies.
+    fn wgmma_tiles(&self, dev: &GpuDevice, m: usize) -> (usize, bool) {
+        let tiles = (self.out_features / BLOCK_CHANNELS) * m.div_ceil(BLOCK_TOKENS);
+        (tiles, tiles > 0 && 8 * tiles < 5 * dev.num_sms() as usize)
+    }
+
+    /// The split of K that suits the specialized kernel on `m` rows (1:
+    /// none): where its output tiles alone leave SMs idle, as many splits
+    /// as keep the grid within one wave, at most [`MAX_SPLITS`] and at most
+    /// one per [`MIN_STAGES_PER_SPLIT`] k-blocks; the count the launch
+    /// makes of that ([`Self::split_plan`]).
+    pub fn wgmma_auto_splits(&self, dev: &GpuDevice, m: usize) -> usize {
+        let (tiles, idle) = self.wgmma_tiles(dev, m);
+        if !idle {
+            return 1;
+        }
+        let most = (self.kbs / MIN_STAGES_PER_SPLIT).clamp(1, MAX_SPLITS);
+        let want = (dev.num_sms() as usize / tiles).clamp(1, most);
+        self.split_plan(want).1
+    }
+
+    /// How a request for `splits` ways divides this layer's k-blocks:
+    /// `(k-blocks per split, splits made)`, every split non-empty, so that
+    /// fewer may be made than asked (11 k-blocks asked 8 ways: splits of
+    /// ⌈11 / 8⌉ = 2, so 6 of them).
+    pub fn split_plan(&self, splits: usize) -> (usize, usize) {
+        let kb_split = self.kbs.div_ceil(splits.max(1));
+        (kb_split, self.kbs.div_ceil(kb_split))
+    }
+
+    /// How many ways [`Self::forward_wgmma_with`] splits K for the
+    /// specialized kernel on `m` rows: [`Self::wgmma_auto_splits`] where
+    /// [`SPLIT_BY_DEFAULT`], else 1. `LMQ_W4_WGMMA_SPLIT` overrides it:
+    /// `auto`, or a count, applied only where the tiles leave SMs idle
+    /// (elsewhere a split only adds partial tiles to write: for gate|up at
+    /// 2048 rows, 8 ways would need 1.3 GiB of them); 1 turns split-K off.
+    pub fn wgmma_splits(&self, dev: &GpuDevice, m: usize) -> Result<usize> {
+        Ok(match split_override()? {
+            SplitChoice::Default if SPLIT_BY_DEFAULT => self.wgmma_auto_splits(dev, m),
+            SplitChoice::Default => 1,
+            SplitChoice::Auto => self.wgmma_auto_splits(dev, m),
+            SplitChoice::Ways(n) if self.wgmma_tiles(dev, m).1 => {
+                self.split_plan(n.min(self.kbs)).1
+            }
+            SplitChoice::Ways(_) => 1,
+        })
+    }
+
     /// Whether the wgmma GEMM is expected to beat dequantize-then-cuBLAS
     /// on `m` rows: it takes the layer, and its grid (128 channels × 256
-    /// tokens a block, one block per SM) fills at least 5/8 of the SMs.
+    /// tokens a block, one block per SM, times the splits of K of
+    /// [`Self::wgmma_splits`]) fills at least 5/8 of the SMs.
     /// On an H200 (docs/BENCHMARKS.md, session 14) the specialized kernel
     /// won from 86 blocks on (the 4096×11008 layer at 64 rows and more,
     /// the 4096-wide ones from 1024 rows: 0.86–1.02× of cuBLAS fp16
     /// against 0.71–0.94× for dequantize-then-cuBLAS) and lost with 32 or
-    /// 64 blocks (the 4096-wide layers at 256 and 512 rows).
+    /// 64 blocks (the 4096-wide layers at 256 and 512 rows); split four or
+    /// two ways, those won on an H100 in session 15 (1.11–2.08× the
+    /// dequantize-then-cuBLAS speed from 128 to 512 rows).
     /// Only the specialized kernel was measured to win, so another one
     /// named by `LMQ_W4_WGMMA_KERNEL`, or a driver without tensor maps
     /// (which would run the first kernel), is never preferred.
     pub fn wgmma_preferred(&self, dev: &GpuDevice, m: usize) -> bool {
-        let blocks = (self.out_features / BLOCK_CHANNELS) * m.div_ceil(BLOCK_TOKENS);
+        let tiles = (self.out_features / BLOCK_CHANNELS) * m.div_ceil(BLOCK_TOKENS);
+        let blocks = tiles * self.wgmma_splits(dev, m).unwrap_or(1);
         matches!(WgmmaKernel::from_env(), Ok(WgmmaKernel::Specialized))
             && WgmmaKernel::Specialized.available()
             && self.wgmma_supports(dev)
@@ -229,7 +292,8 @@ impl W4A16Linear {
     }
 
     /// `out = x · W` for any number of rows (x `[M, in]` fp16, out
-    /// `[M, out]`), by the wgmma kernel `kernel`: the weights enter the
+    /// `[M, out]`), by the wgmma kernel `kernel` (the specialized one with
+    /// [`Self::wgmma_splits`]' split of K): the weights enter the
     /// tensor cores as `(q − z) · s` rounded once to fp16, the values
     /// [`Self::dequantize_into`] writes, with fp32 sums. The layer's bias
     /// is not added (as on the dequantize-then-cuBLAS path, the caller
@@ -241,7 +305,40 @@ impl W4A16Linear {
         x: &DeviceMatrix<f16>,
         out: &mut DeviceMatrix<O>,
     ) -> Result<()> {
+        let splits = match kernel {
+            WgmmaKernel::Specialized => self.wgmma_splits(dev, x.rows())?,
+            _ => 1,
+        };
+        self.forward_wgmma_split(kernel, splits, dev, x, out)
+    }
+
+    /// [`Self::forward_wgmma_with`] with K split `splits` ways (1: not
+    /// split; more only for [`WgmmaKernel::Specialized`], at most one
+    /// split per 128 inputs). A split sum adds the same products in
+    /// another order, so its bits may differ from the unsplit kernel's.
+    pub fn forward_wgmma_split<O: OutElement>(
+        &self,
+        kernel: WgmmaKernel,
+        splits: usize,
+        dev: &GpuDevice,
+        x: &DeviceMatrix<f16>,
+        out: &mut DeviceMatrix<O>,
+    ) -> Result<()> {
         const OP: &str = "W4 wgmma GEMM";
+        if splits == 0
+            || splits > self.kbs.min(MAX_SPLITS)
+            || (splits > 1 && kernel != WgmmaKernel::Specialized)
+        {
+            return Err(KernelError::invalid(
+                OP,
+                format!(
+                    "{splits} splits of K asked of the {} kernel; only the specialized one \
+                     splits, 1 to {} ways for this layer",
+                    kernel.name(),
+                    self.kbs.min(MAX_SPLITS)
+                ),
+            ));
+        }
         if !self.wgmma_supports(dev) {
             return Err(KernelError::invalid(
                 OP,
@@ -288,10 +385,10 @@ impl W4A16Linear {
         };
         match kernel {
             WgmmaKernel::Registers => self.launch_registers(dev, x, out, grid),
-            WgmmaKernel::Specialized => self.launch_specialized(dev, x, out, grid, false),
+            WgmmaKernel::Specialized => self.launch_specialized(dev, x, out, grid, false, splits),
             WgmmaKernel::Multicast => {
                 let pairs = grid.0.is_multiple_of(2);
-                self.launch_specialized(dev, x, out, grid, pairs)
+                self.launch_specialized(dev, x, out, grid, pairs, 1)
             }
         }
     }
@@ -357,8 +454,9 @@ impl W4A16Linear {
     }
 
     /// The warp-specialized kernel, in CTA pairs that multicast x when
-    /// `pairs` (the grid's channel blocks even), shapes checked by
-    /// [`Self::forward_wgmma_with`].
+    /// `pairs` (the grid's channel blocks even), or with K split about
+    /// `splits` ways (single CTAs only), shapes checked by
+    /// [`Self::forward_wgmma_split`].
     fn launch_specialized<O: OutElement>(
         &self,
         dev: &GpuDevice,
@@ -366,9 +464,24 @@ impl W4A16Linear {
         out: &mut DeviceMatrix<O>,
         grid: (u32, u32, u32),
         pairs: bool,
+        splits: usize,
     ) -> Result<()> {
         let stream = dev.stream();
         let m = x.rows();
+        // Split-K: k-blocks per split, then the number of non-empty splits
+        // (the grid's z), the partial tiles and a zeroed counter per tile.
+        let (kb_split, splits) = self.split_plan(if pairs { 1 } else { splits });
+        let grid = (grid.0, grid.1, splits as u32);
+        let tiles = grid.0 as usize * grid.1 as usize;
+        let (part, count) = if splits > 1 {
+            let mut part = dev.uninit::<f32>(splits * tiles, TILE_WORDS)?;
+            if POISON_SPLIT_PARTIALS.load(std::sync::atomic::Ordering::Relaxed) {
+                dev.fill(&mut part, f32::NAN)?;
+            }
+            (Some(part), Some(dev.zeros::<u32>(1, tiles)?))
+        } else {
+            (None, None)
+        };
         let (entry, box_dims) = if pairs {
             ("w4_gemm_ws2", WS_PAIR_BOX)
         } else {
@@ -381,23 +494,28 @@ impl W4A16Linear {
         let map = x_tensor_map(x_ptr, m, self.in_features, box_dims)?;
         let (mi, ni, kbi) = (m as i32, self.out_features as i32, self.kbs as i32);
         let out_f32 = O::IS_F32;
+        let kb_split_i = kb_split as i32;
+        let null = 0u64;
         let mut b = stream.launch_builder(&f);
         b.arg(&map)
             .arg(&self.qw)
             .arg(&self.scales)
             .arg(&self.zeros)
-            .arg(&mut out.data)
-            .arg(&mi)
-            .arg(&ni)
-            .arg(&kbi)
-            .arg(&out_f32);
+            .arg(&mut out.data);
+        b.arg(&mi).arg(&ni).arg(&kbi).arg(&out_f32);
+        match (&part, &count) {
+            (Some(p), Some(c)) => b.arg(&p.data).arg(&c.data),
+            _ => b.arg(&null).arg(&null),
+        };
+        b.arg(&kb_split_i);
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: grid,
             block_dim: (384, 1, 1),
             shared_mem_bytes: WS_SMEM_BYTES as u32,
         };
         // SAFETY: matches `w4_gemm_ws[2]_g{G}(W4wTensorMap, const unsigned
-        // char*, const half*, const half*, void*, int × 4)` with G this
+        // char*, const half*, const half*, void*, int × 4, float*,
+        // unsigned*, int)` with G this
         // layer's group size (64 or 128, checked); the pair kernels are
         // compiled with clusters of 2 along x, and `pairs` holds only for
         // an even grid x. Their map's box is half the tokens, each CTA
@@ -416,11 +534,74 @@ impl W4A16Linear {
         // into rows of N·4 or N·2 bytes (multiples of 256). The shared
         // memory (WS_SMEM_BYTES, the kernel's W4W_SMEM) is below the limit
         // just raised; the entry point traps unless compiled for sm_90a,
-        // which it is on this sm_90 device (checked). All buffers belong to
-        // this device's stream.
+        // which it is on this sm_90 device (checked). With grid z > 1 (never
+        // for the pair kernels) block z reads k-blocks z·kb_split .. below
+        // kbs (every split non-empty: z < ⌈kbs / kb_split⌉), writes its
+        // partial tile at word ((z·tiles + tile)·TILE_WORDS) of `part`
+        // (splits·tiles·TILE_WORDS fp32, allocated above) and counts on
+        // `count[tile]` (tiles zeroed u32s); both stay alive until after
+        // the launch is queued and are freed in stream order. Without a
+        // split the kernel never touches the two null pointers. All
+        // buffers belong to this device's stream.
         unsafe { b.launch(cfg) }.during("launching w4_gemm_ws")?;
         Ok(())
     }
+}
+
+/// Set by tests ([`W4A16Linear::poison_split_partials`]) so that a split
+/// launch's partial tiles start as NaN: the pool hands a repeated launch
+/// the memory of the one before, whose partials would hide a block that
+/// read one before it was written.
+static POISON_SPLIT_PARTIALS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+impl W4A16Linear {
+    /// For tests: every later split-K launch of the process first fills
+    /// its partial tiles with NaN (an upload each, so never while a CUDA
+    /// graph records), so that an output summed from a partial not yet
+    /// written shows as NaN.
+    pub fn poison_split_partials(on: bool) {
+        POISON_SPLIT_PARTIALS.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Whether the specialized kernel splits K on its own where its tiles
+/// leave SMs idle ([`W4A16Linear::wgmma_auto_splits`]). On an H100
+/// (docs/BENCHMARKS.md, session 15) split-K beat dequantize-then-cuBLAS
+/// on every 4096-wide layer from 128 to 512 rows (1.11–2.08×), and in the
+/// engine it took Llama-2-7B-shaped decode batches of 128 from 6744–6810
+/// to 7297–7331 tok/s and a 512-token prefill from 21.2–21.4 to 16.7 ms.
+const SPLIT_BY_DEFAULT: bool = true;
+
+/// What `LMQ_W4_WGMMA_SPLIT` asks for.
+#[derive(Clone, Copy, Debug)]
+enum SplitChoice {
+    /// Unset: [`SPLIT_BY_DEFAULT`] decides.
+    Default,
+    /// `auto`: [`W4A16Linear::wgmma_auto_splits`].
+    Auto,
+    /// A count: K split that many ways (at most [`MAX_SPLITS`]).
+    Ways(usize),
+}
+
+/// `LMQ_W4_WGMMA_SPLIT` (`auto` or a positive count), read once per
+/// process. Anything else is an error.
+fn split_override() -> Result<SplitChoice> {
+    static SPLIT: std::sync::OnceLock<std::result::Result<SplitChoice, String>> =
+        std::sync::OnceLock::new();
+    SPLIT
+        .get_or_init(|| match std::env::var("LMQ_W4_WGMMA_SPLIT") {
+            Err(_) => Ok(SplitChoice::Default),
+            Ok(v) if v.trim() == "auto" => Ok(SplitChoice::Auto),
+            Ok(v) => match v.trim().parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(SplitChoice::Ways(n.min(MAX_SPLITS))),
+                _ => Err(format!(
+                    "LMQ_W4_WGMMA_SPLIT must be auto or a positive number of splits, got {v:?}"
+                )),
+            },
+        })
+        .clone()
+        .map_err(|detail| KernelError::invalid("W4 wgmma GEMM", detail))
 }
 
 /// `LMQ_W4_WGMMA_DEPTH=2`: each warpgroup keeps two wgmmas in flight (two

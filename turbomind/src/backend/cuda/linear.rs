@@ -7,8 +7,10 @@
 //! weights into a scratch fp16 matrix and run one cuBLAS GEMM, which at
 //! prefill sizes costs less than re-reading the codes once per 16 rows. On
 //! sm_90, products whose grid fills the GPU take instead a wgmma GEMM that
-//! dequantizes in its main loop (`W4A16Linear::wgmma_preferred`;
-//! `LMQ_W4_WGMMA=0` turns it off, `=1` takes it wherever it fits).
+//! dequantizes in its main loop, splitting K over more blocks where the
+//! output tiles alone would leave SMs idle (`W4A16Linear::wgmma_preferred`
+//! and `wgmma_splits`; `LMQ_W4_WGMMA=0` turns it off, `=1` takes it
+//! wherever it fits, `LMQ_W4_WGMMA_SPLIT=1` never splits).
 //!
 //! Inputs are fp32 activations rounded to fp16 once per call (or the fp16
 //! copy their producer wrote, the same values); outputs are fp32. A bias
@@ -520,7 +522,9 @@ fn decode_rows_limit() -> usize {
 /// 14 (docs/BENCHMARKS.md) the specialized kernel ran at 0.88–0.95× of
 /// cuBLAS fp16 on Llama-2-7B's linears at 2048 rows against 0.81–0.84× for
 /// dequantize-then-cuBLAS, and the 7B-shaped prefill went from 33028–33088
-/// to 35241–35337 tok/s. `LMQ_W4_WGMMA=0` never takes it; `=1` takes it
+/// to 35241–35337 tok/s. With split-K (session 15, H100) it also wins on
+/// the 4096-wide layers from 128 to 512 rows: decode batches of 128 went
+/// from 6744–6810 to 7297–7331 tok/s. `LMQ_W4_WGMMA=0` never takes it; `=1` takes it
 /// wherever it fits the layer (the tests' way to reach it at any size).
 fn wgmma_prefill(l: &W4A16Linear, dev: &GpuDevice, m: usize) -> bool {
     static MODE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
