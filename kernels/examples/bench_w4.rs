@@ -13,7 +13,9 @@
 //!    copies per replay: total weight bytes over total time, which is how
 //!    the ≥ 80%-of-copy target is defined.
 //! 4. The same layer as the engine launches it, q/k/v and gate/up stacked
-//!    into one linear each (4 launches per layer).
+//!    into one linear each (4 launches per layer), with 0, 2, 4, 8 and 16
+//!    MB of the next linear's codes prefetched into L2
+//!    (`LMQ_BENCH_PREFETCH_MB=3,4,5` times other sizes).
 //! 5. With `LMQ_BENCH_SWEEP=1`, that layer again with each linear's launch
 //!    plan (K splits, batch depth) varied in turn, PDL on.
 //! 6. With `LMQ_BENCH_ALLOC=1`, the stacked layer (PDL off, no prefetch)
@@ -418,10 +420,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     let stacked_bytes: f64 = stacked.iter().map(|s| s[0].weight_bytes() as f64).sum();
+    // MB of the next linear's codes asked into L2 by each launch's last
+    // blocks: LMQ_BENCH_PREFETCH_MB (a comma-separated list) or these.
+    let prefetch_list: Vec<usize> = match std::env::var("LMQ_BENCH_PREFETCH_MB") {
+        Err(_) => vec![0, 2, 4, 8, 16],
+        Ok(v) => v
+            .split(',')
+            .map(|p| p.trim().parse::<usize>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| {
+                format!("LMQ_BENCH_PREFETCH_MB must be a comma-separated list of MB, got {v:?}")
+            })?,
+    };
     let mut stacked_rows = Vec::new();
     for &m in &ms_list {
         let (x4, x11, mut outs) = stacked_io(&dev, m, &stacked_shapes)?;
-        for prefetch_mb in [0usize, 2, 4, 8, 16] {
+        for &prefetch_mb in &prefetch_list {
             for pdl in [false, true] {
                 for set in stacked.iter_mut() {
                     set_all(set, DEFAULT_KERNEL, pdl)?;
