@@ -222,12 +222,11 @@ impl W4A16Linear {
     /// makes of that ([`Self::split_plan`]).
     pub fn wgmma_auto_splits(&self, dev: &GpuDevice, m: usize) -> usize {
         let (tiles, idle) = self.wgmma_tiles(dev, m);
-        if !idle {
-            return 1;
+        if idle {
+            auto_splits(self.kbs, tiles, dev.num_sms() as usize)
+        } else {
+            1
         }
-        let most = (self.kbs / MIN_STAGES_PER_SPLIT).clamp(1, MAX_SPLITS);
-        let want = (dev.num_sms() as usize / tiles).clamp(1, most);
-        self.split_plan(want).1
     }
 
     /// How a request for `splits` ways divides this layer's k-blocks:
@@ -235,8 +234,7 @@ impl W4A16Linear {
     /// fewer may be made than asked (11 k-blocks asked 8 ways: splits of
     /// ⌈11 / 8⌉ = 2, so 6 of them).
     pub fn split_plan(&self, splits: usize) -> (usize, usize) {
-        let kb_split = self.kbs.div_ceil(splits.max(1));
-        (kb_split, self.kbs.div_ceil(kb_split))
+        split_plan(self.kbs, splits)
     }
 
     /// How many ways [`Self::forward_wgmma_with`] splits K for the
@@ -548,6 +546,20 @@ impl W4A16Linear {
     }
 }
 
+/// [`W4A16Linear::split_plan`] for `kbs` k-blocks.
+fn split_plan(kbs: usize, splits: usize) -> (usize, usize) {
+    let kb_split = kbs.div_ceil(splits.max(1));
+    (kb_split, kbs.div_ceil(kb_split))
+}
+
+/// [`W4A16Linear::wgmma_auto_splits`] for `kbs` k-blocks and `tiles`
+/// output tiles (that leave some of the `sms` SMs idle).
+fn auto_splits(kbs: usize, tiles: usize, sms: usize) -> usize {
+    let most = (kbs / MIN_STAGES_PER_SPLIT).clamp(1, MAX_SPLITS);
+    let want = (sms / tiles.max(1)).clamp(1, most);
+    split_plan(kbs, want).1
+}
+
 /// Set by tests ([`W4A16Linear::poison_split_partials`]) so that a split
 /// launch's partial tiles start as NaN: the pool hands a repeated launch
 /// the memory of the one before, whose partials would hide a block that
@@ -622,4 +634,45 @@ fn wgmma_depth() -> Result<usize> {
         })
         .clone()
         .map_err(|detail| KernelError::invalid("W4 wgmma GEMM", detail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_plans_cover_k_with_non_empty_splits() {
+        for kbs in 1..=300usize {
+            for asked in 1..=MAX_SPLITS {
+                let (kb_split, made) = split_plan(kbs, asked);
+                assert!(
+                    made >= 1 && made <= asked.min(kbs),
+                    "{kbs} by {asked}: {made}"
+                );
+                // Every k-block in exactly one split, the last non-empty.
+                assert!(kb_split * made >= kbs && (made - 1) * kb_split < kbs);
+            }
+        }
+        assert_eq!(split_plan(11, 8), (2, 6));
+        assert_eq!(split_plan(32, 3), (11, 3));
+    }
+
+    #[test]
+    fn auto_splits_fill_one_wave_of_a_132_sm_gpu() {
+        // Llama-2-7B's 4096-wide layers (32 and 86 k-blocks, 32 tiles of
+        // 128 channels per 256 rows) on an H100's 132 SMs: 4 ways up to
+        // 256 rows, 2 up to 512 (64 tiles).
+        assert_eq!(auto_splits(32, 32, 132), 4);
+        assert_eq!(auto_splits(86, 32, 132), 4);
+        assert_eq!(auto_splits(32, 64, 132), 2);
+        // Few k-blocks cap the split: one per MIN_STAGES_PER_SPLIT.
+        assert_eq!(auto_splits(8, 2, 132), 2);
+        assert_eq!(auto_splits(3, 2, 132), 1);
+        // Never more than MAX_SPLITS, and the grid stays within a wave.
+        assert_eq!(auto_splits(256, 1, 132), MAX_SPLITS);
+        for tiles in 1..=82usize {
+            let s = auto_splits(86, tiles, 132);
+            assert!(s * tiles <= 132 || s == 1, "{tiles} tiles: {s}");
+        }
+    }
 }
