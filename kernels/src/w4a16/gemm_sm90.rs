@@ -270,8 +270,7 @@ impl W4A16Linear {
     /// named by `LMQ_W4_WGMMA_KERNEL`, or a driver without tensor maps
     /// (which would run the first kernel), is never preferred.
     pub fn wgmma_preferred(&self, dev: &GpuDevice, m: usize) -> bool {
-        let tiles = (self.out_features / BLOCK_CHANNELS) * m.div_ceil(BLOCK_TOKENS);
-        let blocks = tiles * self.wgmma_splits(dev, m).unwrap_or(1);
+        let blocks = self.wgmma_tiles(dev, m).0 * self.wgmma_splits(dev, m).unwrap_or(1);
         matches!(WgmmaKernel::from_env(), Ok(WgmmaKernel::Specialized))
             && WgmmaKernel::Specialized.available()
             && self.wgmma_supports(dev)
@@ -453,7 +452,7 @@ impl W4A16Linear {
 
     /// The warp-specialized kernel, in CTA pairs that multicast x when
     /// `pairs` (the grid's channel blocks even), or with K split about
-    /// `splits` ways (single CTAs only), shapes checked by
+    /// `splits` ways (single CTAs only: 1 with `pairs`), shapes checked by
     /// [`Self::forward_wgmma_split`].
     fn launch_specialized<O: OutElement>(
         &self,
@@ -468,7 +467,7 @@ impl W4A16Linear {
         let m = x.rows();
         // Split-K: k-blocks per split, then the number of non-empty splits
         // (the grid's z), the partial tiles and a zeroed counter per tile.
-        let (kb_split, splits) = self.split_plan(if pairs { 1 } else { splits });
+        let (kb_split, splits) = self.split_plan(splits);
         let grid = (grid.0, grid.1, splits as u32);
         let tiles = grid.0 as usize * grid.1 as usize;
         let (part, count) = if splits > 1 {
