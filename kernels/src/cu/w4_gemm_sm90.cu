@@ -48,7 +48,7 @@
 // Needs K a multiple of 128 and of the group size, N a multiple of 128;
 // the host checks and otherwise takes the dequantize-then-cuBLAS path.
 // Compiled for sm_90a only (wgmma); elsewhere the entry point traps.
-#line 51 "w4_gemm_sm90.cu"
+#line 52 "w4_gemm_sm90.cu"
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define W4G_WGMMA 1
