@@ -9,7 +9,7 @@
 //! only: `WgmmaKernel::Registers`, the warp-specialized
 //! `WgmmaKernel::Specialized` with K unsplit and with the split
 //! `W4A16Linear::wgmma_auto_split` picks for these rows (printed as
-//! whole tiles + split tiles × ways; 1 where the tiles fill whole waves),
+//! whole tiles + split tiles × ways; 1 where it does not split),
 //! and its CTA pairs, `WgmmaKernel::Multicast`),
 //! which dequantize the codes inside their
 //! main loops, and the largest difference between each one's output and

@@ -240,7 +240,7 @@ __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const 
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(W4W_PRODUCER_REGS));
         if (tid == 0) {
             constexpr int GROUPS = 128 / G;  // groups per stage: 1 or 2
-            const u32 tx = 2 * W4W_X_BYTES + W4W_CODE_BYTES + GROUPS * 2 * 256;
+            const u32 tx_bytes = 2 * W4W_X_BYTES + W4W_CODE_BYTES + GROUPS * 2 * 256;
             const unsigned char* codes = qw + (size_t)(n0 / 8) * KB * 512;
             asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)xmap) : "memory");
             for (int s = 0; s < stages; ++s) {
@@ -256,7 +256,7 @@ __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const 
                 const u32 st = base + b * W4W_STAGE_BYTES;
                 // The whole stage's bytes are expected here, the peer's
                 // half of x included.
-                w4w_bar_expect(full, tx);
+                w4w_bar_expect(full, tx_bytes);
                 if (CLUSTER == 2) {
                     const u32 half = rank * (W4W_X_BYTES / 2);
                     const int tok = m0 + (W4G_BN / 2) * rank;

@@ -582,12 +582,13 @@ impl W4A16Linear {
         // loading its half for both. The tensor map describes
         // x as M rows of K fp16 (its own allocation, M·K checked below
         // 2³¹), so TMA reads only inside it (tokens past M are filled with
-        // zeros, not read). The kernel reads, per block x and stage s below
-        // kbs = K/128, the 512-byte code blocks of tiles 16·x .. 16·x + 15
+        // zeros, not read). The kernel reads, per block of channel block
+        // c = tile mod tx < N/128 and stage s below kbs = K/128, the
+        // 512-byte code blocks of tiles 16·c .. 16·c + 15
         // at ((tile·kbs + s)·512) bytes of qw (N/8 tiles × kbs blocks ×
         // 512 bytes: inside it, N a multiple of 128), and 128 scales and
         // zeros from group rows below K/G (validated at construction),
-        // columns 128·x .. 128·x + 127 < N, by bulk copies of 256 bytes
+        // columns 128·c .. 128·c + 127 < N, by bulk copies of 256 bytes
         // from 256-byte aligned offsets (N a multiple of 128 halves). It
         // writes out[tok][col] for tok < M, col < N, as f32 or fp16 as
         // out_f32 names (out is M×N of O, checked), with 16-byte stores
@@ -689,7 +690,8 @@ enum SplitChoice {
     /// `few`: the same, but only where there are fewer tiles than SMs
     /// (session 15's split, before the last wave's tiles split too).
     Few,
-    /// A count: K split that many ways (at most [`MAX_SPLITS`]).
+    /// A count: the last, partial wave's tiles (every tile where there
+    /// are fewer than SMs) split that many ways (at most [`MAX_SPLITS`]).
     Ways(usize),
 }
 
