@@ -8,9 +8,8 @@
 //! Then the wgmma kernels (`W4A16Linear::forward_wgmma_split`, sm_90
 //! only: `WgmmaKernel::Registers`, the warp-specialized
 //! `WgmmaKernel::Specialized` with K unsplit and with the split
-//! `W4A16Linear::wgmma_auto_split` picks for these rows (printed as
-//! whole tiles + split tiles × ways; 1 where it does not split),
-//! and its CTA pairs, `WgmmaKernel::Multicast`),
+//! `W4A16Linear::wgmma_auto_splits` picks for these rows (its S printed; 1 where
+//! the tiles fill the GPU), and its CTA pairs, `WgmmaKernel::Multicast`),
 //! which dequantize the codes inside their
 //! main loops, and the largest difference between each one's output and
 //! the dequantize-then-GEMM path's. (The
@@ -22,7 +21,7 @@
 //! after warm-up. `cargo run --release -p lmq-kernels --example bench_prefill`.
 
 use half::f16;
-use lmq_kernels::{Blas, KernelError, PackedW4, W4A16Linear, WgmmaKernel, WgmmaSplit};
+use lmq_kernels::{Blas, KernelError, PackedW4, W4A16Linear, WgmmaKernel};
 
 #[path = "bench_common/mod.rs"]
 mod bench_common;
@@ -88,22 +87,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The wgmma kernels, where they take the shape (sm_90), and how far
         // their outputs are from the dequantize-then-GEMM path's.
         let mut wgmma = Vec::new();
-        let mut split = "1".to_string();
+        let mut split = 1;
         if w4.wgmma_supports(&dev) {
             w4.dequantize_into(&dev, &mut scratch)?;
             blas.gemm_f16(&dev, &x, &scratch, &mut out)?;
             let reference = dev.download(&out)?;
             let scale = reference.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
-            let auto = w4.wgmma_auto_split(&dev, rows);
-            let tiles = w4.wgmma_tiles(rows);
-            if auto.ways > 1 {
-                split = format!("{} + {} × {}", auto.whole, tiles - auto.whole, auto.ways);
-            }
+            split = w4.wgmma_auto_splits(&dev, rows);
             for (kernel, splits) in [
-                (WgmmaKernel::Registers, WgmmaSplit::NONE),
-                (WgmmaKernel::Specialized, WgmmaSplit::NONE),
-                (WgmmaKernel::Specialized, auto),
-                (WgmmaKernel::Multicast, WgmmaSplit::NONE),
+                (WgmmaKernel::Registers, 1),
+                (WgmmaKernel::Specialized, 1),
+                (WgmmaKernel::Specialized, split),
+                (WgmmaKernel::Multicast, 1),
             ] {
                 // Poisoned first, so that an output the kernel did not
                 // write shows as NaN rather than as the GEMM's values.

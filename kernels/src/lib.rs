@@ -47,6 +47,6 @@ pub use paged::{DeviceKvPool, KvLayout, KvStorage, RowMeta, RowPlace};
 pub use sampling::{sample_rows, PenaltyEntry, RowSampling};
 pub use timer::GpuTimer;
 pub use w4a16::{
-    norm_weight_shift, wave_split, AddNorm, OutElement, RowScale, W4A16Linear, W4Kernel, W4Plan,
-    WgmmaKernel, WgmmaSplit, DEFAULT_KERNEL, MAX_ROWS,
+    norm_weight_shift, AddNorm, OutElement, RowScale, W4A16Linear, W4Kernel, W4Plan, WgmmaKernel,
+    DEFAULT_KERNEL, MAX_ROWS,
 };

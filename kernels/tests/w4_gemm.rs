@@ -9,17 +9,14 @@
 //! be refused with an error.
 //!
 //! All three kernels ([`WgmmaKernel::ALL`]) run every case through
-//! `forward_wgmma_with` (its automatic split of K on this GPU's SMs), and
-//! the specialized one also with every tile's K split 2, 3 and 8 ways
+//! `forward_wgmma_with` (unsplit unless `LMQ_W4_WGMMA_SPLIT` says
+//! otherwise), and the specialized one also with K split 2, 3 and 8 ways
 //! asked (each distinct count the layer makes of them, uneven splits
-//! included; `split_plan`), and with only the later tiles split (the last
-//! one, or the second half: the tail split of a partial last wave, which
-//! `wave_split` asks for on many tiles, forced here on a few so that any
-//! GPU runs it): split sums add the same products in another order, so
-//! they meet the same bounds and must be as deterministic. The partial
-//! tiles are NaN-poisoned before every split launch, so a block that
-//! summed one before it was written would show. A split the layer cannot
-//! take is refused.
+//! included; `split_plan`): split sums add the same products in another
+//! order, so they meet the same bounds and must be as deterministic. The
+//! partial tiles are NaN-poisoned before every split launch, so a block
+//! that summed one before it was written would show. A split the layer
+//! cannot take is refused.
 //!
 //! Without a CUDA GPU the tests print "skipped: no CUDA device"; on a GPU
 //! other than sm_90 they check the refusal only.
@@ -28,7 +25,7 @@ mod common;
 
 use common::{device, draw_w4, Rng, W4Draw};
 use half::f16;
-use lmq_kernels::{DeviceMatrix, Element, GpuDevice, W4A16Linear, WgmmaKernel, WgmmaSplit};
+use lmq_kernels::{DeviceMatrix, Element, GpuDevice, W4A16Linear, WgmmaKernel};
 
 fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
     let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
@@ -92,29 +89,15 @@ fn wgmma_gemm_matches_dequantized_product() {
         let mut first: Option<Vec<f64>> = None;
         let kbs = k / 128;
         W4A16Linear::poison_split_partials(true);
-        // (kernel, split; None: forward_wgmma_with's choice).
-        let mut variants: Vec<(WgmmaKernel, Option<WgmmaSplit>)> = WgmmaKernel::ALL
+        // (kernel, splits made; None: forward_wgmma_with's choice).
+        let mut variants: Vec<(WgmmaKernel, Option<usize>)> = WgmmaKernel::ALL
             .into_iter()
             .map(|kernel| (kernel, None))
             .collect();
-        let tiles = lin.wgmma_tiles(m);
         for asked in [2usize, 3, 8].into_iter().filter(|&s| s <= kbs) {
             let made = lin.split_plan(asked).1;
-            let mut plans = vec![WgmmaSplit::every_tile(made)];
-            if tiles > 1 {
-                plans.push(WgmmaSplit {
-                    whole: tiles - 1,
-                    ways: made,
-                });
-                plans.push(WgmmaSplit {
-                    whole: tiles / 2,
-                    ways: made,
-                });
-            }
-            for plan in plans {
-                if made > 1 && !variants.contains(&(WgmmaKernel::Specialized, Some(plan))) {
-                    variants.push((WgmmaKernel::Specialized, Some(plan)));
-                }
+            if made > 1 && !variants.contains(&(WgmmaKernel::Specialized, Some(made))) {
+                variants.push((WgmmaKernel::Specialized, Some(made)));
             }
         }
         for (kernel, splits) in variants {
@@ -123,10 +106,7 @@ fn wgmma_gemm_matches_dequantized_product() {
             let what = format!(
                 "wgmma {} split {} m{m} k{k} n{n} g{g}",
                 kernel.name(),
-                splits.map_or("default".to_string(), |s| format!(
-                    "{} ways after {} of {tiles} tiles",
-                    s.ways, s.whole
-                ))
+                splits.map_or("default".to_string(), |s| s.to_string())
             );
             let run = |out: &mut DeviceMatrix<f32>| match splits {
                 None => lin.forward_wgmma_with(kernel, &dev, &xd, out),
@@ -208,29 +188,19 @@ fn wgmma_gemm_matches_dequantized_product() {
                 }
             }
         }
-        // Splits past the k-blocks (or past 8), splits of another kernel,
-        // and a tail past the last tile are refused.
+        // Splits past the k-blocks (or past 8), and splits of another
+        // kernel, are refused.
         let mut out = poisoned::<f32>(&dev, m, n);
-        for (kernel, split) in [
-            (WgmmaKernel::Specialized, WgmmaSplit::every_tile(0)),
-            (
-                WgmmaKernel::Specialized,
-                WgmmaSplit::every_tile(kbs.min(8) + 1),
-            ),
-            (WgmmaKernel::Registers, WgmmaSplit::every_tile(2)),
-            (WgmmaKernel::Multicast, WgmmaSplit::every_tile(2)),
-            (
-                WgmmaKernel::Specialized,
-                WgmmaSplit {
-                    whole: tiles,
-                    ways: 2,
-                },
-            ),
+        for (kernel, splits) in [
+            (WgmmaKernel::Specialized, 0),
+            (WgmmaKernel::Specialized, kbs.min(8) + 1),
+            (WgmmaKernel::Registers, 2),
+            (WgmmaKernel::Multicast, 2),
         ] {
             assert!(
-                lin.forward_wgmma_split(kernel, split, &dev, &xd, &mut out)
+                lin.forward_wgmma_split(kernel, splits, &dev, &xd, &mut out)
                     .is_err(),
-                "{} split {split:?} of k{k} was not refused",
+                "{} split {splits} of k{k} was not refused",
                 kernel.name()
             );
         }

@@ -30,31 +30,20 @@
 // aligned for the swizzle), codes (16 × 512 bytes), scales (2 × 256 bytes)
 // then biased zeros (2 × 256 bytes). The epilogue stages through stage 0.
 //
-// The grid is one-dimensional. Tiles are numbered channel blocks first
-// (tile = token block · tx + channel block), the order in which blocks
-// are scheduled. Tiles 0 .. whole − 1 take one block each, over all of K.
-//
-// Split-K (single CTAs only): the tiles from `whole` on (the tail) take
-// `ways` blocks each. Block whole + j takes tail tile j mod tail, split
-// j / tail: stages split·kb_split .. + kb_split − 1 (the last split may
-// have fewer). The host chooses the tail:
-// - where the tiles alone would leave most SMs idle (a 4096-wide layer
-//   up to 512 rows makes 64 tiles or fewer on 132 SMs), every tile
-//   (whole = 0);
-// - otherwise the tiles of the last, partial wave (4096×11008 at 2048
-//   rows: 688 tiles = 5 waves of 132 and 28 more), so that the last wave
-//   fills the SMs instead of leaving most of them idle.
-// Each split block stores its fp32 partial tile in `part`, and the last
-// of a tile's blocks to finish (a counter per tail tile, zeroed by the
-// host for each launch) adds the partials in split order, 0 first, and
-// stores the tile as the plain kernel does: the sum's order does not
-// depend on which block comes last, so the bits are the same on every
-// run.
+// Split-K (grid z > 1, single CTAs only): where the output tiles alone
+// would leave most SMs idle (a 4096-wide layer up to 512 rows makes 64
+// blocks or fewer on 132 SMs), block z takes stages z·kb_split .. +
+// kb_split − 1 of every tile (the last split may have fewer). Each block
+// stores its fp32 partial tile in `part`, and the last of a tile's blocks
+// to finish (a counter per tile, zeroed by the host for each launch) adds
+// the partials in split order, 0 first, and stores the tile as the plain
+// kernel does: the sum's order does not depend on which block comes last,
+// so the bits are the same on every run.
 //
 // Needs K a multiple of 128 and of the group size, N a multiple of 128, x
 // 16-byte aligned with rows of K halves (the host encodes the tensor map
 // and checks); otherwise the host takes another path.
-#line 58 "w4_gemm_ws.cu"
+#line 47 "w4_gemm_ws.cu"
 
 #define W4W_NST 3
 #define W4W_X_BYTES (W4G_BN * 128)                 // one 64-input half of x
@@ -151,15 +140,15 @@ __device__ __forceinline__ void w4w_bulk(u32 dst, const void* src, u32 bytes, u3
 }
 
 // Split-K: this block's partial tile (acc, thread ct of the 256 compute
-// threads) of tail tile `tile` (of `tiles`), split `split` (of `splits`),
-// into `part` [split][tile][128 accumulators][256 threads]; then, if this
-// is the tile's last block, acc becomes the sum of all the partials in
-// split order and true is returned (the caller stores it); otherwise false
-// (the block is done). Called by the compute threads only.
+// threads) into `part` [split][tile][128 accumulators][256 threads]; then,
+// if this is the tile's last block, acc becomes the sum of all the
+// partials in split order and true is returned (the caller stores it);
+// otherwise false (the block is done). Called by the compute threads only.
 __device__ __forceinline__ bool w4w_split_reduce(float (&acc)[128], float* __restrict__ part,
-                                                 unsigned* __restrict__ count, int ct, unsigned tile,
-                                                 unsigned tiles, unsigned split, unsigned splits) {
+                                                 unsigned* __restrict__ count, int ct) {
     __shared__ unsigned w4w_is_last;
+    const unsigned tiles = gridDim.x * gridDim.y, tile = blockIdx.y * gridDim.x + blockIdx.x;
+    const unsigned splits = gridDim.z, split = blockIdx.z;
     const size_t tile_words = 128 * 256;
     float* mine = part + ((size_t)split * tiles + tile) * tile_words + ct;
 #pragma unroll
@@ -192,7 +181,7 @@ __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const 
                                                 const __half* __restrict__ sc, const __half* __restrict__ zb,
                                                 void* __restrict__ out, int M, int N, int KB, int out_f32,
                                                 float* __restrict__ part, unsigned* __restrict__ count,
-                                                int kb_split, int tx, int whole, int ways) {
+                                                int kb_split) {
 #ifdef W4G_WGMMA
     extern __shared__ unsigned char w4w_smem[];
     // full[b] at bars + 8b, empty[b] at bars + 8(NST + b).
@@ -201,26 +190,16 @@ __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const 
     const u32 base = (smem0 + 1023u) & ~1023u;
     const u32 bars = (u32)__cvta_generic_to_shared(w4w_bars);
     const int tid = threadIdx.x, wg = tid >> 7;
-    // This block's tile and split (see the note on the grid above); the
-    // CTA pairs never split.
-    const unsigned blk = blockIdx.x;
-    const bool split_k = CLUSTER == 1 && ways > 1 && blk >= (unsigned)whole;
-    const unsigned tail = split_k ? (gridDim.x - (unsigned)whole) / (unsigned)ways : 0;
-    const unsigned tail_tile = split_k ? (blk - (unsigned)whole) % tail : 0;
-    const unsigned split = split_k ? (blk - (unsigned)whole) / tail : 0;
-    const unsigned out_tile = split_k ? (unsigned)whole + tail_tile : blk;
-    const int n0 = (int)(out_tile % (unsigned)tx) * W4G_BM;
-    const int m0 = (int)(out_tile / (unsigned)tx) * W4G_BN;
+    const int n0 = blockIdx.x * W4G_BM, m0 = blockIdx.y * W4G_BN;
     // One k-block of 128 inputs per stage: this block's k-blocks kb0 ..
     // kb0 + stages − 1 (all of them without split-K; the host makes every
     // split non-empty).
-    const int kb0 = (int)split * kb_split;
-    const int stages = split_k ? min(kb_split, KB - kb0) : KB;
+    const int kb0 = CLUSTER == 1 ? (int)blockIdx.z * kb_split : 0;
+    const int stages = CLUSTER == 1 && gridDim.z > 1 ? min(kb_split, KB - kb0) : KB;
 
     // With CLUSTER 2, CTA `rank` of a pair (adjacent channel blocks, the
-    // same tokens: tx is even) loads tokens 128·rank .. + 127 of each x
-    // box for both.
-    const u32 rank = CLUSTER == 2 ? (blk & 1) : 0;
+    // same tokens) loads tokens 128·rank .. + 127 of each x box for both.
+    const u32 rank = CLUSTER == 2 ? (blockIdx.x & 1) : 0;
 
     if (tid == 0) {
         for (int b = 0; b < W4W_NST; ++b) {
@@ -240,7 +219,7 @@ __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const 
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(W4W_PRODUCER_REGS));
         if (tid == 0) {
             constexpr int GROUPS = 128 / G;  // groups per stage: 1 or 2
-            const u32 tx_bytes = 2 * W4W_X_BYTES + W4W_CODE_BYTES + GROUPS * 2 * 256;
+            const u32 tx = 2 * W4W_X_BYTES + W4W_CODE_BYTES + GROUPS * 2 * 256;
             const unsigned char* codes = qw + (size_t)(n0 / 8) * KB * 512;
             asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)xmap) : "memory");
             for (int s = 0; s < stages; ++s) {
@@ -256,7 +235,7 @@ __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const 
                 const u32 st = base + b * W4W_STAGE_BYTES;
                 // The whole stage's bytes are expected here, the peer's
                 // half of x included.
-                w4w_bar_expect(full, tx_bytes);
+                w4w_bar_expect(full, tx);
                 if (CLUSTER == 2) {
                     const u32 half = rank * (W4W_X_BYTES / 2);
                     const int tok = m0 + (W4G_BN / 2) * rank;
@@ -367,8 +346,7 @@ __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const 
     } while (++s < stages);
     w4g_wait<0>();
     w4g_touch(acc, 128);
-    if (split_k && !w4w_split_reduce(acc, part, count, ct, tail_tile, tail, split, (unsigned)ways))
-        return;
+    if (CLUSTER == 1 && gridDim.z > 1 && !w4w_split_reduce(acc, part, count, ct)) return;
     // Both compute warpgroups' wgmmas are done with shared memory (and
     // every copy has landed: each stage was waited for) before stage 0
     // becomes the output staging area.
@@ -389,9 +367,8 @@ __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const 
         NAME(const __grid_constant__ W4wTensorMap xmap, const unsigned char* __restrict__ qw,          \
              const __half* __restrict__ sc, const __half* __restrict__ zb, void* __restrict__ out, int M, \
              int N, int KB, int out_f32, float* __restrict__ part, unsigned* __restrict__ count,       \
-             int kb_split, int tx, int whole, int ways) {                                              \
-        w4_gemm_ws_body<GS, CLUSTER>(&xmap, qw, sc, zb, out, M, N, KB, out_f32, part, count, kb_split, \
-                                     tx, whole, ways);                                                 \
+             int kb_split) {                                                                           \
+        w4_gemm_ws_body<GS, CLUSTER>(&xmap, qw, sc, zb, out, M, N, KB, out_f32, part, count, kb_split); \
     }
 
 W4_GEMM_WS_ENTRY(w4_gemm_ws_g64, 64, 1, )

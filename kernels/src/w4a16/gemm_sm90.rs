@@ -11,10 +11,9 @@
 //! inputs; the warp-specialized one (`cu/w4_gemm_ws.cu`) has a producer
 //! warpgroup bring the activations by TMA (a tensor map encoded per call)
 //! and the codes by bulk copies, through mbarrier-tracked stages. Where
-//! its output tiles would leave SMs idle (few rows, or the last, partial
-//! wave of many), the specialized one splits those tiles' K over blocks
-//! and the last block of each tile adds the fp32 partials in a fixed
-//! order ([`W4A16Linear::wgmma_split`], [`WgmmaSplit`]).
+//! its output tiles would leave SMs idle (few rows), the specialized one
+//! splits K over blocks and the last block of each tile adds the fp32
+//! partials in a fixed order ([`W4A16Linear::wgmma_splits`]).
 
 use cudarc::driver::{CudaFunction, DevicePtr, PushKernelArg};
 use half::f16;
@@ -47,39 +46,6 @@ const MIN_STAGES_PER_SPLIT: usize = 4;
 const MAX_SPLITS: usize = 8;
 /// fp32 words of one block's partial output tile (128 channels × 256 tokens).
 const TILE_WORDS: usize = BLOCK_CHANNELS * BLOCK_TOKENS;
-
-/// How the specialized kernel covers a layer's output tiles, numbered
-/// in launch order (channel blocks of 128 first, then token blocks of
-/// 256): tiles `0 .. whole` take one block each over all of K; each later
-/// tile (the tail) takes `ways` blocks, one per split of K, and its last
-/// block to finish adds their fp32 partial tiles in split order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WgmmaSplit {
-    /// Tiles, from the first, that K is not split for.
-    pub whole: usize,
-    /// Splits of K of each later tile (1: none, `whole` then ignored).
-    pub ways: usize,
-}
-
-impl WgmmaSplit {
-    /// K not split anywhere.
-    pub const NONE: WgmmaSplit = WgmmaSplit { whole: 0, ways: 1 };
-
-    /// Every tile's K split `ways` ways.
-    pub fn every_tile(ways: usize) -> WgmmaSplit {
-        WgmmaSplit { whole: 0, ways }
-    }
-
-    /// Blocks the launch runs for `tiles` output tiles.
-    pub fn blocks(self, tiles: usize) -> usize {
-        if self.ways <= 1 {
-            tiles
-        } else {
-            let whole = self.whole.min(tiles);
-            whole + (tiles - whole) * self.ways
-        }
-    }
-}
 
 /// Which wgmma GEMM [`W4A16Linear::forward_wgmma_with`] launches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -242,20 +208,25 @@ impl W4A16Linear {
             && matches!(self.group_size, 64 | 128)
     }
 
-    /// The output tiles of the wgmma GEMM on `m` rows.
-    pub fn wgmma_tiles(&self, m: usize) -> usize {
-        (self.out_features / BLOCK_CHANNELS) * m.div_ceil(BLOCK_TOKENS)
+    /// The output tiles of the wgmma GEMM on `m` rows, and whether they
+    /// leave SMs idle (fill less than 5/8 of them), where split-K applies.
+    fn wgmma_tiles(&self, dev: &GpuDevice, m: usize) -> (usize, bool) {
+        let tiles = (self.out_features / BLOCK_CHANNELS) * m.div_ceil(BLOCK_TOKENS);
+        (tiles, tiles > 0 && 8 * tiles < 5 * dev.num_sms() as usize)
     }
 
-    /// The split of K that suits the specialized kernel on `m` rows
-    /// ([`wave_split`]): the tiles of the last, partial wave (all of them
-    /// where there are fewer tiles than SMs) split as many ways as fill
-    /// that wave, at most [`MAX_SPLITS`] and at most one per
-    /// [`MIN_STAGES_PER_SPLIT`] k-blocks, in the counts the launch makes
-    /// of them ([`Self::split_plan`]); [`WgmmaSplit::NONE`] where that is
-    /// one way.
-    pub fn wgmma_auto_split(&self, dev: &GpuDevice, m: usize) -> WgmmaSplit {
-        wave_split(self.kbs, self.wgmma_tiles(m), dev.num_sms() as usize, None)
+    /// The split of K that suits the specialized kernel on `m` rows (1:
+    /// none): where its output tiles alone leave SMs idle, as many splits
+    /// as keep the grid within one wave, at most [`MAX_SPLITS`] and at most
+    /// one per [`MIN_STAGES_PER_SPLIT`] k-blocks; the count the launch
+    /// makes of that ([`Self::split_plan`]).
+    pub fn wgmma_auto_splits(&self, dev: &GpuDevice, m: usize) -> usize {
+        let (tiles, idle) = self.wgmma_tiles(dev, m);
+        if idle {
+            auto_splits(self.kbs, tiles, dev.num_sms() as usize)
+        } else {
+            1
+        }
     }
 
     /// How a request for `splits` ways divides this layer's k-blocks:
@@ -266,31 +237,28 @@ impl W4A16Linear {
         split_plan(self.kbs, splits)
     }
 
-    /// How [`Self::forward_wgmma_with`] splits K for the specialized
-    /// kernel on `m` rows: [`Self::wgmma_auto_split`] where
-    /// [`SPLIT_BY_DEFAULT`], else not at all. `LMQ_W4_WGMMA_SPLIT`
-    /// overrides it: `auto`; `few`, the automatic split only where there
-    /// are fewer tiles than SMs (not in a last wave after whole ones); or
-    /// a count of ways for the tiles of the last, partial wave only (a
-    /// split of every tile would only add partial tiles to write where
-    /// they fill the SMs: for gate|up at 2048 rows, 8 ways would need 1.3
-    /// GiB of them). 1 turns split-K off.
-    pub fn wgmma_split(&self, dev: &GpuDevice, m: usize) -> Result<WgmmaSplit> {
-        let (tiles, sms) = (self.wgmma_tiles(m), dev.num_sms() as usize);
+    /// How many ways [`Self::forward_wgmma_with`] splits K for the
+    /// specialized kernel on `m` rows: [`Self::wgmma_auto_splits`] where
+    /// [`SPLIT_BY_DEFAULT`], else 1. `LMQ_W4_WGMMA_SPLIT` overrides it:
+    /// `auto`, or a count, applied only where the tiles leave SMs idle
+    /// (elsewhere a split only adds partial tiles to write: for gate|up at
+    /// 2048 rows, 8 ways would need 1.3 GiB of them); 1 turns split-K off.
+    pub fn wgmma_splits(&self, dev: &GpuDevice, m: usize) -> Result<usize> {
         Ok(match split_override()? {
-            SplitChoice::Default if SPLIT_BY_DEFAULT => wave_split(self.kbs, tiles, sms, None),
-            SplitChoice::Default => WgmmaSplit::NONE,
-            SplitChoice::Auto => wave_split(self.kbs, tiles, sms, None),
-            SplitChoice::Few if tiles < sms => wave_split(self.kbs, tiles, sms, None),
-            SplitChoice::Few => WgmmaSplit::NONE,
-            SplitChoice::Ways(n) => wave_split(self.kbs, tiles, sms, Some(n)),
+            SplitChoice::Default if SPLIT_BY_DEFAULT => self.wgmma_auto_splits(dev, m),
+            SplitChoice::Default => 1,
+            SplitChoice::Auto => self.wgmma_auto_splits(dev, m),
+            SplitChoice::Ways(n) if self.wgmma_tiles(dev, m).1 => {
+                self.split_plan(n.min(self.kbs)).1
+            }
+            SplitChoice::Ways(_) => 1,
         })
     }
 
     /// Whether the wgmma GEMM is expected to beat dequantize-then-cuBLAS
     /// on `m` rows: it takes the layer, and its grid (128 channels × 256
-    /// tokens a block, one block per SM, with the splits of K of
-    /// [`Self::wgmma_split`]) fills at least 5/8 of the SMs.
+    /// tokens a block, one block per SM, times the splits of K of
+    /// [`Self::wgmma_splits`]) fills at least 5/8 of the SMs.
     /// On an H200 (docs/BENCHMARKS.md, session 14) the specialized kernel
     /// won from 86 blocks on (the 4096×11008 layer at 64 rows and more,
     /// the 4096-wide ones from 1024 rows: 0.86–1.02× of cuBLAS fp16
@@ -302,8 +270,7 @@ impl W4A16Linear {
     /// named by `LMQ_W4_WGMMA_KERNEL`, or a driver without tensor maps
     /// (which would run the first kernel), is never preferred.
     pub fn wgmma_preferred(&self, dev: &GpuDevice, m: usize) -> bool {
-        let split = self.wgmma_split(dev, m).unwrap_or(WgmmaSplit::NONE);
-        let blocks = split.blocks(self.wgmma_tiles(m));
+        let blocks = self.wgmma_tiles(dev, m).0 * self.wgmma_splits(dev, m).unwrap_or(1);
         matches!(WgmmaKernel::from_env(), Ok(WgmmaKernel::Specialized))
             && WgmmaKernel::Specialized.available()
             && self.wgmma_supports(dev)
@@ -323,7 +290,7 @@ impl W4A16Linear {
 
     /// `out = x · W` for any number of rows (x `[M, in]` fp16, out
     /// `[M, out]`), by the wgmma kernel `kernel` (the specialized one with
-    /// [`Self::wgmma_split`]'s split of K): the weights enter the
+    /// [`Self::wgmma_splits`]' split of K): the weights enter the
     /// tensor cores as `(q − z) · s` rounded once to fp16, the values
     /// [`Self::dequantize_into`] writes, with fp32 sums. The layer's bias
     /// is not added (as on the dequantize-then-cuBLAS path, the caller
@@ -335,36 +302,34 @@ impl W4A16Linear {
         x: &DeviceMatrix<f16>,
         out: &mut DeviceMatrix<O>,
     ) -> Result<()> {
-        let split = match kernel {
-            WgmmaKernel::Specialized => self.wgmma_split(dev, x.rows())?,
-            _ => WgmmaSplit::NONE,
+        let splits = match kernel {
+            WgmmaKernel::Specialized => self.wgmma_splits(dev, x.rows())?,
+            _ => 1,
         };
-        self.forward_wgmma_split(kernel, split, dev, x, out)
+        self.forward_wgmma_split(kernel, splits, dev, x, out)
     }
 
-    /// [`Self::forward_wgmma_with`] with the tiles from `split.whole` on
-    /// taking K in `split.ways` splits, as [`Self::split_plan`] makes them
-    /// (1 way: not split; more only for [`WgmmaKernel::Specialized`], at
-    /// most one split per 128 inputs). A split sum adds the same products
-    /// in another order, so its bits may differ from the unsplit kernel's.
+    /// [`Self::forward_wgmma_with`] with K split `splits` ways (1: not
+    /// split; more only for [`WgmmaKernel::Specialized`], at most one
+    /// split per 128 inputs). A split sum adds the same products in
+    /// another order, so its bits may differ from the unsplit kernel's.
     pub fn forward_wgmma_split<O: OutElement>(
         &self,
         kernel: WgmmaKernel,
-        split: WgmmaSplit,
+        splits: usize,
         dev: &GpuDevice,
         x: &DeviceMatrix<f16>,
         out: &mut DeviceMatrix<O>,
     ) -> Result<()> {
         const OP: &str = "W4 wgmma GEMM";
-        let ways = split.ways;
-        if ways == 0
-            || ways > self.kbs.min(MAX_SPLITS)
-            || (ways > 1 && kernel != WgmmaKernel::Specialized)
+        if splits == 0
+            || splits > self.kbs.min(MAX_SPLITS)
+            || (splits > 1 && kernel != WgmmaKernel::Specialized)
         {
             return Err(KernelError::invalid(
                 OP,
                 format!(
-                    "{ways} splits of K asked of the {} kernel; only the specialized one \
+                    "{splits} splits of K asked of the {} kernel; only the specialized one \
                      splits, 1 to {} ways for this layer",
                     kernel.name(),
                     self.kbs.min(MAX_SPLITS)
@@ -403,16 +368,6 @@ impl W4A16Linear {
         if token_blocks > 65535 || m > i32::MAX as usize / self.in_features {
             return Err(KernelError::shape(OP, format!("{m} rows are too many")));
         }
-        let tiles = self.wgmma_tiles(m);
-        if ways > 1 && split.whole >= tiles {
-            return Err(KernelError::invalid(
-                OP,
-                format!(
-                    "K split for the tiles from {} on, but {m} rows make {tiles} tiles",
-                    split.whole
-                ),
-            ));
-        }
         let grid = (
             (self.out_features / BLOCK_CHANNELS) as u32,
             token_blocks as u32,
@@ -427,10 +382,10 @@ impl W4A16Linear {
         };
         match kernel {
             WgmmaKernel::Registers => self.launch_registers(dev, x, out, grid),
-            WgmmaKernel::Specialized => self.launch_specialized(dev, x, out, grid, false, split),
+            WgmmaKernel::Specialized => self.launch_specialized(dev, x, out, grid, false, splits),
             WgmmaKernel::Multicast => {
                 let pairs = grid.0.is_multiple_of(2);
-                self.launch_specialized(dev, x, out, grid, pairs, WgmmaSplit::NONE)
+                self.launch_specialized(dev, x, out, grid, pairs, 1)
             }
         }
     }
@@ -496,10 +451,9 @@ impl W4A16Linear {
     }
 
     /// The warp-specialized kernel, in CTA pairs that multicast x when
-    /// `pairs` (the grid's channel blocks even), or with the tail's K split
-    /// as `split` asks (single CTAs only: [`WgmmaSplit::NONE`] with
-    /// `pairs`), shapes checked by [`Self::forward_wgmma_split`]; `grid`
-    /// is (channel blocks, token blocks, 1), launched as one dimension.
+    /// `pairs` (the grid's channel blocks even), or with K split about
+    /// `splits` ways (single CTAs only: 1 with `pairs`), shapes checked by
+    /// [`Self::forward_wgmma_split`].
     fn launch_specialized<O: OutElement>(
         &self,
         dev: &GpuDevice,
@@ -507,34 +461,21 @@ impl W4A16Linear {
         out: &mut DeviceMatrix<O>,
         grid: (u32, u32, u32),
         pairs: bool,
-        split: WgmmaSplit,
+        splits: usize,
     ) -> Result<()> {
         let stream = dev.stream();
         let m = x.rows();
+        // Split-K: k-blocks per split, then the number of non-empty splits
+        // (the grid's z), the partial tiles and a zeroed counter per tile.
+        let (kb_split, splits) = self.split_plan(splits);
+        let grid = (grid.0, grid.1, splits as u32);
         let tiles = grid.0 as usize * grid.1 as usize;
-        // Split-K: k-blocks per split and the number of non-empty splits,
-        // the tiles that take all of K, the tail's partial tiles and a
-        // zeroed counter per tail tile.
-        let (kb_split, ways) = self.split_plan(split.ways);
-        let whole = if ways > 1 {
-            split.whole.min(tiles)
-        } else {
-            tiles
-        };
-        let tail = tiles - whole;
-        let blocks = whole + tail * ways;
-        if blocks > i32::MAX as usize {
-            return Err(KernelError::shape(
-                "W4 wgmma GEMM",
-                format!("{blocks} blocks are too many"),
-            ));
-        }
-        let (part, count) = if tail > 0 {
-            let mut part = dev.uninit::<f32>(ways * tail, TILE_WORDS)?;
+        let (part, count) = if splits > 1 {
+            let mut part = dev.uninit::<f32>(splits * tiles, TILE_WORDS)?;
             if POISON_SPLIT_PARTIALS.load(std::sync::atomic::Ordering::Relaxed) {
                 dev.fill(&mut part, f32::NAN)?;
             }
-            (Some(part), Some(dev.zeros::<u32>(1, tail)?))
+            (Some(part), Some(dev.zeros::<u32>(1, tiles)?))
         } else {
             (None, None)
         };
@@ -550,8 +491,7 @@ impl W4A16Linear {
         let map = x_tensor_map(x_ptr, m, self.in_features, box_dims)?;
         let (mi, ni, kbi) = (m as i32, self.out_features as i32, self.kbs as i32);
         let out_f32 = O::IS_F32;
-        let (kb_split_i, tx, whole_i, ways_i) =
-            (kb_split as i32, grid.0 as i32, whole as i32, ways as i32);
+        let kb_split_i = kb_split as i32;
         let null = 0u64;
         let mut b = stream.launch_builder(&f);
         b.arg(&map)
@@ -564,48 +504,42 @@ impl W4A16Linear {
             (Some(p), Some(c)) => b.arg(&p.data).arg(&c.data),
             _ => b.arg(&null).arg(&null),
         };
-        b.arg(&kb_split_i).arg(&tx).arg(&whole_i).arg(&ways_i);
+        b.arg(&kb_split_i);
         let cfg = cudarc::driver::LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
+            grid_dim: grid,
             block_dim: (384, 1, 1),
             shared_mem_bytes: WS_SMEM_BYTES as u32,
         };
         // SAFETY: matches `w4_gemm_ws[2]_g{G}(W4wTensorMap, const unsigned
         // char*, const half*, const half*, void*, int × 4, float*,
-        // unsigned*, int × 4)` with G this
+        // unsigned*, int)` with G this
         // layer's group size (64 or 128, checked); the pair kernels are
         // compiled with clusters of 2 along x, and `pairs` holds only for
-        // an even number of channel blocks tx, so that blocks 2i and 2i + 1
-        // of the one-dimensional grid (tile = token block · tx + channel
-        // block, split = 0) are channel blocks 2c and 2c + 1 of the same
-        // tokens. Their map's box is half the tokens, each CTA
+        // an even grid x. Their map's box is half the tokens, each CTA
         // loading its half for both. The tensor map describes
         // x as M rows of K fp16 (its own allocation, M·K checked below
         // 2³¹), so TMA reads only inside it (tokens past M are filled with
-        // zeros, not read). The kernel reads, per block of channel block
-        // c = tile mod tx < N/128 and stage s below kbs = K/128, the
-        // 512-byte code blocks of tiles 16·c .. 16·c + 15
+        // zeros, not read). The kernel reads, per block x and stage s below
+        // kbs = K/128, the 512-byte code blocks of tiles 16·x .. 16·x + 15
         // at ((tile·kbs + s)·512) bytes of qw (N/8 tiles × kbs blocks ×
         // 512 bytes: inside it, N a multiple of 128), and 128 scales and
         // zeros from group rows below K/G (validated at construction),
-        // columns 128·c .. 128·c + 127 < N, by bulk copies of 256 bytes
+        // columns 128·x .. 128·x + 127 < N, by bulk copies of 256 bytes
         // from 256-byte aligned offsets (N a multiple of 128 halves). It
         // writes out[tok][col] for tok < M, col < N, as f32 or fp16 as
         // out_f32 names (out is M×N of O, checked), with 16-byte stores
         // into rows of N·4 or N·2 bytes (multiples of 256). The shared
         // memory (WS_SMEM_BYTES, the kernel's W4W_SMEM) is below the limit
         // just raised; the entry point traps unless compiled for sm_90a,
-        // which it is on this sm_90 device (checked). The grid has
-        // whole + tail·ways blocks: block b < whole takes tile b over all
-        // of K; with ways > 1 (never for the pair kernels) block whole + j
-        // takes tail tile t = j mod tail, split z = j / tail < ways, reads
-        // k-blocks z·kb_split .. below kbs (every split non-empty:
-        // ways = ⌈kbs / kb_split⌉), writes its partial tile at word
-        // ((z·tail + t)·TILE_WORDS) of `part` (ways·tail·TILE_WORDS fp32,
-        // allocated above) and counts on `count[t]` (tail zeroed u32s);
-        // both stay alive until after the launch is queued and are freed
-        // in stream order. Without a tail the kernel never touches the two
-        // null pointers. All buffers belong to this device's stream.
+        // which it is on this sm_90 device (checked). With grid z > 1 (never
+        // for the pair kernels) block z reads k-blocks z·kb_split .. below
+        // kbs (every split non-empty: z < ⌈kbs / kb_split⌉), writes its
+        // partial tile at word ((z·tiles + tile)·TILE_WORDS) of `part`
+        // (splits·tiles·TILE_WORDS fp32, allocated above) and counts on
+        // `count[tile]` (tiles zeroed u32s); both stay alive until after
+        // the launch is queued and are freed in stream order. Without a
+        // split the kernel never touches the two null pointers. All
+        // buffers belong to this device's stream.
         unsafe { b.launch(cfg) }.during("launching w4_gemm_ws")?;
         Ok(())
     }
@@ -617,42 +551,12 @@ fn split_plan(kbs: usize, splits: usize) -> (usize, usize) {
     (kb_split, kbs.div_ceil(kb_split))
 }
 
-/// The splits of K (made, [`split_plan`]) that fill `sms` SMs with
-/// `tiles` output tiles: ⌊sms / tiles⌋, at most [`MAX_SPLITS`] and at most
-/// one per [`MIN_STAGES_PER_SPLIT`] of the `kbs` k-blocks.
+/// [`W4A16Linear::wgmma_auto_splits`] for `kbs` k-blocks and `tiles`
+/// output tiles (that leave some of the `sms` SMs idle).
 fn auto_splits(kbs: usize, tiles: usize, sms: usize) -> usize {
     let most = (kbs / MIN_STAGES_PER_SPLIT).clamp(1, MAX_SPLITS);
     let want = (sms / tiles.max(1)).clamp(1, most);
     split_plan(kbs, want).1
-}
-
-/// [`W4A16Linear::wgmma_split`] for `kbs` k-blocks, `tiles` output tiles
-/// and `sms` SMs (one block each): the tiles past the last whole wave
-/// (all of them with fewer tiles than SMs) take K in `ways` splits
-/// ([`auto_splits`] where `ways` is `None`, else at most that many, as
-/// [`split_plan`] makes them); [`WgmmaSplit::NONE`] where the tiles fill
-/// whole waves or the split is one way.
-///
-/// Why only the last wave: with one block per SM, 4096×11008 at 2048
-/// rows makes 688 tiles, 5 waves of 132 and 28 tiles more, which take a
-/// sixth wave's time on 28 SMs while 104 idle. Split 4 ways they take a
-/// quarter of it on 112.
-pub fn wave_split(kbs: usize, tiles: usize, sms: usize, ways: Option<usize>) -> WgmmaSplit {
-    let sms = sms.max(1);
-    let whole = tiles / sms * sms;
-    let tail = tiles - whole;
-    if tail == 0 {
-        return WgmmaSplit::NONE;
-    }
-    let ways = match ways {
-        None => auto_splits(kbs, tail, sms),
-        Some(n) => split_plan(kbs, n.clamp(1, kbs.clamp(1, MAX_SPLITS))).1,
-    };
-    if ways > 1 {
-        WgmmaSplit { whole, ways }
-    } else {
-        WgmmaSplit::NONE
-    }
 }
 
 /// Set by tests ([`W4A16Linear::poison_split_partials`]) so that a split
@@ -673,7 +577,7 @@ impl W4A16Linear {
 }
 
 /// Whether the specialized kernel splits K on its own where its tiles
-/// leave SMs idle ([`W4A16Linear::wgmma_auto_split`]). On an H100
+/// leave SMs idle ([`W4A16Linear::wgmma_auto_splits`]). On an H100
 /// (docs/BENCHMARKS.md, session 15) split-K beat dequantize-then-cuBLAS
 /// on every 4096-wide layer from 128 to 512 rows (1.11–2.08×), and in the
 /// engine it took Llama-2-7B-shaped decode batches of 128 from 6744–6810
@@ -685,18 +589,14 @@ const SPLIT_BY_DEFAULT: bool = true;
 enum SplitChoice {
     /// Unset: [`SPLIT_BY_DEFAULT`] decides.
     Default,
-    /// `auto`: [`W4A16Linear::wgmma_auto_split`].
+    /// `auto`: [`W4A16Linear::wgmma_auto_splits`].
     Auto,
-    /// `few`: the same, but only where there are fewer tiles than SMs
-    /// (session 15's split, before the last wave's tiles split too).
-    Few,
-    /// A count: the last, partial wave's tiles (every tile where there
-    /// are fewer than SMs) split that many ways (at most [`MAX_SPLITS`]).
+    /// A count: K split that many ways (at most [`MAX_SPLITS`]).
     Ways(usize),
 }
 
-/// `LMQ_W4_WGMMA_SPLIT` (`auto`, `few` or a positive count), read once
-/// per process. Anything else is an error.
+/// `LMQ_W4_WGMMA_SPLIT` (`auto` or a positive count), read once per
+/// process. Anything else is an error.
 fn split_override() -> Result<SplitChoice> {
     static SPLIT: std::sync::OnceLock<std::result::Result<SplitChoice, String>> =
         std::sync::OnceLock::new();
@@ -704,12 +604,10 @@ fn split_override() -> Result<SplitChoice> {
         .get_or_init(|| match std::env::var("LMQ_W4_WGMMA_SPLIT") {
             Err(_) => Ok(SplitChoice::Default),
             Ok(v) if v.trim() == "auto" => Ok(SplitChoice::Auto),
-            Ok(v) if v.trim() == "few" => Ok(SplitChoice::Few),
             Ok(v) => match v.trim().parse::<usize>() {
                 Ok(n) if n >= 1 => Ok(SplitChoice::Ways(n.min(MAX_SPLITS))),
                 _ => Err(format!(
-                    "LMQ_W4_WGMMA_SPLIT must be auto, few or a positive number of splits, \
-                     got {v:?}"
+                    "LMQ_W4_WGMMA_SPLIT must be auto or a positive number of splits, got {v:?}"
                 )),
             },
         })
@@ -756,58 +654,6 @@ mod tests {
         }
         assert_eq!(split_plan(11, 8), (2, 6));
         assert_eq!(split_plan(32, 3), (11, 3));
-    }
-
-    #[test]
-    fn the_last_partial_wave_splits_to_fill_the_sms() {
-        // Llama-2-7B's prefill shapes at 2048 rows on 132 SMs (32 or 86
-        // k-blocks; 4096 outputs make 32 tiles per 256 rows).
-        // 4096×11008: 688 tiles = 5 waves + 28, split 4 ways.
-        assert_eq!(
-            wave_split(32, 86 * 8, 132, None),
-            WgmmaSplit {
-                whole: 660,
-                ways: 4
-            }
-        );
-        // gate|up, 4096×22016: 1376 = 10 waves + 56, split 2 ways.
-        assert_eq!(
-            wave_split(32, 172 * 8, 132, None),
-            WgmmaSplit {
-                whole: 1320,
-                ways: 2
-            }
-        );
-        // 4096×4096: 256 = 1 wave + 124; a split would overflow the wave.
-        assert_eq!(wave_split(32, 256, 132, None), WgmmaSplit::NONE);
-        // Whole waves only: nothing to split.
-        assert_eq!(wave_split(32, 264, 132, None), WgmmaSplit::NONE);
-        assert_eq!(wave_split(32, 264, 132, Some(4)), WgmmaSplit::NONE);
-        // Fewer tiles than SMs: every tile splits, as before the tail
-        // split (4096-wide layers: 4 ways up to 256 rows, 2 up to 512).
-        assert_eq!(wave_split(32, 32, 132, None), WgmmaSplit::every_tile(4));
-        assert_eq!(wave_split(86, 64, 132, None), WgmmaSplit::every_tile(2));
-        // A forced count is made as split_plan makes it (11 k-blocks 8
-        // ways: 6 splits of 2), never past the k-blocks or MAX_SPLITS.
-        assert_eq!(wave_split(11, 140, 132, Some(8)).ways, 6);
-        assert_eq!(wave_split(3, 140, 132, Some(8)).ways, 3);
-        assert_eq!(wave_split(300, 140, 132, Some(64)).ways, MAX_SPLITS);
-        assert_eq!(wave_split(32, 140, 132, Some(1)), WgmmaSplit::NONE);
-        // Every plan fits: the tail's split blocks stay within one wave
-        // (automatic), the whole tiles are whole waves, and the blocks
-        // cover every tile.
-        for tiles in 1..=700usize {
-            for kbs in [1usize, 4, 11, 32, 86] {
-                let s = wave_split(kbs, tiles, 132, None);
-                if s.ways > 1 {
-                    assert!(s.whole % 132 == 0 && s.whole < tiles, "{tiles}: {s:?}");
-                    assert!((tiles - s.whole) * s.ways <= 132, "{tiles}: {s:?}");
-                    assert!(s.blocks(tiles) > tiles);
-                } else {
-                    assert_eq!(s.blocks(tiles), tiles);
-                }
-            }
-        }
     }
 
     #[test]

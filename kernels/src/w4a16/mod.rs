@@ -24,7 +24,7 @@ mod plan;
 mod prefetch;
 use prefetch::L2Pick;
 
-pub use gemm_sm90::{wave_split, WgmmaKernel, WgmmaSplit};
+pub use gemm_sm90::WgmmaKernel;
 pub use launch::{norm_weight_shift, AddNorm, RowScale};
 use launch::{LaunchSpec, Store};
 pub use plan::W4Plan;

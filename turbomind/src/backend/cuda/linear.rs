@@ -8,9 +8,8 @@
 //! prefill sizes costs less than re-reading the codes once per 16 rows. On
 //! sm_90, products whose grid fills the GPU take instead a wgmma GEMM that
 //! dequantizes in its main loop, splitting K over more blocks where the
-//! output tiles alone would leave SMs idle (few tiles, or the last, partial
-//! wave of many; `W4A16Linear::wgmma_preferred`
-//! and `wgmma_split`; `LMQ_W4_WGMMA=0` turns it off, `=1` takes it
+//! output tiles alone would leave SMs idle (`W4A16Linear::wgmma_preferred`
+//! and `wgmma_splits`; `LMQ_W4_WGMMA=0` turns it off, `=1` takes it
 //! wherever it fits, `LMQ_W4_WGMMA_SPLIT=1` never splits).
 //!
 //! Inputs are fp32 activations rounded to fp16 once per call (or the fp16
