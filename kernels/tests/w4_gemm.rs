@@ -25,7 +25,7 @@ mod common;
 
 use common::{device, draw_w4, Rng, W4Draw};
 use half::f16;
-use lmq_kernels::{DeviceMatrix, Element, GpuDevice, W4A16Linear, WgmmaKernel};
+use lmq_kernels::{DeviceMatrix, Element, GpuDevice, OutElement, W4A16Linear, WgmmaKernel};
 
 fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
     let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
@@ -37,6 +37,22 @@ fn poisoned<T: Element>(dev: &GpuDevice, rows: usize, cols: usize) -> DeviceMatr
     let mut m = dev.zeros::<T>(rows, cols).unwrap();
     dev.fill(&mut m, T::POISON).unwrap();
     m
+}
+
+/// `out = x · W` by `kernel`, with K split `splits` ways, or as
+/// `forward_wgmma_with` chooses where `splits` is `None`.
+fn launch<O: OutElement>(
+    lin: &W4A16Linear,
+    kernel: WgmmaKernel,
+    splits: Option<usize>,
+    dev: &GpuDevice,
+    x: &DeviceMatrix<f16>,
+    out: &mut DeviceMatrix<O>,
+) -> lmq_kernels::Result<()> {
+    match splits {
+        None => lin.forward_wgmma_with(kernel, dev, x, out),
+        Some(s) => lin.forward_wgmma_split(kernel, s, dev, x, out),
+    }
 }
 
 #[test]
@@ -108,10 +124,7 @@ fn wgmma_gemm_matches_dequantized_product() {
                 kernel.name(),
                 splits.map_or("default".to_string(), |s| s.to_string())
             );
-            let run = |out: &mut DeviceMatrix<f32>| match splits {
-                None => lin.forward_wgmma_with(kernel, &dev, &xd, out),
-                Some(s) => lin.forward_wgmma_split(kernel, s, &dev, &xd, out),
-            };
+            let run = |out: &mut DeviceMatrix<f32>| launch(&lin, kernel, splits, &dev, &xd, out);
             let mut out = poisoned::<f32>(&dev, m, n);
             run(&mut out).unwrap();
             let got: Vec<f64> = dev
@@ -162,11 +175,7 @@ fn wgmma_gemm_matches_dequantized_product() {
             );
             // fp16 output: the same (deterministic) sums, rounded once.
             let mut half = poisoned::<f16>(&dev, m, n);
-            match splits {
-                None => lin.forward_wgmma_with(kernel, &dev, &xd, &mut half),
-                Some(s) => lin.forward_wgmma_split(kernel, s, &dev, &xd, &mut half),
-            }
-            .unwrap();
+            launch(&lin, kernel, splits, &dev, &xd, &mut half).unwrap();
             let half = dev.download(&half).unwrap();
             assert!(
                 half.iter()
