@@ -9,7 +9,8 @@
 //! only: `WgmmaKernel::Registers`, the warp-specialized
 //! `WgmmaKernel::Specialized` with K unsplit and with the split
 //! `W4A16Linear::wgmma_auto_splits` picks for these rows (its S printed; 1 where
-//! the tiles fill the GPU), and its CTA pairs, `WgmmaKernel::Multicast`),
+//! the tiles fill the GPU), its CTA pairs, `WgmmaKernel::Multicast`, and
+//! `WgmmaKernel::CodesTma`, which brings the codes by TMA, unsplit and split),
 //! which dequantize the codes inside their
 //! main loops, and the largest difference between each one's output and
 //! the dequantize-then-GEMM path's. (The
@@ -51,9 +52,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         seed
     };
     println!(
-        "| linear | K x N | cuBLAS fp16 TFLOP/s | W4 dequant+GEMM TFLOP/s | ratio | wgmma registers TFLOP/s | ratio | wgmma specialized TFLOP/s | ratio | split S | specialized split-K TFLOP/s | ratio | wgmma multicast TFLOP/s | ratio | wgmma vs dequant+GEMM, max |Δ| / max |y| |"
+        "| linear | K x N | cuBLAS fp16 TFLOP/s | W4 dequant+GEMM TFLOP/s | ratio | wgmma registers TFLOP/s | ratio | wgmma specialized TFLOP/s | ratio | split S | specialized split-K TFLOP/s | ratio | wgmma multicast TFLOP/s | ratio | codes-tma TFLOP/s | ratio | codes-tma split-K TFLOP/s | ratio | wgmma vs dequant+GEMM, max |Δ| / max |y| |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (name, k, n) in [
         ("q/k/v/o", 4096usize, 4096usize),
         ("gate/up", 4096, 11008),
@@ -99,6 +100,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 (WgmmaKernel::Specialized, 1),
                 (WgmmaKernel::Specialized, split),
                 (WgmmaKernel::Multicast, 1),
+                (WgmmaKernel::CodesTma, 1),
+                (WgmmaKernel::CodesTma, split),
             ] {
                 // Poisoned first, so that an output the kernel did not
                 // write shows as NaN rather than as the GEMM's values.
@@ -131,7 +134,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             dense_ms / w4_ms
         );
         if wgmma.is_empty() {
-            print!(" n/a | | n/a | | | n/a | | n/a | | |");
+            print!(" n/a | | n/a | | | n/a | | n/a | | n/a | | n/a | | |");
         } else {
             for (i, (ms, _)) in wgmma.iter().enumerate() {
                 if i == 2 {

@@ -110,12 +110,17 @@ fn wgmma_gemm_matches_dequantized_product() {
             .into_iter()
             .map(|kernel| (kernel, None))
             .collect();
-        for asked in [2usize, 3, 8].into_iter().filter(|&s| s <= kbs) {
-            let made = lin.split_plan(asked).1;
-            if made > 1 && !variants.contains(&(WgmmaKernel::Specialized, Some(made))) {
-                variants.push((WgmmaKernel::Specialized, Some(made)));
+        for kernel in [WgmmaKernel::Specialized, WgmmaKernel::CodesTma] {
+            for asked in [2usize, 3, 8].into_iter().filter(|&s| s <= kbs) {
+                let made = lin.split_plan(asked).1;
+                if made > 1 && !variants.contains(&(kernel, Some(made))) {
+                    variants.push((kernel, Some(made)));
+                }
             }
         }
+        // The specialized kernel's outputs by split, for the codes-by-TMA
+        // one, which must give the same bits (only its copies differ).
+        let mut specialized: Vec<(Option<usize>, Vec<f64>)> = Vec::new();
         for (kernel, splits) in variants {
             // A kernel that fell back to another would pass unnoticed.
             assert!(kernel.available(), "{}: no tensor maps", kernel.name());
@@ -137,6 +142,22 @@ fn wgmma_gemm_matches_dequantized_product() {
                 got.iter().all(|v| v.is_finite()),
                 "{what}: NaN or inf (unwritten?)"
             );
+            match kernel {
+                WgmmaKernel::Specialized => specialized.push((splits, got.clone())),
+                WgmmaKernel::CodesTma => {
+                    let (_, same) = specialized
+                        .iter()
+                        .find(|(s, _)| *s == splits)
+                        .expect("the specialized kernel runs each split first");
+                    assert!(
+                        same.iter()
+                            .zip(&got)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{what}: differs from the specialized kernel's bits"
+                    );
+                }
+                _ => {}
+            }
             let e_deq = rel_l2(&got, &want);
             let e_exact = rel_l2(&got, &exact);
             let worst = got
@@ -203,6 +224,7 @@ fn wgmma_gemm_matches_dequantized_product() {
         for (kernel, splits) in [
             (WgmmaKernel::Specialized, 0),
             (WgmmaKernel::Specialized, kbs.min(8) + 1),
+            (WgmmaKernel::CodesTma, kbs.min(8) + 1),
             (WgmmaKernel::Registers, 2),
             (WgmmaKernel::Multicast, 2),
         ] {

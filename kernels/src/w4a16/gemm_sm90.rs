@@ -10,7 +10,10 @@
 //! warps copy, dequantize and multiply, meeting at a block barrier every 64
 //! inputs; the warp-specialized one (`cu/w4_gemm_ws.cu`) has a producer
 //! warpgroup bring the activations by TMA (a tensor map encoded per call)
-//! and the codes by bulk copies, through mbarrier-tracked stages. Where
+//! and the codes by bulk copies, through mbarrier-tracked stages; by
+//! default (`WgmmaKernel::CodesTma`, session 17) the codes come by one TMA
+//! box a stage too, since the producer's single thread issuing 16 bulk
+//! copies a stage was close to a stage's compute time. Where
 //! its output tiles would leave SMs idle (few rows), the specialized one
 //! splits K over blocks and the last block of each tile adds the fp32
 //! partials in a fixed order ([`W4A16Linear::wgmma_splits`]).
@@ -56,6 +59,11 @@ pub enum WgmmaKernel {
     /// `w4_gemm_ws_g{G}`: a producer warpgroup (TMA and bulk copies) and
     /// two compute warpgroups, with mbarrier-tracked stages.
     Specialized,
+    /// `w4_gemm_wst_g{G}`: [`WgmmaKernel::Specialized`] with each
+    /// stage's codes brought by one 3-D TMA box (a tensor map of the
+    /// codes) instead of 16 bulk copies of 512 bytes, so that the
+    /// producer thread issues 5 copies a stage instead of 20.
+    CodesTma,
     /// `w4_gemm_ws2_g{G}`: the same in clusters of two CTAs (adjacent
     /// channel blocks), each loading half of every x box for both by TMA
     /// multicast. Layers with an odd number of 128-channel blocks take
@@ -64,11 +72,18 @@ pub enum WgmmaKernel {
 }
 
 impl WgmmaKernel {
-    pub const ALL: [WgmmaKernel; 3] = [
+    pub const ALL: [WgmmaKernel; 4] = [
         WgmmaKernel::Registers,
         WgmmaKernel::Specialized,
+        WgmmaKernel::CodesTma,
         WgmmaKernel::Multicast,
     ];
+
+    /// Whether this kernel can split K ([`W4A16Linear::forward_wgmma_split`]):
+    /// the single-CTA warp-specialized ones.
+    pub fn splits_k(self) -> bool {
+        matches!(self, WgmmaKernel::Specialized | WgmmaKernel::CodesTma)
+    }
 
     /// Whether this kernel runs as itself on this driver: the
     /// warp-specialized ones need tensor maps (CUDA 12 on); without them
@@ -82,26 +97,30 @@ impl WgmmaKernel {
         match self {
             WgmmaKernel::Registers => "registers",
             WgmmaKernel::Specialized => "specialized",
+            WgmmaKernel::CodesTma => "codes-tma",
             WgmmaKernel::Multicast => "multicast",
         }
     }
 
-    /// `LMQ_W4_WGMMA_KERNEL` (`registers`, `specialized` or `multicast`;
-    /// `specialized` when unset, the fastest of the three on an H200 in
-    /// session 14), read once per process. Any other value is an error.
+    /// `LMQ_W4_WGMMA_KERNEL` (`registers`, `specialized`, `codes-tma` or
+    /// `multicast`), read once per process; any other value is an error.
+    /// Unset, `codes-tma`: on an H100 in session 17 it beat `specialized`
+    /// by 2–6% on Llama-2-7B's linears from 256 to 4096 rows (0.93–1.02×
+    /// of cuBLAS fp16 at 2048 rows against 0.89–0.98×), and `specialized`
+    /// had beaten the other two in session 14.
     pub fn from_env() -> Result<WgmmaKernel> {
         static KERNEL: std::sync::OnceLock<std::result::Result<WgmmaKernel, String>> =
             std::sync::OnceLock::new();
         KERNEL
             .get_or_init(|| match std::env::var("LMQ_W4_WGMMA_KERNEL") {
-                Err(_) => Ok(WgmmaKernel::Specialized),
+                Err(_) => Ok(WgmmaKernel::CodesTma),
                 Ok(v) => WgmmaKernel::ALL
                     .into_iter()
                     .find(|k| k.name() == v.trim())
                     .ok_or_else(|| {
                         format!(
-                            "LMQ_W4_WGMMA_KERNEL must be registers, specialized or multicast, \
-                             got {v:?}"
+                            "LMQ_W4_WGMMA_KERNEL must be registers, specialized, codes-tma or \
+                             multicast, got {v:?}"
                         )
                     }),
             })
@@ -130,6 +149,17 @@ fn tensor_maps_available() -> bool {
     *AVAILABLE.get_or_init(|| x_tensor_map(1 << 20, 1, 128, WS_BOX).is_ok())
 }
 
+/// How the warp-specialized kernel brings each stage's codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CodeCopies {
+    /// 16 bulk copies of 512 bytes (`w4_gemm_ws`).
+    Bulk,
+    /// One 3-D TMA box of the codes' tensor map (`w4_gemm_wst`).
+    Tma,
+    /// Bulk copies, in CTA pairs sharing x by multicast (`w4_gemm_ws2`).
+    BulkPairs,
+}
+
 /// A `CUtensorMap` as a kernel parameter (the kernels take it by value,
 /// `__grid_constant__`, and TMA reads it from parameter space).
 #[repr(transparent)]
@@ -140,58 +170,135 @@ struct TensorMapParam(cudarc::driver::sys::CUtensorMap);
 // parameter space, which is what a DeviceRepr promises.
 unsafe impl cudarc::driver::DeviceRepr for TensorMapParam {}
 
-/// The tensor map of x `[m][k]` fp16 at device address `ptr` for the
-/// warp-specialized kernels: boxes of `box_dims` (inputs, tokens) with the
-/// 128-byte swizzle, rows past `m` read as zeros.
-fn x_tensor_map(ptr: u64, m: usize, k: usize, box_dims: [u32; 2]) -> Result<TensorMapParam> {
+/// The layout of one tensor map: element type, sizes (innermost first),
+/// byte strides of the outer dimensions, the box TMA copies, and its
+/// shared-memory swizzle.
+struct TensorMapSpec<'a> {
+    what: &'a str,
+    data_type: cudarc::driver::sys::CUtensorMapDataType,
+    dims: &'a [u64],
+    strides: &'a [u64],
+    box_dims: &'a [u32],
+    swizzle: cudarc::driver::sys::CUtensorMapSwizzle,
+}
+
+/// `spec` encoded over the device address `ptr` (16-byte aligned, and a
+/// device allocation that spans the layout: the callers check both),
+/// every element stride 1, no interleave, L2 promotion to 256 bytes, and
+/// elements past the sizes read as zeros.
+fn encode_tensor_map(ptr: u64, spec: &TensorMapSpec) -> Result<TensorMapParam> {
     use cudarc::driver::sys::{
-        cuTensorMapEncodeTiled, CUresult, CUtensorMapDataType, CUtensorMapFloatOOBfill,
-        CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
+        cuTensorMapEncodeTiled, CUresult, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
+        CUtensorMapL2promotion,
     };
-    const OP: &str = "W4 wgmma GEMM";
-    // TMA needs a 16-byte aligned start and row pitch (K is a multiple of
-    // 128, checked by the caller; device allocations are 256-byte aligned).
-    if !ptr.is_multiple_of(16) || !(2 * k).is_multiple_of(16) {
+    let rank = spec.dims.len();
+    if !(1..=5).contains(&rank)
+        || spec.strides.len() + 1 != rank
+        || spec.box_dims.len() != rank
+        || !ptr.is_multiple_of(16)
+    {
         return Err(KernelError::invalid(
-            OP,
-            "x must start 16-byte aligned, with rows a multiple of 16 bytes",
+            "W4 wgmma GEMM",
+            format!(
+                "the tensor map of {} is malformed: rank {rank}, {} strides, a box of {}, \
+                 start {ptr:#x}",
+                spec.what,
+                spec.strides.len(),
+                spec.box_dims.len()
+            ),
         ));
     }
     let mut map = TensorMapParam(cudarc::driver::sys::CUtensorMap { opaque: [0; 16] });
-    let dims: [u64; 2] = [k as u64, m as u64];
-    let strides: [u64; 1] = [2 * k as u64];
-    let element_strides: [u32; 2] = [1, 1];
+    let element_strides = [1u32; 5];
     // A driver without the function (before CUDA 12) makes cudarc's
     // loader panic; that becomes an error (and `tensor_maps_available`
     // keeps the launch from getting here).
-    // SAFETY: `map` is a writable CUtensorMap; dims, strides, box and
-    // element strides are arrays of the lengths rank 2 asks for (rank − 1
-    // strides), alive for the call; `ptr` is a device address that the
+    // SAFETY: `map` is a writable CUtensorMap; dims, box and element
+    // strides hold at least `rank` entries and strides rank − 1 (checked
+    // above), all alive for the call; `ptr` is a device address that the
     // driver only records (it is dereferenced by the launch that uses the
-    // map, while x is borrowed by it).
+    // map, while the buffer is borrowed by it).
     let rc = crate::device::no_panic("cuTensorMapEncodeTiled", || unsafe {
         cuTensorMapEncodeTiled(
             &mut map.0,
-            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-            2,
+            spec.data_type,
+            rank as u32,
             ptr as *mut std::ffi::c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            box_dims.as_ptr(),
+            spec.dims.as_ptr(),
+            spec.strides.as_ptr(),
+            spec.box_dims.as_ptr(),
             element_strides.as_ptr(),
             CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            spec.swizzle,
             CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
             CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
     })?;
     if rc != CUresult::CUDA_SUCCESS {
         return Err(KernelError::invalid(
-            OP,
-            format!("encoding the tensor map of x ({m}×{k} fp16) failed: {rc:?}"),
+            "W4 wgmma GEMM",
+            format!("encoding the tensor map of {} failed: {rc:?}", spec.what),
         ));
     }
     Ok(map)
+}
+
+/// The tensor map of the codes at device address `ptr` (`PackedW4`'s
+/// layout: `n / 8` tiles of 8 channels, each `kbs` blocks of 512 bytes,
+/// one per 128 inputs) as u32 words `[tile][k-block][128]`, in boxes of
+/// 16 tiles × one k-block: one 128-channel block's codes for one stage,
+/// landing as the 16 tiles' blocks side by side, as the bulk copies place
+/// them.
+fn codes_tensor_map(ptr: u64, kbs: usize, n: usize) -> Result<TensorMapParam> {
+    use cudarc::driver::sys::{CUtensorMapDataType, CUtensorMapSwizzle};
+    if !n.is_multiple_of(BLOCK_CHANNELS) || kbs == 0 {
+        return Err(KernelError::invalid(
+            "W4 wgmma GEMM",
+            format!(
+                "the codes' tensor map needs outputs a multiple of {BLOCK_CHANNELS} and at \
+                 least one k-block; got {n} outputs, {kbs} k-blocks"
+            ),
+        ));
+    }
+    let what = format!("the codes ({n} outputs, {kbs} k-blocks)");
+    encode_tensor_map(
+        ptr,
+        &TensorMapSpec {
+            what: &what,
+            data_type: CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT32,
+            dims: &[128, kbs as u64, (n / 8) as u64],
+            strides: &[512, 512 * kbs as u64],
+            box_dims: &[128, 1, 16],
+            swizzle: CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+        },
+    )
+}
+
+/// The tensor map of x `[m][k]` fp16 at device address `ptr` for the
+/// warp-specialized kernels: boxes of `box_dims` (inputs, tokens) with the
+/// 128-byte swizzle, rows past `m` read as zeros.
+fn x_tensor_map(ptr: u64, m: usize, k: usize, box_dims: [u32; 2]) -> Result<TensorMapParam> {
+    use cudarc::driver::sys::{CUtensorMapDataType, CUtensorMapSwizzle};
+    // TMA needs a 16-byte aligned start and row pitch (K is a multiple of
+    // 128, checked by the caller; device allocations are 256-byte aligned).
+    if !ptr.is_multiple_of(16) || !(2 * k).is_multiple_of(16) {
+        return Err(KernelError::invalid(
+            "W4 wgmma GEMM",
+            "x must start 16-byte aligned, with rows a multiple of 16 bytes",
+        ));
+    }
+    let what = format!("x ({m}×{k} fp16)");
+    encode_tensor_map(
+        ptr,
+        &TensorMapSpec {
+            what: &what,
+            data_type: CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+            dims: &[k as u64, m as u64],
+            strides: &[2 * k as u64],
+            box_dims: &box_dims,
+            swizzle: CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+        },
+    )
 }
 
 impl W4A16Linear {
@@ -266,12 +373,13 @@ impl W4A16Linear {
     /// 64 blocks (the 4096-wide layers at 256 and 512 rows); split four or
     /// two ways, those won on an H100 in session 15 (1.11–2.08× the
     /// dequantize-then-cuBLAS speed from 128 to 512 rows).
-    /// Only the specialized kernel was measured to win, so another one
+    /// Only the single-CTA warp-specialized kernels (`codes-tma`, the
+    /// default, and `specialized`) were measured to win, so another one
     /// named by `LMQ_W4_WGMMA_KERNEL`, or a driver without tensor maps
     /// (which would run the first kernel), is never preferred.
     pub fn wgmma_preferred(&self, dev: &GpuDevice, m: usize) -> bool {
         let blocks = self.wgmma_tiles(dev, m).0 * self.wgmma_splits(dev, m).unwrap_or(1);
-        matches!(WgmmaKernel::from_env(), Ok(WgmmaKernel::Specialized))
+        matches!(WgmmaKernel::from_env(), Ok(k) if k.splits_k())
             && WgmmaKernel::Specialized.available()
             && self.wgmma_supports(dev)
             && 8 * blocks >= 5 * dev.num_sms() as usize
@@ -303,7 +411,7 @@ impl W4A16Linear {
         out: &mut DeviceMatrix<O>,
     ) -> Result<()> {
         let splits = match kernel {
-            WgmmaKernel::Specialized => self.wgmma_splits(dev, x.rows())?,
+            k if k.splits_k() => self.wgmma_splits(dev, x.rows())?,
             _ => 1,
         };
         self.forward_wgmma_split(kernel, splits, dev, x, out)
@@ -322,15 +430,12 @@ impl W4A16Linear {
         out: &mut DeviceMatrix<O>,
     ) -> Result<()> {
         const OP: &str = "W4 wgmma GEMM";
-        if splits == 0
-            || splits > self.kbs.min(MAX_SPLITS)
-            || (splits > 1 && kernel != WgmmaKernel::Specialized)
-        {
+        if splits == 0 || splits > self.kbs.min(MAX_SPLITS) || (splits > 1 && !kernel.splits_k()) {
             return Err(KernelError::invalid(
                 OP,
                 format!(
-                    "{splits} splits of K asked of the {} kernel; only the specialized one \
-                     splits, 1 to {} ways for this layer",
+                    "{splits} splits of K asked of the {} kernel; only the single-CTA \
+                     specialized ones split, 1 to {} ways for this layer",
                     kernel.name(),
                     self.kbs.min(MAX_SPLITS)
                 ),
@@ -382,10 +487,19 @@ impl W4A16Linear {
         };
         match kernel {
             WgmmaKernel::Registers => self.launch_registers(dev, x, out, grid),
-            WgmmaKernel::Specialized => self.launch_specialized(dev, x, out, grid, false, splits),
+            WgmmaKernel::Specialized | WgmmaKernel::CodesTma => {
+                let codes = if kernel == WgmmaKernel::CodesTma {
+                    CodeCopies::Tma
+                } else {
+                    CodeCopies::Bulk
+                };
+                self.launch_specialized(dev, x, out, grid, codes, splits)
+            }
+            WgmmaKernel::Multicast if grid.0.is_multiple_of(2) => {
+                self.launch_specialized(dev, x, out, grid, CodeCopies::BulkPairs, 1)
+            }
             WgmmaKernel::Multicast => {
-                let pairs = grid.0.is_multiple_of(2);
-                self.launch_specialized(dev, x, out, grid, pairs, 1)
+                self.launch_specialized(dev, x, out, grid, CodeCopies::Bulk, 1)
             }
         }
     }
@@ -450,9 +564,10 @@ impl W4A16Linear {
         Ok(())
     }
 
-    /// The warp-specialized kernel, in CTA pairs that multicast x when
-    /// `pairs` (the grid's channel blocks even), or with K split about
-    /// `splits` ways (single CTAs only: 1 with `pairs`), shapes checked by
+    /// The warp-specialized kernel, bringing the codes as `codes` says (in
+    /// CTA pairs that multicast x with [`CodeCopies::BulkPairs`], for an
+    /// even number of channel blocks), with K split about `splits` ways
+    /// (single CTAs only: 1 with pairs), shapes checked by
     /// [`Self::forward_wgmma_split`].
     fn launch_specialized<O: OutElement>(
         &self,
@@ -460,7 +575,7 @@ impl W4A16Linear {
         x: &DeviceMatrix<f16>,
         out: &mut DeviceMatrix<O>,
         grid: (u32, u32, u32),
-        pairs: bool,
+        codes: CodeCopies,
         splits: usize,
     ) -> Result<()> {
         let stream = dev.stream();
@@ -479,22 +594,31 @@ impl W4A16Linear {
         } else {
             (None, None)
         };
-        let (entry, box_dims) = if pairs {
-            ("w4_gemm_ws2", WS_PAIR_BOX)
-        } else {
-            ("w4_gemm_ws", WS_BOX)
+        let (entry, box_dims) = match codes {
+            CodeCopies::Bulk => ("w4_gemm_ws", WS_BOX),
+            CodeCopies::Tma => ("w4_gemm_wst", WS_BOX),
+            CodeCopies::BulkPairs => ("w4_gemm_ws2", WS_PAIR_BOX),
         };
         let f = gemm_function(dev, &format!("{entry}_g{}", self.group_size), WS_SMEM_BYTES)?;
         // The map records x's address; the guard keeps x's stream order
         // until the launch is queued.
         let (x_ptr, _x_sync) = x.data.device_ptr(stream);
         let map = x_tensor_map(x_ptr, m, self.in_features, box_dims)?;
+        // Only the codes-by-TMA entry reads its second map; the others get
+        // zeros (a parameter they never touch).
+        let (qw_ptr, _qw_sync) = self.qw.device_ptr(stream);
+        let codes_map = if codes == CodeCopies::Tma {
+            codes_tensor_map(qw_ptr, self.kbs, self.out_features)?
+        } else {
+            TensorMapParam(cudarc::driver::sys::CUtensorMap { opaque: [0; 16] })
+        };
         let (mi, ni, kbi) = (m as i32, self.out_features as i32, self.kbs as i32);
         let out_f32 = O::IS_F32;
         let kb_split_i = kb_split as i32;
         let null = 0u64;
         let mut b = stream.launch_builder(&f);
         b.arg(&map)
+            .arg(&codes_map)
             .arg(&self.qw)
             .arg(&self.scales)
             .arg(&self.zeros)
@@ -510,9 +634,9 @@ impl W4A16Linear {
             block_dim: (384, 1, 1),
             shared_mem_bytes: WS_SMEM_BYTES as u32,
         };
-        // SAFETY: matches `w4_gemm_ws[2]_g{G}(W4wTensorMap, const unsigned
-        // char*, const half*, const half*, void*, int × 4, float*,
-        // unsigned*, int)` with G this
+        // SAFETY: matches `w4_gemm_ws[t|2]_g{G}(W4wTensorMap, W4wTensorMap,
+        // const unsigned char*, const half*, const half*, void*, int × 4,
+        // float*, unsigned*, int)` with G this
         // layer's group size (64 or 128, checked); the pair kernels are
         // compiled with clusters of 2 along x, and `pairs` holds only for
         // an even grid x. Their map's box is half the tokens, each CTA
@@ -522,7 +646,10 @@ impl W4A16Linear {
         // zeros, not read). The kernel reads, per block x and stage s below
         // kbs = K/128, the 512-byte code blocks of tiles 16·x .. 16·x + 15
         // at ((tile·kbs + s)·512) bytes of qw (N/8 tiles × kbs blocks ×
-        // 512 bytes: inside it, N a multiple of 128), and 128 scales and
+        // 512 bytes: inside it, N a multiple of 128), by bulk copies or,
+        // in `w4_gemm_wst`, by the codes' tensor map, which describes qw
+        // as exactly those N/8 × kbs × 512 bytes (TMA stays inside it;
+        // the other entries never read the zeroed map), and 128 scales and
         // zeros from group rows below K/G (validated at construction),
         // columns 128·x .. 128·x + 127 < N, by bulk copies of 256 bytes
         // from 256-byte aligned offsets (N a multiple of 128 halves). It

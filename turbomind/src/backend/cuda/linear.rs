@@ -516,7 +516,8 @@ fn decode_rows_limit() -> usize {
 
 /// Whether a 4-bit product of `m` rows (more than the decode kernel's)
 /// runs the wgmma GEMM (`W4A16Linear::forward_wgmma`, the kernel
-/// `LMQ_W4_WGMMA_KERNEL` names, the warp-specialized one by default)
+/// `LMQ_W4_WGMMA_KERNEL` names, the warp-specialized one with its codes
+/// brought by TMA by default)
 /// instead of dequantizing the weight for cuBLAS. By default where
 /// `W4A16Linear::wgmma_preferred` expects it to win: on an H200 in session
 /// 14 (docs/BENCHMARKS.md) the specialized kernel ran at 0.88–0.95× of
@@ -524,7 +525,9 @@ fn decode_rows_limit() -> usize {
 /// dequantize-then-cuBLAS, and the 7B-shaped prefill went from 33028–33088
 /// to 35241–35337 tok/s. With split-K (session 15, H100) it also wins on
 /// the 4096-wide layers from 128 to 512 rows: decode batches of 128 went
-/// from 6744–6810 to 7297–7331 tok/s. `LMQ_W4_WGMMA=0` never takes it; `=1` takes it
+/// from 6744–6810 to 7297–7331 tok/s. Bringing the codes by TMA (session
+/// 17, H100) took the linears at 2048 rows to 0.93–1.02× of cuBLAS.
+/// `LMQ_W4_WGMMA=0` never takes it; `=1` takes it
 /// wherever it fits the layer (the tests' way to reach it at any size).
 fn wgmma_prefill(l: &W4A16Linear, dev: &GpuDevice, m: usize) -> bool {
     static MODE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
