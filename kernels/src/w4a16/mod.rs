@@ -22,6 +22,7 @@ mod gemm_sm90;
 mod launch;
 mod plan;
 mod prefetch;
+mod tensor_map;
 use prefetch::L2Pick;
 
 pub use gemm_sm90::WgmmaKernel;
