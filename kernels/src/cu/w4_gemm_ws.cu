@@ -18,8 +18,9 @@
 //   zeros by bulk copies, all counted on the stage's `full` mbarrier. The
 //   `wst` entries (the default) bring the code blocks as one 3-D TMA box
 //   of the codes' tensor map instead: that thread's issue time per stage
-//   (about 300 instructions with 16 bulk copies) had come close to a
-//   stage's compute time, and the kernel gained 2–6% (H100, session 17).
+//   (about 290 instructions with 16 bulk copies) had come close to a
+//   stage's compute time, and the kernel gained 4–5% at 2048 rows (H100,
+//   session 17).
 // - Warpgroups 1 and 2 compute channels 64w .. 64w + 63 (w = 0, 1), as in
 //   the first kernel: each waits on `full`, reads its lane's code words and
 //   scales from shared memory, transposes the words within the quad, and
@@ -47,7 +48,7 @@
 // Needs K a multiple of 128 and of the group size, N a multiple of 128, x
 // 16-byte aligned with rows of K halves (the host encodes the tensor map
 // and checks); otherwise the host takes another path.
-#line 51 "w4_gemm_ws.cu"
+#line 52 "w4_gemm_ws.cu"
 
 #define W4W_NST 3
 #define W4W_X_BYTES (W4G_BN * 128)                 // one 64-input half of x
@@ -398,7 +399,8 @@ __device__ __forceinline__ void w4_gemm_ws_body(const W4wTensorMap* xmap, const 
 W4_GEMM_WS_ENTRY(w4_gemm_ws_g64, 64, 1, false, )
 W4_GEMM_WS_ENTRY(w4_gemm_ws_g128, 128, 1, false, )
 // The codes by one 3-D TMA box per stage (`cmap`) instead of 16 bulk
-// copies: the producer thread issues 5 copies a stage instead of 20.
+// copies: the producer thread issues 5 copies a stage instead of 20 (with
+// groups of 128; 7 instead of 22 with groups of 64).
 W4_GEMM_WS_ENTRY(w4_gemm_wst_g64, 64, 1, true, )
 W4_GEMM_WS_ENTRY(w4_gemm_wst_g128, 128, 1, true, )
 // Pairs of CTAs (clusters of 2 along the channels) sharing each x box by

@@ -64,7 +64,8 @@ pub enum WgmmaKernel {
     /// `w4_gemm_wst_g{G}`: [`WgmmaKernel::Specialized`] with each
     /// stage's codes brought by one 3-D TMA box (a tensor map of the
     /// codes) instead of 16 bulk copies of 512 bytes, so that the
-    /// producer thread issues 5 copies a stage instead of 20.
+    /// producer thread issues 5 copies a stage instead of 20 (7 instead
+    /// of 22 with groups of 64).
     CodesTma,
     /// `w4_gemm_ws2_g{G}`: the same in clusters of two CTAs (adjacent
     /// channel blocks), each loading half of every x box for both by TMA
@@ -107,9 +108,9 @@ impl WgmmaKernel {
     /// `LMQ_W4_WGMMA_KERNEL` (`registers`, `specialized`, `codes-tma` or
     /// `multicast`), read once per process; any other value is an error.
     /// Unset, `codes-tma`: on an H100 in session 17 it beat `specialized`
-    /// by 2–6% on Llama-2-7B's linears from 256 to 4096 rows (0.93–1.02×
-    /// of cuBLAS fp16 at 2048 rows against 0.89–0.98×), and `specialized`
-    /// had beaten the other two in session 14.
+    /// by 4–5% on each of Llama-2-7B's linears at 2048 rows (0.93–1.02×
+    /// of cuBLAS fp16 against 0.89–0.98×), and by −1% to +6% from 256 to
+    /// 4096 rows; `specialized` had beaten the other two in session 14.
     pub fn from_env() -> Result<WgmmaKernel> {
         static KERNEL: std::sync::OnceLock<std::result::Result<WgmmaKernel, String>> =
             std::sync::OnceLock::new();
@@ -175,7 +176,8 @@ impl W4A16Linear {
         (tiles, tiles > 0 && 8 * tiles < 5 * dev.num_sms() as usize)
     }
 
-    /// The split of K that suits the specialized kernel on `m` rows (1:
+    /// The split of K that suits the single-CTA specialized kernels
+    /// ([`WgmmaKernel::splits_k`]) on `m` rows (1:
     /// none): where its output tiles alone leave SMs idle, as many splits
     /// as keep the grid within one wave, at most [`MAX_SPLITS`] and at most
     /// one per [`MIN_STAGES_PER_SPLIT`] k-blocks; the count the launch
@@ -198,7 +200,7 @@ impl W4A16Linear {
     }
 
     /// How many ways [`Self::forward_wgmma_with`] splits K for the
-    /// specialized kernel on `m` rows: [`Self::wgmma_auto_splits`] where
+    /// single-CTA specialized kernels on `m` rows: [`Self::wgmma_auto_splits`] where
     /// [`SPLIT_BY_DEFAULT`], else 1. `LMQ_W4_WGMMA_SPLIT` overrides it:
     /// `auto`, or a count, applied only where the tiles leave SMs idle
     /// (elsewhere a split only adds partial tiles to write: for gate|up at
@@ -232,8 +234,7 @@ impl W4A16Linear {
     /// (which would run the first kernel), is never preferred.
     pub fn wgmma_preferred(&self, dev: &GpuDevice, m: usize) -> bool {
         let blocks = self.wgmma_tiles(dev, m).0 * self.wgmma_splits(dev, m).unwrap_or(1);
-        matches!(WgmmaKernel::from_env(), Ok(k) if k.splits_k())
-            && WgmmaKernel::Specialized.available()
+        matches!(WgmmaKernel::from_env(), Ok(k) if k.splits_k() && k.available())
             && self.wgmma_supports(dev)
             && 8 * blocks >= 5 * dev.num_sms() as usize
     }
@@ -250,8 +251,8 @@ impl W4A16Linear {
     }
 
     /// `out = x · W` for any number of rows (x `[M, in]` fp16, out
-    /// `[M, out]`), by the wgmma kernel `kernel` (the specialized one with
-    /// [`Self::wgmma_splits`]' split of K): the weights enter the
+    /// `[M, out]`), by the wgmma kernel `kernel` (the single-CTA
+    /// specialized ones with [`Self::wgmma_splits`]' split of K): the weights enter the
     /// tensor cores as `(q − z) · s` rounded once to fp16, the values
     /// [`Self::dequantize_into`] writes, with fp32 sums. The layer's bias
     /// is not added (as on the dequantize-then-cuBLAS path, the caller
@@ -271,8 +272,8 @@ impl W4A16Linear {
     }
 
     /// [`Self::forward_wgmma_with`] with K split `splits` ways (1: not
-    /// split; more only for [`WgmmaKernel::Specialized`], at most one
-    /// split per 128 inputs). A split sum adds the same products in
+    /// split; more only for the kernels where [`WgmmaKernel::splits_k`]
+    /// holds, at most one split per 128 inputs). A split sum adds the same products in
     /// another order, so its bits may differ from the unsplit kernel's.
     pub fn forward_wgmma_split<O: OutElement>(
         &self,
@@ -491,8 +492,8 @@ impl W4A16Linear {
         // const unsigned char*, const half*, const half*, void*, int × 4,
         // float*, unsigned*, int)` with G this
         // layer's group size (64 or 128, checked); the pair kernels are
-        // compiled with clusters of 2 along x, and `pairs` holds only for
-        // an even grid x. Their map's box is half the tokens, each CTA
+        // compiled with clusters of 2 along x, and `CodeCopies::BulkPairs`
+        // comes only with an even grid x (`forward_wgmma_split`). Their map's box is half the tokens, each CTA
         // loading its half for both. The tensor map describes
         // x as M rows of K fp16 (its own allocation, M·K checked below
         // 2³¹), so TMA reads only inside it (tokens past M are filled with
