@@ -459,12 +459,14 @@ impl W4A16Linear {
         let (x_ptr, _x_sync) = x.data.device_ptr(stream);
         let map = x_tensor_map(x_ptr, m, self.in_features, box_dims)?;
         // Only the codes-by-TMA entry reads its second map; the others get
-        // zeros (a parameter they never touch).
-        let (qw_ptr, _qw_sync) = self.qw.device_ptr(stream);
+        // zeros (a parameter they never touch). The codes' stream order is
+        // kept by passing them as an argument below, so their guard may
+        // end once the map has their address.
         let codes_map = if codes == CodeCopies::Tma {
+            let (qw_ptr, _qw_sync) = self.qw.device_ptr(stream);
             codes_tensor_map(qw_ptr, self.kbs, self.out_features)?
         } else {
-            TensorMapParam(cudarc::driver::sys::CUtensorMap { opaque: [0; 16] })
+            TensorMapParam::zeroed()
         };
         let (mi, ni, kbi) = (m as i32, self.out_features as i32, self.kbs as i32);
         let out_f32 = O::IS_F32;

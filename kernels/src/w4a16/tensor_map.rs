@@ -24,12 +24,20 @@ pub(super) fn tensor_maps_available() -> bool {
 /// A `CUtensorMap` as a kernel parameter (the kernels take it by value,
 /// `__grid_constant__`, and TMA reads it from parameter space).
 #[repr(transparent)]
-pub(super) struct TensorMapParam(pub(super) cudarc::driver::sys::CUtensorMap);
+pub(super) struct TensorMapParam(cudarc::driver::sys::CUtensorMap);
 
 // SAFETY: a plain 128-byte, 128-byte aligned struct of integers with no
 // pointers into host memory; the driver copies its bytes into the kernel's
 // parameter space, which is what a DeviceRepr promises.
 unsafe impl cudarc::driver::DeviceRepr for TensorMapParam {}
+
+impl TensorMapParam {
+    /// All zeros: the buffer the driver encodes into, and the argument of
+    /// an entry point that never reads its map.
+    pub(super) fn zeroed() -> TensorMapParam {
+        TensorMapParam(cudarc::driver::sys::CUtensorMap { opaque: [0; 16] })
+    }
+}
 
 /// The layout of one tensor map: element type, sizes (innermost first),
 /// byte strides of the outer dimensions, the box TMA copies, and its
@@ -69,7 +77,7 @@ fn encode_tensor_map(ptr: u64, spec: &TensorMapSpec) -> Result<TensorMapParam> {
             ),
         ));
     }
-    let mut map = TensorMapParam(cudarc::driver::sys::CUtensorMap { opaque: [0; 16] });
+    let mut map = TensorMapParam::zeroed();
     let element_strides = [1u32; 5];
     // A driver without the function (before CUDA 12) makes cudarc's
     // loader panic; that becomes an error (and `tensor_maps_available`
