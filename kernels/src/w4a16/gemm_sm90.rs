@@ -341,13 +341,11 @@ impl W4A16Linear {
         };
         match kernel {
             WgmmaKernel::Registers => self.launch_registers(dev, x, out, grid),
-            WgmmaKernel::Specialized | WgmmaKernel::CodesTma => {
-                let codes = if kernel == WgmmaKernel::CodesTma {
-                    CodeCopies::Tma
-                } else {
-                    CodeCopies::Bulk
-                };
-                self.launch_specialized(dev, x, out, grid, codes, splits)
+            WgmmaKernel::Specialized => {
+                self.launch_specialized(dev, x, out, grid, CodeCopies::Bulk, splits)
+            }
+            WgmmaKernel::CodesTma => {
+                self.launch_specialized(dev, x, out, grid, CodeCopies::Tma, splits)
             }
             WgmmaKernel::Multicast if grid.0.is_multiple_of(2) => {
                 self.launch_specialized(dev, x, out, grid, CodeCopies::BulkPairs, 1)
@@ -495,11 +493,11 @@ impl W4A16Linear {
         // float*, unsigned*, int)` with G this
         // layer's group size (64 or 128, checked); the pair kernels are
         // compiled with clusters of 2 along x, and `CodeCopies::BulkPairs`
-        // comes only with an even grid x (`forward_wgmma_split`). Their map's box is half the tokens, each CTA
-        // loading its half for both. The tensor map describes
-        // x as M rows of K fp16 (its own allocation, M·K checked below
-        // 2³¹), so TMA reads only inside it (tokens past M are filled with
-        // zeros, not read). The kernel reads, per block x and stage s below
+        // comes only with an even grid x (`forward_wgmma_split`). Their
+        // map's box is half the tokens, each CTA loading its half for
+        // both. The tensor map describes x as M rows of K fp16 (its own
+        // allocation, M·K checked below 2³¹), so TMA reads only inside
+        // it (tokens past M are filled with zeros, not read). The kernel reads, per block x and stage s below
         // kbs = K/128, the 512-byte code blocks of tiles 16·x .. 16·x + 15
         // at ((tile·kbs + s)·512) bytes of qw (N/8 tiles × kbs blocks ×
         // 512 bytes: inside it, N a multiple of 128), by bulk copies or,
